@@ -1,0 +1,37 @@
+# Two entry points: `make repro` runs the pipeline, `make test` runs the tests.
+# Both create .venv and install the project only when pyproject.toml changed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+
+# Offline-safe settings for DVC and Prefect, set by the project, not the user.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Stage commands run whatever `python` is first on PATH: make it the venv's.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install repro test test-slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	python -m pytest
+
+test-slow: $(STAMP)
+	python -m pytest -m slow
+
+bench: $(STAMP)
+	python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,147 @@
+"""Typed, validated parameter sections.
+
+``params.yaml`` is parsed once into frozen dataclasses before any work. An
+unknown key, a wrong type or an out-of-range value raises ``ParamsError``
+naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.models import MODELS
+
+
+class ParamsError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range."""
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _bounds(low: float | None = None, high: float | None = None, low_open: bool = False) -> dict[str, Any]:
+    return {"low": low, "high": high, "low_open": low_open}
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadParams:
+    # "official": download the official binary archive (md5-verified). Otherwise a local
+    # path: the official archive on disk, or an image-folder archive or folder
+    # laid out train|test/<class>/<image>.
+    source: str = "official"
+    # Optional sha256 of a local archive; without it a SHA256SUMS file beside the archive is used.
+    sha256: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    model: str = dataclasses.field(default="net", metadata=_choice(*MODELS))
+    epochs: int = dataclasses.field(default=2, metadata=_bounds(1))
+    batch_size: int = dataclasses.field(default=4, metadata=_bounds(1))
+    optimizer: str = dataclasses.field(default="sgd", metadata=_choice("sgd", "adam"))
+    lr: float = dataclasses.field(default=0.001, metadata=_bounds(0.0, low_open=True))  # peak lr for onecycle
+    momentum: float = dataclasses.field(default=0.9, metadata=_bounds(0.0, 1.0))
+    weight_decay: float = dataclasses.field(default=0.0, metadata=_bounds(0.0))
+    schedule: str = dataclasses.field(default="constant", metadata=_choice("constant", "onecycle"))
+    augment: bool = False  # random crop (4 px padding) + horizontal flip, on the training device
+    seed: int = dataclasses.field(default=0, metadata=_bounds(0))
+    device: str = dataclasses.field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    threads: int = dataclasses.field(default=1, metadata=_bounds(1))  # CPU threads for torch
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = dataclasses.field(default=1000, metadata=_bounds(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    download: DownloadParams
+    train: TrainParams
+    evaluate: EvaluateParams
+
+
+# Section name -> its dataclass; the order is the order of params.yaml.
+SECTIONS: dict[str, type] = {"download": DownloadParams, "train": TrainParams, "evaluate": EvaluateParams}
+
+
+def _type_name(annotation: str) -> str:
+    return annotation.replace(" | None", " or null")
+
+
+def _check_type(key: str, value: Any, annotation: str) -> Any:
+    """Return ``value`` converted to the annotated type, or raise ParamsError."""
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ParamsError(f"{key}: value null is not allowed; expected {_type_name(annotation)}")
+    base = annotation.split(" | ")[0]
+    # bool is a subclass of int in Python; reject it where a number is expected and vice versa.
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ParamsError(f"{key}: value {value!r} has the wrong type; expected {_type_name(annotation)}")
+    return value
+
+
+def _check_metadata(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    if value is None:
+        return
+    if "choices" in metadata and value not in metadata["choices"]:
+        raise ParamsError(f"{key}: value {value!r} is not allowed; allowed: {', '.join(metadata['choices'])}")
+    low, high = metadata.get("low"), metadata.get("high")
+    if low is not None and (value <= low if metadata.get("low_open") else value < low):
+        bound = f"> {low}" if metadata.get("low_open") else f">= {low}"
+        raise ParamsError(f"{key}: value {value!r} is out of range; allowed: {bound}")
+    if high is not None and value > high:
+        raise ParamsError(f"{key}: value {value!r} is out of range; allowed: <= {high}")
+
+
+def parse_section(name: str, section_type: type, raw: Any) -> Any:
+    """Validate one section's mapping into its dataclass."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{name}: expected a mapping of keys to values, got {raw!r}")
+    fields = {field.name: field for field in dataclasses.fields(section_type)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"{name}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}")
+    values = {}
+    for field_name, field in fields.items():
+        if field_name not in raw:
+            continue
+        key = f"{name}.{field_name}"
+        value = _check_type(key, raw[field_name], field.type)
+        _check_metadata(key, value, field.metadata)
+        values[field_name] = value
+    return section_type(**values)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a whole parsed ``params.yaml`` into ``Params``."""
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"params: expected a mapping of sections, got {raw!r}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{unknown[0]}: unknown section; allowed sections: {', '.join(SECTIONS)}")
+    return Params(**{name: parse_section(name, section_type, raw.get(name)) for name, section_type in SECTIONS.items()})
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    with open(path) as handle:
+        return parse_params(yaml.safe_load(handle))

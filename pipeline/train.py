@@ -1,0 +1,199 @@
+"""Training and evaluation on in-memory uint8 tensors.
+
+The dataset stays as uint8 (N, 32, 32, 3) on the training device; each batch is
+normalized (and optionally augmented) with tensor operations there. No
+per-sample Python transforms, no DataLoader: for small CIFAR models the Python
+overhead of a per-sample loader dominates the step time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.params import TrainParams
+
+# The seed's normalization: per channel (x / 255 - 0.5) / 0.5, i.e. pixels to [-1, 1].
+SEED_MEAN = (0.5, 0.5, 0.5)
+SEED_STD = (0.5, 0.5, 0.5)
+CROP_PADDING = 4  # pixels, the usual CIFAR random-crop padding
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    loss: float  # mean cross-entropy over the epoch's training batches
+    accuracy: float  # percent of training images classified correctly during the epoch
+    lr: float  # learning rate at the end of the epoch
+    seconds: float
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map the ``train.device`` param to a torch device; ``auto`` uses CUDA when present."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: value 'cuda' requested but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W), per-channel ``(x / 255 - mean) / std``."""
+    scale, shift = _normalization_affine(tuple(mean), tuple(std), images.device)
+    return images.permute(0, 3, 1, 2).float().mul_(scale).sub_(shift)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalization_affine(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # (x / 255 - mean) / std == x * (1 / (255 std)) - mean / std: two in-place ops per batch,
+    # and the constants are built once, not at every step (it matters at batch size 4).
+    std_t = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std_t)).float().view(1, -1, 1, 1).to(device)
+    shift = (torch.tensor(mean, dtype=torch.float64) / std_t).float().view(1, -1, 1, 1).to(device)
+    return scale, shift
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, per image, on uint8 (B, H, W, C)."""
+    batch, height, width, _ = images.shape
+    device = images.device
+    padded = nn.functional.pad(images, (0, 0, CROP_PADDING, CROP_PADDING, CROP_PADDING, CROP_PADDING))
+    # Random draws on the CPU generator keep runs identical across devices for a given seed.
+    top = torch.randint(0, 2 * CROP_PADDING + 1, (batch,), generator=generator).to(device)
+    left = torch.randint(0, 2 * CROP_PADDING + 1, (batch,), generator=generator).to(device)
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(device)
+    rows = top[:, None] + torch.arange(height, device=device)  # (B, H)
+    cols = left[:, None] + torch.arange(width, device=device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    index = torch.arange(batch, device=device)[:, None, None]
+    return padded[index, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+
+
+def _make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, steps_per_epoch: int):
+    if params.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=params.lr, epochs=params.epochs, steps_per_epoch=steps_per_epoch
+        )
+    return None
+
+
+def train_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    params: TrainParams,
+    mean: Sequence[float] = SEED_MEAN,
+    std: Sequence[float] = SEED_STD,
+    progress: bool | None = None,
+) -> list[EpochRecord]:
+    """Train ``model`` in place on uint8 images (N, 32, 32, 3) and int64 labels; returns one record per epoch.
+
+    Deterministic on the CPU: the same params, data and thread count give the same weights bit for bit.
+    ``progress=None`` shows a bar only when stderr is a terminal.
+    """
+    device = resolve_device(params.device)
+    if device.type == "cpu":
+        torch.set_num_threads(params.threads)
+    torch.manual_seed(params.seed)
+    generator = torch.Generator().manual_seed(params.seed)
+    model.to(device).train()
+    images, labels = images.to(device), labels.to(device)
+    count = len(labels)
+    steps_per_epoch = (count + params.batch_size - 1) // params.batch_size
+    optimizer = _make_optimizer(model, params)
+    scheduler = _make_scheduler(optimizer, params, steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss()
+    history = []
+    for epoch in range(1, params.epochs + 1):
+        started = time.perf_counter()
+        order = torch.randperm(count, generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{params.epochs}", disable=_no_progress(progress), leave=False)
+        for step in bar:
+            batch_index = order[step * params.batch_size : (step + 1) * params.batch_size]
+            batch = images[batch_index]
+            if params.augment:
+                batch = augment(batch, generator)
+            inputs, targets = normalize(batch, mean, std), labels[batch_index]
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(inputs)
+            loss = loss_fn(logits, targets)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            # Accumulate on the device: a .item() per step would synchronize every batch.
+            loss_sum += loss.detach() * len(targets)
+            correct += (logits.argmax(1) == targets).sum()
+        history.append(
+            EpochRecord(
+                epoch=epoch,
+                loss=loss_sum.item() / count,
+                accuracy=100.0 * correct.item() / count,
+                lr=optimizer.param_groups[0]["lr"],
+                seconds=time.perf_counter() - started,
+            )
+        )
+    model.eval()
+    return history
+
+
+def _no_progress(progress: bool | None) -> bool | None:
+    # tqdm's disable=None means "disable when not a terminal".
+    return None if progress is None else not progress
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: Sequence[float] = SEED_MEAN,
+    std: Sequence[float] = SEED_STD,
+    batch_size: int = 1000,
+) -> torch.Tensor:
+    """Predicted class per uint8 image (N, 32, 32, 3), as an int64 tensor on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    predictions = [
+        model(normalize(images[start : start + batch_size].to(device), mean, std)).argmax(1).cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(predictions)
+
+
+def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
+    """Overall and per-class accuracy in percent."""
+    correct = predictions == labels
+    per_class = {
+        name: 100.0 * correct[labels == index].float().mean().item() if (labels == index).any() else None
+        for index, name in enumerate(class_names)
+    }
+    return {"accuracy": 100.0 * correct.float().mean().item(), "per_class": per_class}
+
+
+def test_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: Sequence[float] = SEED_MEAN,
+    std: Sequence[float] = SEED_STD,
+) -> float:
+    """The seed's ``test_model``: test accuracy in percent."""
+    return 100.0 * (predict(model, images, mean, std) == labels).float().mean().item()
+
+
+test_model.__test__ = False  # a library function, not a pytest test

@@ -1,0 +1,27 @@
+"""download stage: get CIFAR-10, verify it, decode it into uint8 arrays and a manifest."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.data import DataError, acquire, save_arrays
+from pipeline.io import write_json
+from stages.common import start_stage
+
+ARRAYS = Path("data/dataset.npz")
+MANIFEST = Path("data/dataset_manifest.json")
+DOWNLOAD_DIR = Path(".cache/downloads")  # the official archive, kept out of DVC's outputs
+
+
+def main() -> None:
+    params = start_stage("download").download
+    try:
+        arrays, manifest = acquire(params.source, DOWNLOAD_DIR, sha256=params.sha256)
+    except DataError as error:
+        sys.exit(f"[download] {error}")
+    save_arrays(arrays, ARRAYS)
+    write_json(MANIFEST, manifest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""train stage: train the float model named in params and save its checkpoint and curves."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.data import load_arrays
+from pipeline.io import atomic_path, save_checkpoint, write_json
+from pipeline.models import build_model
+from pipeline.train import SEED_MEAN, SEED_STD, EpochRecord, resolve_device, train_model
+from stages.common import start_stage
+
+ARRAYS = Path("data/dataset.npz")
+CHECKPOINT = Path("data/model.pt")
+METRICS = Path("data/train_metrics.json")
+CURVES = Path("data/train_curves.csv")
+
+
+def write_curves(path: Path, history: list[EpochRecord]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[field.name for field in dataclasses.fields(EpochRecord)])
+    writer.writeheader()
+    writer.writerows(dataclasses.asdict(record) for record in history)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def main() -> None:
+    params = start_stage("train").train
+    arrays = load_arrays(ARRAYS)
+    device = resolve_device(params.device)
+    model = build_model(params.model)
+    logging.info("training %s on %s for %d epochs", params.model, device, params.epochs)
+    started = time.perf_counter()
+    history = train_model(model, torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels), params)
+    seconds = time.perf_counter() - started
+    checkpoint = {
+        "model": params.model,
+        "state_dict": {key: value.cpu() for key, value in model.state_dict().items()},
+        "mean": list(SEED_MEAN),
+        "std": list(SEED_STD),
+        "class_names": list(arrays.class_names),
+    }
+    save_checkpoint(CHECKPOINT, checkpoint)
+    write_curves(CURVES, history)
+    final = history[-1]
+    write_json(
+        METRICS,
+        {
+            "train": {
+                "loss": final.loss,
+                "accuracy": final.accuracy,
+                "seconds": round(seconds, 2),
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "threads": params.threads,
+            }
+        },
+    )
+    logging.info("done in %.1f s: loss %.4f, train accuracy %.2f%%", seconds, final.loss, final.accuracy)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import pytest
+import torch
+from torch import nn
+
+from pipeline.models import MODELS, BNNet, Net, build_model
+
+
+def test_net_is_the_seed_architecture():
+    net = Net()
+    assert [(name, type(module).__name__) for name, module in net.named_children()] == [
+        ("conv1", "Conv2d"), ("relu1", "ReLU"), ("pool1", "MaxPool2d"),
+        ("conv2", "Conv2d"), ("relu2", "ReLU"), ("pool2", "MaxPool2d"),
+        ("flatten", "Flatten"),
+        ("fc1", "Linear"), ("relu3", "ReLU"), ("fc2", "Linear"), ("relu4", "ReLU"), ("fc3", "Linear"),
+    ]
+    assert (net.conv1.in_channels, net.conv1.out_channels, net.conv1.kernel_size) == (3, 6, (5, 5))
+    assert (net.conv2.in_channels, net.conv2.out_channels, net.conv2.kernel_size) == (6, 16, (5, 5))
+    assert [(layer.in_features, layer.out_features) for layer in (net.fc1, net.fc2, net.fc3)] == [
+        (400, 120), (120, 84), (84, 10)
+    ]
+    assert sum(p.numel() for p in net.parameters()) == 62006
+    # The seed's state_dict keys load unchanged.
+    assert set(net.state_dict()) == {f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2", "fc3") for kind in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_maps_a_batch_to_ten_logits(name):
+    model = build_model(name).eval()
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bnnet_has_batchnorm_and_only_known_layer_types():
+    model = BNNet()
+    kinds = {type(module) for module in model.children()}
+    assert nn.BatchNorm2d in kinds
+    assert kinds <= {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear}
+
+
+def test_unknown_model_name_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'; allowed: \['bnnet', 'net'\]"):
+        build_model("vgg")

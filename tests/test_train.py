@@ -1,0 +1,75 @@
+import dataclasses
+
+import torch
+
+from pipeline.models import Net
+from pipeline.params import TrainParams
+from pipeline.train import accuracy_report, augment, normalize, predict, test_model, train_model
+
+FAST = TrainParams(epochs=3, batch_size=16, lr=0.01, device="cpu", threads=1, seed=3)
+
+
+def test_normalize_maps_pixels_to_minus_one_one_channels_first():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 2, 2, 3)
+    x = normalize(images, (0.5,) * 3, (0.5,) * 3)
+    assert x.shape == (2, 3, 2, 2) and x.dtype == torch.float32
+    assert torch.equal(x[0], torch.full((3, 2, 2), -1.0)) and torch.equal(x[1], torch.full((3, 2, 2), 1.0))
+
+
+def test_augment_is_a_padded_crop_and_maybe_a_flip_of_each_image():
+    images = torch.randint(1, 256, (16, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (0, 0, 4, 4, 4, 4))
+    flips_seen = set()
+    for index in range(len(images)):
+        matches = [
+            (top, left, flip)
+            for top in range(9)
+            for left in range(9)
+            for flip in (False, True)
+            if torch.equal(out[index], _crop(padded[index], top, left, flip))
+        ]
+        assert matches, f"image {index} is not a crop of its padded input"
+        flips_seen.add(matches[0][2])
+    assert flips_seen == {False, True}
+
+
+def _crop(image: torch.Tensor, top: int, left: int, flip: bool) -> torch.Tensor:
+    crop = image[top : top + 32, left : left + 32]
+    return crop.flip(1) if flip else crop
+
+
+def test_a_few_steps_reduce_the_loss(synthetic_images):
+    images, labels = synthetic_images
+    history = train_model(Net(), images, labels, FAST, progress=False)
+    assert history[-1].loss < history[0].loss
+
+
+def test_training_is_bit_for_bit_deterministic_on_cpu(synthetic_images):
+    images, labels = synthetic_images
+    params = dataclasses.replace(FAST, augment=True, schedule="onecycle", epochs=2)
+    weights = []
+    for _ in range(2):
+        model = Net()  # different initial weights each time: train_model seeds before anything random
+        train_model(model, images, labels, params, progress=False)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_adam_and_onecycle_run(synthetic_images):
+    images, labels = synthetic_images
+    params = dataclasses.replace(FAST, optimizer="adam", schedule="onecycle", epochs=1)
+    history = train_model(Net(), images, labels, params, progress=False)
+    assert history[-1].lr < params.lr  # onecycle ends far below its peak
+
+
+def test_accuracy_report_and_test_model_agree(synthetic_images):
+    images, labels = synthetic_images
+    model = Net()
+    train_model(model, images, labels, FAST, progress=False)
+    report = accuracy_report(predict(model, images), labels, [str(i) for i in range(10)])
+    assert abs(report["accuracy"] - test_model(model, images, labels)) < 1e-9
+    assert set(report["per_class"]) == {str(i) for i in range(10)}
+    hand = 100.0 * (predict(model, images) == labels).float().mean().item()
+    assert report["accuracy"] == hand
