@@ -1,0 +1,493 @@
+"""Acquire, verify and decode CIFAR-10 into uint8 arrays.
+
+Sources:
+
+* ``"official"``: the official binary archive, downloaded with an md5 check.
+* a local path to the official binary archive, to an image-folder archive
+  (``.tar``, ``.tar.gz``, ``.tgz``) laid out ``[top/]train|test/<class>/<image>``,
+  or to a folder with that layout.
+
+An archive is verified before any of its contents is parsed: against the
+``sha256`` given by the caller, else against a ``SHA256SUMS`` file beside it,
+else (official layout only) against the official md5. Archives are read as a
+stream, never extracted, and members that are links or that would escape the
+archive root are rejected. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import hashlib
+import http.client
+import io
+import logging
+import lzma
+import os
+import re
+import sys
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+OFFICIAL_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+OFFICIAL_SIZE = 170_052_171  # bytes
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+OFFICIAL_DIR = "cifar-10-batches-bin"
+OFFICIAL_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+OFFICIAL_TEST_FILE = "test_batch.bin"
+OFFICIAL_META_FILE = "batches.meta.txt"
+IMAGE_SIZE = 32
+RECORD_BYTES = 1 + 3 * IMAGE_SIZE * IMAGE_SIZE  # label byte + CHW pixels
+SPLITS = ("train", "test")
+IMAGE_FOLDER_LAYOUT = "[top folder/]train|test/<class>/<image>"
+# Plain raster formats only: some Pillow plugins (EPS) run external programs on load.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "PPM", "TIFF", "WEBP")
+
+_HASH_CHUNK = 1 << 20
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_FIX_HINT = (
+    "Point the download.source param at the right file, or set download.sha256 "
+    "to the hash of the file you trust."
+)
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class CifarArrays:
+    train_images: np.ndarray  # uint8 (N, 32, 32, 3), HWC RGB
+    train_labels: np.ndarray  # int64 (N,)
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One regular file of a source, as path components relative to its root."""
+
+    parts: tuple[str, ...]
+    data: bytes
+    where: str  # names the file in error messages
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def acquire(
+    source: str, download_dir: Path, sha256: str | None = None, progress: bool = True
+) -> tuple[CifarArrays, dict]:
+    """Get CIFAR-10 from ``source``, verify it, and decode it to uint8 arrays.
+
+    Returns the arrays and a manifest (source, format, checksum, per-split counts,
+    class names). Raises DataError for every problem with the data or its source.
+    """
+    expected_sha256 = _normalize_sha256(sha256)
+    if source == "official":
+        return _acquire_archive(_download_official(Path(download_dir)), source, expected_sha256, progress)
+    path = Path(source)
+    if path.is_dir():
+        if expected_sha256 is not None:
+            logger.warning("%s is a folder: download.sha256 only applies to an archive and is ignored.", path)
+        return _acquire_folder(path, source, progress)
+    if path.is_file():
+        return _acquire_archive(path, source, expected_sha256, progress)
+    raise DataError(
+        f"{path}: no such file or folder. download.source must be 'official', a CIFAR-10 "
+        f"archive (.tar, .tar.gz, .tgz) or a folder laid out {IMAGE_FOLDER_LAYOUT}."
+    )
+
+
+def save_arrays(arrays: CifarArrays, path: Path) -> None:
+    """Save the arrays as an uncompressed .npz (fast to reload), atomically."""
+    with atomic_path(path) as tmp:
+        # A file object, because np.savez appends ".npz" to a path not ending in it.
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                train_images=arrays.train_images,
+                train_labels=arrays.train_labels,
+                test_images=arrays.test_images,
+                test_labels=arrays.test_labels,
+                class_names=np.array(arrays.class_names, dtype=str),
+            )
+
+
+def load_arrays(path: Path) -> CifarArrays:
+    """Load arrays written by :func:`save_arrays` (no pickle involved)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return CifarArrays(
+                train_images=npz["train_images"],
+                train_labels=npz["train_labels"],
+                test_images=npz["test_images"],
+                test_labels=npz["test_labels"],
+                class_names=tuple(str(name) for name in npz["class_names"]),
+            )
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"{path}: not a readable CIFAR arrays file ({exc}); rerun the download stage."
+        ) from exc
+
+
+# --------------------------------------------------------------------------- acquisition
+
+
+def _download_official(download_dir: Path) -> Path:
+    # Imported here: torchvision is heavy and only this path needs it.
+    from torchvision.datasets.utils import download_url
+
+    try:
+        # Reuses an already-downloaded file whose md5 matches.
+        download_url(OFFICIAL_URL, root=str(download_dir), md5=OFFICIAL_MD5)
+    except (OSError, RuntimeError, http.client.HTTPException) as exc:
+        raise DataError(
+            f"Download of {OFFICIAL_URL} failed ({exc}). Without internet access, set "
+            "download.source in params.yaml to a local copy: the official archive or an "
+            "image-folder archive such as ../shared/data/cifar10-jpeg.tar.gz."
+        ) from exc
+    return download_dir / PurePosixPath(OFFICIAL_URL).name
+
+
+def _acquire_archive(
+    path: Path, source: str, expected_sha256: str | None, progress: bool
+) -> tuple[CifarArrays, dict]:
+    checksum = _verify_archive(path, expected_sha256)
+    arrays, fmt = _decode_entries(_tar_entries(path), str(path), progress)
+    return arrays, _manifest(source, fmt, checksum, arrays)
+
+
+def _acquire_folder(root: Path, source: str, progress: bool) -> tuple[CifarArrays, dict]:
+    arrays, fmt = _decode_entries(_folder_entries(root), str(root), progress)
+    checksum = {"algorithm": None, "value": None, "verified": False}  # folders are not checksummed
+    return arrays, _manifest(source, fmt, checksum, arrays)
+
+
+def _manifest(source: str, fmt: str, checksum: dict, arrays: CifarArrays) -> dict:
+    def split(labels: np.ndarray) -> dict:
+        counts = np.bincount(labels, minlength=len(arrays.class_names))
+        return {
+            "count": int(labels.size),
+            "per_class": {name: int(n) for name, n in zip(arrays.class_names, counts)},
+        }
+
+    return {
+        "source": source,
+        "format": fmt,
+        "checksum": checksum,
+        "splits": {"train": split(arrays.train_labels), "test": split(arrays.test_labels)},
+        "class_names": list(arrays.class_names),
+    }
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _normalize_sha256(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    return _parse_sha256(sha256, "the download.sha256 param")
+
+
+def _parse_sha256(value: str, origin: str) -> str:
+    normalized = value.strip().lower()
+    if not _SHA256_RE.match(normalized):
+        raise DataError(f"{origin}: {value!r} is not a sha256 hash; allowed: 64 hexadecimal digits.")
+    return normalized
+
+
+def _verify_archive(path: Path, expected_sha256: str | None) -> dict:
+    """Check the archive against the strongest expectation available; return the manifest's checksum."""
+    origin = "the download.sha256 param"
+    if expected_sha256 is None:
+        expected_sha256 = _sha256_from_sums_file(path)
+        origin = str(path.parent / "SHA256SUMS")
+    if expected_sha256 is not None:
+        _check_hash(path, "sha256", expected_sha256, origin)
+        return {"algorithm": "sha256", "value": expected_sha256, "verified": True}
+    if _first_file_is_official(path):
+        origin = f"the official CIFAR-10 archive, {OFFICIAL_SIZE} bytes; this file has {path.stat().st_size}"
+        _check_hash(path, "md5", OFFICIAL_MD5, origin)
+        return {"algorithm": "md5", "value": OFFICIAL_MD5, "verified": True}
+    actual = _file_hash(path, "sha256")
+    logger.warning(
+        "%s has no checksum to verify against (no download.sha256, no SHA256SUMS beside it); "
+        "using it unverified. Its sha256 is %s: set download.sha256 to it to pin this file.",
+        path,
+        actual,
+    )
+    return {"algorithm": "sha256", "value": actual, "verified": False}
+
+
+def _sha256_from_sums_file(path: Path) -> str | None:
+    """The hash listed for ``path`` in a SHA256SUMS file beside it (``sha256sum`` format), if any."""
+    sums = path.parent / "SHA256SUMS"
+    if not sums.is_file():
+        return None
+    for line in sums.read_text(errors="replace").splitlines():
+        fields = line.split(maxsplit=1)
+        # "*name" marks binary mode in sha256sum output.
+        if len(fields) == 2 and fields[1].strip().lstrip("*") == path.name:
+            return _parse_sha256(fields[0], str(sums))
+    return None
+
+
+def _check_hash(path: Path, algorithm: str, expected: str, origin: str) -> None:
+    actual = _file_hash(path, algorithm)
+    if actual != expected:
+        raise DataError(
+            f"{path}: {algorithm} mismatch: expected {expected} (from {origin}), got {actual}. "
+            f"The file is corrupted or not the expected one. {_FIX_HINT}"
+        )
+    logger.info("%s: %s verified (%s)", path, algorithm, expected)
+
+
+def _file_hash(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_file_is_official(path: Path) -> bool:
+    """Whether the archive's first file lies in the official binary layout.
+
+    Reads tar headers only, up to the first regular file: enough to choose the
+    md5 check without parsing any contents.
+    """
+    with _open_tar(path) as tar:
+        for member, parts in _safe_members(tar, path):
+            if member.isfile() and not _is_hidden(parts):
+                return _is_official(parts)
+    return False
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+_DAMAGED = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+# Compressed-stream readers by magic bytes; anything else is read as a plain tar.
+_DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+
+
+@contextlib.contextmanager
+def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """Open the archive as a sequential stream (nothing extracted), turning damage into a DataError."""
+    try:
+        with open(path, "rb") as raw:
+            head = raw.read(6)
+            raw.seek(0)
+            opener = next((op for magic, op in _DECOMPRESSORS.items() if head.startswith(magic)), None)
+            # Decompressing through a large buffer is about twice as fast as tarfile's
+            # own "r|*" stream for an archive of 60k small members.
+            stream = io.BufferedReader(opener(raw), 1 << 20) if opener else raw
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                yield tar
+    except _DAMAGED as exc:
+        raise _corrupted(path, exc) from exc
+
+
+def _corrupted(path: Path, exc: BaseException) -> DataError:
+    return DataError(
+        f"{path}: the archive is corrupted or truncated ({type(exc).__name__}: {exc}). "
+        "Download it again or point download.source at an intact copy."
+    )
+
+
+def _safe_members(tar: tarfile.TarFile, path: Path) -> Iterator[tuple[tarfile.TarInfo, tuple[str, ...]]]:
+    """Yield each member with its path components, rejecting any member that could
+    escape the archive root if extracted: we never extract, but such an archive is
+    malicious or broken and must not be half-trusted."""
+    for member in tar:
+        where = f"{path} member {member.name!r}"
+        # Plain string operations: PurePosixPath costs seconds over 60k members.
+        parts = tuple(part for part in member.name.split("/") if part not in ("", "."))
+        if member.issym() or member.islnk():
+            raise DataError(f"{where}: links are not allowed in a dataset archive.")
+        if not (member.isfile() or member.isdir()):
+            raise DataError(f"{where}: only regular files and folders are allowed in a dataset archive.")
+        if member.name.startswith("/") or ".." in parts:
+            raise DataError(f"{where}: absolute paths and '..' are not allowed in a dataset archive.")
+        yield member, parts
+
+
+def _tar_entries(path: Path) -> list[_Entry]:
+    entries = []
+    with _open_tar(path) as tar:
+        for member, parts in _safe_members(tar, path):
+            if member.isfile() and not _is_hidden(parts):
+                data = tar.extractfile(member).read()
+                entries.append(_Entry(parts, data, f"{path} member {member.name!r}"))
+        _check_only_padding_left(tar)
+    return entries
+
+
+def _check_only_padding_left(tar: tarfile.TarFile) -> None:
+    """Read the stream to its end: only zero padding may follow the last member.
+
+    tarfile ends the archive silently at a damaged header, so a corrupted archive
+    could otherwise pass as a shorter one; reading to the end also makes the
+    decompressor check its CRC and detect truncation.
+    """
+    while chunk := tar.fileobj.read(_HASH_CHUNK):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError("unreadable data after the last readable member")
+
+
+def _folder_entries(root: Path) -> list[_Entry]:
+    entries = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()  # deterministic walk order
+        for name in sorted(files):
+            file = Path(folder) / name
+            parts = file.relative_to(root).parts
+            if not _is_hidden(parts):
+                entries.append(_Entry(parts, file.read_bytes(), str(file)))
+    return entries
+
+
+def _is_hidden(parts: tuple[str, ...]) -> bool:
+    # Skips OS litter such as .DS_Store and macOS tar's "._name" resource forks.
+    return any(part.startswith(".") for part in parts)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _is_official(parts: tuple[str, ...]) -> bool:
+    return bool(parts) and parts[0] == OFFICIAL_DIR
+
+
+def _decode_entries(entries: list[_Entry], where: str, progress: bool) -> tuple[CifarArrays, str]:
+    """Decode a source's files (``where`` names the source), choosing the format from its
+    first file, as verification did."""
+    if not entries:
+        raise DataError(f"{where}: no files; expected the official binary layout or {IMAGE_FOLDER_LAYOUT}.")
+    if _is_official(entries[0].parts):
+        return _decode_official(entries, where), "official-binary"
+    return _decode_image_folder(entries, where, progress), "image-folder"
+
+
+def _decode_official(entries: list[_Entry], where: str) -> CifarArrays:
+    files = {entry.parts[-1]: entry for entry in entries if len(entry.parts) == 2}
+    missing = [name for name in (*OFFICIAL_TRAIN_FILES, OFFICIAL_TEST_FILE) if name not in files]
+    if missing:
+        raise DataError(f"{where}: missing {', '.join(f'{OFFICIAL_DIR}/{m}' for m in missing)}.")
+    class_names = _official_class_names(files.get(OFFICIAL_META_FILE))
+    train = [_decode_batch(files[name], len(class_names)) for name in OFFICIAL_TRAIN_FILES]
+    test_images, test_labels = _decode_batch(files[OFFICIAL_TEST_FILE], len(class_names))
+    return CifarArrays(
+        train_images=np.concatenate([images for images, _ in train]),
+        train_labels=np.concatenate([labels for _, labels in train]),
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=class_names,
+    )
+
+
+def _official_class_names(meta: _Entry | None) -> tuple[str, ...]:
+    if meta is None:
+        return CLASS_NAMES
+    names = tuple(line.strip() for line in meta.data.decode("ascii", errors="replace").splitlines())
+    return tuple(name for name in names if name)
+
+
+def _decode_batch(entry: _Entry, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records are 1 label byte + 1024 R, 1024 G, 1024 B bytes (rows of 32); return HWC images."""
+    if not entry.data or len(entry.data) % RECORD_BYTES:
+        raise DataError(
+            f"{entry.where}: {len(entry.data)} bytes is not a positive multiple of the "
+            f"{RECORD_BYTES}-byte CIFAR record."
+        )
+    records = np.frombuffer(entry.data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() >= num_classes:
+        raise DataError(f"{entry.where}: label {labels.max()} but only {num_classes} class names.")
+    chw = records[:, 1:].reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    return np.ascontiguousarray(chw.transpose(0, 2, 3, 1)), labels
+
+
+def _decode_image_folder(entries: list[_Entry], where: str, progress: bool) -> CifarArrays:
+    layout = _image_folder_layout(entries)
+    class_names = _class_names(layout, where)
+    train_images, train_labels = _decode_split(layout["train"], class_names, progress, "train")
+    test_images, test_labels = _decode_split(layout["test"], class_names, progress, "test")
+    return CifarArrays(train_images, train_labels, test_images, test_labels, class_names)
+
+
+def _image_folder_layout(entries: list[_Entry]) -> dict[str, dict[str, list[_Entry]]]:
+    """Group files as split -> class -> files, allowing one optional top folder."""
+    # A single top folder wraps everything when the first file is not directly under a split.
+    top = 1 if entries[0].parts[0] not in SPLITS else 0
+    layout: dict[str, dict[str, list[_Entry]]] = {split: {} for split in SPLITS}
+    for entry in entries:
+        parts = entry.parts
+        if len(parts) != top + 3 or parts[top] not in SPLITS or parts[:top] != entries[0].parts[:top]:
+            raise DataError(f"{entry.where}: does not fit the image-folder layout {IMAGE_FOLDER_LAYOUT}.")
+        split, class_name = parts[top], parts[top + 1]
+        layout[split].setdefault(class_name, []).append(entry)
+    return layout
+
+
+def _class_names(layout: dict[str, dict[str, list[_Entry]]], where: str) -> tuple[str, ...]:
+    """Class order is the sorted folder names, which is CIFAR-10's label order."""
+    for split in SPLITS:
+        if not layout[split]:
+            raise DataError(f"{where}: no '{split}' split; expected {IMAGE_FOLDER_LAYOUT}.")
+    train, test = set(layout["train"]), set(layout["test"])
+    if train != test:
+        only = ", ".join(
+            [f"class '{c}' is in train but not in test" for c in sorted(train - test)]
+            + [f"class '{c}' is in test but not in train" for c in sorted(test - train)]
+        )
+        raise DataError(f"{where}: {only}; both splits need the same class folders.")
+    return tuple(sorted(train))
+
+
+def _decode_split(
+    classes: dict[str, list[_Entry]], class_names: tuple[str, ...], progress: bool, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    # Sorted by file name within each class, so the order does not depend on the archive's.
+    files = [
+        (label, entry)
+        for label, name in enumerate(class_names)
+        for entry in sorted(classes[name], key=lambda e: e.parts[-1])
+    ]
+    images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    labels = np.empty(len(files), dtype=np.int64)
+    show = progress and sys.stderr.isatty()
+    with tqdm(files, desc=f"decode {split}", unit="img", disable=not show) as bar:
+        for i, (label, entry) in enumerate(bar):
+            images[i] = _decode_image(entry)
+            labels[i] = label
+    return images, labels
+
+
+def _decode_image(entry: _Entry) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(entry.data), formats=IMAGE_FORMATS) as image:
+            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise DataError(
+                    f"{entry.where}: image is {image.size[0]}x{image.size[1]}, "
+                    f"every image must be {IMAGE_SIZE}x{IMAGE_SIZE}."
+                )
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{entry.where}: unreadable image ({type(exc).__name__}: {exc}).") from exc

@@ -1,0 +1,57 @@
+"""`dvc repro` for real, in a temporary git repo, on a tiny image-folder dataset."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.project_copy import copy_project, run, set_params, write_image_folder
+
+CLASSES = [f"class{index}" for index in range(10)]
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dvc")
+    dataset = write_image_folder(root / "tiny-cifar", CLASSES, {"train": 8, "test": 3})
+    project = copy_project(root / "project")
+    set_params(project, {"download": {"source": str(dataset)}, "train": {"epochs": 1, "batch_size": 16}})
+    return project
+
+
+def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touches(project):
+    first = run(["dvc", "repro"], project)
+    assert {"download", "train", "evaluate"} <= ran_stages(first.stdout)
+    metrics = json.loads((project / "data/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"]["fp32"] <= 100.0
+    assert metrics["test_images"] == 30
+    manifest = json.loads((project / "data/dataset_manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 80
+
+    second = run(["dvc", "repro"], project)
+    assert ran_stages(second.stdout) == set()
+    assert "Data and pipelines are up to date" in second.stdout
+
+    set_params(project, {"train": {"epochs": 2}})
+    third = run(["dvc", "repro"], project)
+    assert ran_stages(third.stdout) == {"train", "evaluate"}
+
+    shown = run(["dvc", "metrics", "show", "--json"], project)
+    assert "fp32" in shown.stdout
+
+
+def test_bad_param_fails_before_work_and_leaves_no_output(project):
+    set_params(project, {"train": {"epochs": 0}})
+    (project / "data/model.pt").unlink(missing_ok=True)
+    try:
+        result = run(["dvc", "repro", "train"], project, check=False)
+        assert result.returncode != 0
+        assert "train.epochs: value 0 is out of range; allowed: >= 1" in result.stdout + result.stderr
+        assert not (project / "data/model.pt").exists()
+    finally:
+        set_params(project, {"train": {"epochs": 2}})
