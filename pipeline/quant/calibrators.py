@@ -1,0 +1,272 @@
+"""Calibrators: statistics in, clipping range out. Adding one is adding one function.
+
+A range is the largest magnitude kept; the scale follows as range / qmax
+(``pipeline.quant.ranges.scale_from_range``).
+
+Activation calibrators, in ``ACTIVATION_CALIBRATORS``, map an observer's
+``stats()`` dict (``pipeline.quant.observers``) and keyword options to a float
+range. They work on the histogram of |x|, folded from the observer's symmetric
+histogram of x, and treat the int8 grid as 127 steps on each side.
+
+Weight calibrators, in ``WEIGHT_CALIBRATORS``, map a float64 matrix of shape
+(groups, values) and the integer qmax to one range per group. ``weight_range``
+makes the groups from the granularity: one group for ``PerTensor()``, one per
+output channel (index of ``axis``) for ``PerChannel(axis)``, so every weight
+calibrator serves both granularities.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.quant.ranges import dequantize, int_range, quantize, scale_from_range
+
+ACTIVATION_QMAX = int_range(8)[1]  # 127 steps on each side of zero
+
+
+# ---------------------------------------------------------------- granularity
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole tensor."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per index of ``axis`` (axis 0 is the output channel of Conv2d and Linear weights)."""
+
+    axis: int = 0
+
+
+Granularity = PerTensor | PerChannel
+GRANULARITIES: dict[str, Granularity] = {"per_tensor": PerTensor(), "per_channel": PerChannel(0)}
+
+
+def parse_granularity(granularity: str | Granularity) -> Granularity:
+    """A granularity object from itself or its name in ``GRANULARITIES``."""
+    if isinstance(granularity, (PerTensor, PerChannel)):
+        return granularity
+    try:
+        return GRANULARITIES[granularity]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown granularity {granularity!r}; allowed: {sorted(GRANULARITIES)}") from None
+
+
+# ---------------------------------------------------------------- option checking
+
+
+def _call_calibrator(kind: str, registry: dict[str, Callable[..., Any]], name: str, *args: Any, **options: Any) -> Any:
+    """Call ``registry[name]``, naming the calibrator in errors about its name or options."""
+    if name not in registry:
+        raise ValueError(f"unknown {kind} calibrator {name!r}; allowed: {sorted(registry)}")
+    function = registry[name]
+    allowed = list(inspect.signature(function).parameters)[len(args) :]
+    for option in options:
+        if option not in allowed:
+            raise ValueError(f"{kind} calibrator {name!r} got unknown option {option!r}; allowed: {allowed}")
+    return function(*args, **options)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def abs_histogram(stats: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """(counts, bin_width): counts[j] is the number of |x| in [j * bin_width, (j + 1) * bin_width).
+
+    Folds the observer's histogram of x over [-R, R) at zero (negative bins
+    are half-open on the other side; that edge case moves at most the values
+    lying exactly on an edge by one bin).
+    """
+    counts = np.asarray(stats["hist_counts"], dtype=np.float64)
+    half = counts.size // 2
+    bin_width = 2 * stats["hist_span"] / counts.size
+    return counts[half:] + counts[:half][::-1], bin_width
+
+
+def seed_range(stats: dict[str, Any]) -> float:
+    """The seed's rule: max(4 * std, max|x|). It never clips."""
+    return max(4 * stats["std"], stats["abs_max"])
+
+
+def minmax_range(stats: dict[str, Any]) -> float:
+    """max|x|: no clipping, coarsest steps."""
+    return stats["abs_max"]
+
+
+def percentile_range(stats: dict[str, Any], percentile: float = 99.99) -> float:
+    """The ``percentile``-th percentile of |x|, interpolated linearly inside its histogram bin."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    counts, bin_width = abs_histogram(stats)
+    if stats["abs_max"] == 0:
+        return 0.0
+    target = percentile / 100 * counts.sum()
+    cumulative = np.cumsum(counts)
+    index = min(int(np.searchsorted(cumulative, target)), counts.size - 1)  # first bin reaching the target
+    below = cumulative[index - 1] if index > 0 else 0.0
+    fraction = (target - below) / counts[index] if counts[index] else 1.0
+    return min((index + fraction) * bin_width, stats["abs_max"])
+
+
+def mse_range(stats: dict[str, Any], num_candidates: int = 256, samples_per_bin: int = 16) -> float:
+    """The range minimizing the expected squared int8 quantization error of |x|.
+
+    Each histogram bin's count is spread uniformly over the bin, sampled at
+    ``samples_per_bin`` points; candidates are ``num_candidates`` ranges evenly
+    spaced in (0, max|x|]. The error counts both rounding (inside the range)
+    and clipping (beyond it).
+    """
+    if num_candidates < 1 or samples_per_bin < 1:
+        raise ValueError(f"num_candidates and samples_per_bin must be >= 1, got {num_candidates}, {samples_per_bin}")
+    counts, bin_width = abs_histogram(stats)
+    abs_max = stats["abs_max"]
+    if abs_max == 0:
+        return 0.0
+    used = int(np.flatnonzero(counts)[-1]) + 1
+    offsets = (np.arange(samples_per_bin) + 0.5) / samples_per_bin
+    points = (np.arange(used)[:, None] + offsets[None, :]) * bin_width  # (bins, samples)
+    weights = counts[:used] / samples_per_bin
+    candidates = np.linspace(abs_max / num_candidates, abs_max, num_candidates)
+    errors = []
+    for candidate in candidates:
+        step = candidate / ACTIVATION_QMAX
+        snapped = np.clip(np.rint(points / step), 0, ACTIVATION_QMAX) * step
+        errors.append(float(((points - snapped) ** 2).sum(axis=1) @ weights))
+    return float(candidates[int(np.argmin(errors))])
+
+
+def entropy_range(stats: dict[str, Any], num_quantized_bins: int = 128) -> float:
+    """KL-divergence calibration as in TensorRT (in ONNX Runtime's and MXNet's form).
+
+    For each candidate threshold (a bin edge, from ``num_quantized_bins`` bins
+    up): P is the |x| histogram clipped there, its outliers added to the last
+    kept bin; Q merges the kept bins into ``num_quantized_bins`` levels and
+    spreads each level's count evenly over the bins where P is nonzero. Both
+    are smoothed (``_smooth``) so an empty bin cannot make KL infinite. The
+    threshold with the smallest KL(P || Q) wins (the largest one on ties). As
+    in TensorRT, the zero bin, inflated by ReLU, takes its neighbour's count first.
+    """
+    counts, bin_width = abs_histogram(stats)
+    abs_max = stats["abs_max"]
+    if abs_max == 0:
+        return 0.0
+    if counts.size <= num_quantized_bins:
+        return abs_max
+    counts = counts.copy()
+    counts[0] = counts[1]
+    best_divergence, best_bins = math.inf, counts.size
+    for kept_bins in range(num_quantized_bins, counts.size + 1):
+        divergence = _clipped_kl_divergence(counts, kept_bins, num_quantized_bins)
+        if divergence <= best_divergence:
+            best_divergence, best_bins = divergence, kept_bins
+    return min(best_bins * bin_width, abs_max)
+
+
+def _clipped_kl_divergence(counts: np.ndarray, kept_bins: int, num_quantized_bins: int) -> float:
+    kept = counts[:kept_bins]
+    reference = kept.copy()
+    reference[-1] += counts[kept_bins:].sum()  # clipped values land on the threshold
+    nonzero = reference > 0
+    level = np.arange(kept_bins) * num_quantized_bins // kept_bins
+    level_totals = np.bincount(level, weights=kept, minlength=num_quantized_bins)
+    level_nonzero = np.bincount(level, weights=nonzero, minlength=num_quantized_bins)
+    candidate = np.where(nonzero, level_totals[level] / np.maximum(level_nonzero[level], 1), 0.0)
+    p, q = _smooth(reference), _smooth(candidate)
+    if p is None or q is None:
+        return math.inf
+    p, q = p / p.sum(), q / q.sum()
+    return float((p * np.log(p / q)).sum())
+
+
+def _smooth(counts: np.ndarray, epsilon: float = 1e-4) -> np.ndarray | None:
+    """Give every empty bin ``epsilon``, taken evenly from the others (None if that empties one)."""
+    empty = counts == 0
+    num_filled = counts.size - int(empty.sum())
+    if num_filled == 0:
+        return None
+    taken = epsilon * int(empty.sum()) / num_filled
+    smoothed = counts + np.where(empty, epsilon, -taken)
+    return smoothed if bool((smoothed > 0).all()) else None
+
+
+ACTIVATION_CALIBRATORS: dict[str, Callable[..., float]] = {
+    "seed": seed_range,
+    "minmax": minmax_range,
+    "percentile": percentile_range,
+    "mse": mse_range,
+    "entropy": entropy_range,
+}
+
+
+def activation_range(stats: dict[str, Any], calibrator: str, **options: Any) -> float:
+    """The clipping range of one layer's input from its observer statistics."""
+    if stats.get("count", 0) <= 0:
+        raise ValueError(f"stats must describe at least one observed value, got count {stats.get('count')!r}")
+    return float(_call_calibrator("activation", ACTIVATION_CALIBRATORS, calibrator, stats, **options))
+
+
+# ---------------------------------------------------------------- weights
+
+
+def sigma_weight_range(groups: Tensor, qmax: int, k: float = 3.0) -> Tensor:
+    """The seed's k-sigma rule: max(|mean - k * std|, |mean + k * std|) per group.
+
+    ``std`` has Bessel's correction, like the seed's ``Tensor.std()``; a
+    one-value group has std 0.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be > 0, got {k!r}")
+    mean = groups.mean(dim=1)
+    std = groups.std(dim=1) if groups.shape[1] > 1 else torch.zeros_like(mean)
+    return torch.maximum((mean - k * std).abs(), (mean + k * std).abs())
+
+
+def minmax_weight_range(groups: Tensor, qmax: int) -> Tensor:
+    """max|w| per group: no clipping."""
+    return groups.abs().amax(dim=1)
+
+
+def mse_weight_range(groups: Tensor, qmax: int, num_candidates: int = 100) -> Tensor:
+    """Per group, the range r * max|w| (r in (0, 1], ``num_candidates`` steps) minimizing ||w - fq(w)||^2."""
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates!r}")
+    abs_max = groups.abs().amax(dim=1)
+    best_error = torch.full_like(abs_max, math.inf)
+    best_range = abs_max.clone()
+    for ratio in torch.linspace(1 / num_candidates, 1, num_candidates, dtype=torch.float64).tolist():
+        candidate = ratio * abs_max
+        scale = scale_from_range(candidate, qmax)
+        error = ((groups - dequantize(quantize(groups, scale, -qmax, qmax), scale)) ** 2).sum(dim=1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_range = torch.where(better, candidate, best_range)
+    return best_range
+
+
+WEIGHT_CALIBRATORS: dict[str, Callable[..., Tensor]] = {
+    "sigma": sigma_weight_range,
+    "minmax": minmax_weight_range,
+    "mse": mse_weight_range,
+}
+
+
+def weight_range(
+    weight: Tensor, qmax: int, calibrator: str, granularity: str | Granularity = "per_tensor", **options: Any
+) -> Tensor:
+    """The weight's clipping range: a 0-D float64 tensor per tensor, or one value per channel along the axis."""
+    granularity = parse_granularity(granularity)
+    weight64 = weight.detach().to(torch.float64)
+    if isinstance(granularity, PerTensor):
+        return _call_calibrator("weight", WEIGHT_CALIBRATORS, calibrator, weight64.reshape(1, -1), qmax, **options)[0]
+    if not -weight.ndim <= granularity.axis < weight.ndim:
+        raise ValueError(f"PerChannel axis must be in [{-weight.ndim}, {weight.ndim}), got {granularity.axis}")
+    groups = weight64.movedim(granularity.axis, 0).reshape(weight.shape[granularity.axis], -1)
+    return _call_calibrator("weight", WEIGHT_CALIBRATORS, calibrator, groups, qmax, **options)

@@ -1,0 +1,158 @@
+"""Running an ``IntegerModel``: the integer engine, its float simulation, and weight-only quantization.
+
+``run_integer`` uses integer arithmetic only. Convolutions and matrix products
+run in float64 on integer values, which is exact: every product and partial
+sum is an integer of magnitude at most sum(|q_w|) * 128 + |q_b| < 2^31 (checked
+for each layer, see ``pipeline.quant.model.accumulator_bound``), far below
+2^53, where float64 stops representing every integer. The result is cast to
+int64, the int32 bias added, and ``fixed_point.requantize`` (round half up)
+produces the next int8 activation; max-pool compares integers.
+
+``run_simulated`` is the same model in float64 real units: dequantized weights
+and biases, activations fake-quantized at the float scales (round half to
+even), the same clamps. It differs from the integer engine only where the
+fixed-point multiplier or the rounding rule moves a value by one step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.quant.calibrators import Granularity, PerChannel, parse_granularity
+from pipeline.quant.fixed_point import INT32_MAX, requantize
+from pipeline.quant.graph import QUANTIZED_LAYER_TYPES, fold_batchnorm
+from pipeline.quant.model import (
+    ACTIVATION_QMAX,
+    ACTIVATION_QMIN,
+    IntegerModel,
+    accumulator_bound,
+    quantize_layer_weights,
+)
+from pipeline.quant.ranges import dequantize, fake_quantize, quantize
+
+
+def quantize_input(x_normalized: Tensor, input_scale: float) -> Tensor:
+    """The normalized float input as int8: round half to even, saturate to [-128, 127]."""
+    return quantize(x_normalized, input_scale, ACTIVATION_QMIN, ACTIVATION_QMAX).to(torch.int8)
+
+
+def _channel_shape(ndim: int) -> tuple[int, ...]:
+    """Shape that lines a per-output-channel vector up with dim 1 of an ``ndim``-dim activation."""
+    return (1, -1) + (1,) * (ndim - 2)
+
+
+def _integer_layer(op: dict[str, Any], x: Tensor) -> Tensor:
+    bound = accumulator_bound(op["weight"], op["bias"])
+    if bound > INT32_MAX:  # also guarantees the float64 products below are exact (2^31 << 2^53)
+        raise OverflowError(f"layer {op['name']!r}: worst-case accumulator {bound} exceeds int32 max {INT32_MAX}")
+    x64 = x.to(torch.float64)
+    weight64 = op["weight"].to(device=x.device, dtype=torch.float64)
+    if op["op"] == "conv2d":
+        products = F.conv2d(x64, weight64, None, op["stride"], op["padding"])
+    else:
+        products = F.linear(x64, weight64)
+    shape = _channel_shape(products.ndim)
+    acc = products.to(torch.int64) + op["bias"].to(x.device, torch.int64).reshape(shape)
+    if not op["requantize"]:
+        return acc.clamp(min=0) if op["relu"] else acc
+    qmin = 0 if op["relu"] else ACTIVATION_QMIN  # the fused ReLU is the lower clamp
+    multiplier = op["multiplier"].to(x.device).reshape(shape) if op["multiplier"].ndim else op["multiplier"]
+    shift = op["shift"].to(x.device).reshape(shape) if op["shift"].ndim else op["shift"]
+    return requantize(acc, multiplier, shift, qmin, ACTIVATION_QMAX).to(torch.int8)
+
+
+def _maxpool(op: dict[str, Any], x: Tensor) -> Tensor:
+    # float64 holds these integers exactly; max-pool only compares them (padding is -inf).
+    return F.max_pool2d(x.to(torch.float64), op["kernel"], op["stride"], op["padding"]).to(x.dtype)
+
+
+def run_integer(model: IntegerModel, x_int8: Tensor) -> Tensor:
+    """Integer logits (int32 accumulators of the last layer) for an int8 input batch.
+
+    The logits' scale is the last layer's ``output_scale``; with per-channel
+    weights it differs per class, so rank classes on ``dequantize_logits``.
+    """
+    if x_int8.dtype != torch.int8:
+        raise TypeError(f"x_int8 must have dtype torch.int8, got {x_int8.dtype}; use quantize_input")
+    x = x_int8
+    for op in model.ops:
+        if op["op"] in ("conv2d", "linear"):
+            x = _integer_layer(op, x)
+        elif op["op"] == "maxpool2d":
+            x = _maxpool(op, x)
+        else:
+            x = x.flatten(1)
+    return x.to(torch.int32)
+
+
+def dequantize_logits(model: IntegerModel, logits: Tensor) -> Tensor:
+    """Integer logits times the last layer's output scale S_in * S_w: float64 logits in real units."""
+    last_layer = [op for op in model.ops if op["op"] in ("conv2d", "linear")][-1]
+    return dequantize(logits, last_layer["output_scale"], axis=1)
+
+
+def run_simulated(model: IntegerModel, x_normalized: Tensor) -> Tensor:
+    """Float64 logits of the float simulation of ``model`` (fake quantization, float scales)."""
+    x = fake_quantize(x_normalized.to(torch.float64), model.input_scale, ACTIVATION_QMIN, ACTIVATION_QMAX)
+    for op in model.ops:
+        if op["op"] in ("conv2d", "linear"):
+            weight = dequantize(op["weight"], op["weight_scale"]).to(x.device)
+            bias = dequantize(op["bias"], op["input_scale"] * op["weight_scale"]).to(x.device)
+            if op["op"] == "conv2d":
+                x = F.conv2d(x, weight, bias, op["stride"], op["padding"])
+            else:
+                x = F.linear(x, weight, bias)
+            if op["requantize"]:
+                # Real units: y / S_out is the accumulator times M = S_in * S_w / S_out.
+                qmin = 0 if op["relu"] else ACTIVATION_QMIN
+                x = fake_quantize(x, op["output_scale"], qmin, ACTIVATION_QMAX)
+            elif op["relu"]:
+                x = x.clamp(min=0)
+        elif op["op"] == "maxpool2d":
+            x = F.max_pool2d(x, op["kernel"], op["stride"], op["padding"])
+        else:
+            x = x.flatten(1)
+    return x
+
+
+def weight_only_model(
+    float_model: nn.Sequential,
+    weight_bits: int = 8,
+    weight_calibrator: str = "sigma",
+    granularity: str | Granularity = "per_tensor",
+    weight_options: dict[str, Any] | None = None,
+) -> nn.Sequential:
+    """A float copy (BatchNorm folded) whose Conv2d/Linear weights are their quantized-then-dequantized values.
+
+    Activations and biases stay float: this isolates the error of weight quantization.
+    """
+    granularity = parse_granularity(granularity)
+    axis = granularity.axis if isinstance(granularity, PerChannel) else 0
+    model = fold_batchnorm(float_model)
+    for layer in model.children():
+        if isinstance(layer, QUANTIZED_LAYER_TYPES):
+            q_weight, weight_scale = quantize_layer_weights(
+                layer.weight, weight_bits, weight_calibrator, granularity, **(weight_options or {})
+            )
+            with torch.no_grad():
+                layer.weight.copy_(dequantize(q_weight, weight_scale, axis).to(layer.weight.dtype))
+    return model
+
+
+class QuantizedNet(nn.Module):
+    """The seed's name for the quantized network: ``forward(x_normalized)`` runs the integer engine.
+
+    Returns float32 logits in real units (``dequantize_logits`` of the int32
+    accumulators), so ``argmax`` ranks classes correctly for any weight granularity.
+    """
+
+    def __init__(self, integer_model: IntegerModel) -> None:
+        super().__init__()
+        self.integer_model = integer_model
+
+    def forward(self, x_normalized: Tensor) -> Tensor:
+        logits = run_integer(self.integer_model, quantize_input(x_normalized, self.integer_model.input_scale))
+        return dequantize_logits(self.integer_model, logits).to(torch.float32)

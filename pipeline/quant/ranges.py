@@ -1,0 +1,109 @@
+"""Integer ranges, scales, and the quantize/dequantize primitives.
+
+The scheme: a real value r is represented by an integer q and a scale S (the
+size of one integer step) as r ~= S * q. It is symmetric, with zero point 0, so
+0.0 is exactly representable (zero padding and ReLU stay exact on integers).
+
+- Weights: signed, narrow range [-(2^(b-1) - 1), 2^(b-1) - 1] (int8: [-127, 127]),
+  S_w = range / qmax, so +range and -range are both representable.
+- Activations: signed int8 [-128, 127], S_a = range / 127.
+- Biases: int32 at scale S_in * S_w (see ``pipeline.quant.model.quantize_bias``).
+
+``quantize`` rounds half to even (``torch.round``, the same rule as
+``torch.fake_quantize_per_tensor_affine``) and then saturates to [qmin, qmax].
+It computes in float64 so the result does not depend on the input's dtype.
+Integer widths come from ``int_range`` and nowhere else.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Scale used when a range is 0 (an all-zero tensor). Any positive scale
+# represents zeros exactly; 1.0 keeps the bias scale S_in * S_w of the order of
+# the data, where a tiny epsilon would push the int32 bias out of range.
+ZERO_RANGE_SCALE = 1.0
+
+
+def int_range(bits: int, signed: bool = True, narrow: bool = False) -> tuple[int, int]:
+    """The closed integer interval [qmin, qmax] of a ``bits``-wide integer.
+
+    ``narrow`` drops the most negative signed value (so the range is symmetric)
+    or, for unsigned integers, the largest value (as Brevitas does).
+
+    >>> int_range(8)
+    (-128, 127)
+    >>> int_range(8, narrow=True)
+    (-127, 127)
+    >>> int_range(8, signed=False)
+    (0, 255)
+    >>> int_range(4, signed=False, narrow=True)
+    (0, 14)
+    >>> int_range(32)
+    (-2147483648, 2147483647)
+    >>> int_range(2, narrow=True)
+    (-1, 1)
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
+        raise ValueError(f"bits must be an integer in [2, 32], got {bits!r}")
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax if narrow else -qmax - 1
+    else:
+        qmin = 0
+        qmax = 2**bits - 2 if narrow else 2**bits - 1
+    return qmin, qmax
+
+
+def scale_from_range(range_: float | Tensor, qmax: int) -> float | Tensor:
+    """Scale S = range / qmax, elementwise for a tensor of per-channel ranges.
+
+    A range of 0 gives ``ZERO_RANGE_SCALE`` (1.0): the tensor is all zeros and
+    any positive scale represents it exactly. Returns a float for a float range
+    and a float64 tensor for a tensor range.
+    """
+    if qmax <= 0:
+        raise ValueError(f"qmax must be positive, got {qmax!r}")
+    ranges = torch.as_tensor(range_, dtype=torch.float64)
+    if not bool(torch.isfinite(ranges).all()) or bool((ranges < 0).any()):
+        raise ValueError(f"range must be finite and >= 0, got {range_!r}")
+    scales = torch.where(ranges == 0, torch.full_like(ranges, ZERO_RANGE_SCALE), ranges / qmax)
+    return scales if isinstance(range_, Tensor) else float(scales)
+
+
+def _broadcast_scale(scale: float | Tensor, ndim: int, axis: int) -> Tensor:
+    """A float64 scale shaped to broadcast against an ``ndim``-dim tensor.
+
+    A 1-D scale holds one value per index of ``axis`` (per-channel); a 0-D
+    scale or a float applies to the whole tensor (per-tensor).
+    """
+    scale_tensor = torch.as_tensor(scale, dtype=torch.float64)
+    if scale_tensor.ndim == 0:
+        return scale_tensor
+    if scale_tensor.ndim != 1:
+        raise ValueError(f"scale must be a scalar or 1-D per-channel tensor, got shape {tuple(scale_tensor.shape)}")
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale_tensor.reshape(shape)
+
+
+def quantize(x: Tensor, scale: float | Tensor, qmin: int, qmax: int, axis: int = 0) -> Tensor:
+    """q = clamp(round_half_to_even(x / scale), qmin, qmax) as an int64 tensor.
+
+    ``scale`` is a float or 0-D tensor (per-tensor) or a 1-D tensor with one
+    scale per index of ``axis`` (per-channel).
+    """
+    scale_b = _broadcast_scale(scale, x.ndim, axis).to(x.device)
+    if bool((scale_b <= 0).any()):
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    return torch.round(x.to(torch.float64) / scale_b).clamp(qmin, qmax).to(torch.int64)
+
+
+def dequantize(q: Tensor, scale: float | Tensor, axis: int = 0) -> Tensor:
+    """r = q * scale, computed in float64."""
+    return q.to(torch.float64) * _broadcast_scale(scale, q.ndim, axis).to(q.device)
+
+
+def fake_quantize(x: Tensor, scale: float | Tensor, qmin: int, qmax: int, axis: int = 0) -> Tensor:
+    """dequantize(quantize(x)): x snapped to the integer grid, in x's dtype."""
+    return dequantize(quantize(x, scale, qmin, qmax, axis), scale, axis).to(x.dtype)

@@ -1,0 +1,266 @@
+"""Observers (bounded memory, exact merged statistics) and calibrators on known distributions."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.models import Net
+from pipeline.quant.calibrators import (
+    ACTIVATION_CALIBRATORS,
+    WEIGHT_CALIBRATORS,
+    PerChannel,
+    PerTensor,
+    abs_histogram,
+    activation_range,
+    parse_granularity,
+    weight_range,
+)
+from pipeline.quant.observers import ActivationObserver, register_activation_profiling_hooks, register_observers
+
+
+def observed_stats(x: torch.Tensor, num_bins: int = 2048) -> dict:
+    observer = ActivationObserver(num_bins)
+    observer(x)
+    return observer.stats()
+
+
+def gaussian(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- observer
+
+
+def test_observer_returns_its_input_unchanged():
+    x = gaussian(100)
+    assert ActivationObserver()(x) is x
+
+
+def test_merged_batches_equal_statistics_of_the_concatenation():
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randn(50 + 37 * i, generator=generator) * (i + 1) + i for i in range(10)]
+    observer = ActivationObserver()
+    for batch in batches:
+        observer(batch)
+    stats = observer.stats()
+    everything = torch.cat(batches).double()
+    assert stats["count"] == everything.numel()
+    assert stats["min"] == float(everything.min()) and stats["max"] == float(everything.max())
+    assert stats["mean"] == pytest.approx(float(everything.mean()), rel=1e-12)
+    assert stats["std"] == pytest.approx(float(everything.std(correction=0)), rel=1e-12)
+
+
+def test_histogram_is_independent_of_batching_and_sums_to_count():
+    """Re-binning merges nested bins exactly, so growing the span batch by batch loses nothing."""
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.zeros(20)] + [torch.randn(200, generator=generator) * 4.0**i for i in range(6)]
+    incremental = ActivationObserver(256)
+    for batch in batches:
+        incremental(batch)
+    at_once = ActivationObserver(256)
+    at_once(torch.cat(batches))
+    assert incremental.stats()["hist_counts"] == at_once.stats()["hist_counts"]
+    assert incremental.stats()["hist_span"] == at_once.stats()["hist_span"]
+    assert sum(incremental.stats()["hist_counts"]) == incremental.stats()["count"]
+
+
+def test_histogram_bins_hold_their_values():
+    stats = observed_stats(torch.tensor([-2.5, -0.1, 0.0, 0.0, 0.2, 1.5]), num_bins=8)
+    assert stats["hist_span"] == 4.0  # smallest power of two above max|x| = 2.5
+    # bins of width 1 over [-4, 4): [-4,-3) [-3,-2) [-2,-1) [-1,0) [0,1) [1,2) [2,3) [3,4)
+    assert stats["hist_counts"] == [0, 1, 0, 1, 3, 1, 0, 0]
+
+
+def _state_nbytes(observer: ActivationObserver) -> int:
+    tensors = [value for value in vars(observer).values() if isinstance(value, torch.Tensor)]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def test_observer_memory_is_bounded():
+    """Same state (names, types, tensor bytes) after 10 batches as after 1000, while the span keeps growing."""
+    generator = torch.Generator().manual_seed(5)
+    observer = ActivationObserver()
+    for i in range(1000):
+        observer(torch.randn(64, generator=generator) * (1 + i / 10))
+        if i == 9:
+            nbytes_after_10 = _state_nbytes(observer)
+            layout_after_10 = {name: type(value) for name, value in vars(observer).items()}
+    assert _state_nbytes(observer) == nbytes_after_10
+    assert {name: type(value) for name, value in vars(observer).items()} == layout_after_10
+    assert observer.stats()["count"] == 64_000
+
+
+def test_stats_are_json_serializable():
+    stats = observed_stats(gaussian(1000))
+    assert json.loads(json.dumps(stats)) == stats
+
+
+def test_observer_errors():
+    with pytest.raises(ValueError, match="observer has seen no values"):
+        ActivationObserver().stats()
+    with pytest.raises(ValueError, match="non-finite"):
+        ActivationObserver()(torch.tensor([1.0, math.nan]))
+    with pytest.raises(ValueError, match="num_bins must be a positive multiple of 4, got 10"):
+        ActivationObserver(10)
+
+
+def test_all_zero_input_gives_zero_ranges():
+    stats = observed_stats(torch.zeros(100))
+    assert stats["hist_span"] == 0.0 and stats["hist_counts"][1024] == 100
+    for name in ACTIVATION_CALIBRATORS:
+        assert activation_range(stats, name) == 0.0
+
+
+def test_profiling_hooks_record_the_input_of_each_layer():
+    torch.manual_seed(0)
+    model = Net().eval()
+    observers, handles = register_activation_profiling_hooks(model)
+    assert list(observers) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    x = gaussian(2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        for handle in handles:
+            handle.remove()
+        fc1_input = nn.Sequential(*list(model)[:7])(x)  # everything up to and including flatten
+    assert observers["conv1"].stats()["max"] == float(x.max())
+    assert observers["fc1"].stats()["count"] == fc1_input.numel()
+    assert observers["fc1"].stats()["mean"] == pytest.approx(float(fc1_input.double().mean()))
+    model(x)  # hooks removed: nothing more recorded
+    assert observers["conv1"].stats()["count"] == x.numel()
+
+
+def test_register_observers_rejects_unknown_layer():
+    with pytest.raises(ValueError, match=r"unknown layer 'conv9'; allowed: \['conv1'"):
+        register_observers(Net(), ["conv9"])
+
+
+# ---------------------------------------------------------------- activation calibrators
+
+
+def test_abs_histogram_folds_at_zero():
+    counts, width = abs_histogram(observed_stats(torch.tensor([-2.5, -0.1, 0.0, 0.0, 0.2, 1.5]), num_bins=8))
+    assert width == 1.0 and counts.tolist() == [4, 1, 1, 0]
+
+
+def test_minmax_and_seed_rules():
+    x = torch.tensor([-3.0, 1.0, 2.0, 0.5])
+    stats = observed_stats(x)
+    assert activation_range(stats, "minmax") == 3.0
+    narrow = torch.cat([torch.zeros(1000), torch.tensor([0.5, -0.5])])  # 4 * std < max|x|
+    assert activation_range(observed_stats(narrow), "seed") == 0.5
+    wide = gaussian(10_000)
+    expected = max(4 * float(wide.double().std(correction=0)), float(wide.abs().max()))
+    assert activation_range(observed_stats(wide), "seed") == pytest.approx(expected, rel=1e-9)
+
+
+def test_percentile_of_uniform_data():
+    x = torch.rand(200_000, generator=torch.Generator().manual_seed(6)) * 2 - 1  # |x| uniform on [0, 1)
+    stats = observed_stats(x)
+    assert activation_range(stats, "percentile", percentile=99.0) == pytest.approx(0.99, abs=2e-3)
+    assert activation_range(stats, "percentile", percentile=50.0) == pytest.approx(0.5, abs=5e-3)
+    assert activation_range(stats, "percentile", percentile=100.0) == stats["abs_max"]
+    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\], got 120"):
+        activation_range(stats, "percentile", percentile=120)
+
+
+def test_mse_barely_clips_uniform_data():
+    x = torch.rand(100_000, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    stats = observed_stats(x)
+    assert 0.97 * stats["abs_max"] <= activation_range(stats, "mse") <= stats["abs_max"]
+
+
+@pytest.mark.parametrize("calibrator", ["mse", "percentile"])
+def test_clipping_calibrators_clip_gaussian_tails(calibrator):
+    stats = observed_stats(gaussian(100_000, seed=8))
+    assert 2.0 < activation_range(stats, calibrator) < stats["abs_max"]
+
+
+def test_entropy_keeps_a_gaussian_and_clips_far_outliers():
+    """On 1e5 gaussian samples KL calibration keeps (nearly) everything, as pytorch-quantization's does;
+    two far outliers do not set the range: it stays at the smallest candidate above the bulk."""
+    bulk = gaussian(100_000, seed=9)
+    bulk_stats = observed_stats(bulk)
+    assert 3.0 < activation_range(bulk_stats, "entropy") <= bulk_stats["abs_max"]
+    with_outliers = observed_stats(torch.cat([bulk, torch.tensor([40.0, -40.0])]))
+    assert activation_range(with_outliers, "entropy") < 10.0
+
+
+def test_activation_calibrator_errors():
+    stats = observed_stats(gaussian(100))
+    with pytest.raises(ValueError, match=r"unknown activation calibrator 'kl'; allowed: \['entropy', 'minmax'"):
+        activation_range(stats, "kl")
+    with pytest.raises(ValueError, match=r"calibrator 'minmax' got unknown option 'percentile'; allowed: \[\]"):
+        activation_range(stats, "minmax", percentile=99.0)
+
+
+# ---------------------------------------------------------------- weight calibrators
+
+
+def test_sigma_rule_value():
+    weight = gaussian(600, seed=10).reshape(20, 30) * 0.1 + 0.02
+    mean, std = float(weight.double().mean()), float(weight.double().std())
+    expected = max(abs(mean - 3 * std), abs(mean + 3 * std))
+    assert float(weight_range(weight, 127, "sigma")) == pytest.approx(expected, rel=1e-12)
+    assert float(weight_range(weight, 127, "sigma", k=2.0)) == pytest.approx(abs(mean) + 2 * std, rel=1e-12)
+
+
+def test_minmax_weight_range_per_tensor_and_per_channel():
+    weight = torch.tensor([[1.0, -4.0], [0.5, 0.25], [-2.0, 0.0]])
+    assert float(weight_range(weight, 127, "minmax")) == 4.0
+    assert weight_range(weight, 127, "minmax", "per_channel").tolist() == [4.0, 0.5, 2.0]
+    assert weight_range(weight, 127, "minmax", PerChannel(axis=1)).tolist() == [2.0, 4.0]
+
+
+def test_mse_weight_range_never_worse_than_minmax():
+    weight = gaussian(4000, seed=11).reshape(8, 500)
+    for bits_qmax in (7, 127):
+        ranges = weight_range(weight, bits_qmax, "mse", "per_channel")
+        abs_max = weight.double().abs().amax(dim=1)
+        assert bool((ranges <= abs_max).all())
+        assert bool((ranges < abs_max).any())  # gaussian tails get clipped
+    uniform = torch.rand(2000, generator=torch.Generator().manual_seed(12)) * 2 - 1
+    assert float(weight_range(uniform, 127, "mse")) >= 0.9 * float(uniform.abs().max())
+
+
+@pytest.mark.parametrize("calibrator", sorted(WEIGHT_CALIBRATORS))
+def test_per_channel_is_per_tensor_on_each_output_channel(calibrator):
+    weight = gaussian(6 * 3 * 3 * 3, seed=13).reshape(6, 3, 3, 3) * torch.linspace(0.1, 2.0, 6).reshape(6, 1, 1, 1)
+    per_tensor = weight_range(weight, 127, calibrator, PerTensor())
+    per_channel = weight_range(weight, 127, calibrator, "per_channel")
+    assert per_tensor.shape == () and per_channel.shape == (6,)
+    for channel in range(6):
+        alone = float(weight_range(weight[channel], 127, calibrator))
+        assert float(per_channel[channel]) == pytest.approx(alone, rel=1e-12)
+
+
+def test_weight_calibrator_errors():
+    weight = torch.ones(4, 4)
+    with pytest.raises(ValueError, match=r"unknown weight calibrator 'max'; allowed: \['minmax', 'mse', 'sigma'\]"):
+        weight_range(weight, 127, "max")
+    with pytest.raises(ValueError, match=r"weight calibrator 'sigma' got unknown option 'sigmas'; allowed: \['k'\]"):
+        weight_range(weight, 127, "sigma", sigmas=3)
+    with pytest.raises(ValueError, match=r"unknown granularity 'per_row'; allowed: \['per_channel', 'per_tensor'\]"):
+        parse_granularity("per_row")
+    with pytest.raises(ValueError, match=r"PerChannel axis must be in \[-2, 2\), got 2"):
+        weight_range(weight, 127, "minmax", PerChannel(axis=2))
+
+
+def test_calibrators_work_on_a_profiled_model():
+    """Every activation calibrator gives a positive range <= a never-clipping bound for each layer of Net."""
+    torch.manual_seed(1)
+    model = Net().eval()
+    observers, handles = register_activation_profiling_hooks(model)
+    with torch.no_grad():
+        model(gaussian(8 * 3 * 32 * 32).reshape(8, 3, 32, 32))
+    for handle in handles:
+        handle.remove()
+    for name, observer in observers.items():
+        stats = observer.stats()
+        for calibrator in ACTIVATION_CALIBRATORS:
+            value = activation_range(stats, calibrator)
+            assert 0 < value <= activation_range(stats, "seed"), (name, calibrator)
+    assert isinstance(model, nn.Sequential)
