@@ -157,7 +157,7 @@ def random_integer_model(seed: int, relu: bool) -> IntegerModel:
     conv = {
         "op": "conv2d", "name": "conv", "weight": conv_weight, "bias": conv_bias, "stride": [2, 2], "padding": [1, 1],
         "input_scale": 0.05, "weight_scale": torch.full((4,), 0.01, dtype=torch.float64),
-        "output_scale": torch.tensor(0.1, dtype=torch.float64), "requantize": True, "relu": relu,
+        "output_scale": torch.tensor(0.1, dtype=torch.float64), "output_bits": 8, "requantize": True, "relu": relu,
         "multiplier": torch.tensor([m for m, _ in pairs], dtype=torch.int32),
         "shift": torch.tensor([s for _, s in pairs], dtype=torch.int32),
     }
@@ -165,7 +165,7 @@ def random_integer_model(seed: int, relu: bool) -> IntegerModel:
     fc = {
         "op": "linear", "name": "fc", "weight": fc_weight, "bias": fc_bias, "input_scale": 0.1,
         "weight_scale": torch.tensor(0.02, dtype=torch.float64),
-        "output_scale": torch.tensor(0.002, dtype=torch.float64),
+        "output_scale": torch.tensor(0.002, dtype=torch.float64), "output_bits": 32,
         "requantize": False, "multiplier": None, "shift": None, "relu": False,
     }
     return IntegerModel(0.05, [conv, pool, {"op": "flatten", "name": "flatten"}, fc])
@@ -287,6 +287,20 @@ def test_build_folds_batchnorm():
     simulated = run_simulated(integer_model, x)
     integer = dequantized_integer_logits(integer_model, x)
     assert (simulated.argmax(dim=1) == integer.argmax(dim=1)).double().mean() >= 0.9
+
+
+def test_per_channel_last_layer_gives_integer_logits_at_one_common_scale(net_and_data):
+    model, x, ranges = net_and_data
+    integer_model = build_integer_model(model, ranges, 8, "minmax", "per_channel")
+    last = [op for op in integer_model.ops if op["op"] == "linear"][-1]
+    assert last["requantize"] and last["output_bits"] == 32 and last["output_scale"].ndim == 0
+    accumulator_scale = last["input_scale"] * last["weight_scale"]
+    assert float(last["output_scale"]) == float(accumulator_scale.max())
+    logits = run_integer(integer_model, quantize_input(x, integer_model.input_scale))
+    # Ranking the integers directly equals ranking the per-class dequantized accumulators
+    # up to the rounding of the rescale (one step at the common scale).
+    simulated = run_simulated(integer_model, x)
+    assert (logits.argmax(1) == simulated.argmax(1)).double().mean() >= 0.95
 
 
 def test_save_load_round_trip(net_and_data, tmp_path):

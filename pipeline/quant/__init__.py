@@ -42,6 +42,7 @@ from pipeline.quant.model import (
     quantize_bias,
     quantize_layer_weights,
     quantize_model_biases,
+    quantize_model_weights,
     save_integer_model,
 )
 from pipeline.quant.observers import (
@@ -86,6 +87,7 @@ __all__ = [
     "quantize_input",
     "quantize_layer_weights",
     "quantize_model_biases",
+    "quantize_model_weights",
     "quantize_multiplier",
     "quantize_multipliers",
     "quantized_layer_names",

@@ -21,17 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.quant.calibrators import Granularity, PerChannel, parse_granularity
+from pipeline.quant.calibrators import Granularity
 from pipeline.quant.fixed_point import INT32_MAX, requantize
-from pipeline.quant.graph import QUANTIZED_LAYER_TYPES, fold_batchnorm
+from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.model import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     IntegerModel,
     accumulator_bound,
-    quantize_layer_weights,
+    quantize_model_weights,
 )
-from pipeline.quant.ranges import dequantize, fake_quantize, quantize
+from pipeline.quant.ranges import dequantize, fake_quantize, int_range, quantize
 
 
 def quantize_input(x_normalized: Tensor, input_scale: float) -> Tensor:
@@ -58,10 +58,17 @@ def _integer_layer(op: dict[str, Any], x: Tensor) -> Tensor:
     acc = products.to(torch.int64) + op["bias"].to(x.device, torch.int64).reshape(shape)
     if not op["requantize"]:
         return acc.clamp(min=0) if op["relu"] else acc
-    qmin = 0 if op["relu"] else ACTIVATION_QMIN  # the fused ReLU is the lower clamp
+    qmin, qmax = output_range(op)
     multiplier = op["multiplier"].to(x.device).reshape(shape) if op["multiplier"].ndim else op["multiplier"]
     shift = op["shift"].to(x.device).reshape(shape) if op["shift"].ndim else op["shift"]
-    return requantize(acc, multiplier, shift, qmin, ACTIVATION_QMAX).to(torch.int8)
+    output = requantize(acc, multiplier, shift, qmin, qmax)
+    return output.to(torch.int8) if op["output_bits"] == 8 else output
+
+
+def output_range(op: dict[str, Any]) -> tuple[int, int]:
+    """The saturation range of a layer's requantized output; a fused ReLU is the lower clamp."""
+    qmin, qmax = int_range(op["output_bits"])
+    return (0 if op["relu"] else qmin), qmax
 
 
 def _maxpool(op: dict[str, Any], x: Tensor) -> Tensor:
@@ -107,8 +114,7 @@ def run_simulated(model: IntegerModel, x_normalized: Tensor) -> Tensor:
                 x = F.linear(x, weight, bias)
             if op["requantize"]:
                 # Real units: y / S_out is the accumulator times M = S_in * S_w / S_out.
-                qmin = 0 if op["relu"] else ACTIVATION_QMIN
-                x = fake_quantize(x, op["output_scale"], qmin, ACTIVATION_QMAX)
+                x = fake_quantize(x, op["output_scale"], *output_range(op))
             elif op["relu"]:
                 x = x.clamp(min=0)
         elif op["op"] == "maxpool2d":
@@ -124,21 +130,22 @@ def weight_only_model(
     weight_calibrator: str = "sigma",
     granularity: str | Granularity = "per_tensor",
     weight_options: dict[str, Any] | None = None,
+    quantized_weights: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> nn.Sequential:
     """A float copy (BatchNorm folded) whose Conv2d/Linear weights are their quantized-then-dequantized values.
 
-    Activations and biases stay float: this isolates the error of weight quantization.
+    Activations and biases stay float: this isolates the error of weight
+    quantization. ``quantized_weights`` as in ``build_integer_model``.
     """
-    granularity = parse_granularity(granularity)
-    axis = granularity.axis if isinstance(granularity, PerChannel) else 0
+    if quantized_weights is None:
+        quantized_weights = quantize_model_weights(
+            float_model, weight_bits, weight_calibrator, granularity, weight_options
+        )
     model = fold_batchnorm(float_model)
-    for layer in model.children():
-        if isinstance(layer, QUANTIZED_LAYER_TYPES):
-            q_weight, weight_scale = quantize_layer_weights(
-                layer.weight, weight_bits, weight_calibrator, granularity, **(weight_options or {})
-            )
-            with torch.no_grad():
-                layer.weight.copy_(dequantize(q_weight, weight_scale, axis).to(layer.weight.dtype))
+    layers = dict(model.named_children())
+    for name, (q_weight, weight_scale) in quantized_weights.items():
+        with torch.no_grad():
+            layers[name].weight.copy_(dequantize(q_weight, weight_scale, axis=0).to(layers[name].weight.dtype))
     return model
 
 

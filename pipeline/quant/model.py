@@ -15,8 +15,10 @@ The scheme (r ~= S * q, symmetric, zero point 0):
   multiplier * 2^(shift - 31), round half up), then saturation to [-128, 127],
   or [0, 127] when a ReLU follows (the ReLU is fused into the clamp);
 - max-pool and flatten act on the integers directly;
-- the last Conv2d/Linear is not requantized: its int32 accumulators are the
-  logits, at scale S_in * S_w (its ``output_scale``).
+- the last Conv2d/Linear gives int32 logits: its accumulators at scale
+  S_in * S_w with per-tensor weights; with per-channel weights they are
+  requantized (same rule, saturating to int32) to one common scale, the
+  largest S_in * S_w_c, so the class is always the argmax of integers.
 
 ``IntegerModel.ops`` is a list of plain dicts, in forward order:
 
@@ -25,6 +27,7 @@ The scheme (r ~= S * q, symmetric, zero point 0):
      "stride": [sh, sw], "padding": [ph, pw],          # conv2d only
      "input_scale": float, "weight_scale": float64 tensor, () or (out,),
      "output_scale": float64 tensor, () or (out,),
+     "output_bits": 8 | 32,     # int8 activations; int32 logits for the last layer
      "requantize": bool, "multiplier": int32 tensor or None, "shift": int32 tensor or None,
      "relu": bool}
     {"op": "maxpool2d", "name": str, "kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw]}
@@ -170,15 +173,10 @@ def _layer_op(
     relu: bool,
     input_scale: float,
     next_input_scale: float | None,
-    weight_bits: int,
-    weight_calibrator: str,
-    granularity: Granularity,
-    weight_options: dict[str, Any],
+    q_weight: Tensor,
+    weight_scale: Tensor,
 ) -> dict[str, Any]:
-    """One conv2d/linear op; requantized to ``next_input_scale``, or left as int32 accumulators when it is None."""
-    q_weight, weight_scale = quantize_layer_weights(
-        layer.weight, weight_bits, weight_calibrator, granularity, **weight_options
-    )
+    """One conv2d/linear op, requantized to int8 at ``next_input_scale``; the last layer (None) gives int32 logits."""
     bias = layer.bias if layer.bias is not None else torch.zeros(q_weight.shape[0])
     q_bias = quantize_bias(bias, input_scale, weight_scale, name)
     bound = accumulator_bound(q_weight, q_bias)
@@ -195,13 +193,46 @@ def _layer_op(
         op |= _conv_geometry(name, layer)
     op |= {"input_scale": input_scale, "weight_scale": weight_scale, "relu": relu}
     if next_input_scale is None:
-        return op | {"output_scale": accumulator_scale, "requantize": False, "multiplier": None, "shift": None}
-    multiplier, shift = quantize_multipliers(accumulator_scale / next_input_scale)
+        if accumulator_scale.ndim == 0:
+            return op | {
+                "output_scale": accumulator_scale, "output_bits": 32,
+                "requantize": False, "multiplier": None, "shift": None,
+            }
+        # Per-channel weights give every class its own accumulator scale. Rescale the
+        # logits to one common int32 scale (the largest, so every M <= 1 and nothing
+        # saturates) so that the class is the argmax of integers, with no float step.
+        output_scale = accumulator_scale.max()
+        multiplier, shift = quantize_multipliers(accumulator_scale / output_scale)
+        output_bits = 32
+    else:
+        output_scale = torch.tensor(next_input_scale, dtype=torch.float64)
+        multiplier, shift = quantize_multipliers(accumulator_scale / next_input_scale)
+        output_bits = 8
     return op | {
-        "output_scale": torch.tensor(next_input_scale, dtype=torch.float64),
+        "output_scale": output_scale,
+        "output_bits": output_bits,
         "requantize": True,
         "multiplier": multiplier.to(torch.int32),
         "shift": shift.to(torch.int32),
+    }
+
+
+def quantize_model_weights(
+    float_model: nn.Sequential,
+    weight_bits: int = 8,
+    weight_calibrator: str = "sigma",
+    granularity: str | Granularity = "per_tensor",
+    weight_options: dict[str, Any] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``quantize_layer_weights`` for every Conv2d/Linear child (BatchNorm folded first), by layer name."""
+    granularity = parse_granularity(granularity)
+    if isinstance(granularity, PerChannel) and granularity.axis != 0:
+        raise ValueError(f"granularity must be per tensor or PerChannel(axis=0) (output channels), got {granularity}")
+    model = fold_batchnorm(float_model)
+    layers = dict(model.named_children())
+    return {
+        name: quantize_layer_weights(layers[name].weight, weight_bits, weight_calibrator, granularity, **(weight_options or {}))
+        for name in quantized_layer_names(model)
     }
 
 
@@ -214,16 +245,21 @@ def build_integer_model(
     weight_options: dict[str, Any] | None = None,
     input_mean: list[float] | None = None,
     input_std: list[float] | None = None,
+    quantized_weights: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> IntegerModel:
     """Quantize ``float_model`` (BatchNorm folded first) into an ``IntegerModel``.
 
     ``activation_ranges[name]`` is the calibrated range of the INPUT of the
     Conv2d/Linear child ``name``; the first layer's is the model input's. Each
     layer is requantized to the input scale of the next Conv2d/Linear layer.
+    ``quantized_weights`` is ``quantize_model_weights``' result (the
+    quantize-weights stage's output); without it the weights are quantized
+    here with the ``weight_*`` and ``granularity`` arguments.
     """
-    granularity = parse_granularity(granularity)
-    if isinstance(granularity, PerChannel) and granularity.axis != 0:
-        raise ValueError(f"granularity must be per tensor or PerChannel(axis=0) (output channels), got {granularity}")
+    if quantized_weights is None:
+        quantized_weights = quantize_model_weights(
+            float_model, weight_bits, weight_calibrator, granularity, weight_options
+        )
     model = fold_batchnorm(float_model)
     names = quantized_layer_names(model)
     if not names:
@@ -243,12 +279,8 @@ def build_integer_model(
         name, layer = children[index]
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             relu = index + 1 < len(children) and isinstance(children[index + 1][1], nn.ReLU)
-            ops.append(
-                _layer_op(
-                    name, layer, relu, input_scales[name], next_input_scale.get(name),
-                    weight_bits, weight_calibrator, granularity, weight_options or {},
-                )
-            )
+            q_weight, weight_scale = quantized_weights[name]
+            ops.append(_layer_op(name, layer, relu, input_scales[name], next_input_scale.get(name), q_weight, weight_scale))
             index += 2 if relu else 1
             continue
         if isinstance(layer, nn.MaxPool2d):
