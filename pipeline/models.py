@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 NUM_CLASSES = 10
@@ -70,10 +71,17 @@ class BNNet(nn.Sequential):
 MODELS: dict[str, Callable[[], nn.Sequential]] = {"net": Net, "bnnet": BNNet}
 
 
-def build_model(name: str) -> nn.Sequential:
-    """Build a fresh model by registry name (see ``MODELS``)."""
+def build_model(name: str, seed: int | None = None) -> nn.Sequential:
+    """Build a fresh model by registry name (see ``MODELS``).
+
+    With ``seed``, the initial weights depend on it alone (the global RNG is left as it was).
+    """
     try:
         factory = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}") from None
-    return factory()
+    if seed is None:
+        return factory()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()

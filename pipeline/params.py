@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from pipeline.models import MODELS
+from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS
 
 
 class ParamsError(ValueError):
@@ -56,6 +57,23 @@ class TrainParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileParams:
+    num_samples: int = dataclasses.field(default=2000, metadata=_bounds(1))  # calibration images from the training split
+    seed: int = dataclasses.field(default=0, metadata=_bounds(0))  # picks the calibration subset
+    batch_size: int = dataclasses.field(default=500, metadata=_bounds(1))
+    calibrator: str = dataclasses.field(default="seed", metadata=_choice(*ACTIVATION_CALIBRATORS))
+    percentile: float = dataclasses.field(default=99.99, metadata=_bounds(0.0, 100.0, low_open=True))  # percentile only
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeWeightsParams:
+    bits: int = dataclasses.field(default=8, metadata=_bounds(2, 8))  # integer range [-(2^(bits-1)-1), 2^(bits-1)-1]
+    calibrator: str = dataclasses.field(default="sigma", metadata=_choice(*WEIGHT_CALIBRATORS))
+    k: float = dataclasses.field(default=3.0, metadata=_bounds(0.0, low_open=True))  # sigma only: range = |mean| + k std
+    granularity: str = dataclasses.field(default="per_tensor", metadata=_choice("per_tensor", "per_channel"))
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = dataclasses.field(default=1000, metadata=_bounds(1))
 
@@ -64,11 +82,19 @@ class EvaluateParams:
 class Params:
     download: DownloadParams
     train: TrainParams
+    profile: ProfileParams
+    quantize_weights: QuantizeWeightsParams
     evaluate: EvaluateParams
 
 
 # Section name -> its dataclass; the order is the order of params.yaml.
-SECTIONS: dict[str, type] = {"download": DownloadParams, "train": TrainParams, "evaluate": EvaluateParams}
+SECTIONS: dict[str, type] = {
+    "download": DownloadParams,
+    "train": TrainParams,
+    "profile": ProfileParams,
+    "quantize_weights": QuantizeWeightsParams,
+    "evaluate": EvaluateParams,
+}
 
 
 def _type_name(annotation: str) -> str:

@@ -1,12 +1,30 @@
-"""What every stage does first: logging, offline settings, validated params."""
+"""What every stage shares: artifact paths, logging, validated params, the trained model."""
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
+from torch import nn
+
+from pipeline.io import load_checkpoint
+from pipeline.models import build_model
 from pipeline.params import Params, ParamsError, load_params
 
 PARAMS_FILE = "params.yaml"
+
+# Artifacts, all under data/ (DVC outputs); dvc.yaml names the same paths.
+ARRAYS = Path("data/dataset.npz")
+MANIFEST = Path("data/dataset_manifest.json")
+CHECKPOINT = Path("data/model.pt")
+TRAIN_METRICS = Path("data/train_metrics.json")
+TRAIN_CURVES = Path("data/train_curves.csv")
+PROFILE = Path("data/profile.json")
+QUANTIZED_WEIGHTS = Path("data/weights_int8.npz")
+WEIGHT_ONLY_CHECKPOINT = Path("data/model_weights_int8.pt")
+INTEGER_MODEL = Path("data/integer_model.npz")
+METRICS = Path("data/metrics.json")
 
 
 def start_stage(name: str) -> Params:
@@ -16,3 +34,11 @@ def start_stage(name: str) -> Params:
         return load_params(PARAMS_FILE)
     except ParamsError as error:
         sys.exit(f"[{name}] invalid {PARAMS_FILE}: {error}")
+
+
+def load_trained_model(path: Path = CHECKPOINT) -> tuple[nn.Sequential, dict[str, Any]]:
+    """The float model of the train stage, in eval mode, and its checkpoint's metadata."""
+    checkpoint = load_checkpoint(path)
+    model = build_model(checkpoint["model"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint

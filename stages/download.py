@@ -6,10 +6,8 @@ from pathlib import Path
 
 from pipeline.data import DataError, acquire, save_arrays
 from pipeline.io import write_json
-from stages.common import start_stage
+from stages.common import ARRAYS, MANIFEST, start_stage
 
-ARRAYS = Path("data/dataset.npz")
-MANIFEST = Path("data/dataset_manifest.json")
 DOWNLOAD_DIR = Path(".cache/downloads")  # the official archive, kept out of DVC's outputs
 
 

@@ -1,44 +1,95 @@
-"""evaluate stage: test-split accuracy, overall and per class, into the metrics JSON."""
+"""evaluate stage: test-split accuracy of the float, weight-only-int8 and integer models; agreement, SQNR, sizes."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import math
 
 import torch
 
 from pipeline.data import load_arrays
+from pipeline.evaluation import (
+    float_model_bytes,
+    integer_model_bytes,
+    integer_predictions,
+    output_sqnr,
+    weight_sqnr,
+)
 from pipeline.io import load_checkpoint, read_json, write_json
-from pipeline.models import build_model
-from pipeline.train import accuracy_report, predict
-from stages.common import start_stage
+from pipeline.quant.graph import fold_batchnorm
+from pipeline.quant.model import load_integer_model, load_quantized_weights
+from pipeline.train import accuracy_report, normalize, predict
+from stages.common import (
+    ARRAYS,
+    CHECKPOINT,
+    INTEGER_MODEL,
+    MANIFEST,
+    METRICS,
+    PROFILE,
+    QUANTIZED_WEIGHTS,
+    WEIGHT_ONLY_CHECKPOINT,
+    load_trained_model,
+    start_stage,
+)
+SQNR_IMAGES = 1000  # test images for the per-layer output SQNR
 
-ARRAYS = Path("data/dataset.npz")
-MANIFEST = Path("data/dataset_manifest.json")
-CHECKPOINT = Path("data/model.pt")
-METRICS = Path("data/metrics.json")
+
+def _percent(part: torch.Tensor) -> float:
+    return round(100.0 * part.float().mean().item(), 2)
+
+
+def _decibels(values: dict[str, float]) -> dict[str, float | None]:
+    # JSON has no infinity: an exact layer (no quantization noise) is reported as null.
+    return {name: round(value, 2) if math.isfinite(value) else None for name, value in values.items()}
 
 
 def main() -> None:
     params = start_stage("evaluate").evaluate
     arrays = load_arrays(ARRAYS)
-    checkpoint = load_checkpoint(CHECKPOINT)
-    model = build_model(checkpoint["model"])
-    model.load_state_dict(checkpoint["state_dict"])
     images, labels = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)
-    fp32 = accuracy_report(
-        predict(model, images, checkpoint["mean"], checkpoint["std"], params.batch_size), labels, arrays.class_names
-    )
+    model, checkpoint = load_trained_model(CHECKPOINT)
+    mean, std = checkpoint["mean"], checkpoint["std"]
+
+    fp32 = accuracy_report(predict(model, images, mean, std, params.batch_size), labels, arrays.class_names)
+    weight_only = fold_batchnorm(model)
+    weight_only.load_state_dict(load_checkpoint(WEIGHT_ONLY_CHECKPOINT)["state_dict"])
+    weights_int8 = predict(weight_only, images, mean, std, params.batch_size)
+    integer_model = load_integer_model(INTEGER_MODEL)
+    engine, simulated = integer_predictions(integer_model, images, mean, std, params.batch_size)
+    _, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
+    profile = read_json(PROFILE)
     manifest = read_json(MANIFEST)
-    write_json(
-        METRICS,
-        {
-            "accuracy": {"fp32": round(fp32["accuracy"], 2)},
-            "per_class_accuracy": {"fp32": {k: round(v, 2) for k, v in fp32["per_class"].items() if v is not None}},
-            "test_images": len(labels),
-            "dataset": {"source": manifest["source"], "format": manifest["format"]},
+
+    metrics = {
+        "accuracy": {
+            "fp32": round(fp32["accuracy"], 2),
+            "weights_int8": _percent(weights_int8 == labels),
+            "full_int8": _percent(engine == labels),
+            "simulated_int8": _percent(simulated == labels),
         },
+        "agreement": {"engine_vs_simulated": _percent(engine == simulated)},
+        "sqnr_db": {
+            "weights": _decibels(weight_sqnr(model, integer_model)),
+            "outputs": _decibels(output_sqnr(model, integer_model, normalize(images[:SQNR_IMAGES], mean, std))),
+        },
+        "size_bytes": {"fp32": float_model_bytes(model), "int8": integer_model_bytes(integer_model)},
+        "quantization": {
+            "weight_bits": weight_meta["bits"],
+            "weight_calibrator": weight_meta["calibrator"],
+            "granularity": weight_meta["granularity"],
+            "activation_calibrator": profile["calibrator"],
+            "calibration_images": profile["num_samples"],
+        },
+        "per_class_accuracy": {"fp32": {k: round(v, 2) for k, v in fp32["per_class"].items() if v is not None}},
+        "test_images": len(labels),
+        "dataset": {"source": manifest["source"], "format": manifest["format"]},
+    }
+    write_json(METRICS, metrics)
+    accuracy = metrics["accuracy"]
+    logging.info(
+        "test accuracy on %d images: fp32 %.2f%%, weights int8 %.2f%%, full int8 %.2f%% (simulation %.2f%%, "
+        "engine = simulation on %.2f%%)", len(labels), accuracy["fp32"], accuracy["weights_int8"],
+        accuracy["full_int8"], accuracy["simulated_int8"], metrics["agreement"]["engine_vs_simulated"],
     )
-    logging.info("fp32 test accuracy %.2f%% on %d images", fp32["accuracy"], len(labels))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,8 @@ from pipeline.data import load_arrays
 from pipeline.io import atomic_path, save_checkpoint, write_json
 from pipeline.models import build_model
 from pipeline.train import SEED_MEAN, SEED_STD, EpochRecord, resolve_device, train_model
-from stages.common import start_stage
+from stages.common import ARRAYS, CHECKPOINT, TRAIN_CURVES, TRAIN_METRICS, start_stage
 
-ARRAYS = Path("data/dataset.npz")
-CHECKPOINT = Path("data/model.pt")
-METRICS = Path("data/train_metrics.json")
-CURVES = Path("data/train_curves.csv")
 
 
 def write_curves(path: Path, history: list[EpochRecord]) -> None:
@@ -35,7 +31,7 @@ def main() -> None:
     params = start_stage("train").train
     arrays = load_arrays(ARRAYS)
     device = resolve_device(params.device)
-    model = build_model(params.model)
+    model = build_model(params.model, seed=params.seed)
     logging.info("training %s on %s for %d epochs", params.model, device, params.epochs)
     started = time.perf_counter()
     history = train_model(model, torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels), params)
@@ -48,10 +44,10 @@ def main() -> None:
         "class_names": list(arrays.class_names),
     }
     save_checkpoint(CHECKPOINT, checkpoint)
-    write_curves(CURVES, history)
+    write_curves(TRAIN_CURVES, history)
     final = history[-1]
     write_json(
-        METRICS,
+        TRAIN_METRICS,
         {
             "train": {
                 "loss": final.loss,

@@ -9,6 +9,7 @@ import pytest
 from tests.project_copy import copy_project, run, set_params, write_image_folder
 
 CLASSES = [f"class{index}" for index in range(10)]
+ALL_STAGES = {"download", "train", "profile", "quantize-weights", "quantize-biases", "evaluate"}
 
 
 def ran_stages(output: str) -> set[str]:
@@ -20,15 +21,26 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("dvc")
     dataset = write_image_folder(root / "tiny-cifar", CLASSES, {"train": 8, "test": 3})
     project = copy_project(root / "project")
-    set_params(project, {"download": {"source": str(dataset)}, "train": {"epochs": 1, "batch_size": 16}})
+    set_params(
+        project,
+        {
+            "download": {"source": str(dataset)},
+            "train": {"epochs": 1, "batch_size": 16},
+            "profile": {"num_samples": 40, "batch_size": 16},
+        },
+    )
     return project
 
 
 def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touches(project):
     first = run(["dvc", "repro"], project)
-    assert {"download", "train", "evaluate"} <= ran_stages(first.stdout)
+    assert ran_stages(first.stdout) == ALL_STAGES
     metrics = json.loads((project / "data/metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"]["fp32"] <= 100.0
+    assert set(metrics["accuracy"]) == {"fp32", "weights_int8", "full_int8", "simulated_int8"}
+    assert all(0.0 <= value <= 100.0 for value in metrics["accuracy"].values())
+    assert metrics["agreement"]["engine_vs_simulated"] >= 90.0
+    profile = json.loads((project / "data/profile.json").read_text())
+    assert profile["split"] == "train" and len(profile["indices"]) == 40
     assert metrics["test_images"] == 30
     manifest = json.loads((project / "data/dataset_manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 80
@@ -37,9 +49,13 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     assert ran_stages(second.stdout) == set()
     assert "Data and pipelines are up to date" in second.stdout
 
-    set_params(project, {"train": {"epochs": 2}})
+    set_params(project, {"quantize_weights": {"k": 2.5}})
     third = run(["dvc", "repro"], project)
-    assert ran_stages(third.stdout) == {"train", "evaluate"}
+    assert ran_stages(third.stdout) == {"quantize-weights", "quantize-biases", "evaluate"}
+
+    set_params(project, {"train": {"epochs": 2}})
+    fourth = run(["dvc", "repro"], project)
+    assert ran_stages(fourth.stdout) == ALL_STAGES - {"download"}
 
     shown = run(["dvc", "metrics", "show", "--json"], project)
     assert "fp32" in shown.stdout

@@ -39,3 +39,13 @@ def test_bnnet_has_batchnorm_and_only_known_layer_types():
 def test_unknown_model_name_lists_the_allowed_ones():
     with pytest.raises(ValueError, match=r"unknown model 'vgg'; allowed: \['bnnet', 'net'\]"):
         build_model("vgg")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_seeded_models_start_from_the_same_weights_and_leave_the_global_rng_alone(name):
+    state = torch.random.get_rng_state()
+    first, second = build_model(name, seed=5), build_model(name, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    other = build_model(name, seed=6)
+    assert not torch.equal(first.state_dict()[next(iter(first.state_dict()))], other.state_dict()[next(iter(other.state_dict()))])

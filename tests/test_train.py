@@ -2,7 +2,7 @@ import dataclasses
 
 import torch
 
-from pipeline.models import Net
+from pipeline.models import Net, build_model
 from pipeline.params import TrainParams
 from pipeline.train import accuracy_report, augment, normalize, predict, test_model, train_model
 
@@ -51,7 +51,8 @@ def test_training_is_bit_for_bit_deterministic_on_cpu(synthetic_images):
     params = dataclasses.replace(FAST, augment=True, schedule="onecycle", epochs=2)
     weights = []
     for _ in range(2):
-        model = Net()  # different initial weights each time: train_model seeds before anything random
+        torch.randn(7)  # moves the global RNG: nothing below may depend on its state
+        model = build_model("net", seed=params.seed)
         train_model(model, images, labels, params, progress=False)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
@@ -73,3 +74,14 @@ def test_accuracy_report_and_test_model_agree(synthetic_images):
     assert set(report["per_class"]) == {str(i) for i in range(10)}
     hand = 100.0 * (predict(model, images) == labels).float().mean().item()
     assert report["accuracy"] == hand
+
+
+def test_normalize_is_bit_identical_to_torchvision_to_tensor_and_normalize():
+    from PIL import Image
+    from torchvision import transforms
+
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    expected = torch.stack([reference(Image.fromarray(image.numpy())) for image in images])
+    assert torch.equal(normalize(images, mean, std), expected)

@@ -22,6 +22,7 @@ from pipeline.quant.calibrators import (
 from pipeline.quant.engine import (
     QuantizedNet,
     dequantize_logits,
+    integer_layer_outputs,
     quantize_input,
     run_integer,
     run_simulated,
@@ -39,11 +40,13 @@ from pipeline.quant.model import (
     accumulator_bound,
     build_integer_model,
     load_integer_model,
+    load_quantized_weights,
     quantize_bias,
     quantize_layer_weights,
     quantize_model_biases,
     quantize_model_weights,
     save_integer_model,
+    save_quantized_weights,
 )
 from pipeline.quant.observers import (
     ActivationObserver,
@@ -80,7 +83,9 @@ __all__ = [
     "fake_quantize",
     "fold_batchnorm",
     "int_range",
+    "integer_layer_outputs",
     "load_integer_model",
+    "load_quantized_weights",
     "parse_granularity",
     "quantize",
     "quantize_bias",
@@ -98,6 +103,7 @@ __all__ = [
     "run_integer",
     "run_simulated",
     "save_integer_model",
+    "save_quantized_weights",
     "scale_from_range",
     "weight_only_model",
 ]

@@ -15,6 +15,7 @@ fixed-point multiplier or the rounding rule moves a value by one step.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -77,11 +78,21 @@ def _maxpool(op: dict[str, Any], x: Tensor) -> Tensor:
 
 
 def run_integer(model: IntegerModel, x_int8: Tensor) -> Tensor:
-    """Integer logits (int32 accumulators of the last layer) for an int8 input batch.
+    """Integer logits (the last layer's int32 output, at its ``output_scale``) for an int8 input batch.
 
-    The logits' scale is the last layer's ``output_scale``; with per-channel
-    weights it differs per class, so rank classes on ``dequantize_logits``.
+    The class is the argmax of these integers, for any weight granularity.
     """
+    for _, x in _integer_steps(model, x_int8):
+        pass
+    return x.to(torch.int32)
+
+
+def integer_layer_outputs(model: IntegerModel, x_int8: Tensor) -> dict[str, Tensor]:
+    """Each Conv2d/Linear op's integer output (after its fused ReLU and requantization), by layer name."""
+    return {op["name"]: x for op, x in _integer_steps(model, x_int8) if op["op"] in ("conv2d", "linear")}
+
+
+def _integer_steps(model: IntegerModel, x_int8: Tensor) -> Iterator[tuple[dict[str, Any], Tensor]]:
     if x_int8.dtype != torch.int8:
         raise TypeError(f"x_int8 must have dtype torch.int8, got {x_int8.dtype}; use quantize_input")
     x = x_int8
@@ -92,7 +103,7 @@ def run_integer(model: IntegerModel, x_int8: Tensor) -> Tensor:
             x = _maxpool(op, x)
         else:
             x = x.flatten(1)
-    return x.to(torch.int32)
+        yield op, x
 
 
 def dequantize_logits(model: IntegerModel, logits: Tensor) -> Tensor:

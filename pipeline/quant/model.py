@@ -341,3 +341,27 @@ def load_integer_model(path: str | os.PathLike) -> IntegerModel:
             op |= {key: torch.from_numpy(archive[f"op{index}.{key}"].copy()) for key in meta["arrays"]}
             ops.append(op)
     return IntegerModel(header["input_scale"], ops, header["input_mean"], header["input_std"])
+
+
+def save_quantized_weights(
+    quantized_weights: dict[str, tuple[Tensor, Tensor]], meta: dict[str, Any], path: str | os.PathLike
+) -> None:
+    """Write ``quantize_model_weights``' result (int8 weights and float64 scales, by layer) and a JSON ``meta``."""
+    arrays = {}
+    for name, (q_weight, weight_scale) in quantized_weights.items():
+        arrays[f"{name}.weight"] = q_weight.numpy()
+        arrays[f"{name}.scale"] = weight_scale.numpy()
+    arrays["meta"] = np.array(json.dumps(meta | {"layers": list(quantized_weights)}))
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def load_quantized_weights(path: str | os.PathLike) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Any]]:
+    """Read ``save_quantized_weights``' file: the weights by layer name, and the meta dict."""
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive["meta"]))
+        weights = {
+            name: (torch.from_numpy(archive[f"{name}.weight"].copy()), torch.from_numpy(archive[f"{name}.scale"].copy()))
+            for name in meta["layers"]
+        }
+    return weights, meta

@@ -1,0 +1,98 @@
+"""Measuring what quantization did: accuracies, agreement, per-layer SQNR, model sizes."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.quant.engine import integer_layer_outputs, quantize_input, run_integer, run_simulated
+from pipeline.quant.graph import fold_batchnorm
+from pipeline.quant.model import IntegerModel
+from pipeline.quant.ranges import dequantize
+from pipeline.train import normalize
+
+FLOAT_BYTES = 4  # float32 parameters
+LAYER_OPS = ("conv2d", "linear")
+
+
+def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(sum(ref^2) / sum((ref - approx)^2)) in dB; inf when exact."""
+    reference, approximation = reference.to(torch.float64), approximation.to(torch.float64)
+    noise = float(((reference - approximation) ** 2).sum())
+    signal = float((reference**2).sum())
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+@torch.no_grad()
+def integer_predictions(
+    integer_model: IntegerModel, images: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int = 1000
+) -> tuple[Tensor, Tensor]:
+    """Predicted classes of the integer engine and of its float simulation, for uint8 images (N, 32, 32, 3)."""
+    engine, simulated = [], []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size], mean, std)
+        engine.append(run_integer(integer_model, quantize_input(x, integer_model.input_scale)).argmax(1))
+        simulated.append(run_simulated(integer_model, x).argmax(1))
+    return torch.cat(engine), torch.cat(simulated)
+
+
+def weight_sqnr(float_model: nn.Sequential, integer_model: IntegerModel) -> dict[str, float]:
+    """SQNR (dB) of each layer's dequantized int weights against its float (BatchNorm-folded) weights."""
+    layers = dict(fold_batchnorm(float_model).named_children())
+    return {
+        op["name"]: sqnr_db(layers[op["name"]].weight.detach(), dequantize(op["weight"], op["weight_scale"], axis=0))
+        for op in integer_model.ops
+        if op["op"] in LAYER_OPS
+    }
+
+
+@torch.no_grad()
+def output_sqnr(float_model: nn.Sequential, integer_model: IntegerModel, x_normalized: Tensor) -> dict[str, float]:
+    """SQNR (dB) of each layer's dequantized integer output against the float model's (after the same ReLU).
+
+    Errors accumulate: layer n's figure includes everything quantized before it.
+    """
+    model = fold_batchnorm(float_model).eval()
+    children = dict(model.named_children())
+    float_outputs: dict[str, Tensor] = {}
+    handles = [
+        children[op["name"]].register_forward_hook(
+            lambda module, args, output, name=op["name"]: float_outputs.__setitem__(name, output)
+        )
+        for op in integer_model.ops
+        if op["op"] in LAYER_OPS
+    ]
+    try:
+        model(x_normalized)
+    finally:
+        for handle in handles:
+            handle.remove()
+    integer_outputs = integer_layer_outputs(integer_model, quantize_input(x_normalized, integer_model.input_scale))
+    result = {}
+    for op in integer_model.ops:
+        if op["op"] not in LAYER_OPS:
+            continue
+        reference = float_outputs[op["name"]].clamp(min=0) if op["relu"] else float_outputs[op["name"]]
+        approximation = dequantize(integer_outputs[op["name"]], op["output_scale"], axis=1)
+        result[op["name"]] = sqnr_db(reference, approximation)
+    return result
+
+
+def float_model_bytes(float_model: nn.Sequential) -> int:
+    """Bytes of the float32 parameters (BatchNorm folded, as deployed)."""
+    return FLOAT_BYTES * sum(parameter.numel() for parameter in fold_batchnorm(float_model).parameters())
+
+
+def integer_model_bytes(integer_model: IntegerModel) -> int:
+    """Bytes of what an integer engine stores: int8 weights, int32 biases, int32 multipliers and shifts."""
+    total = 0
+    for op in integer_model.ops:
+        if op["op"] in LAYER_OPS:
+            total += op["weight"].numel() * op["weight"].element_size() + op["bias"].numel() * 4
+            if op["requantize"]:
+                total += (op["multiplier"].numel() + op["shift"].numel()) * 4
+    return total

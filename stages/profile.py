@@ -1,0 +1,46 @@
+"""profile stage: per-layer input statistics on training-split calibration images, and the calibrated int8 ranges."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from pipeline.data import load_arrays
+from pipeline.io import write_json
+from pipeline.profile import calibrate_ranges, calibration_indices, profile_activations
+from stages.common import ARRAYS, CHECKPOINT, PROFILE, load_trained_model, start_stage
+
+
+def main() -> None:
+    params = start_stage("profile").profile
+    train_images = load_arrays(ARRAYS).train_images
+    model, checkpoint = load_trained_model(CHECKPOINT)
+    try:
+        indices = calibration_indices(len(train_images), params.num_samples, params.seed)
+    except ValueError as error:
+        sys.exit(f"[profile] {error}")
+    layer_stats = profile_activations(
+        model, torch.from_numpy(train_images[indices]), checkpoint["mean"], checkpoint["std"], params.batch_size
+    )
+    options = {"percentile": params.percentile} if params.calibrator == "percentile" else {}
+    calibrated = calibrate_ranges(layer_stats, params.calibrator, options)
+    write_json(
+        PROFILE,
+        {
+            "split": "train",
+            "num_samples": params.num_samples,
+            "seed": params.seed,
+            "calibrator": params.calibrator,
+            "calibrator_options": options,
+            "layers": {name: {"stats": layer_stats[name], **calibrated[name]} for name in layer_stats},
+            "indices": indices.tolist(),
+        },
+    )
+    for name, chosen in calibrated.items():
+        logging.info("%-6s input range %.4f (scale %.6f, %.4f%% clipped)", name, chosen["range"], chosen["scale"],
+                     100 * chosen["clipped_fraction"])
+
+
+if __name__ == "__main__":
+    main()
