@@ -31,7 +31,7 @@ test-slow: $(STAMP)
 	python -m pytest -m slow
 
 bench: $(STAMP)
-	python benchmarks/train_throughput.py
+	python -m benchmarks.train_throughput
 
 clean:
 	rm -rf $(VENV)

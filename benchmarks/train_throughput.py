@@ -7,7 +7,7 @@ same ``Net`` with the same optimizer for the same number of images, in this
 run, and the script prints images per second and their ratio. It also times a
 no-op ``dvc repro`` when the pipeline has already run here.
 
-    python benchmarks/train_throughput.py [--images 4000] [--threads 1]
+    python -m benchmarks.train_throughput [--images 4000] [--threads 1]
 """
 from __future__ import annotations
 

@@ -169,7 +169,8 @@ def predict(
 ) -> torch.Tensor:
     """Predicted class per uint8 image (N, 32, 32, 3), as an int64 tensor on the CPU."""
     model.eval()
-    device = next(model.parameters()).device
+    # A model with no parameters (QuantizedNet holds integer buffers) runs on the CPU.
+    device = next(model.parameters(), torch.empty(0)).device
     predictions = [
         model(normalize(images[start : start + batch_size].to(device), mean, std)).argmax(1).cpu()
         for start in range(0, len(images), batch_size)

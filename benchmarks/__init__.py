@@ -1,0 +1,1 @@
+"""Scripts that print figures (run with python -m benchmarks.<name>); not tests."""

@@ -1,0 +1,82 @@
+"""Check the exported models against the integer engine on the whole CIFAR-10 test split.
+
+Exports ``data/integer_model.npz`` afresh into a temporary folder (or checks
+an existing export with ``--export-dir``), runs the engine, the C model and
+both ONNX models on every test image, and prints one JSON report: logit and
+prediction mismatches against the engine (C and integer ONNX must be 0), the
+QLinear ONNX model's agreement, every accuracy, the C footprint, and the time
+taken. Exits 1 when an acceptance check fails.
+
+    python benchmarks/export_check.py [--images 10000] [--export-dir data/export]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.data import load_arrays
+from pipeline.export import c_footprint, export_agreement, export_integer_model, find_compiler
+from pipeline.quant.model import load_integer_model
+from pipeline.train import normalize
+
+INTEGER_MODEL = Path("data/integer_model.npz")
+ARRAYS = Path("data/dataset.npz")
+MIN_QLINEAR_AGREEMENT = 99.5  # percent of test images
+MAX_ACCURACY_GAP = 0.1  # percentage points between the QLinear ONNX model and the engine
+
+
+def failures(report: dict) -> list[str]:
+    """The acceptance checks the report fails, in words."""
+    problems = []
+    for key in ("c_logit_mismatches", "onnx_integer_logit_mismatches"):
+        if report[key] not in (0, None):
+            problems.append(f"{key} = {report[key]}, must be 0")
+    if report["onnx_qlinear_agreement"] < MIN_QLINEAR_AGREEMENT:
+        problems.append(f"onnx_qlinear_agreement = {report['onnx_qlinear_agreement']:.3f}% < {MIN_QLINEAR_AGREEMENT}%")
+    gap = abs(report["accuracy"]["onnx_qlinear"] - report["accuracy"]["engine"])
+    if gap > MAX_ACCURACY_GAP:
+        problems.append(f"QLinear ONNX accuracy differs from the engine's by {gap:.3f} points > {MAX_ACCURACY_GAP}")
+    return problems
+
+
+def check(export_dir: Path, images: int) -> dict:
+    model = load_integer_model(INTEGER_MODEL)
+    if model.input_mean is None or model.input_std is None:
+        sys.exit(f"{INTEGER_MODEL} has no input_mean/input_std to normalize the test images with")
+    arrays = load_arrays(ARRAYS)
+    x = normalize(torch.from_numpy(arrays.test_images[:images]), model.input_mean, model.input_std)
+    labels = torch.from_numpy(arrays.test_labels[:images]).long()
+    start = time.perf_counter()
+    report = export_agreement(model, export_dir, x, labels)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    if find_compiler() is not None:
+        report["c_footprint"] = c_footprint(export_dir)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10000, help="test images to check (default: all 10000)")
+    parser.add_argument("--export-dir", type=Path, help="check this existing export instead of exporting afresh")
+    args = parser.parse_args()
+    if args.export_dir is not None:
+        report = check(args.export_dir, args.images)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ptq_export_") as export_dir:
+            export_integer_model(load_integer_model(INTEGER_MODEL), export_dir)
+            report = check(Path(export_dir), args.images)
+    print(json.dumps(report, indent=2))
+    problems = failures(report)
+    for problem in problems:
+        print(f"FAIL: {problem}", file=sys.stderr)
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
