@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.data import load_arrays
-from pipeline.evaluation import integer_predictions
+from pipeline.evaluation import engine_predictions
 from pipeline.io import read_json
 from pipeline.profile import profile_activations
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, activation_range
@@ -81,7 +81,7 @@ def main() -> None:
         ranges = {name: activation_range(stats, activation_calibrator) for name, stats in layer_stats.items()}
         weights = quantize_model_weights(model, args.bits, weight_calibrator, granularity)
         integer_model = build_integer_model(model, ranges, quantized_weights=weights)
-        engine, _ = integer_predictions(integer_model, test_images, mean, std)
+        engine = engine_predictions(integer_model, test_images, mean, std)
         accuracy = 100.0 * (engine == labels).float().mean().item()
         rows.append((f"this project: act {activation_calibrator}, w {weight_calibrator} {granularity}",
                      (activation_calibrator, weight_calibrator, granularity), accuracy))

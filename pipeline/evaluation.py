@@ -28,16 +28,26 @@ def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
 
 
 @torch.no_grad()
-def integer_predictions(
+def engine_predictions(
     integer_model: IntegerModel, images: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int = 1000
-) -> tuple[Tensor, Tensor]:
-    """Predicted classes of the integer engine and of its float simulation, for uint8 images (N, 32, 32, 3)."""
-    engine, simulated = [], []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size], mean, std)
-        engine.append(run_integer(integer_model, quantize_input(x, integer_model.input_scale)).argmax(1))
-        simulated.append(run_simulated(integer_model, x).argmax(1))
-    return torch.cat(engine), torch.cat(simulated)
+) -> Tensor:
+    """Classes predicted by the integer engine (argmax of its int32 logits) for uint8 images (N, 32, 32, 3)."""
+    return torch.cat([
+        run_integer(integer_model, quantize_input(normalize(images[start : start + batch_size], mean, std),
+                                                  integer_model.input_scale)).argmax(1)
+        for start in range(0, len(images), batch_size)
+    ])
+
+
+@torch.no_grad()
+def simulated_predictions(
+    integer_model: IntegerModel, images: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int = 1000
+) -> Tensor:
+    """Classes predicted by the float simulation of ``integer_model`` for uint8 images (N, 32, 32, 3)."""
+    return torch.cat([
+        run_simulated(integer_model, normalize(images[start : start + batch_size], mean, std)).argmax(1)
+        for start in range(0, len(images), batch_size)
+    ])
 
 
 def weight_sqnr(float_model: nn.Sequential, integer_model: IntegerModel) -> dict[str, float]:

@@ -10,8 +10,9 @@ from pipeline.data import load_arrays
 from pipeline.evaluation import (
     float_model_bytes,
     integer_model_bytes,
-    integer_predictions,
+    engine_predictions,
     output_sqnr,
+    simulated_predictions,
     weight_sqnr,
 )
 from pipeline.io import load_checkpoint, read_json, write_json
@@ -54,7 +55,8 @@ def main() -> None:
     weight_only.load_state_dict(load_checkpoint(WEIGHT_ONLY_CHECKPOINT)["state_dict"])
     weights_int8 = predict(weight_only, images, mean, std, params.batch_size)
     integer_model = load_integer_model(INTEGER_MODEL)
-    engine, simulated = integer_predictions(integer_model, images, mean, std, params.batch_size)
+    engine = engine_predictions(integer_model, images, mean, std, params.batch_size)
+    simulated = simulated_predictions(integer_model, images, mean, std, params.batch_size)
     _, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     profile = read_json(PROFILE)
     manifest = read_json(MANIFEST)

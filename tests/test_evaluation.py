@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.evaluation import (
+    engine_predictions,
+    float_model_bytes,
+    integer_model_bytes,
+    output_sqnr,
+    simulated_predictions,
+    sqnr_db,
+    weight_sqnr,
+)
+from pipeline.models import Net, build_model
+from pipeline.profile import calibrate_ranges, calibration_indices, clipped_fraction, profile_activations
+from pipeline.quant.engine import QuantizedNet
+from pipeline.quant.model import build_integer_model
+from pipeline.train import SEED_MEAN, SEED_STD, normalize
+
+
+def test_sqnr_db_hand_worked():
+    reference = torch.tensor([3.0, 4.0])  # signal energy 25
+    assert sqnr_db(reference, torch.tensor([3.0, 3.5])) == pytest.approx(10 * math.log10(25 / 0.25))
+    assert sqnr_db(reference, reference) == math.inf
+
+
+@pytest.fixture
+def quantized(synthetic_images):
+    images, _ = synthetic_images
+    model = build_model("net", seed=0).eval()
+    stats = profile_activations(model, images, SEED_MEAN, SEED_STD, batch_size=16, progress=False)
+    ranges = {name: chosen["range"] for name, chosen in calibrate_ranges(stats, "seed", {}).items()}
+    return model, build_integer_model(model, ranges), images
+
+
+def test_engine_predictions_are_quantized_net_argmax_and_agree_with_simulation(quantized):
+    model, integer_model, images = quantized
+    engine = engine_predictions(integer_model, images, SEED_MEAN, SEED_STD, batch_size=10)
+    assert torch.equal(engine, QuantizedNet(integer_model)(normalize(images, SEED_MEAN, SEED_STD)).argmax(1))
+    simulated = simulated_predictions(integer_model, images, SEED_MEAN, SEED_STD, batch_size=7)
+    assert (engine == simulated).float().mean() >= 0.95
+
+
+def test_sqnr_per_layer_is_high_at_8_bits(quantized):
+    model, integer_model, images = quantized
+    weights = weight_sqnr(model, integer_model)
+    outputs = output_sqnr(model, integer_model, normalize(images, SEED_MEAN, SEED_STD))
+    assert list(weights) == list(outputs) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert all(value > 20 for value in weights.values())  # 8-bit 3-sigma weights: ~30-40 dB
+    assert outputs["conv1"] > 20
+
+
+def test_model_sizes():
+    net = Net()
+    assert float_model_bytes(net) == 4 * 62006
+    # int8 weights + int32 biases + int32 multiplier and shift for each of the 4 requantized per-tensor layers.
+    integer_model = build_integer_model(net, {name: 1.0 for name in ("conv1", "conv2", "fc1", "fc2", "fc3")})
+    weights = 6 * 3 * 25 + 16 * 6 * 25 + 400 * 120 + 120 * 84 + 84 * 10
+    biases = 4 * (6 + 16 + 120 + 84 + 10)
+    assert integer_model_bytes(integer_model) == weights + biases + 4 * 2 * 4
+
+
+def test_calibration_indices_are_a_reproducible_subset():
+    first = calibration_indices(100, 30, seed=1)
+    assert len(set(first.tolist())) == 30 and first.max() < 100 and list(first) == sorted(first)
+    assert (first == calibration_indices(100, 30, seed=1)).all()
+    with pytest.raises(ValueError, match=r"profile.num_samples: value 101 is out of range; allowed: 1..100"):
+        calibration_indices(100, 101, seed=1)
+
+
+def test_clipped_fraction_from_histogram():
+    stats = {"hist_counts": [1, 0, 0, 2, 3, 0, 0, 4], "hist_span": 4.0, "num_bins": 8, "abs_max": 3.9}
+    # bin centres -3.5 ... 3.5; |centre| > 3 only for the two outer bins: (1 + 4) / 10.
+    assert clipped_fraction(stats, 3.0) == pytest.approx(0.5)
+    assert clipped_fraction(stats, 3.9) == 0.0
