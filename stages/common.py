@@ -24,6 +24,7 @@ PROFILE = Path("data/profile.json")
 QUANTIZED_WEIGHTS = Path("data/weights_int8.npz")
 WEIGHT_ONLY_CHECKPOINT = Path("data/model_weights_int8.pt")
 INTEGER_MODEL = Path("data/integer_model.npz")
+EXPORT_DIR = Path("data/export")  # ONNX and C sources of the integer model
 METRICS = Path("data/metrics.json")
 
 

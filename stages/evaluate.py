@@ -15,6 +15,7 @@ from pipeline.evaluation import (
     simulated_predictions,
     weight_sqnr,
 )
+from pipeline.export import export_agreement
 from pipeline.io import load_checkpoint, read_json, write_json
 from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.model import load_integer_model, load_quantized_weights
@@ -22,6 +23,7 @@ from pipeline.train import accuracy_report, normalize, predict
 from stages.common import (
     ARRAYS,
     CHECKPOINT,
+    EXPORT_DIR,
     INTEGER_MODEL,
     MANIFEST,
     METRICS,
@@ -57,6 +59,8 @@ def main() -> None:
     integer_model = load_integer_model(INTEGER_MODEL)
     engine = engine_predictions(integer_model, images, mean, std, params.batch_size)
     simulated = simulated_predictions(integer_model, images, mean, std, params.batch_size)
+    # Every test image through the exported C (compiled here) and ONNX models, against the engine.
+    exported = export_agreement(integer_model, EXPORT_DIR, normalize(images, mean, std), labels)
     _, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     profile = read_json(PROFILE)
     manifest = read_json(MANIFEST)
@@ -67,8 +71,19 @@ def main() -> None:
             "weights_int8": _percent(weights_int8 == labels),
             "full_int8": _percent(engine == labels),
             "simulated_int8": _percent(simulated == labels),
+            "onnx_int8": round(exported["accuracy"]["onnx_qlinear"], 2),
+            "onnx_integer_int8": round(exported["accuracy"]["onnx_integer"], 2),
+            "c_int8": round(exported["accuracy"]["c"], 2) if "c" in exported["accuracy"] else None,
         },
-        "agreement": {"engine_vs_simulated": _percent(engine == simulated)},
+        "agreement": {
+            "engine_vs_simulated": _percent(engine == simulated),
+            "engine_vs_onnx": round(exported["onnx_qlinear_agreement"], 2),
+        },
+        "mismatches": {  # test images whose int32 logits differ from the Python engine's (None: no C compiler)
+            "c_logits": exported["c_logit_mismatches"],
+            "onnx_integer_logits": exported["onnx_integer_logit_mismatches"],
+            "onnx_qlinear_logits": exported["onnx_qlinear_logit_mismatches"],
+        },
         "sqnr_db": {
             "weights": _decibels(weight_sqnr(model, integer_model)),
             "outputs": _decibels(output_sqnr(model, integer_model, normalize(images[:SQNR_IMAGES], mean, std))),

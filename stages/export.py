@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 from pipeline.export import METRICS_FILE, export_integer_model
 from pipeline.io import write_json
 from pipeline.quant.model import load_integer_model
-from stages.common import INTEGER_MODEL, start_stage
-
-EXPORT_DIR = Path("data/export")
+from stages.common import EXPORT_DIR, INTEGER_MODEL, start_stage
 
 
 def main() -> None:

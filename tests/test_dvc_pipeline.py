@@ -9,7 +9,7 @@ import pytest
 from tests.project_copy import copy_project, run, set_params, write_image_folder
 
 CLASSES = [f"class{index}" for index in range(10)]
-ALL_STAGES = {"download", "train", "profile", "quantize-weights", "quantize-biases", "evaluate"}
+ALL_STAGES = {"download", "train", "profile", "quantize-weights", "quantize-biases", "export", "evaluate"}
 
 
 def ran_stages(output: str) -> set[str]:
@@ -36,9 +36,14 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     first = run(["dvc", "repro"], project)
     assert ran_stages(first.stdout) == ALL_STAGES
     metrics = json.loads((project / "data/metrics.json").read_text())
-    assert set(metrics["accuracy"]) == {"fp32", "weights_int8", "full_int8", "simulated_int8"}
+    assert set(metrics["accuracy"]) == {
+        "fp32", "weights_int8", "full_int8", "simulated_int8", "onnx_int8", "onnx_integer_int8", "c_int8"
+    }
     assert all(0.0 <= value <= 100.0 for value in metrics["accuracy"].values())
     assert metrics["agreement"]["engine_vs_simulated"] >= 90.0
+    # The exported C and integer ONNX models compute the engine's logits exactly.
+    assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+    assert metrics["accuracy"]["c_int8"] == metrics["accuracy"]["full_int8"]
     profile = json.loads((project / "data/profile.json").read_text())
     assert profile["split"] == "train" and len(profile["indices"]) == 40
     assert metrics["test_images"] == 30
@@ -51,7 +56,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
 
     set_params(project, {"quantize_weights": {"k": 2.5}})
     third = run(["dvc", "repro"], project)
-    assert ran_stages(third.stdout) == {"quantize-weights", "quantize-biases", "evaluate"}
+    assert ran_stages(third.stdout) == {"quantize-weights", "quantize-biases", "export", "evaluate"}
 
     set_params(project, {"train": {"epochs": 2}})
     fourth = run(["dvc", "repro"], project)

@@ -1,0 +1,53 @@
+"""The export stage and its library entry points: all artifacts, their metrics, their agreement."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.export.artifacts import ONNX_FILES, export_agreement, export_integer_model
+from pipeline.export.c_build import find_compiler
+from pipeline.export.c_model import C_FILES
+from pipeline.io import read_json
+from pipeline.quant.model import save_integer_model
+from tests.test_export_plan import cifar_model, random_images
+
+REPO = Path(__file__).resolve().parents[1]
+needs_gcc = pytest.mark.skipif(find_compiler("gcc") is None, reason="needs gcc on PATH")
+
+
+@needs_gcc
+def test_export_integer_model_writes_every_artifact_and_its_sizes(tmp_path):
+    metrics = export_integer_model(cifar_model("net", "per_tensor"), tmp_path)
+    names = [*ONNX_FILES.values(), *C_FILES]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names)  # no temporary file left
+    assert metrics["artifact_bytes"] == {name: (tmp_path / name).stat().st_size for name in names}
+    assert metrics["c"]["static_ram_bytes"] == 5880
+    assert metrics["c"]["code_size_bytes"] > metrics["c"]["parameter_bytes"]
+
+
+@needs_gcc
+def test_export_agreement_counts_mismatches(tmp_path):
+    model = cifar_model("bnnet", "per_channel")
+    export_integer_model(model, tmp_path)
+    x = random_images(60, (3, 32, 32), seed=9)
+    labels = x.flatten(1).sum(dim=1).gt(0).long()  # any labels: the accuracies must just be consistent
+    report = export_agreement(model, tmp_path, x, labels)
+    assert report["images"] == 60
+    assert report["c_logit_mismatches"] == 0 and report["onnx_integer_logit_mismatches"] == 0
+    assert report["onnx_qlinear_prediction_mismatches"] <= 1
+    assert report["accuracy"]["c"] == report["accuracy"]["engine"] == report["accuracy"]["onnx_integer"]
+
+
+def test_stage_writes_the_export_folder(tmp_path, monkeypatch):
+    from stages import export
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    save_integer_model(cifar_model("net", "per_channel"), tmp_path / "data" / "integer_model.npz")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-compiler"))  # the sources are written without a compiler
+    export.main()
+    metrics = read_json(tmp_path / "data" / "export" / "export_metrics.json")
+    assert set(metrics["artifact_bytes"]) == {*ONNX_FILES.values(), *C_FILES}
+    assert metrics["c"]["compiler"] is None and metrics["c"]["static_ram_bytes"] == 5880
