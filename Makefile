@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Stage commands run whatever `python` is first on PATH: make it the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-slow bench clean
+.PHONY: install repro test test-slow bench plots-html clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	python -m benchmarks.train_throughput
+
+# dvc plots show as a page that renders offline (vega inlined; npm fetches it once into .cache/vega).
+plot_templates/offline.html: plot_templates/build_offline_template.py
+	python3 plot_templates/build_offline_template.py
+
+plots-html: $(STAMP) plot_templates/offline.html
+	dvc plots show --html-template plot_templates/offline.html
 
 clean:
 	rm -rf $(VENV)

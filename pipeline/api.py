@@ -14,6 +14,7 @@ Seed name -> what it is now:
 from pipeline.data import load_arrays
 from pipeline.models import Net
 from pipeline.params import TrainParams
+from pipeline.plots import plot_activation_distribution, plot_weight_distribution
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.engine import QuantizedNet
 from pipeline.quant.model import build_integer_model, quantize_layer_weights, quantize_model_biases
@@ -30,6 +31,8 @@ __all__ = [
     "build_integer_model",
     "load_arrays",
     "normalize",
+    "plot_activation_distribution",
+    "plot_weight_distribution",
     "quantize_layer_weights",
     "quantize_model_biases",
     "register_activation_profiling_hooks",

@@ -26,6 +26,8 @@ WEIGHT_ONLY_CHECKPOINT = Path("data/model_weights_int8.pt")
 INTEGER_MODEL = Path("data/integer_model.npz")
 EXPORT_DIR = Path("data/export")  # ONNX and C sources of the integer model
 METRICS = Path("data/metrics.json")
+PLOTS_DIR = Path("data/plots")
+RESULTS_TABLE = Path("data/results.md")
 
 
 def start_stage(name: str) -> Params:

@@ -9,7 +9,7 @@ import pytest
 from tests.project_copy import copy_project, run, set_params, write_image_folder
 
 CLASSES = [f"class{index}" for index in range(10)]
-ALL_STAGES = {"download", "train", "profile", "quantize-weights", "quantize-biases", "export", "evaluate"}
+ALL_STAGES = {"download", "train", "profile", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
 
 def ran_stages(output: str) -> set[str]:
@@ -56,7 +56,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
 
     set_params(project, {"quantize_weights": {"k": 2.5}})
     third = run(["dvc", "repro"], project)
-    assert ran_stages(third.stdout) == {"quantize-weights", "quantize-biases", "export", "evaluate"}
+    assert ran_stages(third.stdout) == {"quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
     set_params(project, {"train": {"epochs": 2}})
     fourth = run(["dvc", "repro"], project)

@@ -1,0 +1,44 @@
+"""plot stage: distributions with their clipping ranges, accuracy per stage, SQNR, training curves; the results table.
+
+Draws from the earlier stages' artifacts only: no model is run here.
+"""
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from pipeline.io import atomic_path, read_json
+from pipeline.plots import write_plots
+from pipeline.quant.model import load_quantized_weights
+from pipeline.report import results_markdown
+from stages.common import (
+    CHECKPOINT,
+    METRICS,
+    PLOTS_DIR,
+    PROFILE,
+    QUANTIZED_WEIGHTS,
+    RESULTS_TABLE,
+    TRAIN_CURVES,
+    load_trained_model,
+    start_stage,
+)
+
+
+def main() -> None:
+    start_stage("plot")  # no params of its own, but a broken params.yaml still fails before any work
+    model, _ = load_trained_model(CHECKPOINT)
+    quantized_weights, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
+    metrics = read_json(METRICS)
+    shares = write_plots(
+        model, quantized_weights, weight_meta, read_json(PROFILE), metrics, pd.read_csv(TRAIN_CURVES), PLOTS_DIR
+    )
+    with atomic_path(RESULTS_TABLE) as tmp:
+        tmp.write_text(results_markdown({"workspace": metrics}) + "\n")
+    for name, share in shares.items():
+        logging.info("%-6s %.3f%% of weights clipped", name, 100 * share)
+    logging.info("figures and plot data in %s, results table in %s", PLOTS_DIR, RESULTS_TABLE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The results table: rows per run, Markdown rendering, the command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.report import main, results_markdown, results_table
+from tests.project_copy import PROJECT_ROOT, run
+
+
+def metrics(fp32: float, weights_int8: float, full_int8: float, granularity: str = "per_tensor",
+            source: str = "official", fmt: str = "binary") -> dict:
+    return {
+        "accuracy": {"fp32": fp32, "weights_int8": weights_int8, "full_int8": full_int8, "simulated_int8": full_int8},
+        "quantization": {"weight_bits": 8, "weight_calibrator": "sigma", "granularity": granularity,
+                         "activation_calibrator": "seed", "calibration_images": 2000},
+        "dataset": {"source": source, "format": fmt},
+    }
+
+
+def test_table_has_one_row_per_run_with_settings_accuracies_and_the_drop():
+    table = results_table({
+        "seed rule": metrics(52.77, 52.5, 52.4),
+        "per channel": metrics(52.77, 52.7, 52.6, "per_channel", "/data/cifar10-jpeg.tar.gz", "image-folder"),
+    })
+    assert table["run"].tolist() == ["seed rule", "per channel"]
+    assert table.loc[1, "dataset"] == "cifar10-jpeg.tar.gz (image-folder)"
+    assert table.loc[0, "dataset"] == "official archive (binary)"
+    assert table.loc[1, "weights"] == "int8 sigma per_channel"
+    assert table.loc[0, "activations"] == "int8 seed (2000 images)"
+    assert table[["fp32 (%)", "weights_int8 (%)", "full_int8 (%)"]].values.tolist() == [[52.77, 52.5, 52.4],
+                                                                                        [52.77, 52.7, 52.6]]
+    assert table["full_int8 - fp32 (pts)"].tolist() == [-0.37, -0.17]
+
+
+def test_markdown_renders_the_expected_rows():
+    lines = results_markdown({"workspace": metrics(52.77, 52.5, 52.4)}).splitlines()
+    assert lines[0].split("|")[1:-1] == [
+        " run       ", " dataset                   ", " weights               ", " activations             ",
+        "   fp32 (%) ", "   weights_int8 (%) ", "   full_int8 (%) ", "   full_int8 - fp32 (pts) ",
+    ]
+    assert [cell.strip() for cell in lines[2].split("|")[1:-1]] == [
+        "workspace", "official archive (binary)", "int8 sigma per_tensor", "int8 seed (2000 images)",
+        "52.77", "52.50", "52.40", "-0.37",
+    ]
+    assert len(lines) == 3
+
+
+def test_a_run_without_every_stage_is_an_error_naming_what_is_missing():
+    incomplete = metrics(52.77, 52.5, 52.4)
+    del incomplete["accuracy"]["full_int8"]
+    with pytest.raises(ValueError, match=r"lacks stages \['full_int8'\]"):
+        results_table({"old": incomplete})
+
+
+def test_command_line_prints_a_row_per_metrics_file(tmp_path, capsys):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(metrics(60.0, 59.0, 58.0)))
+    second.write_text(json.dumps(metrics(60.0, 59.9, 59.8, "per_channel")))
+    assert main([str(first), str(second)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == [str(first), str(second)]
+    assert "+0.00" not in rows[0] and "-2.00" in rows[0] and "-0.20" in rows[1]
+
+
+def test_command_line_without_arguments_prints_usage():
+    result = subprocess.run([sys.executable, "-m", "pipeline.report"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "usage: python -m pipeline.report data/metrics.json" in result.stderr
+
+
+def test_an_argument_that_is_not_a_file_is_read_at_that_git_revision(tmp_path, monkeypatch, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "metrics.json").write_text(json.dumps(metrics(60.0, 59.0, 58.0)))
+    run(["git", "init", "--quiet", "--initial-branch=main"], tmp_path)
+    run(["dvc", "init", "--quiet"], tmp_path)
+    run(["git", "add", "--all"], tmp_path)
+    run(["git", "commit", "--quiet", "-m", "first run"], tmp_path)
+    (tmp_path / "data" / "metrics.json").write_text(json.dumps(metrics(60.0, 59.9, 59.8, "per_channel")))
+    monkeypatch.chdir(tmp_path)
+    assert main(["data/metrics.json", "HEAD"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["data/metrics.json", "HEAD"]
+    assert "per_channel" in rows[0] and "per_tensor" in rows[1]
+    assert main(["no-such-revision"]) == 1
+    assert "'no-such-revision' is neither a file nor a git revision or DVC experiment" in capsys.readouterr().err
