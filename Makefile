@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Stage commands run whatever `python` is first on PATH: make it the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-slow bench plots-html clean
+.PHONY: install repro test test-slow bench plots-html flow sweep clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	python -m benchmarks.train_throughput
+
+# The same stages through Prefect (embedded mode, no server to start).
+flow: $(STAMP)
+	python -m pipeline.flows
+
+sweep: $(STAMP)
+	python -m pipeline.flows sweep
 
 # dvc plots show as a page that renders offline (vega inlined; npm fetches it once into .cache/vega).
 plot_templates/offline.html: plot_templates/build_offline_template.py

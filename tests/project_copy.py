@@ -76,3 +76,16 @@ def set_params(project: Path, updates: dict[str, dict]) -> None:
     for section, values in updates.items():
         params[section].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+CLASSES = [f"class{index}" for index in range(10)]
+# Params that make a whole pipeline run take seconds on the tiny dataset (8 train, 3 test images per class).
+TINY_PARAMS = {"train": {"epochs": 1, "batch_size": 16}, "profile": {"num_samples": 40, "batch_size": 40}}
+
+
+def tiny_project_copy(root: Path) -> Path:
+    """A git copy of the project under ``root`` whose params point at a tiny image-folder dataset."""
+    dataset = write_image_folder(root / "tiny-cifar", CLASSES, {"train": 8, "test": 3})
+    project = copy_project(root / "project")
+    set_params(project, {"download": {"source": str(dataset)}, **TINY_PARAMS})
+    return project

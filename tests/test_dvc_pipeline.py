@@ -6,9 +6,8 @@ import re
 
 import pytest
 
-from tests.project_copy import copy_project, run, set_params, write_image_folder
+from tests.project_copy import run, set_params, tiny_project_copy
 
-CLASSES = [f"class{index}" for index in range(10)]
 ALL_STAGES = {"download", "train", "profile", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
 
@@ -18,18 +17,7 @@ def ran_stages(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dvc")
-    dataset = write_image_folder(root / "tiny-cifar", CLASSES, {"train": 8, "test": 3})
-    project = copy_project(root / "project")
-    set_params(
-        project,
-        {
-            "download": {"source": str(dataset)},
-            "train": {"epochs": 1, "batch_size": 16},
-            "profile": {"num_samples": 40, "batch_size": 16},
-        },
-    )
-    return project
+    return tiny_project_copy(tmp_path_factory.mktemp("dvc"))
 
 
 def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touches(project):

@@ -1,0 +1,366 @@
+"""Prefect flows that orchestrate the DVC pipeline; DVC alone decides what is cached.
+
+``ptq_pipeline`` runs every stage of ``dvc.yaml`` in file order, one task per
+stage, each as ``dvc repro --single-item <stage>`` in a subprocess, and
+publishes the accuracy table as Prefect artifacts. ``ptq_sweep`` runs a grid of
+parameter overrides as ``dvc exp run --temp`` experiments side by side.
+Prefect's own task caching is off everywhere: a second caching system beside
+DVC's would disagree with it.
+
+With no Prefect server configured, ``python -m pipeline.flows`` runs in
+Prefect's ephemeral mode, offline.
+"""
+from __future__ import annotations
+
+import os
+
+# Set before prefect is imported: it reads these settings on import.
+OFFLINE_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+for _name, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from collections import deque  # noqa: E402
+from collections.abc import Iterable, Mapping, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+from prefect import Task, flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import task_run  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+DVC = "dvc"  # resolved on the PATH of stage_env(), so the venv's dvc wins
+# Only these stages touch the network; a retry cannot fix any other stage.
+NETWORK_STAGES = frozenset({"download"})
+NETWORK_RETRY_DELAYS = [10, 60]  # seconds before the 1st and 2nd retry
+STDERR_TAIL_LINES = 30  # enough for a Python traceback plus DVC's own error line
+ACCURACY_PREFIXES = ("accuracy",)  # metric keys shown in the tables
+PIPELINE_TABLE_KEY = "ptq-accuracy"
+PIPELINE_DIFF_KEY = "ptq-metrics-diff"
+SWEEP_TABLE_KEY = "ptq-sweep"
+
+# What the sweep varies by default: weight bits x calibrator x granularity, 12 experiments.
+DEFAULT_CHOICES: dict[str, list[Any]] = {
+    "quantize_weights.bits": [8, 6, 4],
+    "quantize_weights.calibrator": ["sigma", "mse"],
+    "quantize_weights.granularity": ["per_tensor", "per_channel"],
+}
+
+
+class CommandFailed(RuntimeError):
+    """A DVC command exited non-zero; the message ends with its stderr tail."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A streamed command's exit status, its stdout lines and the last lines of its stderr."""
+
+    returncode: int
+    stdout: list[str]
+    stderr_tail: list[str]
+
+
+def product_grid(choices: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the choices, one override dict per experiment, in the choices' order."""
+    keys = list(choices)
+    return [dict(zip(keys, values)) for values in itertools.product(*(choices[key] for key in keys))]
+
+
+DEFAULT_GRID = product_grid(DEFAULT_CHOICES)
+
+
+def stage_names(project: Path) -> list[str]:
+    """The stages of ``dvc.yaml`` in file order, which is their dependency order."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text()).get("stages") or {}
+    return list(stages)
+
+
+def stage_env() -> dict[str, str]:
+    """Environment for DVC subprocesses: this venv first on PATH, offline settings, unbuffered Python."""
+    env = dict(os.environ)
+    # Stage commands run whatever `python` is first on PATH: it must be this venv's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for name, value in OFFLINE_ENV.items():
+        env.setdefault(name, value)
+    # A piped Python stage block-buffers its stdout; unbuffered, its lines reach the log as they happen.
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def stream(args: list[str], cwd: Path) -> Finished:
+    """Run a command, logging stdout and stderr line by line as they arrive; never kill it."""
+    logger = get_run_logger()
+    stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    stdout: list[str] = []
+    logger.info("$ %s", " ".join(args))
+    # No timeout, and a session of its own: cancelling or killing the flow run must not kill DVC
+    # while it writes dvc.lock or the cache (a killed `dvc repro` has left an empty dvc.lock behind).
+    # The stage then finishes or fails on its own.
+    with subprocess.Popen(args, cwd=cwd, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, bufsize=1, start_new_session=True) as process:
+        def pump_stderr() -> None:
+            for line in process.stderr:
+                if line.strip():
+                    stderr_tail.append(line.rstrip())
+                    logger.info(line.rstrip())
+
+        # Two pipes read at once, or a full stderr pipe would block the command.
+        reader = threading.Thread(target=pump_stderr, daemon=True)
+        reader.start()
+        for line in process.stdout:
+            stdout.append(line.rstrip())
+            if line.strip():
+                logger.info(line.rstrip())
+        reader.join()
+        returncode = process.wait()
+    return Finished(returncode, stdout, list(stderr_tail))
+
+
+def capture(args: list[str], cwd: Path) -> str:
+    """Run a short DVC query and return its stdout; a failure raises with its stderr."""
+    # Own session, as in stream(): even a read-only query takes DVC's rwlock.
+    result = subprocess.run(args, cwd=cwd, env=stage_env(), capture_output=True, text=True, start_new_session=True)
+    if result.returncode != 0:
+        raise CommandFailed(f"{' '.join(args)} failed (exit {result.returncode}):\n{result.stderr.strip()}")
+    return result.stdout
+
+
+def failure(args: list[str], finished: Finished) -> CommandFailed:
+    """The error for a failed streamed command, carrying its stderr tail."""
+    tail = "\n".join(finished.stderr_tail) or "(no stderr)"
+    return CommandFailed(f"{' '.join(args)} failed (exit {finished.returncode}); last stderr lines:\n{tail}")
+
+
+@task(cache_policy=NO_CACHE, task_run_name="dvc repro {stage}")
+def repro_stage(project: str, stage: str) -> bool:
+    """Reproduce one DVC stage; True when DVC ran its command, False when it was up to date."""
+    # --single-item: this task does its own stage only; the flow already ran the upstream ones.
+    args = [DVC, "repro", "--single-item", stage]
+    finished = stream(args, Path(project))
+    if finished.returncode != 0:
+        raise failure(args, finished)
+    return any(line.startswith("Running stage ") for line in finished.stdout)
+
+
+def stage_task(stage: str) -> Task[[str, str], bool]:
+    """The repro task for a stage: with retries only when the stage reads from the network."""
+    if stage in NETWORK_STAGES:
+        return repro_stage.with_options(retries=len(NETWORK_RETRY_DELAYS), retry_delay_seconds=NETWORK_RETRY_DELAYS)
+    return repro_stage
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b.c": leaf}, in insertion order."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def selected(flat: Mapping[str, Any], prefixes: Iterable[str]) -> dict[str, Any]:
+    """The entries of a flattened metrics dict whose key starts with one of the prefixes."""
+    prefixes = tuple(prefixes)
+    return {key: value for key, value in flat.items() if key.startswith(prefixes)}
+
+
+def workspace_metrics(shown: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{metrics file: its data}`` of the workspace, from ``dvc metrics show --json``; unreadable files left out."""
+    files = shown.get("", {}).get("data", {})
+    return {path: entry["data"] for path, entry in files.items() if "data" in entry}
+
+
+def metrics_table(metrics: Mapping[str, Mapping[str, Any]], prefixes: Iterable[str]) -> list[dict[str, Any]]:
+    """One row per selected metric: its file, its dotted key, its value."""
+    prefixes = tuple(prefixes)
+    return [
+        {"file": path, "metric": key, "value": value}
+        for path, data in metrics.items()
+        for key, value in selected(flatten(data), prefixes).items()
+    ]
+
+
+def experiments_table(shown: list[dict[str, Any]], names: Iterable[str], param_keys: Iterable[str],
+                      prefixes: Iterable[str]) -> list[dict[str, Any]]:
+    """One row per named experiment from ``dvc exp show --json``: its name, the swept params, the selected metrics."""
+    wanted = list(names)
+    param_keys, prefixes = list(param_keys), tuple(prefixes)
+    found: dict[str, dict[str, Any]] = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                if rev.get("name") in wanted and rev.get("data"):
+                    data = rev["data"]
+                    params = flatten(data["params"].get("params.yaml", {}).get("data", {}))
+                    row: dict[str, Any] = {"experiment": rev["name"], "rev": data["rev"][:7]}
+                    row.update({key: params.get(key) for key in param_keys})
+                    for entry in data["metrics"].values():
+                        row.update(selected(flatten(entry.get("data", {})), prefixes))
+                    found[rev["name"]] = row
+    return [found[name] for name in wanted if name in found]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as an aligned plain-text table, columns in first-seen order."""
+    if not rows:
+        return "(no rows)"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[index]) for line in cells)) for index, column in enumerate(columns)]
+    lines = [columns, ["-" * width for width in widths], *cells]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def override_args(overrides: Mapping[str, Any]) -> list[str]:
+    """``-S key=value`` arguments; JSON values parse back as the same YAML type (a string stays a string)."""
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+
+
+@task(cache_policy=NO_CACHE)
+def read_metrics(project: str) -> dict[str, dict[str, Any]]:
+    """The workspace's metrics, per metrics file, from ``dvc metrics show --json``."""
+    shown = json.loads(capture([DVC, "metrics", "show", "--json"], Path(project)))
+    metrics = workspace_metrics(shown)
+    for path, entry in shown.get("", {}).get("data", {}).items():
+        if path not in metrics:
+            get_run_logger().warning("DVC could not read metrics file %s: %s", path, entry.get("error"))
+    return metrics
+
+
+@task(cache_policy=NO_CACHE)
+def metrics_diff(project: str) -> str:
+    """``dvc metrics diff HEAD --md``: what the workspace changed against the last commit, as Markdown."""
+    args = [DVC, "metrics", "diff", "HEAD", "--md"]
+    try:
+        diff = capture(args, Path(project)).strip()
+    except CommandFailed as error:
+        # The run itself succeeded; a missing baseline (no commit yet) should not fail it.
+        get_run_logger().warning("%s", error)
+        return f"`{' '.join(args)}` failed:\n\n```\n{error}\n```"
+    return diff or "No metric changed against HEAD."
+
+
+def experiment_run_name() -> str:
+    """Task run name of an experiment: its overrides, as `dvc exp run -S` takes them."""
+    overrides = task_run.parameters["overrides"]
+    return "dvc exp run " + " ".join(f"{key}={value}" for key, value in overrides.items())
+
+
+@task(cache_policy=NO_CACHE, task_run_name=experiment_run_name)
+def run_experiment(project: str, overrides: dict[str, Any]) -> str:
+    """Run one experiment in its own temporary copy of the workspace; returns its DVC name."""
+    # --temp: experiments run side by side, outside the workspace and its lock.
+    args = [DVC, "exp", "run", "--temp", *override_args(overrides)]
+    finished = stream(args, Path(project))
+    if finished.returncode != 0:
+        raise failure(args, finished)
+    for line in finished.stdout:
+        if match := re.match(r"Reproducing experiment '([^']+)'", line):
+            return match.group(1)
+    raise CommandFailed(f"{' '.join(args)} succeeded but printed no experiment name")
+
+
+@task(cache_policy=NO_CACHE)
+def read_experiments(project: str) -> list[dict[str, Any]]:
+    """``dvc exp show --json``: the baseline commit and its experiments."""
+    return json.loads(capture([DVC, "exp", "show", "--json"], Path(project)))
+
+
+@flow(name="ptq-pipeline", log_prints=True)
+def ptq_pipeline(project: str = ".", metric_prefixes: tuple[str, ...] = ACCURACY_PREFIXES) -> dict[str, dict[str, Any]]:
+    """Reproduce every DVC stage in order, then publish the accuracy table and the diff against HEAD."""
+    logger = get_run_logger()
+    root = Path(project).resolve()
+    stages = stage_names(root)
+    ran = [stage for stage in stages if stage_task(stage)(str(root), stage)]
+    logger.info("stages run: %s; up to date: %s", ", ".join(ran) or "none",
+                ", ".join(stage for stage in stages if stage not in ran) or "none")
+
+    metrics = read_metrics(str(root))
+    rows = metrics_table(metrics, metric_prefixes)
+    create_table_artifact(table=rows, key=PIPELINE_TABLE_KEY, description=f"Accuracy of the pipeline in {root} (%)")
+    create_markdown_artifact(markdown=f"## Metrics against HEAD\n\n{metrics_diff(str(root))}\n",
+                             key=PIPELINE_DIFF_KEY, description="dvc metrics diff HEAD --md")
+    print(f"Accuracy (%) in {root}:\n{format_table(rows)}")
+    return metrics
+
+
+@flow(name="ptq-sweep", log_prints=True)
+def ptq_sweep(project: str = ".", grid: list[dict[str, Any]] | None = None, max_parallel: int = 2,
+              metric_prefixes: tuple[str, ...] = ACCURACY_PREFIXES) -> list[dict[str, Any]]:
+    """Run one DVC experiment per override dict, ``max_parallel`` at a time, and publish their accuracy table.
+
+    Experiments start from HEAD plus the workspace's changes to tracked files: commit dvc.lock after a
+    pipeline run, or every experiment reproduces every stage that has no DVC run-cache entry.
+    """
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel: value {max_parallel} is out of range; allowed: >= 1")
+    root = str(Path(project).resolve())
+    grid = DEFAULT_GRID if grid is None else grid
+    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+        futures = [runner.submit(run_experiment, {"project": root, "overrides": overrides}) for overrides in grid]
+        for future in futures:
+            future.wait()
+    # Every experiment finishes before any failure is raised, so the table shows all that succeeded.
+    names = [future.result() for future in futures if future.state.is_completed()]
+    failed = [overrides for future, overrides in zip(futures, grid) if not future.state.is_completed()]
+
+    param_keys = list(dict.fromkeys(key for overrides in grid for key in overrides))
+    rows = experiments_table(read_experiments(root), names, param_keys, metric_prefixes)
+    create_table_artifact(table=rows, key=SWEEP_TABLE_KEY, description=f"Accuracy per experiment in {root} (%)")
+    print(f"Experiments in {root}:\n{format_table(rows)}")
+    if failed:
+        raise CommandFailed(f"{len(failed)} of {len(grid)} experiments failed: {failed}")
+    return rows
+
+
+def parse_choices(settings: list[str]) -> dict[str, list[Any]]:
+    """``["key=v1,v2", ...]`` as {key: [v1, v2]}, each value parsed as YAML (8 is an int, sigma a string)."""
+    choices: dict[str, list[Any]] = {}
+    for setting in settings:
+        key, sep, values = setting.partition("=")
+        if not sep or not key or not values:
+            raise argparse.ArgumentTypeError(f"-S {setting!r}: expected KEY=VALUE[,VALUE...]")
+        choices[key] = [yaml.safe_load(value) for value in values.split(",")]
+    return choices
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run the pipeline (default) or a sweep with no Prefect server (ephemeral mode)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.flows", description=__doc__.split("\n")[0])
+    parser.add_argument("--project", default=".", help="the project checkout (default: the current directory)")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("pipeline", help="reproduce every DVC stage in order (the default)")
+    sweep = commands.add_parser("sweep", help="run a grid of parameter overrides as DVC experiments")
+    sweep.add_argument("-S", "--set", dest="settings", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a params.yaml key and its values; the grid is every combination "
+                            f"(default: {' x '.join(DEFAULT_CHOICES)})")
+    sweep.add_argument("--max-parallel", type=int, default=2, help="experiments run at once (default: 2)")
+    args = parser.parse_args(argv)
+
+    if args.command == "sweep":
+        try:
+            grid = product_grid(parse_choices(args.settings)) if args.settings else DEFAULT_GRID
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
+        state = ptq_sweep(project=args.project, grid=grid, max_parallel=args.max_parallel, return_state=True)
+    else:
+        state = ptq_pipeline(project=args.project, return_state=True)
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
