@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real `dvc repro` in a temporary clone, with the offline CIFAR-10 mirror as the
-# download source and a shortened recipe (1 epoch); asserts accuracy.fp32 is well above chance.
+# download source and a shortened recipe (1 epoch); asserts accuracy.fp32 is well above
+# chance, full int8 within 1 point of it, and 0 C logit mismatches on the 10,000 test images.
 set -euo pipefail
 project=$(cd "$(dirname "$0")/.." && pwd)
 mirror=$(cd "$project/../shared/data" && pwd)/cifar10-jpeg.tar.gz
@@ -23,7 +24,13 @@ dvc metrics show
 python - <<'PY'
 import json
 metrics = json.load(open("data/metrics.json"))
-fp32 = metrics["accuracy"]["fp32"]
+accuracy, mismatches = metrics["accuracy"], metrics["mismatches"]
+fp32, full_int8 = accuracy["fp32"], accuracy["full_int8"]
+print(f"accuracy: {accuracy}")
+print(f"C vs Python engine: {mismatches['c_logits']} of {metrics['test_images']} test images with different int32 logits")
 assert fp32 > 30.0, f"accuracy.fp32 = {fp32}% is not well above chance (10%)"
-print(f"OK: accuracy.fp32 = {fp32}% after 1 epoch on the mirror")
+assert abs(fp32 - full_int8) <= 1.0, f"full int8 {full_int8}% is more than 1 point from fp32 {fp32}%"
+assert mismatches["c_logits"] == 0, f"{mismatches['c_logits']} C logit mismatches (must be 0)"
+assert mismatches["onnx_integer_logits"] == 0, f"{mismatches['onnx_integer_logits']} integer ONNX mismatches"
+print(f"OK: fp32 {fp32}%, full int8 {full_int8}%, 0 C logit mismatches, after 1 epoch on the mirror")
 PY
