@@ -18,20 +18,9 @@ from pipeline.models import BNNet, Net
 from pipeline.quant.fixed_point import quantize_multiplier
 from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.model import IntegerModel, build_integer_model
+from tests.model_fixtures import randomize_batchnorm
 
 # ---------------------------------------------------------------- shared models
-
-
-def randomize_batchnorm(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for layer in model.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            size = layer.num_features
-            layer.running_mean.copy_(torch.rand(size, generator=generator) - 0.5)
-            layer.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
-            with torch.no_grad():
-                layer.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                layer.bias.copy_(torch.rand(size, generator=generator) * 0.4 - 0.2)
 
 
 def input_ranges(model: nn.Sequential, x: torch.Tensor, shrink: float) -> dict[str, float]:

@@ -27,18 +27,8 @@ from pipeline.quant.model import (
     save_integer_model,
 )
 from pipeline.quant.ranges import dequantize
+from tests.model_fixtures import randomize_batchnorm
 
-
-def randomize_batchnorm(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for layer in model.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            size = layer.num_features
-            layer.running_mean.copy_(torch.rand(size, generator=generator) - 0.5)
-            layer.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
-            with torch.no_grad():
-                layer.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                layer.bias.copy_(torch.rand(size, generator=generator) * 0.4 - 0.2)
 
 
 # ---------------------------------------------------------------- BatchNorm folding

@@ -106,4 +106,5 @@ __all__ = [
     "save_quantized_weights",
     "scale_from_range",
     "weight_only_model",
+    "weight_range",
 ]
