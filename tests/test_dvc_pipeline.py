@@ -20,6 +20,8 @@ def project(tmp_path_factory):
     return tiny_project_copy(tmp_path_factory.mktemp("dvc"))
 
 
+# Four real `dvc repro` runs of the whole pipeline: about 2 minutes, so CI runs it with `slow`.
+@pytest.mark.slow
 def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touches(project):
     first = run(["dvc", "repro"], project)
     assert ran_stages(first.stdout) == ALL_STAGES

@@ -285,6 +285,8 @@ def pipeline_runs(prefect_server, tiny_project) -> dict[str, Any]:
     return {"first": first, "second": second, "lock_after_first": lock_after_first}
 
 
+# A real run of every stage, twice, through an ephemeral Prefect server: about 2 minutes, so CI runs it with `slow`.
+@pytest.mark.slow
 def test_pipeline_flow_runs_every_stage_publishes_the_table_then_does_no_stage_work(pipeline_runs, tiny_project):
     first, second = pipeline_runs["first"], pipeline_runs["second"]
     assert first.is_completed(), first.message
