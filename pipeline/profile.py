@@ -19,10 +19,8 @@ from tqdm import tqdm
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.graph import quantized_layer_names
 from pipeline.quant.observers import register_observers
-from pipeline.quant.ranges import int_range, scale_from_range
+from pipeline.quant.ranges import ACTIVATION_QMAX, scale_from_range
 from pipeline.train import normalize
-
-ACTIVATION_QMAX = int_range(8)[1]
 
 
 def calibration_indices(num_train: int, num_samples: int, seed: int) -> np.ndarray:

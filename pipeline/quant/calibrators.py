@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.quant.ranges import dequantize, int_range, quantize, scale_from_range
+from pipeline.quant.ranges import ACTIVATION_QMAX, dequantize, quantize, scale_from_range
 
-ACTIVATION_QMAX = int_range(8)[1]  # 127 steps on each side of zero
 
 
 # ---------------------------------------------------------------- granularity

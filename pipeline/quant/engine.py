@@ -26,13 +26,11 @@ from pipeline.quant.calibrators import Granularity
 from pipeline.quant.fixed_point import INT32_MAX, requantize
 from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.model import (
-    ACTIVATION_QMAX,
-    ACTIVATION_QMIN,
     IntegerModel,
     accumulator_bound,
     quantize_model_weights,
 )
-from pipeline.quant.ranges import dequantize, fake_quantize, int_range, quantize
+from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, dequantize, fake_quantize, int_range, quantize
 
 
 def quantize_input(x_normalized: Tensor, input_scale: float) -> Tensor:

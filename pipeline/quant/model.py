@@ -51,9 +51,8 @@ from pipeline.io import atomic_path
 from pipeline.quant.calibrators import Granularity, PerChannel, parse_granularity, weight_range
 from pipeline.quant.fixed_point import INT32_MAX, INT32_MIN, quantize_multipliers
 from pipeline.quant.graph import fold_batchnorm, quantized_layer_names
-from pipeline.quant.ranges import int_range, quantize, scale_from_range
+from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, int_range, quantize, scale_from_range
 
-ACTIVATION_QMIN, ACTIVATION_QMAX = int_range(8)
 FORMAT_NAME = "cifar10-ptq-integer-model"
 FORMAT_VERSION = 1
 SCHEME = (

@@ -55,6 +55,10 @@ def int_range(bits: int, signed: bool = True, narrow: bool = False) -> tuple[int
     return qmin, qmax
 
 
+# Activations are signed int8, full range [-128, 127]; scales use 127 steps each side.
+ACTIVATION_QMIN, ACTIVATION_QMAX = int_range(8)
+
+
 def scale_from_range(range_: float | Tensor, qmax: int) -> float | Tensor:
     """Scale S = range / qmax, elementwise for a tensor of per-channel ranges.
 
