@@ -17,6 +17,11 @@ FLOAT_BYTES = 4  # float32 parameters
 LAYER_OPS = ("conv2d", "linear")
 
 
+def percent_equal(a: Tensor, b: Tensor) -> float:
+    """Percent of positions where ``a`` equals ``b`` (an accuracy or an agreement rate), to 0.01."""
+    return round(100.0 * float((a == b).double().mean()), 2)
+
+
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
     """Signal-to-quantization-noise ratio 10 log10(sum(ref^2) / sum((ref - approx)^2)) in dB; inf when exact."""
     reference, approximation = reference.to(torch.float64), approximation.to(torch.float64)

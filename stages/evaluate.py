@@ -12,6 +12,7 @@ from pipeline.evaluation import (
     integer_model_bytes,
     engine_predictions,
     output_sqnr,
+    percent_equal,
     simulated_predictions,
     weight_sqnr,
 )
@@ -34,10 +35,6 @@ from stages.common import (
     start_stage,
 )
 SQNR_IMAGES = 1000  # test images for the per-layer output SQNR
-
-
-def _percent(part: torch.Tensor) -> float:
-    return round(100.0 * part.float().mean().item(), 2)
 
 
 def _decibels(values: dict[str, float]) -> dict[str, float | None]:
@@ -68,16 +65,16 @@ def main() -> None:
     metrics = {
         "accuracy": {
             "fp32": round(fp32["accuracy"], 2),
-            "weights_int8": _percent(weights_int8 == labels),
-            "full_int8": _percent(engine == labels),
-            "simulated_int8": _percent(simulated == labels),
-            "onnx_int8": round(exported["accuracy"]["onnx_qlinear"], 2),
-            "onnx_integer_int8": round(exported["accuracy"]["onnx_integer"], 2),
-            "c_int8": round(exported["accuracy"]["c"], 2) if "c" in exported["accuracy"] else None,
+            "weights_int8": percent_equal(weights_int8, labels),
+            "full_int8": percent_equal(engine, labels),
+            "simulated_int8": percent_equal(simulated, labels),
+            "onnx_int8": exported["accuracy"]["onnx_qlinear"],
+            "onnx_integer_int8": exported["accuracy"]["onnx_integer"],
+            "c_int8": exported["accuracy"].get("c"),
         },
         "agreement": {
-            "engine_vs_simulated": _percent(engine == simulated),
-            "engine_vs_onnx": round(exported["onnx_qlinear_agreement"], 2),
+            "engine_vs_simulated": percent_equal(engine, simulated),
+            "engine_vs_onnx": exported["onnx_qlinear_agreement"],
         },
         "mismatches": {  # test images whose int32 logits differ from the Python engine's (None: no C compiler)
             "c_logits": exported["c_logit_mismatches"],

@@ -8,6 +8,7 @@ from pipeline.evaluation import (
     float_model_bytes,
     integer_model_bytes,
     output_sqnr,
+    percent_equal,
     simulated_predictions,
     sqnr_db,
     weight_sqnr,
@@ -74,3 +75,8 @@ def test_clipped_fraction_from_histogram():
     # bin centres -3.5 ... 3.5; |centre| > 3 only for the two outer bins: (1 + 4) / 10.
     assert clipped_fraction(stats, 3.0) == pytest.approx(0.5)
     assert clipped_fraction(stats, 3.9) == 0.0
+
+
+def test_percent_equal_is_rounded_to_hundredths():
+    assert percent_equal(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 0])) == 66.67
+    assert percent_equal(torch.tensor([4]), torch.tensor([4])) == 100.0

@@ -11,6 +11,7 @@ from torch import Tensor
 from pipeline.export.c_build import c_footprint, c_logits, find_compiler
 from pipeline.export.c_model import C_FILES, write_c_sources
 from pipeline.export.onnx_model import onnx_predictions, save_onnx_model
+from pipeline.evaluation import percent_equal
 from pipeline.quant.engine import quantize_input, run_integer
 from pipeline.quant.model import IntegerModel
 
@@ -41,11 +42,6 @@ def export_integer_model(model: IntegerModel, directory: str | os.PathLike, comp
     else:
         metrics["c"] = c_footprint(directory, compiler)
     return metrics
-
-
-def _percent_equal(a: Tensor, b: Tensor) -> float:
-    """Percent of positions where ``a`` equals ``b``, to 0.01."""
-    return round(100.0 * float((a == b).double().mean()), 2)
 
 
 def export_agreement(
@@ -80,10 +76,10 @@ def export_agreement(
         report["c_logit_mismatches"] = _mismatched_images(logits, engine_logits)
         report["c_prediction_mismatches"] = int((logits.argmax(dim=1) != engine_predictions).sum())
         runs["c"] = logits.argmax(dim=1)
-    report["onnx_qlinear_agreement"] = _percent_equal(runs["onnx_qlinear"], engine_predictions)
+    report["onnx_qlinear_agreement"] = percent_equal(runs["onnx_qlinear"], engine_predictions)
     if labels is not None:
         runs["engine"] = engine_predictions
-        report["accuracy"] = {run: _percent_equal(predictions, labels) for run, predictions in runs.items()}
+        report["accuracy"] = {run: percent_equal(predictions, labels) for run, predictions in runs.items()}
     return report
 
 
