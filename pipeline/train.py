@@ -79,9 +79,13 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    # fused=True updates all parameters in one kernel (CPU and CUDA). At batch size 4 the
+    # per-tensor update ops of the default implementation are a measurable share of each step.
     if params.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay, fused=True
+        )
+    return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True)
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, steps_per_epoch: int):
@@ -139,8 +143,8 @@ def train_model(
             if scheduler is not None:
                 scheduler.step()
             # Accumulate on the device: a .item() per step would synchronize every batch.
-            loss_sum += loss.detach() * len(targets)
-            correct += (logits.argmax(1) == targets).sum()
+            loss_sum.add_(loss.detach(), alpha=len(targets))
+            correct.add_((logits.argmax(1) == targets).sum())
         history.append(
             EpochRecord(
                 epoch=epoch,
