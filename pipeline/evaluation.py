@@ -33,15 +33,22 @@ def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
 
 
 @torch.no_grad()
+def engine_logits(
+    integer_model: IntegerModel, images: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int = 1000
+) -> Tensor:
+    """The integer engine's int32 logits (N, classes) for uint8 images (N, 32, 32, 3)."""
+    return torch.cat([
+        run_integer(integer_model, quantize_input(normalize(images[start : start + batch_size], mean, std),
+                                                  integer_model.input_scale)).flatten(1)
+        for start in range(0, len(images), batch_size)
+    ])
+
+
 def engine_predictions(
     integer_model: IntegerModel, images: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int = 1000
 ) -> Tensor:
     """Classes predicted by the integer engine (argmax of its int32 logits) for uint8 images (N, 32, 32, 3)."""
-    return torch.cat([
-        run_integer(integer_model, quantize_input(normalize(images[start : start + batch_size], mean, std),
-                                                  integer_model.input_scale)).argmax(1)
-        for start in range(0, len(images), batch_size)
-    ])
+    return engine_logits(integer_model, images, mean, std, batch_size).argmax(1)
 
 
 @torch.no_grad()

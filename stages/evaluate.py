@@ -8,9 +8,9 @@ import torch
 
 from pipeline.data import load_arrays
 from pipeline.evaluation import (
+    engine_logits,
     float_model_bytes,
     integer_model_bytes,
-    engine_predictions,
     output_sqnr,
     percent_equal,
     simulated_predictions,
@@ -54,10 +54,13 @@ def main() -> None:
     weight_only.load_state_dict(load_checkpoint(WEIGHT_ONLY_CHECKPOINT)["state_dict"])
     weights_int8 = predict(weight_only, images, mean, std, params.batch_size)
     integer_model = load_integer_model(INTEGER_MODEL)
-    engine = engine_predictions(integer_model, images, mean, std, params.batch_size)
+    integer_logits = engine_logits(integer_model, images, mean, std, params.batch_size)
+    engine = integer_logits.argmax(1)
     simulated = simulated_predictions(integer_model, images, mean, std, params.batch_size)
     # Every test image through the exported C (compiled here) and ONNX models, against the engine.
-    exported = export_agreement(integer_model, EXPORT_DIR, normalize(images, mean, std), labels)
+    exported = export_agreement(
+        integer_model, EXPORT_DIR, normalize(images, mean, std), labels, engine_logits=integer_logits
+    )
     _, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     profile = read_json(PROFILE)
     manifest = read_json(MANIFEST)

@@ -10,6 +10,7 @@ from pipeline.export.artifacts import ONNX_FILES, export_agreement, export_integ
 from pipeline.export.c_build import find_compiler
 from pipeline.export.c_model import C_FILES
 from pipeline.io import read_json
+from pipeline.quant.engine import quantize_input, run_integer
 from pipeline.quant.model import save_integer_model
 from tests.test_export_plan import cifar_model, random_images
 
@@ -38,6 +39,12 @@ def test_export_agreement_counts_mismatches(tmp_path):
     assert report["c_logit_mismatches"] == 0 and report["onnx_integer_logit_mismatches"] == 0
     assert report["onnx_qlinear_prediction_mismatches"] <= 1
     assert report["accuracy"]["c"] == report["accuracy"]["engine"] == report["accuracy"]["onnx_integer"]
+    # The evaluate stage passes the engine logits it already has: the report must not change.
+    logits = run_integer(model, quantize_input(x, model.input_scale)).flatten(1)
+    assert export_agreement(model, tmp_path, x, labels, engine_logits=logits) == report
+    # Logits that are not the engine's are counted as mismatches, so they are really used.
+    shifted = export_agreement(model, tmp_path, x, labels, engine_logits=logits + 1)
+    assert shifted["c_logit_mismatches"] == 60
 
 
 def test_stage_writes_the_export_folder(tmp_path, monkeypatch):

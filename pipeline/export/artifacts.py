@@ -50,17 +50,20 @@ def export_agreement(
     x_normalized: Tensor,
     labels: Tensor | None = None,
     compiler: str = "gcc",
+    engine_logits: Tensor | None = None,
 ) -> dict[str, Any]:
     """How the exported C and ONNX models in ``directory`` agree with ``run_integer`` on normalized images.
 
     Counts images whose logits (C, integer ONNX) or predictions differ from the
     engine's, the QLinear ONNX model's prediction agreement in percent, and
     with ``labels`` each one's accuracy in percent. C figures are None when
-    ``compiler`` is not installed.
+    ``compiler`` is not installed. ``engine_logits``, the engine's int32 logits
+    for these images where the caller has them already, saves running it again.
     """
     directory = Path(directory)
     x_int8 = quantize_input(x_normalized, model.input_scale)
-    engine_logits = run_integer(model, x_int8).flatten(1)
+    if engine_logits is None:
+        engine_logits = run_integer(model, x_int8).flatten(1)
     engine_predictions = engine_logits.argmax(dim=1)
     report: dict[str, Any] = {"images": len(x_int8)}
     runs: dict[str, Tensor] = {}
