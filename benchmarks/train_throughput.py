@@ -109,15 +109,22 @@ def noop_repro_seconds(runs: int) -> list[float] | None:
     if not Path("dvc.lock").exists():
         return None
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", DO_NOT_TRACK="1")
-    subprocess.run(["dvc", "repro"], env=env, check=True, capture_output=True)  # settle anything stale first
+    _dvc_repro(env)  # settle anything stale first
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        output = subprocess.run(["dvc", "repro"], env=env, check=True, capture_output=True, text=True).stdout
+        output = _dvc_repro(env)
         times.append(time.perf_counter() - started)
         if "Running stage" in output:
-            raise RuntimeError("a second dvc repro ran a stage; the pipeline is not reproducible here")
+            raise SystemExit("a second dvc repro ran a stage; the pipeline is not reproducible here")
     return times
+
+
+def _dvc_repro(env: dict[str, str]) -> str:
+    result = subprocess.run(["dvc", "repro"], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"dvc repro failed (exit {result.returncode}), so no no-op time:\n{result.stderr.strip()}")
+    return result.stdout
 
 
 def load_images(count: int) -> tuple[np.ndarray, np.ndarray, str]:
