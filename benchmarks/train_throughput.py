@@ -18,7 +18,7 @@ several rounds and the script prints each loop's median rate and the median of
 the per-round speed-ups. It also times no-op ``dvc repro`` runs where the
 pipeline has already run here.
 
-    python -m benchmarks.train_throughput [--images 2000] [--rounds 5] [--threads 1]
+    python -m benchmarks.train_throughput [--images 1024] [--rounds 11] [--threads 1]
 """
 from __future__ import annotations
 
@@ -139,8 +139,8 @@ def load_images(count: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000, help="training images per measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per batch size")
+    parser.add_argument("--images", type=int, default=1024, help="training images per loop and round")
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per batch size")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (params.yaml train.threads)")
     parser.add_argument("--repro-runs", type=int, default=5, help="no-op dvc repro runs to time")
     args = parser.parse_args()

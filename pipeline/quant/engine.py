@@ -54,9 +54,9 @@ def _integer_layer(op: dict[str, Any], x: Tensor) -> Tensor:
     else:
         products = F.linear(x64, weight64)
     shape = _channel_shape(products.ndim)
-    acc = products.to(torch.int64) + op["bias"].to(x.device, torch.int64).reshape(shape)
+    acc = products.to(torch.int64).add_(op["bias"].to(x.device, torch.int64).reshape(shape))
     if not op["requantize"]:
-        return acc.clamp(min=0) if op["relu"] else acc
+        return acc.clamp_(min=0) if op["relu"] else acc
     qmin, qmax = output_range(op)
     multiplier = op["multiplier"].to(x.device).reshape(shape) if op["multiplier"].ndim else op["multiplier"]
     shift = op["shift"].to(x.device).reshape(shape) if op["shift"].ndim else op["shift"]
