@@ -233,6 +233,11 @@ def test_requantize_per_channel_broadcast():
     multiplier = torch.tensor([m for m, _ in pairs]).reshape(1, -1)
     shift = torch.tensor([s for _, s in pairs]).reshape(1, -1)
     assert requantize(acc, multiplier, shift, -128, 127).tolist() == [[5, 10, 1], [-5, -10, -1]]
+    # The result takes the broadcast shape of all three, even where acc is the smallest, and acc is not modified.
+    one_acc = torch.tensor(10)
+    expected = [[requantize_reference(10, int(multiplier[0, 0]), int(s), -128, 127) for s in shift[0]]]
+    assert requantize(one_acc, multiplier[0, 0], shift, -128, 127).tolist() == expected
+    assert one_acc.item() == 10
 
 
 def test_requantize_rejects_bad_inputs():

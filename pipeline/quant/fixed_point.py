@@ -98,8 +98,10 @@ def requantize(acc: Tensor, multiplier: int | Tensor, shift: int | Tensor, qmin:
     _check_multiplier_and_shift(multiplier64, shift64)
     total_shift = MULTIPLIER_BITS - shift64
     rounding = torch.ones_like(total_shift) << (total_shift - 1)  # 1/2 in units of 2^-total_shift: round half up
-    # In place on the one new product tensor: for a batch of activations each extra temporary is tens of MB.
-    return (acc64 * multiplier64).add_(rounding).bitwise_right_shift_(total_shift).clamp_(qmin, qmax)
+    # The sum broadcasts acc, multiplier and shift; shift and clamp then work in place on it, because
+    # for a batch of activations each extra temporary is tens of MB.
+    scaled = acc64 * multiplier64 + rounding
+    return scaled.bitwise_right_shift_(total_shift).clamp_(qmin, qmax)
 
 
 def requantize_reference(acc: int, multiplier: int, shift: int, qmin: int, qmax: int) -> int:
