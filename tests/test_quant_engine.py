@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 from pipeline.models import BNNet, Net
+from pipeline.quant import engine
 from pipeline.quant.engine import (
     QuantizedNet,
     dequantize_logits,
+    integer_layer_outputs,
     quantize_input,
     run_integer,
     run_simulated,
@@ -341,6 +343,22 @@ def test_quantized_net_forward_is_the_integer_engine(net_and_data):
     logits = QuantizedNet(integer_model)(x)
     expected = dequantized_integer_logits(integer_model, x)
     assert logits.dtype == torch.float32 and torch.equal(logits, expected.float())
+
+
+def test_engine_results_do_not_depend_on_the_pass_size(net_and_data, monkeypatch):
+    model, x, ranges = net_and_data  # 200 images: three full passes of 64 and a remainder of 8
+    integer_model = build_integer_model(model, ranges, 8, "minmax", "per_channel")
+    x_int8 = quantize_input(x, integer_model.input_scale)
+    in_passes = (run_integer(integer_model, x_int8), run_simulated(integer_model, x),
+                 integer_layer_outputs(integer_model, x_int8))
+    monkeypatch.setattr(engine, "PASS_IMAGES", len(x))
+    whole = (run_integer(integer_model, x_int8), run_simulated(integer_model, x),
+             integer_layer_outputs(integer_model, x_int8))
+    assert engine.PASS_IMAGES != 64 and len(x) % 64 == 8
+    assert torch.equal(in_passes[0], whole[0]) and torch.equal(in_passes[1], whole[1])
+    assert in_passes[2].keys() == whole[2].keys() == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    assert all(torch.equal(in_passes[2][name], whole[2][name]) for name in whole[2])
+    assert run_integer(integer_model, x_int8[:0]).shape == (0, 10)  # an empty batch is one empty pass
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
