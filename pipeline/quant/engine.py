@@ -36,8 +36,8 @@ from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, dequantize, 
 # Images per pass through the engine and its simulation; the results do not depend on it. Their
 # convolutions run in float64, which the CPU unfolds into one buffer per call (conv1 of Net: 470 KB
 # an image), and glibc serves buffers over 32 MB with fresh mappings that are page-faulted on every
-# use: in passes of 1,000 images, 10,000 test images through run_integer spent more time in the
-# kernel than in arithmetic (8.4 s wall, 8.8 s system time on 2 cores; about 3 s in passes of 64).
+# use: in passes of 1,000 images, 10,000 test images through run_integer took 6.2-6.9 s, mostly
+# system time (5.7-6.6 s on 2 cores); in passes of 64, 2.6-3.4 s with almost none.
 PASS_IMAGES = 64
 
 
