@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from pipeline.data import load_arrays
-from pipeline.evaluation import engine_predictions
+from pipeline.evaluation import engine_predictions, percent_equal
 from pipeline.io import read_json
 from pipeline.profile import profile_activations
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, activation_range
 from pipeline.quant.model import build_integer_model, quantize_model_weights
-from pipeline.train import normalize, predict
+from pipeline.train import normalize, test_model
 from stages.common import ARRAYS, CHECKPOINT, PROFILE, load_trained_model
 
 DEFAULT = ("seed", "sigma", "per_tensor")
@@ -53,7 +53,7 @@ def pytorch_fx_accuracy(model: nn.Module, calibration: torch.Tensor, test_x: tor
         quantized = convert_fx(prepared)
         with torch.no_grad():
             predictions = torch.cat([quantized(test_x[s : s + 1000]).argmax(1) for s in range(0, len(test_x), 1000)])
-    return 100.0 * (predictions == labels).float().mean().item()
+    return percent_equal(predictions, labels)
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
     indices = np.asarray(read_json(PROFILE)["indices"])
     calibration_images = torch.from_numpy(arrays.train_images[indices])
     test_images, labels = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)
-    fp32 = 100.0 * (predict(model, test_images, mean, std) == labels).float().mean().item()
+    fp32 = test_model(model, test_images, labels, mean, std)
     print(f"checkpoint {args.checkpoint} ({checkpoint['model']}): fp32 {fp32:.2f}% on {len(labels)} test images; "
           f"{len(indices)} calibration images from the training split")
 
@@ -82,7 +82,7 @@ def main() -> None:
         weights = quantize_model_weights(model, args.bits, weight_calibrator, granularity)
         integer_model = build_integer_model(model, ranges, quantized_weights=weights)
         engine = engine_predictions(integer_model, test_images, mean, std)
-        accuracy = 100.0 * (engine == labels).float().mean().item()
+        accuracy = percent_equal(engine, labels)
         rows.append((f"this project: act {activation_calibrator}, w {weight_calibrator} {granularity}",
                      (activation_calibrator, weight_calibrator, granularity), accuracy))
     ours_seconds = time.perf_counter() - started
