@@ -45,6 +45,8 @@ def test_export_agreement_counts_mismatches(tmp_path):
     # Logits that are not the engine's are counted as mismatches, so they are really used.
     shifted = export_agreement(model, tmp_path, x, labels, engine_logits=logits + 1)
     assert shifted["c_logit_mismatches"] == 60
+    with pytest.raises(ValueError, match="engine_logits holds 59 images but x_normalized 60"):
+        export_agreement(model, tmp_path, x, labels, engine_logits=logits[:59])
 
 
 def test_stage_writes_the_export_folder(tmp_path, monkeypatch):

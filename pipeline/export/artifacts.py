@@ -64,6 +64,11 @@ def export_agreement(
     x_int8 = quantize_input(x_normalized, model.input_scale)
     if engine_logits is None:
         engine_logits = run_integer(model, x_int8).flatten(1)
+    elif len(engine_logits) != len(x_int8):
+        raise ValueError(
+            f"engine_logits holds {len(engine_logits)} images but x_normalized {len(x_int8)}; pass the engine's "
+            "logits for these same images, or None to run the engine here"
+        )
     engine_predictions = engine_logits.argmax(dim=1)
     report: dict[str, Any] = {"images": len(x_int8)}
     runs: dict[str, Tensor] = {}
