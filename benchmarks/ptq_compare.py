@@ -32,7 +32,7 @@ from pipeline.io import read_json
 from pipeline.profile import profile_activations
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, activation_range
 from pipeline.quant.model import build_integer_model, quantize_model_weights
-from pipeline.train import normalize, test_model
+from pipeline.train import normalize, predict
 from stages.common import ARRAYS, CHECKPOINT, PROFILE, load_trained_model
 
 DEFAULT = ("seed", "sigma", "per_tensor")
@@ -68,7 +68,7 @@ def main() -> None:
     indices = np.asarray(read_json(PROFILE)["indices"])
     calibration_images = torch.from_numpy(arrays.train_images[indices])
     test_images, labels = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)
-    fp32 = test_model(model, test_images, labels, mean, std)
+    fp32 = percent_equal(predict(model, test_images, mean, std), labels)
     print(f"checkpoint {args.checkpoint} ({checkpoint['model']}): fp32 {fp32:.2f}% on {len(labels)} test images; "
           f"{len(indices)} calibration images from the training split")
 
