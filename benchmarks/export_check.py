@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import load_arrays
+from pipeline.data import load_arrays, sample_indices
 from pipeline.export import c_footprint, export_agreement, export_integer_model, find_compiler
 from pipeline.quant.model import load_integer_model
 from pipeline.train import normalize
@@ -52,8 +52,10 @@ def check(export_dir: Path, images: int) -> dict:
     if model.input_mean is None or model.input_std is None:
         sys.exit(f"{INTEGER_MODEL} has no input_mean/input_std to normalize the test images with")
     arrays = load_arrays(ARRAYS)
-    x = normalize(torch.from_numpy(arrays.test_images[:images]), model.input_mean, model.input_std)
-    labels = torch.from_numpy(arrays.test_labels[:images]).long()
+    # A seeded random subset, not a prefix: an image-folder source stores the test split grouped by class.
+    indices = sample_indices(len(arrays.test_labels), min(images, len(arrays.test_labels)), seed=0)
+    x = normalize(torch.from_numpy(arrays.test_images[indices]), model.input_mean, model.input_std)
+    labels = torch.from_numpy(arrays.test_labels[indices]).long()
     start = time.perf_counter()
     report = export_agreement(model, export_dir, x, labels)
     report["seconds"] = round(time.perf_counter() - start, 1)

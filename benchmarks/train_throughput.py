@@ -39,11 +39,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
+from pipeline.data import load_arrays, sample_indices
 from pipeline.models import Net
 from pipeline.params import TrainParams
 from pipeline.train import SEED_MEAN, SEED_STD, train_model
+from stages.common import ARRAYS
 
-ARRAYS = Path("data/dataset.npz")
 SEED_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(SEED_MEAN, SEED_STD)])
 
 
@@ -128,9 +129,11 @@ def _dvc_repro(env: dict[str, str]) -> str:
 
 
 def load_images(count: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """A seeded random subset of the training split: a prefix of an image-folder source is a single class."""
     if ARRAYS.exists():
-        data = np.load(ARRAYS)
-        return data["train_images"][:count], data["train_labels"][:count], str(ARRAYS)
+        arrays = load_arrays(ARRAYS)
+        indices = sample_indices(len(arrays.train_labels), count, seed=0)
+        return arrays.train_images[indices], arrays.train_labels[indices], f"{ARRAYS} (random subset)"
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, count).astype(np.int64)

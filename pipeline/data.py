@@ -71,6 +71,9 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class CifarArrays:
+    """Both splits in source order: an image-folder source comes grouped by class, so take
+    subsets with :func:`sample_indices`, never as a prefix."""
+
     train_images: np.ndarray  # uint8 (N, 32, 32, 3), HWC RGB
     train_labels: np.ndarray  # int64 (N,)
     test_images: np.ndarray
@@ -112,6 +115,13 @@ def acquire(
         f"{path}: no such file or folder. download.source must be 'official', a CIFAR-10 "
         f"archive (.tar, .tar.gz, .tgz) or a folder laid out {IMAGE_FOLDER_LAYOUT}."
     )
+
+
+def sample_indices(total: int, count: int, seed: int) -> np.ndarray:
+    """A sorted random subset of ``count`` indices out of ``range(total)``, reproducible from ``seed``."""
+    if not 0 <= count <= total:
+        raise ValueError(f"count: value {count} is out of range; allowed: 0..{total}")
+    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
 
 
 def save_arrays(arrays: CifarArrays, path: Path) -> None:

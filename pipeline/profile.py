@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.data import sample_indices
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.graph import quantized_layer_names
 from pipeline.quant.observers import register_observers
@@ -27,8 +28,7 @@ def calibration_indices(num_train: int, num_samples: int, seed: int) -> np.ndarr
     """A sorted random subset of ``num_samples`` training indices, reproducible from ``seed``."""
     if not 1 <= num_samples <= num_train:
         raise ValueError(f"profile.num_samples: value {num_samples} is out of range; allowed: 1..{num_train} (training images)")
-    chosen = np.random.default_rng(seed).choice(num_train, size=num_samples, replace=False)
-    return np.sort(chosen)
+    return sample_indices(num_train, num_samples, seed)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pipeline.data import load_arrays
+from pipeline.data import load_arrays, sample_indices
 from pipeline.evaluation import (
     engine_logits,
     float_model_bytes,
@@ -34,7 +34,7 @@ from stages.common import (
     load_trained_model,
     start_stage,
 )
-SQNR_IMAGES = 1000  # test images for the per-layer output SQNR
+SQNR_IMAGES = 1000  # test images for the per-layer output SQNR, a seeded random subset
 
 
 def _decibels(values: dict[str, float]) -> dict[str, float | None]:
@@ -61,6 +61,8 @@ def main() -> None:
     exported = export_agreement(
         integer_model, EXPORT_DIR, normalize(images, mean, std), labels, engine_logits=integer_logits
     )
+    # Not a prefix: an image-folder source stores the test split grouped by class.
+    sqnr_indices = torch.from_numpy(sample_indices(len(images), min(SQNR_IMAGES, len(images)), seed=0))
     _, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     profile = read_json(PROFILE)
     manifest = read_json(MANIFEST)
@@ -86,7 +88,7 @@ def main() -> None:
         },
         "sqnr_db": {
             "weights": _decibels(weight_sqnr(model, integer_model)),
-            "outputs": _decibels(output_sqnr(model, integer_model, normalize(images[:SQNR_IMAGES], mean, std))),
+            "outputs": _decibels(output_sqnr(model, integer_model, normalize(images[sqnr_indices], mean, std))),
         },
         "size_bytes": {"fp32": float_model_bytes(model), "int8": integer_model_bytes(integer_model)},
         "quantization": {

@@ -450,3 +450,19 @@ def test_loading_something_else_is_reported(tmp_path: Path) -> None:
     np.savez(path, x=np.zeros(3))
     with pytest.raises(DataError, match="other.npz: not a readable CIFAR arrays file"):
         load_arrays(path)
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def test_sample_indices_is_a_sorted_reproducible_subset_that_spans_class_ordered_data():
+    labels = np.repeat(np.arange(10), 100)  # grouped by class, as an image-folder source stores them
+    chosen = data.sample_indices(len(labels), 50, seed=0)
+    assert len(np.unique(chosen)) == 50 and chosen.min() >= 0 and chosen.max() < len(labels)
+    assert list(chosen) == sorted(chosen)
+    assert (chosen == data.sample_indices(len(labels), 50, seed=0)).all()
+    assert not (chosen == data.sample_indices(len(labels), 50, seed=1)).all()
+    assert len(np.unique(labels[chosen])) == 10  # a prefix of 50 would be one class
+    assert len(data.sample_indices(7, 7, seed=3)) == 7 and len(data.sample_indices(7, 0, seed=3)) == 0
+    with pytest.raises(ValueError, match=r"count: value 8 is out of range; allowed: 0..7"):
+        data.sample_indices(7, 8, seed=0)
