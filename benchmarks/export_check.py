@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10000, help="test images to check (default: all 10000)")
     parser.add_argument("--export-dir", type=Path, help="check this existing export instead of exporting afresh")
     args = parser.parse_args()
+    if args.images < 1:
+        parser.error(f"--images: value {args.images} is out of range; allowed: >= 1 (more than the test split checks it all)")
     if args.export_dir is not None:
         report = check(args.export_dir, args.images)
     else:

@@ -132,6 +132,9 @@ def load_images(count: int) -> tuple[np.ndarray, np.ndarray, str]:
     """A seeded random subset of the training split: a prefix of an image-folder source is a single class."""
     if ARRAYS.exists():
         arrays = load_arrays(ARRAYS)
+        if count > len(arrays.train_labels):
+            raise SystemExit(f"--images: value {count} is out of range; allowed: 1..{len(arrays.train_labels)} "
+                             f"(training images in {ARRAYS})")
         indices = sample_indices(len(arrays.train_labels), count, seed=0)
         return arrays.train_images[indices], arrays.train_labels[indices], f"{ARRAYS} (random subset)"
     rng = np.random.default_rng(0)
@@ -147,6 +150,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (params.yaml train.threads)")
     parser.add_argument("--repro-runs", type=int, default=5, help="no-op dvc repro runs to time")
     args = parser.parse_args()
+    if args.images < 1:
+        parser.error(f"--images: value {args.images} is out of range; allowed: >= 1")
     torch.set_num_threads(args.threads)
     images, labels, source = load_images(args.images)
     print(f"images: {len(labels)} from {source}; torch {torch.__version__}, {args.threads} thread(s), "
