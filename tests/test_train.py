@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 
 from pipeline.models import Net, build_model
@@ -46,15 +47,19 @@ def test_a_few_steps_reduce_the_loss(synthetic_images):
     assert history[-1].loss < history[0].loss
 
 
-def test_training_is_bit_for_bit_deterministic_on_cpu(synthetic_images):
+@pytest.mark.parametrize("model_name, threads", [("net", 1), ("net", 2), ("bnnet", 2)])
+def test_training_is_bit_for_bit_deterministic_on_cpu(synthetic_images, model_name, threads):
+    # Two threads as well as one: the README's stronger recipes train on 2 threads.
     images, labels = synthetic_images
-    params = dataclasses.replace(FAST, augment=True, schedule="onecycle", epochs=2)
+    params = dataclasses.replace(FAST, augment=True, schedule="onecycle", epochs=2, threads=threads)
     weights = []
+    threads_before = torch.get_num_threads()
     for _ in range(2):
         torch.randn(7)  # moves the global RNG: nothing below may depend on its state
-        model = build_model("net", seed=params.seed)
+        model = build_model(model_name, seed=params.seed)
         train_model(model, images, labels, params, progress=False)
         weights.append(model.state_dict())
+    torch.set_num_threads(threads_before)  # train_model sets the process-wide thread count
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
