@@ -50,9 +50,11 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
-    """Save a checkpoint dict (state_dict plus plain metadata), atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    """Save a checkpoint dict (state_dict plus plain metadata), atomically; equal checkpoints give equal bytes."""
+    # A file object, not the path: torch.save names the archive's root folder after a path
+    # (here the random temporary name), so equal checkpoints would differ in bytes and md5.
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(checkpoint, file)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
