@@ -20,7 +20,7 @@ def project(tmp_path_factory):
     return tiny_project_copy(tmp_path_factory.mktemp("dvc"))
 
 
-# Four real `dvc repro` runs of the whole pipeline: about 2 minutes, so CI runs it with `slow`.
+# Four real `dvc repro` runs of the whole pipeline (and a forced train): about 2 minutes, so CI runs it with `slow`.
 @pytest.mark.slow
 def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touches(project):
     first = run(["dvc", "repro"], project)
@@ -43,6 +43,12 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     second = run(["dvc", "repro"], project)
     assert ran_stages(second.stdout) == set()
     assert "Data and pipelines are up to date" in second.stdout
+
+    forced = run(["dvc", "repro", "--force", "--single-item", "train"], project)
+    assert ran_stages(forced.stdout) == {"train"}
+    after_forced = run(["dvc", "repro"], project)
+    # Same weights, same checkpoint bytes: only plot may re-run, for the curves' per-epoch seconds.
+    assert ran_stages(after_forced.stdout) <= {"plot"}
 
     set_params(project, {"quantize_weights": {"k": 2.5}})
     third = run(["dvc", "repro"], project)
