@@ -156,7 +156,7 @@ def synthetic_artifacts(
         "dataset": {"source": "/somewhere/tiny-cifar.tar.gz", "format": "image-folder"},
     }
     write_json(data / "metrics.json", metrics)
-    curves = "epoch,loss,accuracy,lr,seconds\n1,2.2,15.0,0.001,1.0\n2,1.9,30.0,0.001,1.0\n"
+    curves = "epoch,loss,accuracy,lr\n1,2.2,15.0,0.001\n2,1.9,30.0,0.001\n"
     (data / "train_curves.csv").write_text(curves)
     return {"model": model, "quantized": quantized, "profile": profile, "metrics": metrics}
 

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.models import Net, build_model
 from pipeline.params import TrainParams
-from pipeline.train import accuracy_report, augment, normalize, predict, test_model, train_model
+from pipeline.train import EpochRecord, accuracy_report, augment, normalize, predict, test_model, train_model
 
 FAST = TrainParams(epochs=3, batch_size=16, lr=0.01, device="cpu", threads=1, seed=3)
 
@@ -90,3 +90,14 @@ def test_normalize_is_bit_identical_to_torchvision_to_tensor_and_normalize():
     reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     expected = torch.stack([reference(Image.fromarray(image.numpy())) for image in images])
     assert torch.equal(normalize(images, mean, std), expected)
+
+
+def test_train_curves_record_no_times_so_equal_runs_write_equal_files(tmp_path):
+    from stages.train import write_curves
+
+    first = [EpochRecord(epoch=1, loss=1.5, accuracy=40.0, lr=0.001, seconds=37.4)]
+    second = [dataclasses.replace(first[0], seconds=51.9)]
+    write_curves(tmp_path / "a.csv", first)
+    write_curves(tmp_path / "b.csv", second)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.csv").read_text() == "epoch,loss,accuracy,lr\n1,1.5,40.0,0.001\n"
