@@ -25,7 +25,6 @@ import logging
 import lzma
 import os
 import re
-import sys
 import tarfile
 import zipfile
 import zlib
@@ -35,9 +34,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.io import atomic_path
+from pipeline.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +93,13 @@ class _Entry:
 
 
 def acquire(
-    source: str, download_dir: Path, sha256: str | None = None, progress: bool = True
+    source: str, download_dir: Path, sha256: str | None = None, progress: bool | None = None
 ) -> tuple[CifarArrays, dict]:
     """Get CIFAR-10 from ``source``, verify it, and decode it to uint8 arrays.
 
     Returns the arrays and a manifest (source, format, checksum, per-split counts,
     class names). Raises DataError for every problem with the data or its source.
+    ``progress=None`` shows the decoding bars only when stderr is a terminal.
     """
     expected_sha256 = _normalize_sha256(sha256)
     if source == "official":
@@ -176,14 +176,14 @@ def _download_official(download_dir: Path) -> Path:
 
 
 def _acquire_archive(
-    path: Path, source: str, expected_sha256: str | None, progress: bool
+    path: Path, source: str, expected_sha256: str | None, progress: bool | None
 ) -> tuple[CifarArrays, dict]:
     checksum = _verify_archive(path, expected_sha256)
     arrays, fmt = _decode_entries(_tar_entries(path), str(path), progress)
     return arrays, _manifest(source, fmt, checksum, arrays)
 
 
-def _acquire_folder(root: Path, source: str, progress: bool) -> tuple[CifarArrays, dict]:
+def _acquire_folder(root: Path, source: str, progress: bool | None) -> tuple[CifarArrays, dict]:
     arrays, fmt = _decode_entries(_folder_entries(root), str(root), progress)
     checksum = {"algorithm": None, "value": None, "verified": False}  # folders are not checksummed
     return arrays, _manifest(source, fmt, checksum, arrays)
@@ -385,7 +385,7 @@ def _is_official(parts: tuple[str, ...]) -> bool:
     return bool(parts) and parts[0] == OFFICIAL_DIR
 
 
-def _decode_entries(entries: list[_Entry], where: str, progress: bool) -> tuple[CifarArrays, str]:
+def _decode_entries(entries: list[_Entry], where: str, progress: bool | None) -> tuple[CifarArrays, str]:
     """Decode a source's files (``where`` names the source), choosing the format from its
     first file, as verification did."""
     if not entries:
@@ -434,7 +434,7 @@ def _decode_batch(entry: _Entry, num_classes: int) -> tuple[np.ndarray, np.ndarr
     return np.ascontiguousarray(chw.transpose(0, 2, 3, 1)), labels
 
 
-def _decode_image_folder(entries: list[_Entry], where: str, progress: bool) -> CifarArrays:
+def _decode_image_folder(entries: list[_Entry], where: str, progress: bool | None) -> CifarArrays:
     layout = _image_folder_layout(entries)
     class_names = _class_names(layout, where)
     train_images, train_labels = _decode_split(layout["train"], class_names, progress, "train")
@@ -472,7 +472,7 @@ def _class_names(layout: dict[str, dict[str, list[_Entry]]], where: str) -> tupl
 
 
 def _decode_split(
-    classes: dict[str, list[_Entry]], class_names: tuple[str, ...], progress: bool, split: str
+    classes: dict[str, list[_Entry]], class_names: tuple[str, ...], progress: bool | None, split: str
 ) -> tuple[np.ndarray, np.ndarray]:
     # Sorted by file name within each class, so the order does not depend on the archive's.
     files = [
@@ -482,11 +482,9 @@ def _decode_split(
     ]
     images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)
-    show = progress and sys.stderr.isatty()
-    with tqdm(files, desc=f"decode {split}", unit="img", disable=not show) as bar:
-        for i, (label, entry) in enumerate(bar):
-            images[i] = _decode_image(entry)
-            labels[i] = label
+    for i, (label, entry) in enumerate(progress_bar(files, f"decode {split}", progress, unit="img")):
+        images[i] = _decode_image(entry)
+        labels[i] = label
     return images, labels
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from pipeline.progress import progress_bar
 from pipeline.quant.engine import integer_layer_outputs, quantize_input, run_integer, run_simulated
 from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.model import IntegerModel
@@ -34,13 +35,21 @@ def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
 
 @torch.no_grad()
 def engine_logits(
-    integer_model: IntegerModel, images: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int = 1000
+    integer_model: IntegerModel,
+    images: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 1000,
+    progress: bool | None = None,
 ) -> Tensor:
-    """The integer engine's int32 logits (N, classes) for uint8 images (N, 32, 32, 3)."""
+    """The integer engine's int32 logits (N, classes) for uint8 images (N, 32, 32, 3).
+
+    ``progress=None`` shows a bar only when stderr is a terminal.
+    """
     return torch.cat([
         run_integer(integer_model, quantize_input(normalize(images[start : start + batch_size], mean, std),
                                                   integer_model.input_scale)).flatten(1)
-        for start in range(0, len(images), batch_size)
+        for start in progress_bar(range(0, len(images), batch_size), "integer engine", progress)
     ])
 
 
@@ -53,12 +62,20 @@ def engine_predictions(
 
 @torch.no_grad()
 def simulated_predictions(
-    integer_model: IntegerModel, images: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int = 1000
+    integer_model: IntegerModel,
+    images: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 1000,
+    progress: bool | None = None,
 ) -> Tensor:
-    """Classes predicted by the float simulation of ``integer_model`` for uint8 images (N, 32, 32, 3)."""
+    """Classes predicted by the float simulation of ``integer_model`` for uint8 images (N, 32, 32, 3).
+
+    ``progress=None`` shows a bar only when stderr is a terminal.
+    """
     return torch.cat([
         run_simulated(integer_model, normalize(images[start : start + batch_size], mean, std)).argmax(1)
-        for start in range(0, len(images), batch_size)
+        for start in progress_bar(range(0, len(images), batch_size), "float simulation", progress)
     ])
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.data import sample_indices
+from pipeline.progress import progress_bar
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.graph import quantized_layer_names
 from pipeline.quant.observers import register_observers
@@ -45,7 +45,7 @@ def profile_activations(
     observers, handles = register_observers(model, quantized_layer_names(model))
     try:
         starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="profile", disable=None if progress is None else not progress, leave=False):
+        for start in progress_bar(starts, "profile", progress):
             model(normalize(images[start : start + batch_size], mean, std))
     finally:
         for handle in handles:

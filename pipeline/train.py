@@ -14,9 +14,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
-
 from pipeline.params import TrainParams
+from pipeline.progress import progress_bar
 
 # The seed's normalization: per channel (x / 255 - 0.5) / 0.5, i.e. pixels to [-1, 1].
 SEED_MEAN = (0.5, 0.5, 0.5)
@@ -128,8 +127,7 @@ def train_model(
         order = torch.randperm(count, generator=generator).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{params.epochs}", disable=_no_progress(progress), leave=False)
-        for step in bar:
+        for step in progress_bar(range(steps_per_epoch), f"epoch {epoch}/{params.epochs}", progress):
             batch_index = order[step * params.batch_size : (step + 1) * params.batch_size]
             # index_select, not images[batch_index]: the same rows, at a quarter of advanced indexing's cost.
             batch = images.index_select(0, batch_index)
@@ -159,11 +157,6 @@ def train_model(
     return history
 
 
-def _no_progress(progress: bool | None) -> bool | None:
-    # tqdm's disable=None means "disable when not a terminal".
-    return None if progress is None else not progress
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -171,14 +164,18 @@ def predict(
     mean: Sequence[float] = SEED_MEAN,
     std: Sequence[float] = SEED_STD,
     batch_size: int = 1000,
+    progress: bool | None = None,
 ) -> torch.Tensor:
-    """Predicted class per uint8 image (N, 32, 32, 3), as an int64 tensor on the CPU."""
+    """Predicted class per uint8 image (N, 32, 32, 3), as an int64 tensor on the CPU.
+
+    ``progress=None`` shows a bar only when stderr is a terminal.
+    """
     model.eval()
     # A model with no parameters (QuantizedNet holds integer buffers) runs on the CPU.
     device = next(model.parameters(), torch.empty(0)).device
     predictions = [
         model(normalize(images[start : start + batch_size].to(device), mean, std)).argmax(1).cpu()
-        for start in range(0, len(images), batch_size)
+        for start in progress_bar(range(0, len(images), batch_size), "predict", progress)
     ]
     return torch.cat(predictions)
 

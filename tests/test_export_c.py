@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.export import c_build
 from pipeline.export.c_build import C_FLAGS, c_footprint, c_logits, find_compiler
 from pipeline.export.c_model import generate_c, write_c_sources
 from pipeline.export.plan import CIFAR10_INPUT_SHAPE
@@ -61,6 +62,16 @@ def test_c_logits_equal_the_engine_on_every_image(case, tmp_path):
     logits = c_logits(tmp_path, x_int8, processes=2)
     assert logits.dtype == torch.int32 and logits.shape == expected.shape
     assert torch.equal(logits, expected)
+
+
+@needs_gcc
+def test_c_logits_come_back_in_image_order_from_many_chunks_and_from_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(c_build, "CHUNK_IMAGES", 7)  # 40 images: 6 chunks, the last one short, on 3 processes
+    model = cifar_model("net", "per_channel")
+    write_c_sources(model, tmp_path, CIFAR10_INPUT_SHAPE)
+    x_int8 = quantize_input(random_images(40, CIFAR10_INPUT_SHAPE, seed=5), model.input_scale)
+    assert torch.equal(c_logits(tmp_path, x_int8, processes=3, progress=True), run_integer(model, x_int8).flatten(1))
+    assert c_logits(tmp_path, x_int8[:0]).shape == (0, 10)
 
 
 @needs_gcc

@@ -13,15 +13,19 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.progress import progress_bar
+
 # Strict C99: the sources must build warning-free on any conforming compiler.
 C_FLAGS = ("-std=c99", "-pedantic", "-Wall", "-Wextra", "-Wconversion", "-Werror")
 RUN_OPTIMIZATION = "-O2"
+CHUNK_IMAGES = 250  # images per run of the compiled harness: the progress bar moves once per chunk
 SIZE_OPTIMIZATION = "-Os"
 
 HARNESS = """\
@@ -109,12 +113,14 @@ def c_logits(
     compiler: str = "gcc",
     processes: int | None = None,
     extra_flags: Sequence[str] = (),
+    progress: bool | None = None,
 ) -> Tensor:
     """int32 logits (N, PTQ_MODEL_OUTPUT_SIZE) of the C model in ``c_dir`` for int8 images (N, C, H, W).
 
     Compiles with ``compiler`` and ``C_FLAGS -O2`` (+ ``extra_flags``) in a
-    temporary folder, then runs ``processes`` copies (default: one per CPU)
-    on slices of the batch.
+    temporary folder, then runs it on chunks of ``CHUNK_IMAGES`` images,
+    ``processes`` copies at a time (default: one per CPU). ``progress=None``
+    shows a bar over the chunks only when stderr is a terminal.
     """
     images = x_int8.detach().cpu().numpy() if isinstance(x_int8, Tensor) else np.asarray(x_int8)
     if images.dtype != np.int8:
@@ -124,21 +130,25 @@ def c_logits(
     if images.ndim < 2 or int(np.prod(images.shape[1:])) != input_size:
         raise ValueError(f"x_int8 must be (N, ...) with {input_size} values per image, got shape {images.shape}")
     count = images.shape[0]
-    chunks = np.array_split(np.arange(count), max(1, min(processes or os.cpu_count() or 1, count)))
+    # An empty batch still runs the harness once, on an empty file.
+    chunks = [slice(start, start + CHUNK_IMAGES) for start in range(0, count, CHUNK_IMAGES)] or [slice(0, 0)]
     with tempfile.TemporaryDirectory(prefix="ptq_c_") as build:
         runner = compile_runner(c_dir, build, compiler, extra_flags)
-        jobs = []
-        for number, chunk in enumerate(chunks):
+
+        def run_chunk(number: int) -> np.ndarray:
             images_path, logits_path = Path(build) / f"images{number}.bin", Path(build) / f"logits{number}.bin"
-            np.ascontiguousarray(images[chunk]).tofile(images_path)
+            np.ascontiguousarray(images[chunks[number]]).tofile(images_path)
             command = [str(runner), str(images_path), str(logits_path)]
-            jobs.append((command, logits_path, subprocess.Popen(command, stderr=subprocess.PIPE, text=True)))
-        parts = []
-        for command, logits_path, job in jobs:
-            _, stderr = job.communicate()
-            if job.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} failed with status {job.returncode}:\n{stderr}")
-            parts.append(np.fromfile(logits_path, dtype=np.int32))
+            result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed with status {result.returncode}:\n{result.stderr}")
+            return np.fromfile(logits_path, dtype=np.int32)
+
+        workers = max(1, min(processes or os.cpu_count() or 1, len(chunks)))
+        with ThreadPoolExecutor(workers) as pool:
+            # map yields in chunk order, so the logits come back in image order.
+            parts = list(progress_bar(pool.map(run_chunk, range(len(chunks))), "C model", progress,
+                                      total=len(chunks), unit="chunk"))
     return torch.from_numpy(np.concatenate(parts).reshape(count, output_size))
 
 

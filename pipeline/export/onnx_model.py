@@ -28,6 +28,7 @@ Accumulators are int32 in both styles; ``plan_model`` checks that none can overf
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from pipeline.export.plan import CIFAR10_INPUT_SHAPE, Step, as_array, channel_values, layer_steps, plan_model
 from pipeline.io import atomic_path
+from pipeline.progress import progress_bar
 from pipeline.quant.model import IntegerModel
 
 STYLES = ("qlinear", "integer")
@@ -260,11 +262,15 @@ def onnx_session(onnx_path: str | os.PathLike, threads: int = 0) -> onnxruntime.
 
 
 def onnx_predictions(
-    onnx_path: str | os.PathLike, x_normalized: Tensor | np.ndarray, batch_size: int = 1000
+    onnx_path: str | os.PathLike,
+    x_normalized: Tensor | np.ndarray,
+    batch_size: int = 1000,
+    progress: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(predicted class int64 (N,), int32 logits (N, classes)) of the ONNX model at ``onnx_path``.
 
     ``x_normalized``: float images (N, C, H, W), normalized as in training; run ``batch_size`` at a time.
+    ``progress=None`` shows a bar only when stderr is a terminal.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -275,7 +281,7 @@ def onnx_predictions(
     session = onnx_session(onnx_path)
     batches = [
         session.run([OUTPUT_NAME], {INPUT_NAME: images[start : start + batch_size]})[0]
-        for start in range(0, len(images), batch_size)
+        for start in progress_bar(range(0, len(images), batch_size), f"ONNX {Path(onnx_path).name}", progress)
     ]
     logits = torch.from_numpy(np.concatenate(batches))
     return logits.argmax(dim=1), logits
