@@ -7,12 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.progress import progress_bar
 from pipeline.quant.engine import integer_layer_outputs, quantize_input, run_integer, run_simulated
 from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.model import IntegerModel
 from pipeline.quant.ranges import dequantize
-from pipeline.train import normalize
+from pipeline.train import normalized_batches
 
 FLOAT_BYTES = 4  # float32 parameters
 LAYER_OPS = ("conv2d", "linear")
@@ -47,9 +46,8 @@ def engine_logits(
     ``progress=None`` shows a bar only when stderr is a terminal.
     """
     return torch.cat([
-        run_integer(integer_model, quantize_input(normalize(images[start : start + batch_size], mean, std),
-                                                  integer_model.input_scale)).flatten(1)
-        for start in progress_bar(range(0, len(images), batch_size), "integer engine", progress)
+        run_integer(integer_model, quantize_input(batch, integer_model.input_scale)).flatten(1)
+        for batch in normalized_batches(images, mean, std, batch_size, "integer engine", progress)
     ])
 
 
@@ -74,8 +72,8 @@ def simulated_predictions(
     ``progress=None`` shows a bar only when stderr is a terminal.
     """
     return torch.cat([
-        run_simulated(integer_model, normalize(images[start : start + batch_size], mean, std)).argmax(1)
-        for start in progress_bar(range(0, len(images), batch_size), "float simulation", progress)
+        run_simulated(integer_model, batch).argmax(1)
+        for batch in normalized_batches(images, mean, std, batch_size, "float simulation", progress)
     ])
 
 

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from pipeline.data import sample_indices
-from pipeline.progress import progress_bar
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.graph import quantized_layer_names
 from pipeline.quant.observers import register_observers
 from pipeline.quant.ranges import ACTIVATION_QMAX, scale_from_range
-from pipeline.train import normalize
+from pipeline.train import normalized_batches
 
 
 def calibration_indices(num_train: int, num_samples: int, seed: int) -> np.ndarray:
@@ -44,9 +43,8 @@ def profile_activations(
     model.eval()
     observers, handles = register_observers(model, quantized_layer_names(model))
     try:
-        starts = range(0, len(images), batch_size)
-        for start in progress_bar(starts, "profile", progress):
-            model(normalize(images[start : start + batch_size], mean, std))
+        for batch in normalized_batches(images, mean, std, batch_size, "profile", progress):
+            model(batch)
     finally:
         for handle in handles:
             handle.remove()

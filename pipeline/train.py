@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,24 @@ def _channel_constants(
         torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
         torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
     )
+
+
+def normalized_batches(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    desc: str,
+    progress: bool | None = None,
+    device: torch.device | None = None,
+) -> Iterator[torch.Tensor]:
+    """uint8 images (N, H, W, C) as normalized float batches (B, C, H, W) on ``device``, in order.
+
+    A progress bar labelled ``desc`` counts the batches; ``progress=None`` shows it only when
+    stderr is a terminal.
+    """
+    for start in progress_bar(range(0, len(images), batch_size), desc, progress):
+        yield normalize(images[start : start + batch_size].to(device), mean, std)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -174,8 +192,8 @@ def predict(
     # A model with no parameters (QuantizedNet holds integer buffers) runs on the CPU.
     device = next(model.parameters(), torch.empty(0)).device
     predictions = [
-        model(normalize(images[start : start + batch_size].to(device), mean, std)).argmax(1).cpu()
-        for start in progress_bar(range(0, len(images), batch_size), "predict", progress)
+        model(batch).argmax(1).cpu()
+        for batch in normalized_batches(images, mean, std, batch_size, "predict", progress, device)
     ]
     return torch.cat(predictions)
 

@@ -5,7 +5,18 @@ import torch
 
 from pipeline.models import Net, build_model
 from pipeline.params import TrainParams
-from pipeline.train import EpochRecord, accuracy_report, augment, normalize, predict, test_model, train_model
+from pipeline.train import (
+    SEED_MEAN,
+    SEED_STD,
+    EpochRecord,
+    accuracy_report,
+    augment,
+    normalize,
+    normalized_batches,
+    predict,
+    test_model,
+    train_model,
+)
 
 FAST = TrainParams(epochs=3, batch_size=16, lr=0.01, device="cpu", threads=1, seed=3)
 
@@ -101,3 +112,10 @@ def test_train_curves_record_no_times_so_equal_runs_write_equal_files(tmp_path):
     write_curves(tmp_path / "b.csv", second)
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     assert (tmp_path / "a.csv").read_text() == "epoch,loss,accuracy,lr\n1,1.5,40.0,0.001\n"
+
+
+def test_normalized_batches_cover_the_images_in_order_with_a_short_last_batch(synthetic_images):
+    images = synthetic_images[0][:10]
+    batches = list(normalized_batches(images, SEED_MEAN, SEED_STD, 4, "test", progress=False))
+    assert [len(batch) for batch in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat(batches), normalize(images, SEED_MEAN, SEED_STD))
