@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+
 from pipeline.params import TrainParams
 from pipeline.progress import progress_bar
 
