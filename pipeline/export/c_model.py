@@ -13,7 +13,10 @@ The generated C is bit-exact with ``pipeline.quant.engine.run_integer``:
   negative x as ``~(~x >> n)``, exact because ``int64_t`` is two's complement
   by definition (C99 7.18.1.1);
 - activations live in two static int8 ping-pong buffers (each op reads one
-  and writes the other); their total is the model's static RAM.
+  and writes the other); their total is the model's static RAM. A layer
+  accumulates one output row at a time in int32 on the stack
+  (4 bytes x the widest output row), each kernel tap sweeping the row, so the
+  innermost loop is a contiguous multiply-add a compiler can vectorize.
 
 Input: one image, int8, NCHW order (C, H, W), as ``quantize_input`` makes it.
 Output: int32 logits at the last layer's output scale, as ``run_integer``.
@@ -262,33 +265,51 @@ static int32_t ptq_requantize(int32_t acc, int32_t multiplier, int32_t shift, in
     return (int32_t)(y < out_min ? out_min : (y > out_max ? out_max : y));
 }
 
-/* bias + sum of weight * input over the window of output (oc, oy, ox). Zero padding adds
- * nothing, so the window is clipped to the image instead of reading padding. Every partial
- * sum is at most sum|w| * 128 + |bias| < 2^31 (checked by the generator): no int32 overflow. */
-static int32_t ptq_accumulate(const ptq_conv *l, const int8_t *in, int32_t oc, int32_t oy, int32_t ox)
+/* bias + sum of weight * input over the windows of output row (oc, oy), into acc[0 .. out_w).
+ * Zero padding adds nothing, so each kernel tap visits only the outputs whose input lies in the
+ * image. Every partial sum, in any order of the terms, is at most sum|w| * 128 + |bias| < 2^31
+ * (checked by the generator): no int32 overflow. */
+static void ptq_accumulate_row(const ptq_conv *l, const int8_t *in, int32_t oc, int32_t oy, int32_t *acc)
 {
+    /* Locals, not l->...: acc is written in the inner loop and could alias *l as far as the compiler knows. */
+    const int32_t in_c = l->in_c, in_h = l->in_h, in_w = l->in_w, out_w = l->out_w;
+    const int32_t kernel_h = l->kernel_h, kernel_w = l->kernel_w, stride_w = l->stride_w;
     const int32_t y0 = oy * l->stride_h - l->pad_h;
-    const int32_t x0 = ox * l->stride_w - l->pad_w;
     const int32_t ky_begin = y0 < 0 ? -y0 : 0;
-    const int32_t ky_end = l->in_h - y0 < l->kernel_h ? l->in_h - y0 : l->kernel_h;
-    const int32_t kx_begin = x0 < 0 ? -x0 : 0;
-    const int32_t kx_end = l->in_w - x0 < l->kernel_w ? l->in_w - x0 : l->kernel_w;
-    int32_t acc = l->bias[oc];
-    for (int32_t ic = 0; ic < l->in_c; ++ic) {
-        for (int32_t ky = ky_begin; ky < ky_end; ++ky) {
-            const int8_t *weights = l->weight + ((oc * l->in_c + ic) * l->kernel_h + ky) * l->kernel_w;
-            const int32_t row = (ic * l->in_h + y0 + ky) * l->in_w + x0; /* + kx >= 0 inside the window */
-            for (int32_t kx = kx_begin; kx < kx_end; ++kx) {
-                acc += weights[kx] * in[row + kx];
+    const int32_t ky_end = in_h - y0 < kernel_h ? in_h - y0 : kernel_h;
+    const int8_t *weights = l->weight + oc * in_c * kernel_h * kernel_w;
+    const int32_t bias = l->bias[oc];
+    for (int32_t ox = 0; ox < out_w; ++ox) {
+        acc[ox] = bias;
+    }
+    for (int32_t kx = 0; kx < kernel_w; ++kx) {
+        /* Input column ox * stride_w + offset must lie in [0, in_w): ox in [ox_begin, ox_end). */
+        const int32_t offset = kx - l->pad_w;
+        const int32_t ox_begin = offset >= 0 ? 0 : (stride_w - 1 - offset) / stride_w;
+        const int32_t last = in_w - 1 - offset; /* the largest ox * stride_w allowed */
+        const int32_t ox_stop = last < 0 ? 0 : last / stride_w + 1;
+        const int32_t ox_end = ox_stop < out_w ? ox_stop : out_w;
+        for (int32_t ic = 0; ic < in_c; ++ic) {
+            for (int32_t ky = ky_begin; ky < ky_end; ++ky) {
+                const int32_t w = weights[(ic * kernel_h + ky) * kernel_w + kx];
+                const int8_t *row = in + (ic * in_h + y0 + ky) * in_w;
+                if (stride_w == 1) { /* the common case, a separate loop so the compiler can vectorize it */
+                    for (int32_t ox = ox_begin; ox < ox_end; ++ox) {
+                        acc[ox] += w * row[ox + offset];
+                    }
+                } else {
+                    for (int32_t ox = ox_begin; ox < ox_end; ++ox) {
+                        acc[ox] += w * row[ox * stride_w + offset];
+                    }
+                }
             }
         }
     }
-    return acc;
 }
 
-static int32_t ptq_output(const ptq_conv *l, const int8_t *in, int32_t oc, int32_t oy, int32_t ox)
+/* One output value from its accumulator: requantized and saturated, or the raw accumulator. */
+static int32_t ptq_output(const ptq_conv *l, int32_t acc, int32_t oc)
 {
-    const int32_t acc = ptq_accumulate(l, in, oc, oy, ox);
     if (l->multiplier == NULL) {
         return acc < l->out_min ? l->out_min : acc; /* raw logits: out_min is INT32_MIN, or 0 for a ReLU */
     }
@@ -300,10 +321,12 @@ static int32_t ptq_output(const ptq_conv *l, const int8_t *in, int32_t oc, int32
 _CONV_S8 = """
 static void ptq_conv_s8(const ptq_conv *l, const int8_t *in, int8_t *out)
 {
+    int32_t acc[PTQ_ROW_MAX]; /* one output row of accumulators, on the stack */
     for (int32_t oc = 0; oc < l->out_c; ++oc) {
         for (int32_t oy = 0; oy < l->out_h; ++oy) {
+            ptq_accumulate_row(l, in, oc, oy, acc);
             for (int32_t ox = 0; ox < l->out_w; ++ox) {
-                *out++ = (int8_t)ptq_output(l, in, oc, oy, ox); /* saturated to [out_min, out_max] within int8 */
+                *out++ = (int8_t)ptq_output(l, acc[ox], oc); /* saturated to [out_min, out_max] within int8 */
             }
         }
     }
@@ -313,10 +336,12 @@ static void ptq_conv_s8(const ptq_conv *l, const int8_t *in, int8_t *out)
 _CONV_S32 = """
 static void ptq_conv_s32(const ptq_conv *l, const int8_t *in, int32_t *out)
 {
+    int32_t acc[PTQ_ROW_MAX]; /* one output row of accumulators, on the stack */
     for (int32_t oc = 0; oc < l->out_c; ++oc) {
         for (int32_t oy = 0; oy < l->out_h; ++oy) {
+            ptq_accumulate_row(l, in, oc, oy, acc);
             for (int32_t ox = 0; ox < l->out_w; ++ox) {
-                *out++ = ptq_output(l, in, oc, oy, ox);
+                *out++ = ptq_output(l, acc[ox], oc);
             }
         }
     }
@@ -419,7 +444,9 @@ def _source(steps: list[Step], names: dict[int, str], routing: dict[int, tuple[s
     last_layer = layer_steps(steps)[-1].index
     moving = [step for step in steps if step.index in routing]
     # Only the kernels the model uses: an unused static function fails -Wall -Werror.
-    parts = [_PREAMBLE, _CONV_TYPES]
+    row_max = max(step.out_shape[2] for step in layer_steps(steps))
+    parts = [_PREAMBLE, f"\n#define PTQ_ROW_MAX {row_max} /* the widest layer output row: int32 accumulators on the stack */\n",
+             _CONV_TYPES]
     if any(step.is_layer and step.index != last_layer for step in moving):
         parts.append(_CONV_S8)
     parts.append(_CONV_S32)
