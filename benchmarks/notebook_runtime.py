@@ -22,11 +22,22 @@ NOTEBOOK = PROJECT_ROOT / "notebooks" / "quantization_demo.ipynb"
 TARGET_SECONDS = 60  # the whole notebook, kernel start included
 
 
-def notebook_seconds() -> float:
-    """One execution of the notebook from the project root, as a reader would run it."""
+def execute_notebook(cell_timeout: int | None = None) -> nbformat.NotebookNode:
+    """The notebook, executed from the project root as a reader would run it, with its outputs.
+
+    Any cell error raises nbclient's CellExecutionError with its traceback; ``cell_timeout``
+    (seconds per cell, None: no limit) guards against a hung kernel.
+    """
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=cell_timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
+    return notebook
+
+
+def notebook_seconds() -> float:
+    """Wall time of one execution of the notebook, kernel start included."""
     started = time.perf_counter()
-    NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
+    execute_notebook()
     return time.perf_counter() - started
 
 

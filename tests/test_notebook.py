@@ -5,20 +5,13 @@ would fail whenever the shared machine is slow.
 """
 from __future__ import annotations
 
-import nbformat
-from nbclient import NotebookClient
+from benchmarks.notebook_runtime import execute_notebook
 
-from tests.project_copy import PROJECT_ROOT
-
-NOTEBOOK = PROJECT_ROOT / "notebooks" / "quantization_demo.ipynb"
 CELL_TIMEOUT = 600  # seconds: only a guard against a hung kernel, far above any cell's normal time
 
 
 def test_demo_notebook_runs_and_draws_every_figure():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    # Run from the project root, as a reader would; any cell error raises CellExecutionError with its traceback.
-    NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
-                   resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
+    notebook = execute_notebook(CELL_TIMEOUT)
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     text = "".join(output.get("text", "") for output in outputs)
