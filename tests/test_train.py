@@ -65,12 +65,14 @@ def test_training_is_bit_for_bit_deterministic_on_cpu(synthetic_images, model_na
     params = dataclasses.replace(FAST, augment=True, schedule="onecycle", epochs=2, threads=threads)
     weights = []
     threads_before = torch.get_num_threads()
-    for _ in range(2):
-        torch.randn(7)  # moves the global RNG: nothing below may depend on its state
-        model = build_model(model_name, seed=params.seed)
-        train_model(model, images, labels, params, progress=False)
-        weights.append(model.state_dict())
-    torch.set_num_threads(threads_before)  # train_model sets the process-wide thread count
+    try:
+        for _ in range(2):
+            torch.randn(7)  # moves the global RNG: nothing below may depend on its state
+            model = build_model(model_name, seed=params.seed)
+            train_model(model, images, labels, params, progress=False)
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads_before)  # train_model sets the process-wide thread count
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
