@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from pipeline.models import MODELS
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS
@@ -20,6 +20,11 @@ from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATOR
 
 class ParamsError(ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
+
+
+# Seeds feed torch.manual_seed and numpy's generators; torch takes at most an unsigned 64-bit value,
+# so a larger one would pass here and overflow in the stage.
+MAX_SEED = 2**64 - 1
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -30,12 +35,16 @@ def _bounds(low: float | None = None, high: float | None = None, low_open: bool 
     return {"low": low, "high": high, "low_open": low_open}
 
 
+def _non_empty() -> dict[str, Any]:
+    return {"non_empty": True}
+
+
 @dataclasses.dataclass(frozen=True)
 class DownloadParams:
     # "official": download the official binary archive (md5-verified). Otherwise a local
     # path: the official archive on disk, or an image-folder archive or folder
     # laid out train|test/<class>/<image>.
-    source: str = "official"
+    source: str = dataclasses.field(default="official", metadata=_non_empty())  # "" would read the working folder
     # Optional sha256 of a local archive; without it a SHA256SUMS file beside the archive is used.
     sha256: str | None = None
 
@@ -51,7 +60,7 @@ class TrainParams:
     weight_decay: float = dataclasses.field(default=0.0, metadata=_bounds(0.0))
     schedule: str = dataclasses.field(default="constant", metadata=_choice("constant", "onecycle"))
     augment: bool = False  # random crop (4 px padding) + horizontal flip, on the training device
-    seed: int = dataclasses.field(default=0, metadata=_bounds(0))
+    seed: int = dataclasses.field(default=0, metadata=_bounds(0, MAX_SEED))
     device: str = dataclasses.field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     threads: int = dataclasses.field(default=1, metadata=_bounds(1))  # CPU threads for torch
 
@@ -59,7 +68,7 @@ class TrainParams:
 @dataclasses.dataclass(frozen=True)
 class ProfileParams:
     num_samples: int = dataclasses.field(default=2000, metadata=_bounds(1))  # calibration images from the training split
-    seed: int = dataclasses.field(default=0, metadata=_bounds(0))  # picks the calibration subset
+    seed: int = dataclasses.field(default=0, metadata=_bounds(0, MAX_SEED))  # picks the calibration subset
     batch_size: int = dataclasses.field(default=500, metadata=_bounds(1))
     calibrator: str = dataclasses.field(default="seed", metadata=_choice(*ACTIVATION_CALIBRATORS))
     percentile: float = dataclasses.field(default=99.99, metadata=_bounds(0.0, 100.0, low_open=True))  # percentile only
@@ -126,6 +135,8 @@ def _check_type(key: str, value: Any, annotation: str) -> Any:
 def _check_metadata(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
     if value is None:
         return
+    if metadata.get("non_empty") and not value.strip():
+        raise ParamsError(f"{key}: value {value!r} is empty; allowed: a non-empty string")
     if "choices" in metadata and value not in metadata["choices"]:
         raise ParamsError(f"{key}: value {value!r} is not allowed; allowed: {', '.join(metadata['choices'])}")
     low, high = metadata.get("low"), metadata.get("high")
@@ -167,7 +178,17 @@ def parse_params(raw: Any) -> Params:
     return Params(**{name: parse_section(name, section_type, raw.get(name)) for name, section_type in SECTIONS.items()})
 
 
+def read_params_file(path: str | Path = "params.yaml") -> Any:
+    """Parse ``params.yaml`` as DVC does (ruamel.yaml, YAML 1.2: ``1e-3`` is a float, ``yes`` a string)."""
+    try:
+        with open(path) as handle:
+            return YAML(typ="safe").load(handle)
+    except OSError as error:
+        raise ParamsError(f"{path}: cannot be read ({error.strerror})") from error
+    except YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from error
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``."""
-    with open(path) as handle:
-        return parse_params(yaml.safe_load(handle))
+    return parse_params(read_params_file(path))

@@ -1,14 +1,27 @@
+import subprocess
+
 import pytest
 
-from pipeline.params import ParamsError, TrainParams, load_params, parse_params
+from pipeline.params import DownloadParams, ParamsError, TrainParams, load_params, parse_params, read_params_file
+from tests.project_copy import PROJECT_ROOT
 
 
-def test_committed_params_file_is_valid_and_is_the_seed_recipe():
-    params = load_params("params.yaml")
-    assert params.download.source == "official"
+def test_params_file_is_valid_and_is_the_seed_recipe():
+    # The workspace file, which the README's offline step edits: only download.source may differ.
+    params = load_params(PROJECT_ROOT / "params.yaml")
     train = params.train
     assert (train.model, train.epochs, train.batch_size, train.optimizer) == ("net", 2, 4, "sgd")
     assert (train.lr, train.momentum, train.augment, train.schedule) == (0.001, 0.9, False, "constant")
+
+
+def test_the_committed_download_source_is_the_official_archive(tmp_path):
+    # What a fresh clone gets (git's copy, not the workspace's, which the offline step may point at a mirror).
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if committed.returncode != 0:
+        pytest.skip(f"not a git checkout with a commit: {committed.stderr.strip()}")
+    (tmp_path / "params.yaml").write_text(committed.stdout)
+    assert load_params(tmp_path / "params.yaml").download.source == "official"
+    assert DownloadParams().source == "official"
 
 
 def test_missing_sections_take_defaults():
@@ -40,6 +53,11 @@ def test_missing_sections_take_defaults():
         ({"quantize_weights": {"calibrator": "entropy"}}, "quantize_weights.calibrator: value 'entropy' is not allowed; allowed: sigma, minmax, mse"),
         ({"download": {"source": None}}, "download.source: value null is not allowed; expected str"),
         ({"train": [1, 2]}, "train: expected a mapping"),
+        ({"train": {"seed": 99999999999999999999}},
+         "train.seed: value 99999999999999999999 is out of range; allowed: <= 18446744073709551615"),
+        ({"profile": {"seed": -1}}, "profile.seed: value -1 is out of range; allowed: >= 0"),
+        ({"download": {"source": ""}}, "download.source: value '' is empty; allowed: a non-empty string"),
+        ({"download": {"source": "  "}}, "download.source: value '  ' is empty; allowed: a non-empty string"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, message):
@@ -50,3 +68,28 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, message):
 
 def test_integer_is_accepted_for_a_float_param():
     assert parse_params({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_params_are_read_as_dvc_reads_them_yaml_1_2(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as a string and `yes` as true; DVC's ruamel.yaml reads 0.001 and 'yes'.
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\n")
+    train = load_params(path).train
+    assert (train.lr, train.weight_decay) == (0.001, 0.0005)
+    path.write_text("train:\n  augment: yes\n")
+    with pytest.raises(ParamsError, match="train.augment: value 'yes' has the wrong type; expected bool"):
+        load_params(path)
+
+
+def test_a_yaml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: not valid YAML: "):
+        read_params_file(path)
+
+
+def test_the_largest_seed_torch_takes_is_allowed():
+    import torch
+
+    seed = parse_params({"train": {"seed": 2**64 - 1}}).train.seed
+    torch.Generator().manual_seed(seed)
