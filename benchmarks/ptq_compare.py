@@ -28,12 +28,13 @@ from torch import nn
 
 from pipeline.data import load_arrays
 from pipeline.evaluation import engine_predictions, percent_equal
-from pipeline.io import read_json
+from pipeline.io import load_checkpoint, read_json
+from pipeline.models import restore_model
 from pipeline.profile import profile_activations
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, activation_range
 from pipeline.quant.model import build_integer_model, quantize_model_weights
 from pipeline.train import normalize, predict
-from stages.common import ARRAYS, CHECKPOINT, PROFILE, load_trained_model
+from stages.common import ARRAYS, CHECKPOINT, PROFILE
 
 DEFAULT = ("seed", "sigma", "per_tensor")
 
@@ -63,7 +64,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     arrays = load_arrays(ARRAYS)
-    model, checkpoint = load_trained_model(args.checkpoint)
+    checkpoint = load_checkpoint(args.checkpoint)
+    model = restore_model(checkpoint, checkpoint.get("model"), args.checkpoint).eval()  # any model this pipeline trains
     mean, std = checkpoint["mean"], checkpoint["std"]
     indices = np.asarray(read_json(PROFILE)["indices"])
     calibration_images = torch.from_numpy(arrays.train_images[indices])

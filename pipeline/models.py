@@ -8,7 +8,8 @@ tracing, and the state_dict keys match the seed's (``conv1.weight``, ...).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,3 +86,52 @@ def build_model(name: str, seed: int | None = None) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not hold the model the params name, or holds non-finite weights."""
+
+
+def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of floating-point tensors that hold NaN or infinity (a diverged run), in order."""
+    return [
+        key for key, value in state_dict.items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+def restore_model(checkpoint: Mapping[str, Any], expected_model: str, where: str) -> nn.Sequential:
+    """The model a checkpoint holds, checked against the model the params name; ``where`` names the file.
+
+    Three checks, each a CheckpointError that says what to do: the recorded model name is
+    ``expected_model`` (a checkpoint of another model is never quantized as if it were this one),
+    its tensors fit that architecture, and every weight is finite.
+    """
+    recorded = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
+    if recorded is None or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{where}: not a checkpoint of this pipeline (no model name or state_dict); rerun the train stage")
+    if recorded != expected_model:
+        raise CheckpointError(
+            f"{where}: holds a {recorded!r} model but train.model is {expected_model!r}; "
+            "rerun the train stage (dvc repro) or set train.model to the checkpoint's model"
+        )
+    state_dict = checkpoint["state_dict"]
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        raise CheckpointError(
+            f"{where}: non-finite values (NaN or infinity) in {', '.join(bad)}; the training run diverged: "
+            "lower train.lr or retrain"
+        )
+    model = build_model(recorded)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:  # missing or unexpected keys, or tensors of another shape
+        raise CheckpointError(
+            f"{where}: its weights do not fit the {recorded!r} architecture ({_first_line(error)}); rerun the train stage"
+        ) from None
+    return model
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines[:3])

@@ -22,6 +22,13 @@ from pipeline.progress import progress_bar
 SEED_MEAN = (0.5, 0.5, 0.5)
 SEED_STD = (0.5, 0.5, 0.5)
 CROP_PADDING = 4  # pixels, the usual CIFAR random-crop padding
+# Steps between checks for a non-finite loss. Reading a flag back from a GPU waits for it to finish
+# its queued work, so the flag is read every so often, not at every step; the step it names is exact.
+DIVERGENCE_CHECK_STEPS = 200
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss (NaN or infinity); the message names the epoch and step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +153,7 @@ def train_model(
         order = torch.randperm(count, generator=generator).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # -1: every loss so far finite
         for step in progress_bar(range(steps_per_epoch), f"epoch {epoch}/{params.epochs}", progress):
             batch_index = order[step * params.batch_size : (step + 1) * params.batch_size]
             # index_select, not images[batch_index]: the same rows, at a quarter of advanced indexing's cost.
@@ -163,6 +171,9 @@ def train_model(
             # Accumulate on the device: a .item() per step would synchronize every batch.
             loss_sum.add_(loss.detach(), alpha=len(targets))
             correct.add_((logits.argmax(1) == targets).sum())
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
+            if (step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps_per_epoch:
+                _raise_if_diverged(int(first_bad_step), epoch, steps_per_epoch, params)
         history.append(
             EpochRecord(
                 epoch=epoch,
@@ -174,6 +185,15 @@ def train_model(
         )
     model.eval()
     return history
+
+
+def _raise_if_diverged(first_bad_step: int, epoch: int, steps_per_epoch: int, params: TrainParams) -> None:
+    if first_bad_step >= 0:
+        raise DivergedError(
+            f"training diverged: the loss is not finite (NaN or infinity) at epoch {epoch}, step "
+            f"{first_bad_step + 1} of {steps_per_epoch}; no checkpoint written. Lower train.lr (now {params.lr}) "
+            "or use train.schedule: onecycle"
+        )
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.io import load_checkpoint
-from pipeline.models import build_model
+from pipeline.models import CheckpointError, restore_model
 from pipeline.params import Params, ParamsError, load_params
 
 PARAMS_FILE = "params.yaml"
@@ -39,9 +39,15 @@ def start_stage(name: str) -> Params:
         sys.exit(f"[{name}] invalid {PARAMS_FILE}: {error}")
 
 
-def load_trained_model(path: Path = CHECKPOINT) -> tuple[nn.Sequential, dict[str, Any]]:
-    """The float model of the train stage, in eval mode, and its checkpoint's metadata."""
+def load_trained_model(expected_model: str, path: Path = CHECKPOINT) -> tuple[nn.Sequential, dict[str, Any]]:
+    """The float model of the train stage, in eval mode, and its checkpoint's metadata.
+
+    A checkpoint of another model than ``expected_model`` (the ``train.model`` param), or with
+    non-finite weights, ends the stage with an error naming the file and the tensors.
+    """
     checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint["model"])
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model = restore_model(checkpoint, expected_model, str(path))
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
     return model.eval(), checkpoint

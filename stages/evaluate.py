@@ -43,10 +43,11 @@ def _decibels(values: dict[str, float]) -> dict[str, float | None]:
 
 
 def main() -> None:
-    params = start_stage("evaluate").evaluate
+    all_params = start_stage("evaluate")
+    params = all_params.evaluate
     arrays = load_arrays(ARRAYS)
     images, labels = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)
-    model, checkpoint = load_trained_model(CHECKPOINT)
+    model, checkpoint = load_trained_model(all_params.train.model, CHECKPOINT)
     mean, std = checkpoint["mean"], checkpoint["std"]
 
     fp32 = accuracy_report(predict(model, images, mean, std, params.batch_size), labels, arrays.class_names)

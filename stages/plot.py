@@ -26,8 +26,8 @@ from stages.common import (
 
 
 def main() -> None:
-    start_stage("plot")  # no params of its own, but a broken params.yaml still fails before any work
-    model, _ = load_trained_model(CHECKPOINT)
+    params = start_stage("plot")  # no params section of its own; train.model checks the checkpoint
+    model, _ = load_trained_model(params.train.model, CHECKPOINT)
     quantized_weights, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     metrics = read_json(METRICS)
     shares = write_plots(

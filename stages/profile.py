@@ -13,9 +13,10 @@ from stages.common import ARRAYS, CHECKPOINT, PROFILE, load_trained_model, start
 
 
 def main() -> None:
-    params = start_stage("profile").profile
+    all_params = start_stage("profile")
+    params = all_params.profile
     train_images = load_arrays(ARRAYS).train_images
-    model, checkpoint = load_trained_model(CHECKPOINT)
+    model, checkpoint = load_trained_model(all_params.train.model, CHECKPOINT)
     try:
         indices = calibration_indices(len(train_images), params.num_samples, params.seed)
     except ValueError as error:

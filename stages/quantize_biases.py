@@ -10,8 +10,8 @@ from stages.common import CHECKPOINT, INTEGER_MODEL, PROFILE, QUANTIZED_WEIGHTS,
 
 
 def main() -> None:
-    start_stage("quantize-biases")
-    model, checkpoint = load_trained_model(CHECKPOINT)
+    params = start_stage("quantize-biases")
+    model, checkpoint = load_trained_model(params.train.model, CHECKPOINT)
     activation_ranges = {name: layer["range"] for name, layer in read_json(PROFILE)["layers"].items()}
     quantized_weights, _ = load_quantized_weights(QUANTIZED_WEIGHTS)
     try:

@@ -10,8 +10,9 @@ from stages.common import CHECKPOINT, QUANTIZED_WEIGHTS, WEIGHT_ONLY_CHECKPOINT,
 
 
 def main() -> None:
-    params = start_stage("quantize-weights").quantize_weights
-    model, checkpoint = load_trained_model(CHECKPOINT)
+    all_params = start_stage("quantize-weights")
+    params = all_params.quantize_weights
+    model, checkpoint = load_trained_model(all_params.train.model, CHECKPOINT)
     options = {"k": params.k} if params.calibrator == "sigma" else {}
     quantized = quantize_model_weights(model, params.bits, params.calibrator, params.granularity, options)
     meta = {"bits": params.bits, "calibrator": params.calibrator, "options": options, "granularity": params.granularity}

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import io
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from pipeline.data import load_arrays
 from pipeline.io import atomic_path, save_checkpoint, write_json
 from pipeline.models import build_model
-from pipeline.train import SEED_MEAN, SEED_STD, EpochRecord, resolve_device, train_model
+from pipeline.train import SEED_MEAN, SEED_STD, DivergedError, EpochRecord, resolve_device, train_model
 from stages.common import ARRAYS, CHECKPOINT, TRAIN_CURVES, TRAIN_METRICS, start_stage
 
 # The curves hold what training computed, not how long it took: the same run gives the same file,
@@ -38,7 +39,12 @@ def main() -> None:
     model = build_model(params.model, seed=params.seed)
     logging.info("training %s on %s for %d epochs", params.model, device, params.epochs)
     started = time.perf_counter()
-    history = train_model(model, torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels), params)
+    try:
+        history = train_model(
+            model, torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels), params
+        )
+    except DivergedError as error:
+        sys.exit(f"[train] {error}")
     seconds = time.perf_counter() - started
     checkpoint = {
         "model": params.model,

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import MODELS, BNNet, Net, build_model
+from pipeline.models import MODELS, BNNet, CheckpointError, Net, build_model, restore_model
 
 
 def test_net_is_the_seed_architecture():
@@ -49,3 +49,39 @@ def test_seeded_models_start_from_the_same_weights_and_leave_the_global_rng_alon
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     other = build_model(name, seed=6)
     assert not torch.equal(first.state_dict()[next(iter(first.state_dict()))], other.state_dict()[next(iter(other.state_dict()))])
+
+
+def _checkpoint(name: str) -> dict:
+    return {"model": name, "state_dict": build_model(name, seed=0).state_dict()}
+
+
+def test_restore_model_gives_the_checkpoint_weights():
+    checkpoint = _checkpoint("net")
+    model = restore_model(checkpoint, "net", "data/model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), checkpoint["state_dict"].values()))
+
+
+def test_a_checkpoint_of_another_model_than_the_params_name_is_an_error():
+    with pytest.raises(CheckpointError, match=r"data/model.pt: holds a 'bnnet' model but train.model is 'net'; rerun"):
+        restore_model(_checkpoint("bnnet"), "net", "data/model.pt")
+
+
+def test_weights_of_another_architecture_are_an_error_naming_the_model():
+    checkpoint = {"model": "net", "state_dict": build_model("bnnet").state_dict()}  # a mislabelled file
+    with pytest.raises(CheckpointError, match=r"data/model.pt: its weights do not fit the 'net' architecture \("
+                                              r".*Missing key\(s\) in state_dict: \"conv1.bias\""):
+        restore_model(checkpoint, "net", "data/model.pt")
+
+
+def test_non_finite_weights_are_an_error_naming_each_tensor():
+    checkpoint = _checkpoint("net")
+    checkpoint["state_dict"]["conv2.weight"][0, 0, 0, 0] = float("nan")
+    checkpoint["state_dict"]["fc3.bias"][1] = float("inf")
+    with pytest.raises(CheckpointError, match=r"data/model.pt: non-finite values \(NaN or infinity\) in "
+                                              r"conv2.weight, fc3.bias; the training run diverged"):
+        restore_model(checkpoint, "net", "data/model.pt")
+
+
+def test_a_file_that_is_not_a_pipeline_checkpoint_is_an_error():
+    with pytest.raises(CheckpointError, match="not a checkpoint of this pipeline"):
+        restore_model({"conv1.weight": torch.zeros(1)}, "net", "other.pt")

@@ -8,6 +8,7 @@ from pipeline.params import TrainParams
 from pipeline.train import (
     SEED_MEAN,
     SEED_STD,
+    DivergedError,
     EpochRecord,
     accuracy_report,
     augment,
@@ -121,3 +122,26 @@ def test_normalized_batches_cover_the_images_in_order_with_a_short_last_batch(sy
     batches = list(normalized_batches(images, SEED_MEAN, SEED_STD, 4, "test", progress=False))
     assert [len(batch) for batch in batches] == [4, 4, 2]
     assert torch.equal(torch.cat(batches), normalize(images, SEED_MEAN, SEED_STD))
+
+
+def test_a_diverging_run_fails_naming_the_epoch_and_step(synthetic_images):
+    images, labels = synthetic_images
+    diverging = dataclasses.replace(FAST, lr=1e6, epochs=2)
+    with pytest.raises(DivergedError, match=r"training diverged: the loss is not finite \(NaN or infinity\) at "
+                                            r"epoch 1, step \d+ of 4; no checkpoint written. Lower train.lr \(now 1000000.0\)"):
+        train_model(Net(), images, labels, diverging, progress=False)
+
+
+def test_the_step_named_is_the_first_with_a_non_finite_loss(synthetic_images, monkeypatch):
+    images, labels = synthetic_images
+    calls = []
+    real_loss = torch.nn.CrossEntropyLoss.forward
+
+    def loss_nan_from_step_3(self, logits, targets):
+        calls.append(1)
+        loss = real_loss(self, logits, targets)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", loss_nan_from_step_3)
+    with pytest.raises(DivergedError, match=r"at epoch 1, step 3 of 4;"):
+        train_model(Net(), images, labels, FAST, progress=False)
