@@ -15,6 +15,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from pipeline.data import CLASS_NAMES
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -78,7 +80,7 @@ def set_params(project: Path, updates: dict[str, dict]) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-CLASSES = [f"class{index}" for index in range(10)]
+CLASSES = list(CLASS_NAMES)  # the download stage accepts exactly CIFAR-10's ten class folders
 # Params that make a whole pipeline run take seconds on the tiny dataset (8 train, 3 test images per class).
 TINY_PARAMS = {"train": {"epochs": 1, "batch_size": 16}, "profile": {"num_samples": 40, "batch_size": 40}}
 

@@ -23,6 +23,9 @@ NOT_RUN_BY_STAGE = {
     # params.py imports the model and calibrator names only to validate params.yaml;
     # stages/common.py imports build_model for the stages after train.
     "download": {"pipeline/models.py", "pipeline/quant/calibrators.py", "pipeline/quant/ranges.py"},
+    # check-params only validates; stages/common.py imports pipeline.io for the other stages' checkpoints.
+    "check-params": {"pipeline/io.py", "pipeline/models.py", "pipeline/quant/calibrators.py",
+                     "pipeline/quant/ranges.py"},
     "train": {"pipeline/quant/calibrators.py", "pipeline/quant/ranges.py"},
     # pipeline.export.artifacts imports them for export_agreement, which the evaluate stage runs.
     "export": {"pipeline/evaluation.py", "pipeline/train.py"},

@@ -8,7 +8,7 @@ import pytest
 
 from tests.project_copy import run, set_params, tiny_project_copy
 
-ALL_STAGES = {"download", "train", "profile", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
+ALL_STAGES = {"check-params", "download", "train", "profile", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
 
 def ran_stages(output: str) -> set[str]:
@@ -52,7 +52,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
 
     set_params(project, {"quantize_weights": {"k": 2.5}})
     third = run(["dvc", "repro"], project)
-    assert ran_stages(third.stdout) == {"quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
+    assert ran_stages(third.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
     set_params(project, {"train": {"epochs": 2}})
     fourth = run(["dvc", "repro"], project)
@@ -72,3 +72,21 @@ def test_bad_param_fails_before_work_and_leaves_no_output(project):
         assert not (project / "data/model.pt").exists()
     finally:
         set_params(project, {"train": {"epochs": 2}})
+
+
+@pytest.mark.slow
+def test_a_misspelled_section_fails_repro_and_exp_run_even_when_no_stage_would_run(project):
+    run(["dvc", "repro"], project)  # everything up to date first
+    params = project / "params.yaml"
+    original = params.read_text()
+    message = "trian: unknown section; allowed sections: download, train, profile, quantize_weights, evaluate"
+    try:
+        params.write_text(original + "trian:\n  epochs: 5\n")
+        result = run(["dvc", "repro"], project, check=False)
+        assert result.returncode != 0 and message in result.stdout + result.stderr
+        params.write_text(original)
+        # DVC adds a new key only with "+"; check-params then rejects it.
+        result = run(["dvc", "exp", "run", "-S", "+trian.epochs=5"], project, check=False)
+        assert result.returncode != 0 and message in result.stdout + result.stderr
+    finally:
+        params.write_text(original)
