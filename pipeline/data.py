@@ -11,7 +11,12 @@ An archive is verified before any of its contents is parsed: against the
 ``sha256`` given by the caller, else against a ``SHA256SUMS`` file beside it,
 else (official layout only) against the official md5. Archives are read as a
 stream, never extracted, and members that are links or that would escape the
-archive root are rejected. Nothing is ever unpickled.
+archive root are rejected. Nothing is ever unpickled. A folder source may use
+symlinks to files and folders inside it, never outside it.
+
+The classes must be CIFAR-10's ten (``CLASS_NAMES``), and images must have 8-bit
+samples, so that decoding to uint8 RGB is exact. The manifest records a sha256 of
+each decoded array and the decoder versions, so two machines can compare pixels.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
+import PIL
+from PIL import Image, features
 
 from pipeline.io import atomic_path
 from pipeline.progress import progress_bar
@@ -52,9 +58,17 @@ OFFICIAL_META_FILE = "batches.meta.txt"
 IMAGE_SIZE = 32
 RECORD_BYTES = 1 + 3 * IMAGE_SIZE * IMAGE_SIZE  # label byte + CHW pixels
 SPLITS = ("train", "test")
+ARRAY_FIELDS = ("train_images", "train_labels", "test_images", "test_labels")
 IMAGE_FOLDER_LAYOUT = "[top folder/]train|test/<class>/<image>"
 # Plain raster formats only: some Pillow plugins (EPS) run external programs on load.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "PPM", "TIFF", "WEBP")
+# Modes with 8-bit samples, whose conversion to 8-bit RGB is exact; others would be clipped
+# ("I;16", "I": 99% of a 16-bit grayscale image turns 255) or converted without colour
+# management ("CMYK"). A 16-bit RGB PNG opens as "RGB" holding each sample's high byte, within
+# 1 of exact rounding, so it is accepted. RGBA and LA are accepted when fully opaque: tools often
+# write opaque images with an alpha channel, and dropping an all-255 alpha loses nothing; under
+# transparent pixels the colour is arbitrary and CIFAR-10 has no background to composite onto.
+IMAGE_MODES = ("RGB", "L", "P", "RGBA", "LA")
 
 _HASH_CHUNK = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -66,6 +80,13 @@ _FIX_HINT = (
 
 class DataError(Exception):
     """A data problem the user can fix; the message names the file and what is wrong."""
+
+
+class DownloadError(DataError):
+    """The official download failed on the network: the one data error that trying again can fix."""
+
+    # The download stage's exit status for it (EX_TEMPFAIL of sysexits.h); the Prefect flow retries only that.
+    exit_status = 75
 
 
 @dataclass(frozen=True)
@@ -167,7 +188,7 @@ def _download_official(download_dir: Path) -> Path:
         # Reuses an already-downloaded file whose md5 matches.
         download_url(OFFICIAL_URL, root=str(download_dir), md5=OFFICIAL_MD5)
     except (OSError, RuntimeError, http.client.HTTPException) as exc:
-        raise DataError(
+        raise DownloadError(
             f"Download of {OFFICIAL_URL} failed ({exc}). Without internet access, set "
             "download.source in params.yaml to a local copy: the official archive or an "
             "image-folder archive such as ../shared/data/cifar10-jpeg.tar.gz."
@@ -203,6 +224,27 @@ def _manifest(source: str, fmt: str, checksum: dict, arrays: CifarArrays) -> dic
         "checksum": checksum,
         "splits": {"train": split(arrays.train_labels), "test": split(arrays.test_labels)},
         "class_names": list(arrays.class_names),
+        # Over each array's little-endian C-order bytes: images uint8 (N, 32, 32, 3) HWC RGB,
+        # labels int64 (N,), N as in "splits".
+        "decoded_sha256": {field: _array_sha256(getattr(arrays, field)) for field in ARRAY_FIELDS},
+        # Binary records are copied, not decoded: no library version can change their pixels.
+        "decoders": _decoder_versions() if fmt == "image-folder" else None,
+    }
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    # Little-endian whatever the machine, so that hashes compare across machines.
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))).hexdigest()
+
+
+def _decoder_versions() -> dict:
+    """Versions of what turns image files into pixels: JPEG decoding (IDCT, chroma upsampling)
+    and lossy WebP's YUV to RGB conversion differ across library versions; None if not built in."""
+    return {
+        "pillow": PIL.__version__,
+        "libjpeg": features.version("jpg"),
+        "libjpeg_turbo": features.version("libjpeg_turbo"),
+        "libwebp": features.version("webp"),
     }
 
 
@@ -362,15 +404,55 @@ def _check_only_padding_left(tar: tarfile.TarFile) -> None:
 
 
 def _folder_entries(root: Path) -> list[_Entry]:
-    entries = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders.sort()  # deterministic walk order
-        for name in sorted(files):
-            file = Path(folder) / name
-            parts = file.relative_to(root).parts
-            if not _is_hidden(parts):
-                entries.append(_Entry(parts, file.read_bytes(), str(file)))
+    entries: list[_Entry] = []
+    real_root = Path(os.path.realpath(root))
+    try:
+        _walk_folder(root, (), real_root, frozenset({real_root}), entries)
+    except OSError as exc:
+        raise DataError(
+            f"{exc.filename}: unreadable ({exc.strerror}); every file of the source must be readable."
+        ) from exc
     return entries
+
+
+def _walk_folder(
+    folder: Path, parts: tuple[str, ...], real_root: Path, ancestors: frozenset[Path], entries: list[_Entry]
+) -> None:
+    """Append the files under ``folder`` in name order (deterministic), following symlinks.
+
+    os.walk does not follow folder links, which silently dropped a linked class folder.
+    ``ancestors`` holds the real paths of the folders above, so that a link back up to
+    one of them is reported instead of walked forever.
+    """
+    with os.scandir(folder) as scan:
+        children = sorted(scan, key=lambda child: child.name)
+    for child in children:
+        path, child_parts = Path(child.path), (*parts, child.name)
+        if _is_hidden(child_parts):
+            continue
+        if child.is_symlink():
+            _check_link(path, real_root)
+        if child.is_dir():
+            real = Path(os.path.realpath(path))
+            if real in ancestors:
+                raise DataError(
+                    f"{path}: symlink loop: it points at {real}, a folder that contains it; "
+                    "links must not point at a folder above them."
+                )
+            _walk_folder(path, child_parts, real_root, ancestors | {real}, entries)
+        else:
+            entries.append(_Entry(child_parts, path.read_bytes(), str(path)))
+
+
+def _check_link(link: Path, real_root: Path) -> None:
+    target = Path(os.path.realpath(link))
+    if not target.is_relative_to(real_root):
+        raise DataError(
+            f"{link}: symlink to {target}, outside the source folder {real_root}; "
+            "only links to files or folders inside the source folder are allowed."
+        )
+    if not link.exists():
+        raise DataError(f"{link}: broken symlink: its target {target} does not exist or is a symlink loop.")
 
 
 def _is_hidden(parts: tuple[str, ...]) -> bool:
@@ -415,8 +497,15 @@ def _decode_official(entries: list[_Entry], where: str) -> CifarArrays:
 def _official_class_names(meta: _Entry | None) -> tuple[str, ...]:
     if meta is None:
         return CLASS_NAMES
-    names = tuple(line.strip() for line in meta.data.decode("ascii", errors="replace").splitlines())
-    return tuple(name for name in names if name)
+    lines = (line.strip() for line in meta.data.decode("ascii", errors="replace").splitlines())
+    names = tuple(name for name in lines if name)
+    # Label i means CLASS_NAMES[i] everywhere downstream (the model has ten outputs), so the order counts too.
+    if names != CLASS_NAMES:
+        raise DataError(
+            f"{meta.where}: class names {', '.join(names) or '(none)'}; allowed: exactly CIFAR-10's ten, "
+            f"in label order: {', '.join(CLASS_NAMES)}."
+        )
+    return names
 
 
 def _decode_batch(entry: _Entry, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -457,7 +546,7 @@ def _image_folder_layout(entries: list[_Entry]) -> dict[str, dict[str, list[_Ent
 
 
 def _class_names(layout: dict[str, dict[str, list[_Entry]]], where: str) -> tuple[str, ...]:
-    """Class order is the sorted folder names, which is CIFAR-10's label order."""
+    """The class folders must be CIFAR-10's ten; labels follow ``CLASS_NAMES``, which is sorted."""
     for split in SPLITS:
         if not layout[split]:
             raise DataError(f"{where}: no '{split}' split; expected {IMAGE_FOLDER_LAYOUT}.")
@@ -468,7 +557,15 @@ def _class_names(layout: dict[str, dict[str, list[_Entry]]], where: str) -> tupl
             + [f"class '{c}' is in test but not in train" for c in sorted(test - train)]
         )
         raise DataError(f"{where}: {only}; both splits need the same class folders.")
-    return tuple(sorted(train))
+    # An 11th class crashes training (the model has ten outputs); a missing one shifts labels.
+    extra, missing = sorted(train - set(CLASS_NAMES)), sorted(set(CLASS_NAMES) - train)
+    if extra or missing:
+        found = "; ".join(
+            ([f"unexpected class folders {', '.join(extra)}"] if extra else [])
+            + ([f"missing class folders {', '.join(missing)}"] if missing else [])
+        )
+        raise DataError(f"{where}: {found}; allowed: exactly CIFAR-10's ten, {', '.join(CLASS_NAMES)}.")
+    return CLASS_NAMES
 
 
 def _decode_split(
@@ -491,11 +588,28 @@ def _decode_split(
 def _decode_image(entry: _Entry) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(entry.data), formats=IMAGE_FORMATS) as image:
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise DataError(
-                    f"{entry.where}: image is {image.size[0]}x{image.size[1]}, "
-                    f"every image must be {IMAGE_SIZE}x{IMAGE_SIZE}."
-                )
+            _check_image(image, entry.where)
             return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{entry.where}: unreadable image ({type(exc).__name__}: {exc}).") from exc
+
+
+def _check_image(image: Image.Image, where: str) -> None:
+    """Reject what ``convert("RGB")`` would not turn into exact 8-bit RGB (see IMAGE_MODES)."""
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(
+            f"{where}: image is {image.size[0]}x{image.size[1]}, "
+            f"every image must be {IMAGE_SIZE}x{IMAGE_SIZE}."
+        )
+    if image.mode not in IMAGE_MODES:
+        raise DataError(
+            f"{where}: image mode {image.mode} is not allowed; allowed: the 8-bit modes "
+            f"{', '.join(IMAGE_MODES)} (RGBA and LA only fully opaque). Convert the image to 8-bit RGB."
+        )
+    # An alpha channel, or a palette entry or colour key marked transparent.
+    if image.mode in ("RGBA", "LA") or "transparency" in image.info:
+        if image.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+            raise DataError(
+                f"{where}: image mode {image.mode} has transparent pixels; allowed: fully opaque images "
+                "only, as CIFAR-10 has no background to put them on. Flatten the image onto one."
+            )

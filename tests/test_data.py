@@ -4,20 +4,27 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import shutil
+import struct
 import tarfile
 import urllib.error
+import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from pipeline import data
 from pipeline.data import CifarArrays, DataError, acquire, load_arrays, save_arrays
 
 RECORDS_PER_BATCH = 3
-META_NAMES = ("a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9")
-FOLDER_CLASSES = ("cat", "airplane")  # deliberately unsorted: labels must follow sorted order
+FOLDER_CLASSES = data.CLASS_NAMES[::-1]  # written in reverse: labels must follow CLASS_NAMES order
+ALLOWED_CLASSES = (
+    "allowed: exactly CIFAR-10's ten, airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck."
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -53,6 +60,31 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def png16_bytes(pixels: np.ndarray) -> bytes:
+    """A real 16-bit PNG, written by hand (Pillow cannot write 16-bit RGB): gray (H, W) or RGB (H, W, 3)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width = pixels.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, 16, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    rows = pixels.astype(">u2").reshape(height, -1)
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 per row
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def every_class(name: str, payload: bytes) -> dict[str, bytes]:
+    """One file ``name`` in each class folder of both splits."""
+    return {f"{split}/{cls}/{name}": payload for split in data.SPLITS for cls in data.CLASS_NAMES}
+
+
+def write_folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, payload in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(payload)
+    return root
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -66,7 +98,8 @@ def official(tmp_path: Path) -> dict:
     chw[0, 0, 0], chw[0, 0, 1] = 255, 0
     chw[0, 0, 2] = np.arange(32, dtype=np.uint8)[:, None]
     labels = rng.integers(0, 10, size=(len(names), RECORDS_PER_BATCH), dtype=np.uint8)
-    files = {f"{data.OFFICIAL_DIR}/{data.OFFICIAL_META_FILE}": ("\n".join(META_NAMES) + "\n\n").encode()}
+    meta = ("\n".join(data.CLASS_NAMES) + "\n\n").encode()
+    files = {f"{data.OFFICIAL_DIR}/{data.OFFICIAL_META_FILE}": meta}
     for i, name in enumerate(names):
         records = np.concatenate([labels[i][:, None], chw[i].reshape(RECORDS_PER_BATCH, -1)], axis=1)
         files[f"{data.OFFICIAL_DIR}/{name}"] = records.tobytes()
@@ -78,7 +111,7 @@ def official(tmp_path: Path) -> dict:
 
 @pytest.fixture
 def folder_images() -> dict[str, bytes]:
-    """2 classes x 2 PNG images per split, keyed by relative path train|test/<class>/<name>."""
+    """10 classes x 2 PNG images per split, keyed by relative path train|test/<class>/<name>."""
     rng = np.random.default_rng(1)
     return {
         f"{split}/{cls}/{i}.png": png_bytes(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
@@ -101,9 +134,9 @@ def make_folder_archive(tmp_path: Path, files: dict[str, bytes]) -> Path:
 
 
 def expected_folder_split(folder_images: dict[str, bytes], split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images in label order (sorted classes), then file name order."""
+    """Images in label order (CLASS_NAMES), then file name order."""
     images, labels = [], []
-    for label, cls in enumerate(sorted(FOLDER_CLASSES)):
+    for label, cls in enumerate(data.CLASS_NAMES):
         for i in range(2):
             images.append(np.asarray(Image.open(io.BytesIO(folder_images[f"{split}/{cls}/{i}.png"]))))
             labels.append(label)
@@ -127,13 +160,14 @@ def test_official_archive_decodes_exact_pixels_and_labels(official: dict) -> Non
     # The known pattern: HWC pixel (y, x) of record 0 is (255, 0, y).
     for y, x in [(0, 0), (5, 31), (31, 7)]:
         assert tuple(arrays.train_images[0, y, x]) == (255, 0, y)
-    assert arrays.class_names == META_NAMES
+    assert arrays.class_names == data.CLASS_NAMES
     assert manifest["format"] == "official-binary"
     assert manifest["checksum"] == {"algorithm": "sha256", "value": sha256, "verified": True}
     assert manifest["splits"]["train"]["count"] == 15 and manifest["splits"]["test"]["count"] == 3
     train_counts = np.bincount(labels[:5].reshape(-1), minlength=10)
-    assert manifest["splits"]["train"]["per_class"] == {n: int(c) for n, c in zip(META_NAMES, train_counts)}
-    assert manifest["class_names"] == list(META_NAMES)
+    per_class = {name: int(count) for name, count in zip(data.CLASS_NAMES, train_counts)}
+    assert manifest["splits"]["train"]["per_class"] == per_class
+    assert manifest["class_names"] == list(data.CLASS_NAMES)
 
 
 def test_official_layout_without_sha256_must_match_official_md5(official: dict) -> None:
@@ -167,6 +201,28 @@ def test_official_layout_missing_a_batch_is_rejected(tmp_path: Path, official: d
         acquire(str(archive), Path("unused"), sha256=sha256_of(archive), progress=False)
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9"),
+        data.CLASS_NAMES[::-1],  # the right ten in another order would relabel everything
+        data.CLASS_NAMES[:9],
+    ],
+)
+def test_official_meta_must_list_cifar10_classes_in_order(
+    tmp_path: Path, official: dict, names: tuple[str, ...]
+) -> None:
+    files = {**official["files"], f"{data.OFFICIAL_DIR}/{data.OFFICIAL_META_FILE}": "\n".join(names).encode()}
+    archive = write_tar(tmp_path / "renamed.tar.gz", files)
+    with pytest.raises(DataError) as error:
+        acquire(str(archive), Path("unused"), sha256=sha256_of(archive), progress=False)
+    assert str(error.value) == (
+        f"{archive} member 'cifar-10-batches-bin/batches.meta.txt': class names {', '.join(names)}; "
+        "allowed: exactly CIFAR-10's ten, in label order: "
+        "airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck."
+    )
+
+
 # --------------------------------------------------------------------------- the "official" source
 
 
@@ -175,9 +231,27 @@ def test_official_source_offline_points_at_download_source(monkeypatch, tmp_path
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr("torchvision.datasets.utils.download_url", offline)
-    with pytest.raises(DataError, match="download.source") as error:
+    with pytest.raises(data.DownloadError, match="download.source") as error:
         acquire("official", tmp_path / "dl", progress=False)
     assert data.OFFICIAL_URL in str(error.value)
+
+
+def test_the_download_stage_exits_with_the_retryable_status_only_on_a_network_failure(monkeypatch, tmp_path, capsys):
+    from stages import download as download_stage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("download:\n  source: official\n")
+    for error, status in [(data.DownloadError("Download of x failed"), data.DownloadError.exit_status),
+                          (DataError("x: sha256 mismatch"), "[download] x: sha256 mismatch")]:
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(download_stage, "acquire", failing)
+        with pytest.raises(SystemExit) as exited:
+            download_stage.main()
+        assert exited.value.code == status
+    assert data.DownloadError.exit_status == 75
+    assert not (tmp_path / "data").exists()
 
 
 def fake_download(archive: Path):
@@ -205,20 +279,20 @@ def test_official_source_checks_md5_itself(monkeypatch, tmp_path: Path, official
 # --------------------------------------------------------------------------- image-folder format
 
 
-def test_image_folder_archive_decodes_exact_pixels_in_sorted_class_order(
+def test_image_folder_archive_decodes_exact_pixels_in_class_names_order(
     folder_archive: Path, folder_images: dict[str, bytes], caplog
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         arrays, manifest = acquire(str(folder_archive), Path("unused"), progress=False)
 
-    assert arrays.class_names == ("airplane", "cat")
+    assert arrays.class_names == data.CLASS_NAMES
     for split in data.SPLITS:
         images, labels = expected_folder_split(folder_images, split)
         np.testing.assert_array_equal(getattr(arrays, f"{split}_images"), images)
         np.testing.assert_array_equal(getattr(arrays, f"{split}_labels"), labels)
     assert manifest["format"] == "image-folder"
     assert manifest["source"] == str(folder_archive)
-    assert manifest["splits"]["test"] == {"count": 4, "per_class": {"airplane": 2, "cat": 2}}
+    assert manifest["splits"]["test"] == {"count": 20, "per_class": {name: 2 for name in data.CLASS_NAMES}}
     expected = {"algorithm": "sha256", "value": sha256_of(folder_archive), "verified": False}
     assert manifest["checksum"] == expected
     assert "unverified" in caplog.text and folder_archive.name in caplog.text
@@ -227,10 +301,7 @@ def test_image_folder_archive_decodes_exact_pixels_in_sorted_class_order(
 def test_image_folder_directory_gives_the_same_arrays(
     tmp_path: Path, folder_archive: Path, folder_images: dict[str, bytes]
 ) -> None:
-    root = tmp_path / "folder"
-    for name, payload in folder_images.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(payload)
+    root = write_folder(tmp_path / "folder", folder_images)
     (root / "train" / ".DS_Store").write_bytes(b"litter")
 
     from_folder, manifest = acquire(str(root), Path("unused"), progress=False)
@@ -247,12 +318,128 @@ def test_jpeg_and_grayscale_images_decode_to_rgb(tmp_path: Path) -> None:
         Image.new(mode, (32, 32), color=128 if mode == "L" else (10, 200, 30)).save(buffer, format=fmt)
         return buffer.getvalue()
 
-    files = {f"{split}/c/{i}.jpg": encoded("RGB", "JPEG") for split in data.SPLITS for i in range(2)}
-    files["train/c/gray.png"] = encoded("L", "PNG")
+    files = every_class("0.jpg", encoded("RGB", "JPEG"))
+    files["train/airplane/gray.png"] = encoded("L", "PNG")
     arrays, _ = acquire(str(make_folder_archive(tmp_path, files)), Path("unused"), progress=False)
-    assert arrays.train_images.shape == (3, 32, 32, 3)
-    assert tuple(arrays.train_images[2, 0, 0]) == (128, 128, 128)
+    assert arrays.train_images.shape == (11, 32, 32, 3)
+    assert tuple(arrays.train_images[1, 0, 0]) == (128, 128, 128)
     assert np.abs(arrays.test_images[0].astype(int) - (10, 200, 30)).max() <= 3  # JPEG is lossy
+
+
+def test_16_bit_rgb_png_decodes_to_its_high_bytes(tmp_path: Path, folder_images: dict[str, bytes]) -> None:
+    # Pillow opens a 48-bit PNG as "RGB" keeping each sample's high byte: within 1 of v / 257 rounded.
+    deep = np.random.default_rng(3).integers(0, 1 << 16, size=(32, 32, 3), dtype=np.uint16)
+    files = {**folder_images, "train/airplane/0.png": png16_bytes(deep)}
+    arrays, _ = acquire(str(make_folder_archive(tmp_path, files)), Path("unused"), progress=False)
+    np.testing.assert_array_equal(arrays.train_images[0], (deep >> 8).astype(np.uint8))
+
+
+def mode_i_tiff() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 300, dtype=np.int32)).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, payload",
+    [
+        ("deep.png", png16_bytes(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)),
+        ("deep.tif", mode_i_tiff()),
+    ],
+)
+def test_image_with_more_than_8_bits_per_sample_is_rejected(
+    tmp_path: Path, folder_images: dict[str, bytes], name: str, payload: bytes
+) -> None:
+    # convert("RGB") clips such an image: almost every pixel of a 16-bit one would become 255.
+    mode = Image.open(io.BytesIO(payload)).mode  # "I;16" or "I", depending on the Pillow version
+    files = {**folder_images, f"test/bird/{name}": payload}
+    with pytest.raises(DataError) as error:
+        acquire(str(make_folder_archive(tmp_path, files)), Path("unused"), progress=False)
+    assert str(error.value) == (
+        f"{tmp_path / 'bad.tar.gz'} member 'test/bird/{name}': image mode {mode} is not allowed; "
+        "allowed: the 8-bit modes RGB, L, P, RGBA, LA (RGBA and LA only fully opaque). "
+        "Convert the image to 8-bit RGB."
+    )
+
+
+def test_opaque_rgba_image_decodes_to_its_rgb(tmp_path: Path, folder_images: dict[str, bytes]) -> None:
+    rgba = np.random.default_rng(5).integers(0, 256, size=(32, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    files = {**folder_images, "train/airplane/0.png": png_bytes(rgba)}
+    arrays, _ = acquire(str(make_folder_archive(tmp_path, files)), Path("unused"), progress=False)
+    np.testing.assert_array_equal(arrays.train_images[0], rgba[..., :3])
+
+
+def transparent_png(mode: str) -> bytes:
+    buffer = io.BytesIO()
+    if mode == "P":  # palette entry 0 marked transparent, as GIF and palette PNG do
+        Image.new("P", (32, 32), 0).save(buffer, format="PNG", transparency=0)
+    else:
+        pixels = np.full((32, 32, len(mode)), 200, dtype=np.uint8)
+        pixels[5, 7, -1] = 0  # one transparent pixel
+        Image.fromarray(pixels, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_image_with_transparent_pixels_is_rejected(
+    tmp_path: Path, folder_images: dict[str, bytes], mode: str
+) -> None:
+    files = {**folder_images, "train/frog/clear.png": transparent_png(mode)}
+    with pytest.raises(DataError) as error:
+        acquire(str(make_folder_archive(tmp_path, files)), Path("unused"), progress=False)
+    assert str(error.value) == (
+        f"{tmp_path / 'bad.tar.gz'} member 'train/frog/clear.png': image mode {mode} has transparent pixels; "
+        "allowed: fully opaque images only, as CIFAR-10 has no background to put them on. "
+        "Flatten the image onto one."
+    )
+
+
+# --------------------------------------------------------------------------- symlinks in a folder source
+
+
+def test_symlinked_class_folder_and_file_inside_the_folder_decode_like_real_ones(
+    tmp_path: Path, folder_archive: Path, folder_images: dict[str, bytes]
+) -> None:
+    root = write_folder(tmp_path / "folder", folder_images)
+    (root / ".store").mkdir()
+    shutil.move(root / "train" / "cat", root / ".store" / "cat")
+    (root / "train" / "cat").symlink_to(Path("..") / ".store" / "cat")  # relative link to a folder
+    shutil.move(root / "test" / "dog" / "0.png", root / ".store" / "dog-0.png")
+    (root / "test" / "dog" / "0.png").symlink_to(root / ".store" / "dog-0.png")  # absolute link to a file
+
+    from_folder, _ = acquire(str(root), Path("unused"), progress=False)
+    from_archive, _ = acquire(str(folder_archive), Path("unused"), progress=False)
+    for field in ("train_images", "train_labels", "test_images", "test_labels", "class_names"):
+        np.testing.assert_array_equal(getattr(from_folder, field), getattr(from_archive, field))
+
+
+@pytest.mark.parametrize("linked", ["train/cat", "test/dog/0.png"])
+def test_symlink_out_of_the_folder_is_rejected(
+    tmp_path: Path, folder_images: dict[str, bytes], linked: str
+) -> None:
+    root = write_folder(tmp_path / "folder", folder_images)
+    outside = tmp_path / "outside" / Path(linked).name
+    outside.parent.mkdir()
+    shutil.move(root / linked, outside)
+    (root / linked).symlink_to(outside)
+    with pytest.raises(DataError) as error:
+        acquire(str(root), Path("unused"), progress=False)
+    assert str(error.value) == (
+        f"{root / linked}: symlink to {os.path.realpath(outside)}, outside the source folder "
+        f"{os.path.realpath(root)}; only links to files or folders inside the source folder are allowed."
+    )
+
+
+def test_symlink_loop_is_rejected(tmp_path: Path, folder_images: dict[str, bytes]) -> None:
+    root = write_folder(tmp_path / "folder", folder_images)
+    (root / "train" / "cat" / "up").symlink_to(Path(".."))  # would be walked forever
+    with pytest.raises(DataError) as error:
+        acquire(str(root), Path("unused"), progress=False)
+    assert str(error.value) == (
+        f"{root / 'train' / 'cat' / 'up'}: symlink loop: it points at {os.path.realpath(root / 'train')}, "
+        "a folder that contains it; links must not point at a folder above them."
+    )
 
 
 # --------------------------------------------------------------------------- checksums
@@ -381,6 +568,26 @@ def test_unreadable_image_is_reported(tmp_path: Path, folder_images: dict[str, b
         acquire(str(make_folder_archive(tmp_path, files)), Path("unused"), progress=False)
 
 
+@pytest.mark.parametrize(
+    "add, remove, found",
+    [
+        ("zebra", None, "unexpected class folders zebra"),  # train would crash: Target 10 is out of bounds
+        (None, "truck", "missing class folders truck"),  # labels would silently cover nine classes
+        ("Truck", "truck", "unexpected class folders Truck; missing class folders truck"),
+    ],
+)
+def test_class_folders_must_be_the_cifar10_ten(
+    tmp_path: Path, folder_images: dict[str, bytes], add: str | None, remove: str | None, found: str
+) -> None:
+    files = {name: image for name, image in folder_images.items() if name.split("/")[1] != remove}
+    if add:
+        image = folder_images["train/cat/0.png"]
+        files.update({f"{split}/{add}/0.png": image for split in data.SPLITS})
+    with pytest.raises(DataError) as error:
+        acquire(str(make_folder_archive(tmp_path, files)), Path("unused"), progress=False)
+    assert str(error.value) == f"{tmp_path / 'bad.tar.gz'}: {found}; {ALLOWED_CLASSES}"
+
+
 # --------------------------------------------------------------------------- unsafe members
 
 
@@ -406,6 +613,34 @@ def test_unsafe_members_are_rejected(
     with pytest.raises(DataError, match="not allowed") as error:
         acquire(str(folder_archive), Path("unused"), progress=False)
     assert folder_archive.name in str(error.value) and info.name in str(error.value)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def decoded_sha256(arrays: CifarArrays) -> dict[str, str]:
+    fields = ("train_images", "train_labels", "test_images", "test_labels")
+    return {field: hashlib.sha256(getattr(arrays, field).tobytes()).hexdigest() for field in fields}
+
+
+def test_manifest_records_decoded_hashes_and_decoders_reproducibly(folder_archive: Path) -> None:
+    arrays, manifest = acquire(str(folder_archive), Path("unused"), progress=False)
+    assert manifest["decoded_sha256"] == decoded_sha256(arrays)
+    assert manifest["decoders"] == {
+        "pillow": PIL.__version__,
+        "libjpeg": features.version("jpg"),
+        "libjpeg_turbo": features.version("libjpeg_turbo"),
+        "libwebp": features.version("webp"),
+    }
+    _, again = acquire(str(folder_archive), Path("unused"), progress=False)
+    assert again == manifest
+
+
+def test_official_manifest_records_decoded_hashes_and_no_decoder(official: dict) -> None:
+    archive, sha256 = official["archive"], official["sha256"]
+    arrays, manifest = acquire(str(archive), Path("unused"), sha256=sha256, progress=False)
+    assert manifest["decoded_sha256"] == decoded_sha256(arrays)
+    assert manifest["decoders"] is None  # binary records are copied, not decoded
 
 
 # --------------------------------------------------------------------------- saved arrays
