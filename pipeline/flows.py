@@ -39,10 +39,15 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import task_run  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
+from pipeline.data import DownloadError  # noqa: E402
+
 DVC = "dvc"  # resolved on the PATH of stage_env(), so the venv's dvc wins
 # Only these stages touch the network; a retry cannot fix any other stage.
 NETWORK_STAGES = frozenset({"download"})
 NETWORK_RETRY_DELAYS = [10, 60]  # seconds before the 1st and 2nd retry
+# The download stage's exit status when the network failed: the one failure a retry can fix.
+# A bad checksum, a missing file or a bad params.yaml fails at once.
+TRANSIENT_EXIT_STATUS = DownloadError.exit_status
 STDERR_TAIL_LINES = 30  # enough for a Python traceback plus DVC's own error line
 ACCURACY_PREFIXES = ("accuracy",)  # metric keys shown in the tables
 PIPELINE_TABLE_KEY = "ptq-accuracy"
@@ -152,10 +157,18 @@ def repro_stage(project: str, stage: str) -> bool:
     return any(line.startswith("Running stage ") for line in finished.stdout)
 
 
+def failed_on_the_network(task: Task, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: the stage command exited with TRANSIENT_EXIT_STATUS (DVC reports it in its error)."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, CommandFailed) and f"exited with {TRANSIENT_EXIT_STATUS}" in str(error)
+
+
 def stage_task(stage: str) -> Task[[str, str], bool]:
-    """The repro task for a stage: with retries only when the stage reads from the network."""
+    """The repro task for a stage: with retries only when the stage reads from the network, and only
+    when the network is what failed."""
     if stage in NETWORK_STAGES:
-        return repro_stage.with_options(retries=len(NETWORK_RETRY_DELAYS), retry_delay_seconds=NETWORK_RETRY_DELAYS)
+        return repro_stage.with_options(retries=len(NETWORK_RETRY_DELAYS), retry_delay_seconds=NETWORK_RETRY_DELAYS,
+                                        retry_condition_fn=failed_on_the_network)
     return repro_stage
 
 

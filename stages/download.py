@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.data import DataError, acquire, save_arrays
+from pipeline.data import DataError, DownloadError, acquire, save_arrays
 from pipeline.io import write_json
 from stages.common import ARRAYS, MANIFEST, start_stage
 
@@ -15,6 +15,9 @@ def main() -> None:
     params = start_stage("download").download
     try:
         arrays, manifest = acquire(params.source, DOWNLOAD_DIR, sha256=params.sha256)
+    except DownloadError as error:
+        print(f"[download] {error}", file=sys.stderr)
+        sys.exit(DownloadError.exit_status)
     except DataError as error:
         sys.exit(f"[download] {error}")
     save_arrays(arrays, ARRAYS)

@@ -158,9 +158,25 @@ def test_a_failing_stage_raises_with_the_tail_of_its_stderr(fake_dvc, tmp_path):
 
 def test_only_network_stages_retry_and_prefect_never_caches_a_stage():
     assert flows.stage_task("download").retries == len(flows.NETWORK_RETRY_DELAYS) > 0
+    assert flows.stage_task("download").retry_condition_fn is flows.failed_on_the_network
     assert flows.stage_task("train").retries == 0
     assert flows.stage_task("download").cache_policy is NO_CACHE
     assert flows.stage_task("train").cache_policy is NO_CACHE
+
+
+YAML_ERROR_TAIL = ("[download] invalid params.yaml: params.yaml: not valid YAML: while parsing a flow sequence\n"
+                   "ERROR: failed to reproduce 'download': failed to run: python -m stages.download, exited with 1")
+NETWORK_ERROR_TAIL = ("[download] Download of https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz failed "
+                      "(<urlopen error [Errno -3] Temporary failure in name resolution>).\n"
+                      "ERROR: failed to reproduce 'download': failed to run: python -m stages.download, exited with "
+                      f"{flows.TRANSIENT_EXIT_STATUS}")
+
+
+@pytest.mark.parametrize(("tail", "retry"), [(YAML_ERROR_TAIL, False), (NETWORK_ERROR_TAIL, True)])
+def test_only_a_network_failure_is_retried(tail, retry):
+    failed = Failed(data=flows.CommandFailed(f"dvc repro --single-item download failed (exit 255); last stderr lines:\n{tail}"))
+    assert flows.failed_on_the_network(flows.stage_task("download"), None, failed) is retry
+    assert flows.failed_on_the_network(flows.stage_task("download"), None, Failed(data=ValueError("x"))) is False
 
 
 def test_metrics_table_lists_the_accuracy_metrics_of_readable_files():
@@ -283,6 +299,21 @@ def pipeline_runs(prefect_server, tiny_project) -> dict[str, Any]:
     lock_after_first = (tiny_project / "dvc.lock").read_text()
     second = flows.ptq_pipeline(project=str(tiny_project), return_state=True)
     return {"first": first, "second": second, "lock_after_first": lock_after_first}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tail", "attempts"), [(YAML_ERROR_TAIL, 1), (NETWORK_ERROR_TAIL, 3)])
+def test_the_flow_retries_download_only_when_the_network_failed(prefect_server, tmp_path, monkeypatch, tail, attempts):
+    folder = tmp_path / "fake-dvc"
+    folder.mkdir()
+    fake = FakeDvc(folder)
+    fake.reply(stdout="Running stage 'download':\n", stderr=tail + "\n", returncode=255)
+    monkeypatch.setattr(flows, "DVC", str(fake.script))
+    monkeypatch.setattr(flows, "NETWORK_RETRY_DELAYS", [0, 0])  # the count matters here, not the wait
+    (tmp_path / "dvc.yaml").write_text("stages:\n  download:\n    cmd: python -m stages.download\n")
+    state = flows.ptq_pipeline(project=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert len(fake.calls()) == attempts
 
 
 # A real run of every stage, twice, through an ephemeral Prefect server: about 2 minutes, so CI runs it with `slow`.
