@@ -1,5 +1,6 @@
 # Two entry points: `make repro` runs the pipeline, `make test` runs the tests.
-# Both create .venv and install the project only when pyproject.toml changed.
+# Both run the set-up first (`make install`): create .venv and install the project only when
+# pyproject.toml changed, and build the offline plots page that `dvc plots show` uses.
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,40 +13,39 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Stage commands run whatever `python` is first on PATH: make it the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-slow bench plots-html flow sweep clean
+.PHONY: install repro test test-slow bench flow sweep clean
 
-install: $(STAMP)
+install: $(STAMP) plot_templates/offline.html
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-repro: $(STAMP)
+repro: install
 	dvc repro
 
-test: $(STAMP)
+test: install
 	python -m pytest
 
-test-slow: $(STAMP)
+test-slow: install
 	python -m pytest -m slow
 
-bench: $(STAMP)
+bench: install
 	python -m benchmarks.train_throughput
 
 # The same stages through Prefect (embedded mode, no server to start).
-flow: $(STAMP)
+flow: install
 	python -m pipeline.flows
 
-sweep: $(STAMP)
+sweep: install
 	python -m pipeline.flows sweep
 
-# dvc plots show as a page that renders offline (vega inlined; npm fetches it once into .cache/vega).
-plot_templates/offline.html: plot_templates/build_offline_template.py
-	python3 plot_templates/build_offline_template.py
-
-plots-html: $(STAMP) plot_templates/offline.html
-	dvc plots show --html-template plot_templates/offline.html
+# The page template with vega, vega-lite and vega-embed inlined (from vl-convert-python, no network),
+# and plots.html_template in .dvc/config.local pointing at it: the plain `dvc plots show` and
+# `dvc plots diff` then render offline.
+plot_templates/offline.html: plot_templates/build_offline_template.py $(STAMP)
+	python plot_templates/build_offline_template.py
 
 clean:
 	rm -rf $(VENV)

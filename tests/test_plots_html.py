@@ -1,10 +1,16 @@
-"""`dvc plots diff` with the offline HTML template draws every plot of dvc.yaml in a headless browser, no network.
+"""The plain `dvc plots diff` / `dvc plots show`, configured as set-up configures them, draw every plot offline.
 
-Needs Chromium (Debian: ``apt-get install chromium``) and the built template
-(``python plot_templates/build_offline_template.py``); skipped without either.
+Set-up (``make install``) runs plot_templates/build_offline_template.py: it writes
+plot_templates/offline.html (vega, vega-lite and vega-embed inlined, from
+vl-convert-python) and sets ``plots.html_template`` in .dvc/config.local. Here
+the same script's ``build`` sets up a throwaway repo the same way, and the pages
+DVC writes there, with no ``--html-template`` flag, are drawn in headless
+Chromium with every request sent to a closed port. Needs Chromium (Debian:
+``apt-get install chromium``); skipped without it.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -23,7 +29,7 @@ from tests.test_plots import CSVS, synthetic_artifacts
 
 pytestmark = pytest.mark.slow
 
-TEMPLATE = PROJECT_ROOT / "plot_templates" / "offline.html"
+BUILDER_PATH = PROJECT_ROOT / "plot_templates" / "build_offline_template.py"
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 # No network (every request goes to a closed local port), no first-run or sync machinery; virtual time
 # lets vega's asynchronous rendering finish.
@@ -33,11 +39,26 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg")
 
 
+def load_builder():
+    """plot_templates/build_offline_template.py as a module (plot_templates/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("build_offline_template", BUILDER_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+builder = load_builder()
+
+
 def plot_files(definition: str | dict) -> list[str]:
     """The data files a dvc.yaml plot definition reads: its id, or the files named under its y."""
     plot_id, props = (definition, {}) if isinstance(definition, str) else next(iter(definition.items()))
     y = (props or {}).get("y")
     return list(y) if isinstance(y, dict) else [plot_id]
+
+
+def vega_plots(plots: list) -> list:
+    return [d for d in plots if not plot_files(d)[0].lower().endswith(IMAGE_SUFFIXES)]
 
 
 def write_revision(repo: Path, images: torch.Tensor, granularity: str) -> None:
@@ -55,13 +76,17 @@ def chromium(page: Path, *args: str) -> str:
     return result.stdout
 
 
+def local_template_setting(repo: Path) -> str | None:
+    result = run(["dvc", "config", "--local", builder.CONFIG_KEY], repo, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
-    if not TEMPLATE.exists():
-        pytest.skip(f"{TEMPLATE} is not built: python plot_templates/build_offline_template.py")
-    repo = tmp_path_factory.mktemp("plots") / "repo"
+    root = tmp_path_factory.mktemp("plots")
+    repo = root / "repo"
     repo.mkdir()
     run(["git", "init", "--quiet", "--initial-branch=main"], repo)
     run(["dvc", "init", "--quiet"], repo)
@@ -70,14 +95,26 @@ def rendered(tmp_path_factory):
     plots = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["plots"]
     # Only the plots section: the page is drawn from plot data, no stage needs to run.
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
+    (repo / ".gitignore").write_text(f"/{builder.TEMPLATE_NAME.as_posix()}\n")  # build output, as in the project
     images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     write_revision(repo, images, "per_tensor")
     run(["git", "add", "--all"], repo)
     run(["git", "commit", "--quiet", "-m", "per-tensor weights"], repo)
     write_revision(repo, images, "per_channel")
-    run(["dvc", "plots", "diff", "HEAD", "--html-template", str(TEMPLATE), "-o", "page"], repo)
-    page = repo / "page" / "index.html"
-    return {"repo": repo, "plots": plots, "page": page, "html": page.read_text(), "dom": chromium(page, "--dump-dom")}
+    # A checkout without set-up, for the control: DVC's own default page.
+    control = root / "control"
+    shutil.copytree(repo, control)
+
+    builder.build(repo)  # the set-up step: the template, and plots.html_template in .dvc/config.local
+    # The plain commands, no --html-template: diff from the repo root, show from a subdirectory (DVC
+    # resolves the relative setting against .dvc/, not the working directory).
+    run(["dvc", "plots", "diff", "HEAD", "-o", "page"], repo)
+    (repo / "data" / "plots" / "show").mkdir()
+    run(["dvc", "plots", "show", "-o", str(repo / "show-page")], repo / "data" / "plots" / "show")
+    pages = {name: repo / name / "index.html" for name in ("page", "show-page")}
+    return {"repo": repo, "control": control, "plots": plots, "page": pages["page"],
+            "html": {name: page.read_text() for name, page in pages.items()},
+            "dom": {name: chromium(page, "--dump-dom") for name, page in pages.items()}}
 
 
 def test_dvc_yaml_plots_the_plot_stage_data(rendered):
@@ -85,17 +122,36 @@ def test_dvc_yaml_plots_the_plot_stage_data(rendered):
     assert {f"data/plots/{name}" for name in CSVS} <= plotted
 
 
-def test_page_loads_nothing_from_the_network(rendered):
-    assert not re.search(r"<script[^>]+src=", rendered["html"]), "the page still loads scripts from elsewhere"
-    assert "vegaEmbed" in rendered["html"]
+def test_set_up_configures_dvc_locally(rendered):
+    """The setting lives in the git-ignored .dvc/config.local, pointing at the template relative to .dvc/."""
+    repo = rendered["repo"]
+    assert local_template_setting(repo) == "../plot_templates/offline.html"
+    assert (repo / ".dvc" / "../plot_templates/offline.html").resolve() == repo / "plot_templates" / "offline.html"
+    assert "html_template" not in (repo / ".dvc" / "config").read_text()
+    assert run(["git", "check-ignore", "--quiet", ".dvc/config.local"], repo, check=False).returncode == 0
+    assert run(["git", "status", "--porcelain", "--", ".dvc", "plot_templates"], repo).stdout == ""
+    # Running set-up again changes nothing.
+    assert "already" in builder.configure(repo)
+
+
+def test_pages_load_nothing_from_the_network(rendered):
+    for name in ("page", "show-page"):
+        for text in (rendered["html"][name], rendered["dom"][name]):
+            assert not re.search(r"<script[^>]+src=", text), f"{name} still loads scripts from elsewhere"
+        assert "cdn.jsdelivr.net" not in rendered["html"][name]
+        assert "vegaEmbed('#" in rendered["html"][name]  # DVC's own plot scripts, filled into the template
 
 
 def test_every_vega_plot_renders_a_canvas_for_both_revisions(rendered):
-    vega_plots = [d for d in rendered["plots"] if not plot_files(d)[0].lower().endswith(IMAGE_SUFFIXES)]
-    embedded = re.findall(r'class="vega-embed[^"]*"', rendered["dom"])
-    canvases = re.findall(r'<canvas[^>]*class="marks"', rendered["dom"])
-    assert len(embedded) == len(canvases) == len(vega_plots) >= 9
-    assert rendered["html"].count('"rev": "HEAD"') and rendered["html"].count('"rev": "workspace"')
+    embedded = re.findall(r'class="vega-embed[^"]*"', rendered["dom"]["page"])
+    canvases = re.findall(r'<canvas[^>]*class="marks"', rendered["dom"]["page"])
+    assert len(embedded) == len(canvases) == len(vega_plots(rendered["plots"])) >= 9
+    assert rendered["html"]["page"].count('"rev": "HEAD"') and rendered["html"]["page"].count('"rev": "workspace"')
+
+
+def test_plain_show_renders_every_vega_plot(rendered):
+    canvases = re.findall(r'<canvas[^>]*class="marks"', rendered["dom"]["show-page"])
+    assert len(canvases) == len(vega_plots(rendered["plots"]))
 
 
 def test_screenshot_is_not_blank(rendered):
@@ -108,7 +164,26 @@ def test_screenshot_is_not_blank(rendered):
 
 
 def test_dvc_default_page_renders_nothing_offline(rendered):
-    """The control: the same plots without the template load vega from a CDN, so offline no plot renders."""
-    run(["dvc", "plots", "show", "-o", "default-page"], rendered["repo"])
-    dom = chromium(rendered["repo"] / "default-page" / "index.html", "--dump-dom")
+    """The control: the same plots without set-up load vega from a CDN, so offline no plot renders."""
+    control = rendered["control"]
+    assert local_template_setting(control) is None
+    run(["dvc", "plots", "show", "-o", "default-page"], control)
+    dom = chromium(control / "default-page" / "index.html", "--dump-dom")
     assert "cdn.jsdelivr.net" in dom and not re.findall(r"<canvas", dom)
+
+
+def test_a_configured_template_that_is_missing_breaks_plots_show(rendered, tmp_path):
+    """Why the setting is local, not in the committed .dvc/config: before set-up builds the template,
+    DVC takes the missing path for the template's text and `dvc plots show` fails."""
+    checkout = shutil.copytree(rendered["control"], tmp_path / "checkout")
+    run(["dvc", "config", "--local", builder.CONFIG_KEY, builder.CONFIG_VALUE], checkout)
+    result = run(["dvc", "plots", "show", "-o", "page"], checkout, check=False)
+    assert result.returncode != 0
+    assert "HTML template has to contain '{plot_divs}'" in result.stderr
+
+
+def test_set_up_keeps_a_template_the_user_configured(rendered, tmp_path):
+    checkout = shutil.copytree(rendered["control"], tmp_path / "checkout")
+    run(["dvc", "config", "--local", builder.CONFIG_KEY, "my.html"], checkout)
+    assert "kept" in builder.configure(checkout)
+    assert local_template_setting(checkout) == "my.html"
