@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -133,3 +134,24 @@ def integer_model_bytes(integer_model: IntegerModel) -> int:
             if op["requantize"]:
                 total += (op["multiplier"].numel() + op["shift"].numel()) * 4
     return total
+
+
+def accuracy_table(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
+    """The few figures `dvc metrics show` prints, from the evaluate stage's full metrics, as one flat row.
+
+    Accuracies in percent on the test split; ``drop`` is fp32 minus full int8 in points (negative: the
+    integer model scored higher); ``c_mismatches`` counts test images whose C logits differ from the
+    engine's (None without a C compiler); ``int8_bytes`` is the integer model's parameter bytes.
+    Flat, short keys keep the table within 120 columns.
+    """
+    accuracy = metrics["accuracy"]
+    return {
+        "fp32": accuracy["fp32"],
+        "weights_int8": accuracy["weights_int8"],
+        "full_int8": accuracy["full_int8"],
+        "c_int8": accuracy["c_int8"],
+        "onnx_int8": accuracy["onnx_int8"],
+        "drop": round(accuracy["fp32"] - accuracy["full_int8"], 2),
+        "c_mismatches": metrics["mismatches"]["c_logits"],
+        "int8_bytes": metrics["size_bytes"]["int8"],
+    }

@@ -49,7 +49,8 @@ NETWORK_RETRY_DELAYS = [10, 60]  # seconds before the 1st and 2nd retry
 # A bad checksum, a missing file or a bad params.yaml fails at once.
 TRANSIENT_EXIT_STATUS = DownloadError.exit_status
 STDERR_TAIL_LINES = 30  # enough for a Python traceback plus DVC's own error line
-ACCURACY_PREFIXES = ("accuracy",)  # metric keys shown in the tables
+# Metric keys shown in the tables: all of them, since the one metrics file (data/accuracy.json) is the table.
+TABLE_PREFIXES = ("",)
 PIPELINE_TABLE_KEY = "ptq-accuracy"
 PIPELINE_DIFF_KEY = "ptq-metrics-diff"
 SWEEP_TABLE_KEY = "ptq-sweep"
@@ -293,7 +294,7 @@ def read_experiments(project: str) -> list[dict[str, Any]]:
 
 
 @flow(name="ptq-pipeline", log_prints=True)
-def ptq_pipeline(project: str = ".", metric_prefixes: tuple[str, ...] = ACCURACY_PREFIXES) -> dict[str, dict[str, Any]]:
+def ptq_pipeline(project: str = ".", metric_prefixes: tuple[str, ...] = TABLE_PREFIXES) -> dict[str, dict[str, Any]]:
     """Reproduce every DVC stage in order, then publish the accuracy table and the diff against HEAD."""
     logger = get_run_logger()
     root = Path(project).resolve()
@@ -313,7 +314,7 @@ def ptq_pipeline(project: str = ".", metric_prefixes: tuple[str, ...] = ACCURACY
 
 @flow(name="ptq-sweep", log_prints=True)
 def ptq_sweep(project: str = ".", grid: list[dict[str, Any]] | None = None, max_parallel: int = 2,
-              metric_prefixes: tuple[str, ...] = ACCURACY_PREFIXES) -> list[dict[str, Any]]:
+              metric_prefixes: tuple[str, ...] = TABLE_PREFIXES) -> list[dict[str, Any]]:
     """Run one DVC experiment per override dict, ``max_parallel`` at a time, and publish their accuracy table.
 
     Experiments start from HEAD plus the workspace's changes to tracked files: commit dvc.lock after a

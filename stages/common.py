@@ -25,7 +25,8 @@ QUANTIZED_WEIGHTS = Path("data/weights_int8.npz")
 WEIGHT_ONLY_CHECKPOINT = Path("data/model_weights_int8.pt")
 INTEGER_MODEL = Path("data/integer_model.npz")
 EXPORT_DIR = Path("data/export")  # ONNX and C sources of the integer model
-METRICS = Path("data/metrics.json")
+METRICS = Path("data/metrics.json")  # every figure of the evaluate stage
+ACCURACY = Path("data/accuracy.json")  # the accuracy table, the one file `dvc metrics show` reads
 PLOTS_DIR = Path("data/plots")
 RESULTS_TABLE = Path("data/results.md")
 

@@ -8,6 +8,7 @@ import torch
 
 from pipeline.data import load_arrays, sample_indices
 from pipeline.evaluation import (
+    accuracy_table,
     engine_logits,
     float_model_bytes,
     integer_model_bytes,
@@ -22,6 +23,7 @@ from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.model import load_integer_model, load_quantized_weights
 from pipeline.train import accuracy_report, normalize, predict
 from stages.common import (
+    ACCURACY,
     ARRAYS,
     CHECKPOINT,
     EXPORT_DIR,
@@ -104,6 +106,7 @@ def main() -> None:
         "dataset": {"source": manifest["source"], "format": manifest["format"]},
     }
     write_json(METRICS, metrics)
+    write_json(ACCURACY, accuracy_table(metrics))
     accuracy = metrics["accuracy"]
     logging.info(
         "test accuracy on %d images: fp32 %.2f%%, weights int8 %.2f%%, full int8 %.2f%% (simulation %.2f%%, "

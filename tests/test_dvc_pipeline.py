@@ -58,8 +58,19 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     fourth = run(["dvc", "repro"], project)
     assert ran_stages(fourth.stdout) == ALL_STAGES - {"download"}
 
-    shown = run(["dvc", "metrics", "show", "--json"], project)
-    assert "fp32" in shown.stdout
+    shown = run(["dvc", "metrics", "show"], project).stdout
+    assert max(map(len, shown.splitlines())) <= 120, shown  # the accuracy table, readable in a terminal
+    header = shown.splitlines()[0].split()
+    assert header == ["Path", "c_int8", "c_mismatches", "drop", "fp32", "full_int8", "int8_bytes", "onnx_int8",
+                      "weights_int8"]
+    accuracy = json.loads((project / "data/accuracy.json").read_text())
+    assert accuracy["fp32"] == metrics_after(project)["accuracy"]["fp32"]
+    # The details stay tracked, one command away.
+    assert "per_class_accuracy.fp32.airplane" in run(["dvc", "metrics", "show", "data/metrics.json"], project).stdout
+
+
+def metrics_after(project):
+    return json.loads((project / "data/metrics.json").read_text())
 
 
 def test_bad_param_fails_before_work_and_leaves_no_output(project):

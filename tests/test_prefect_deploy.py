@@ -73,6 +73,7 @@ def test_deploy_round_trip_on_a_local_server(tmp_path):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     swept = flows.experiments_table(shown, [experiment["name"] for baseline in shown
                                             for experiment in baseline.get("experiments") or []],
-                                    ["evaluate.batch_size", "train.epochs"], ["accuracy"])
+                                    ["evaluate.batch_size", "train.epochs"], flows.TABLE_PREFIXES)
     assert sorted(row["evaluate.batch_size"] for row in swept) == [7, 11]
     assert all(row["train.epochs"] == 2 for row in swept)
+    assert all(0.0 <= row["fp32"] <= 100.0 and row["c_mismatches"] == 0 for row in swept)
