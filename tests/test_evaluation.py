@@ -80,3 +80,17 @@ def test_clipped_fraction_from_histogram():
 def test_percent_equal_is_rounded_to_hundredths():
     assert percent_equal(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 0])) == 66.67
     assert percent_equal(torch.tensor([4]), torch.tensor([4])) == 100.0
+
+
+def test_accuracy_table_is_the_short_flat_row_dvc_metrics_show_prints():
+    from pipeline.evaluation import accuracy_table
+
+    metrics = {
+        "accuracy": {"fp32": 53.23, "weights_int8": 53.26, "full_int8": 53.34, "simulated_int8": 53.34,
+                     "c_int8": 53.34, "onnx_int8": 53.3, "onnx_integer_int8": 53.34},
+        "mismatches": {"c_logits": 0, "onnx_integer_logits": 0, "onnx_qlinear_logits": 0},
+        "size_bytes": {"fp32": 248024, "int8": 62746},
+        "sqnr_db": {"weights": {"conv1": 40.0}},
+    }
+    assert accuracy_table(metrics) == {"fp32": 53.23, "weights_int8": 53.26, "full_int8": 53.34, "c_int8": 53.34,
+                                       "onnx_int8": 53.3, "drop": -0.11, "c_mismatches": 0, "int8_bytes": 62746}
