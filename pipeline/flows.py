@@ -25,9 +25,10 @@ import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 from collections import deque  # noqa: E402
-from collections.abc import Iterable, Mapping, Sequence  # noqa: E402
+from collections.abc import Callable, Iterable, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -49,6 +50,7 @@ NETWORK_RETRY_DELAYS = [10, 60]  # seconds before the 1st and 2nd retry
 # A bad checksum, a missing file or a bad params.yaml fails at once.
 TRANSIENT_EXIT_STATUS = DownloadError.exit_status
 STDERR_TAIL_LINES = 30  # enough for a Python traceback plus DVC's own error line
+OUTPUT_POLL_SECONDS = 0.1  # how often a running command's spooled output is read into the log
 # Metric keys shown in the tables: all of them, since the one metrics file (data/accuracy.json) is the table.
 TABLE_PREFIXES = ("",)
 PIPELINE_TABLE_KEY = "ptq-accuracy"
@@ -103,42 +105,90 @@ def stage_env() -> dict[str, str]:
     return env
 
 
+class _Spool:
+    """A temporary file a child process writes and this one reads, line by line, as it grows.
+
+    A file, not a pipe: a pipe dies with its reader, and a DVC writing to a dead pipe dies too
+    (SIGPIPE, or a BrokenPipeError at its next line of output), mid-stage, perhaps mid-way through
+    dvc.lock. A file outlives this process; its name is removed at once, so nothing is left behind.
+    """
+
+    def __init__(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="dvc-output-", suffix=".log")
+        self.writer = os.fdopen(fd, "wb")
+        self._reader = open(name, "rb")  # its own file offset, independent of the writer's
+        os.unlink(name)
+        self._partial = b""
+
+    def new_lines(self, final: bool = False) -> list[str]:
+        """The complete lines written since the last call; with ``final``, an unterminated last line too."""
+        data = self._partial + self._reader.read()
+        *lines, self._partial = data.split(b"\n")
+        if final and self._partial:
+            lines, self._partial = [*lines, self._partial], b""
+        return [line.decode(errors="replace").rstrip() for line in lines]
+
+    def close(self) -> None:
+        self.writer.close()
+        self._reader.close()
+
+
+def run_detached(args: list[str], cwd: Path, on_stdout: Callable[[str], None],
+                 on_stderr: Callable[[str], None]) -> int:
+    """Run a command in a session of its own with its output spooled to files; hand each line to a callback.
+
+    The command survives this process: a cancelled, killed or crashed flow run never takes DVC down
+    mid-write (no signal to its process group reaches it, and it never writes to a dead pipe).
+    No timeout, for the same reason: a stage finishes or fails on its own.
+    """
+    out, err = _Spool(), _Spool()
+    try:
+        with subprocess.Popen(args, cwd=cwd, env=stage_env(), stdin=subprocess.DEVNULL, stdout=out.writer,
+                              stderr=err.writer, start_new_session=True) as process:
+            while True:
+                done = process.poll() is not None
+                for line in out.new_lines(final=done):
+                    on_stdout(line)
+                for line in err.new_lines(final=done):
+                    on_stderr(line)
+                if done:
+                    return process.returncode
+                time.sleep(OUTPUT_POLL_SECONDS)
+    finally:
+        out.close()
+        err.close()
+
+
 def stream(args: list[str], cwd: Path) -> Finished:
-    """Run a command, logging stdout and stderr line by line as they arrive; never kill it."""
+    """Run a command detached (see ``run_detached``), logging stdout and stderr line by line as they arrive."""
     logger = get_run_logger()
     stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     stdout: list[str] = []
     logger.info("$ %s", " ".join(args))
-    # No timeout, and a session of its own: cancelling or killing the flow run must not kill DVC
-    # while it writes dvc.lock or the cache (a killed `dvc repro` has left an empty dvc.lock behind).
-    # The stage then finishes or fails on its own.
-    with subprocess.Popen(args, cwd=cwd, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, bufsize=1, start_new_session=True) as process:
-        def pump_stderr() -> None:
-            for line in process.stderr:
-                if line.strip():
-                    stderr_tail.append(line.rstrip())
-                    logger.info(line.rstrip())
 
-        # Two pipes read at once, or a full stderr pipe would block the command.
-        reader = threading.Thread(target=pump_stderr, daemon=True)
-        reader.start()
-        for line in process.stdout:
-            stdout.append(line.rstrip())
-            if line.strip():
-                logger.info(line.rstrip())
-        reader.join()
-        returncode = process.wait()
+    def log_stdout(line: str) -> None:
+        stdout.append(line)
+        if line.strip():
+            logger.info(line)
+
+    def log_stderr(line: str) -> None:
+        if line.strip():
+            stderr_tail.append(line)
+            logger.info(line)
+
+    returncode = run_detached(args, cwd, log_stdout, log_stderr)
     return Finished(returncode, stdout, list(stderr_tail))
 
 
 def capture(args: list[str], cwd: Path) -> str:
-    """Run a short DVC query and return its stdout; a failure raises with its stderr."""
-    # Own session, as in stream(): even a read-only query takes DVC's rwlock.
-    result = subprocess.run(args, cwd=cwd, env=stage_env(), capture_output=True, text=True, start_new_session=True)
-    if result.returncode != 0:
-        raise CommandFailed(f"{' '.join(args)} failed (exit {result.returncode}):\n{result.stderr.strip()}")
-    return result.stdout
+    """Run a short DVC query (detached too: even a read-only query takes DVC's rwlock) and return its stdout;
+    a failure raises with its stderr."""
+    stdout: list[str] = []
+    stderr: list[str] = []
+    returncode = run_detached(args, cwd, stdout.append, stderr.append)
+    if returncode != 0:
+        raise CommandFailed(f"{' '.join(args)} failed (exit {returncode}):\n" + "\n".join(stderr).strip())
+    return "".join(f"{line}\n" for line in stdout)
 
 
 def failure(args: list[str], finished: Finished) -> CommandFailed:

@@ -341,3 +341,53 @@ def test_pipeline_flow_runs_every_stage_publishes_the_table_then_does_no_stage_w
     assert sum("didn't change, skipping" in message for message in second_logs) == len(flows.stage_names(tiny_project))
     assert (tiny_project / "dvc.lock").read_text() == pipeline_runs["lock_after_first"]
     assert second.result() == metrics
+
+
+@pytest.mark.slow
+def test_killing_the_flow_mid_stage_leaves_dvc_to_finish_and_its_lock_files_whole(tmp_path):
+    """SIGKILL of the flow's whole process group: DVC runs in a session of its own, so it finishes the
+    stage and writes dvc.lock and .dvc/tmp/rwlock completely (a killed `dvc repro` can leave either cut short)."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from tests.project_copy import run, set_params, tool_env
+
+    project = tiny_project_copy(tmp_path)
+    set_params(project, {"train": {"epochs": 60}})  # a few seconds of training: time to kill it mid-stage
+    run(["git", "commit", "--quiet", "-am", "longer training"], project)
+    flow = subprocess.Popen([sys.executable, "-m", "pipeline.flows", "--project", str(project)], cwd=PROJECT_ROOT,
+                            env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen_train = threading.Event()
+    lines: list[str] = []
+
+    def watch() -> None:
+        for line in flow.stdout:
+            lines.append(line)
+            if "Running stage 'train'" in line:
+                seen_train.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        assert seen_train.wait(timeout=240), "".join(lines[-40:])
+    finally:
+        os.killpg(flow.pid, signal.SIGKILL)  # the flow, its ephemeral server, everything in its group
+        flow.wait(timeout=60)
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        lock = project / "dvc.lock"
+        if lock.exists() and "train" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
+            break
+        time.sleep(1)
+    rwlock = json.loads((project / ".dvc/tmp/rwlock").read_text())
+    assert "train" in yaml.safe_load((project / "dvc.lock").read_text())["stages"], "DVC died with the flow"
+    while (rwlock.get("write") or rwlock.get("read")) and time.monotonic() < deadline:  # released as DVC exits
+        time.sleep(1)
+        rwlock = json.loads((project / ".dvc/tmp/rwlock").read_text())
+    assert not rwlock.get("write") and not rwlock.get("read"), rwlock
+    assert (project / "data/model.pt").exists()
+    # The next run picks up where the killed one stopped.
+    assert "Running stage 'train'" not in run(["dvc", "repro"], project).stdout
