@@ -34,3 +34,43 @@ def test_readme_python_example_runs_on_tiny_data(tmp_path, monkeypatch, capsys):
     assert re.search(r"fp32 accuracy \d+\.\d\d%", printed)
     assert re.search(r"full int8 accuracy \d+\.\d\d%", printed)
     assert "conv1 int8 weights (6, 3, 5, 5)" in printed
+
+
+ACTIVATE = ". .venv/bin/activate"
+NEEDS_THE_VENV = ("dvc", "python", "prefect", "pytest")  # commands whose stages or imports need the venv's packages
+
+
+def readme_shell_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL)
+
+
+def test_every_readme_shell_block_activates_the_venv_before_a_command_that_needs_it():
+    """`.venv/bin/dvc ...` from a fresh shell runs its stages with the system python (no torch): the
+    README activates the venv in each block that needs it, so every block works as pasted."""
+    offenders = []
+    for block in readme_shell_blocks():
+        activated = False
+        for line in block.splitlines():
+            command = line.strip()
+            activated |= command.startswith(ACTIVATE)
+            if command.startswith(".venv/bin/") or (command.split(" ", 1)[0] in NEEDS_THE_VENV and not activated):
+                offenders.append(command)
+    assert readme_shell_blocks() and offenders == []
+
+
+def test_a_stage_run_by_a_python_without_the_project_packages_says_how_to_fix_it():
+    import subprocess
+    import sys
+
+    # -S: no site-packages, as a system python without the project's packages.
+    result = subprocess.run([sys.executable, "-S", "-m", "stages.check_params"], cwd=README.parent,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "lacks torch, numpy, ruamel.yaml: the project's venv is not first on PATH. Activate it first" in result.stderr
+
+
+def test_ci_uses_the_readmes_offline_step_word_for_word():
+    offline_step = next(line for block in readme_shell_blocks() for line in block.splitlines()
+                        if line.startswith("sed -i") and "source:" in line)
+    for script in (".ci/run", ".ci/e2e-mirror.sh"):
+        assert offline_step in (README.parent / script).read_text().splitlines(), script
