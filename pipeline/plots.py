@@ -460,8 +460,19 @@ def plot_sqnr(sqnr_db: Mapping[str, Mapping[str, float | None]], path: str | Pat
     return _saved(figure, path)
 
 
+def read_training_curves(log_dir: str | Path) -> pd.DataFrame:
+    """The train stage's dvclive curves (``<log_dir>/plots/metrics/<name>.tsv``, step = epoch) as one
+    table: epoch, loss, accuracy, lr."""
+    metrics_dir = Path(log_dir) / "plots" / "metrics"
+    tables = [pd.read_csv(metrics_dir / f"{name}.tsv", sep="\t") for name in ("loss", "accuracy", "lr")]
+    curves = tables[0]
+    for table in tables[1:]:
+        curves = curves.merge(table, on="step", how="outer")
+    return curves.rename(columns={"step": "epoch"})
+
+
 def plot_training_curves(curves: pd.DataFrame, path: str | Path | None = None) -> Figure:
-    """Training loss and accuracy per epoch (data/train_curves.csv: epoch, loss, accuracy, ...)."""
+    """Training loss and accuracy per epoch (a table with epoch, loss, accuracy, ...)."""
     missing = {"epoch", "loss", "accuracy"} - set(curves.columns)
     if missing:
         raise ValueError(f"training curves lack columns {sorted(missing)}; they have {list(curves.columns)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -129,11 +129,13 @@ def train_model(
     mean: Sequence[float] = SEED_MEAN,
     std: Sequence[float] = SEED_STD,
     progress: bool | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> list[EpochRecord]:
     """Train ``model`` in place on uint8 images (N, 32, 32, 3) and int64 labels; returns one record per epoch.
 
     Deterministic on the CPU: the same params, data and thread count give the same weights bit for bit.
-    ``progress=None`` shows a bar only when stderr is a terminal.
+    ``progress=None`` shows a bar only when stderr is a terminal. ``on_epoch`` receives each epoch's
+    record as soon as the epoch ends (the train stage logs it there, for live curves).
     """
     device = resolve_device(params.device)
     if device.type == "cpu":
@@ -174,15 +176,16 @@ def train_model(
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
             if (step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps_per_epoch:
                 _raise_if_diverged(int(first_bad_step), epoch, steps_per_epoch, params)
-        history.append(
-            EpochRecord(
-                epoch=epoch,
-                loss=loss_sum.item() / count,
-                accuracy=100.0 * correct.item() / count,
-                lr=optimizer.param_groups[0]["lr"],
-                seconds=time.perf_counter() - started,
-            )
+        record = EpochRecord(
+            epoch=epoch,
+            loss=loss_sum.item() / count,
+            accuracy=100.0 * correct.item() / count,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
         )
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
     model.eval()
     return history
 

@@ -9,7 +9,7 @@ import logging
 import pandas as pd
 
 from pipeline.io import atomic_path, read_json
-from pipeline.plots import write_plots
+from pipeline.plots import read_training_curves, write_plots
 from pipeline.quant.model import load_quantized_weights
 from pipeline.report import results_markdown
 from stages.common import (
@@ -19,7 +19,7 @@ from stages.common import (
     PROFILE,
     QUANTIZED_WEIGHTS,
     RESULTS_TABLE,
-    TRAIN_CURVES,
+    TRAINING_LOG,
     load_trained_model,
     start_stage,
 )
@@ -31,7 +31,7 @@ def main() -> None:
     quantized_weights, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     metrics = read_json(METRICS)
     shares = write_plots(
-        model, quantized_weights, weight_meta, read_json(PROFILE), metrics, pd.read_csv(TRAIN_CURVES), PLOTS_DIR
+        model, quantized_weights, weight_meta, read_json(PROFILE), metrics, read_training_curves(TRAINING_LOG), PLOTS_DIR
     )
     with atomic_path(RESULTS_TABLE) as tmp:
         tmp.write_text(results_markdown({"workspace": metrics}) + "\n")

@@ -1,35 +1,35 @@
 """train stage: train the float model named in params and save its checkpoint and curves."""
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
 import logging
 import sys
 import time
-from pathlib import Path
-
+from collections.abc import Callable
 import torch
+from dvclive import Live
 
 from pipeline.data import load_arrays
-from pipeline.io import atomic_path, save_checkpoint, write_json
+from pipeline.io import save_checkpoint, write_json
 from pipeline.models import build_model
 from pipeline.train import SEED_MEAN, SEED_STD, DivergedError, EpochRecord, resolve_device, train_model
-from stages.common import ARRAYS, CHECKPOINT, TRAIN_CURVES, TRAIN_METRICS, start_stage
+from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, start_stage
 
-# The curves hold what training computed, not how long it took: the same run gives the same file,
-# so a forced retrain that reproduces the weights does not re-run the plot stage. Seconds go to
-# train_metrics.json, which no stage depends on.
-CURVE_FIELDS = ("epoch", "loss", "accuracy", "lr")
+# What the curves record per epoch: what training computed, not how long it took (dvclive writes no
+# timestamps unless asked), so a forced retrain that reproduces the weights writes the same files and
+# does not re-run the plot stage. Seconds go to train_metrics.json, which no stage depends on.
+CURVES = ("loss", "accuracy", "lr")
 
 
-def write_curves(path: Path, history: list[EpochRecord]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(dataclasses.asdict(record) for record in history)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+def epoch_logger(live: Live) -> Callable[[EpochRecord], None]:
+    """Log each epoch's record with dvclive as it ends, at step = epoch, so `dvc plots show` draws the
+    curves while training runs."""
+
+    def log(record: EpochRecord) -> None:
+        live.step = record.epoch
+        for name in CURVES:
+            live.log_metric(name, getattr(record, name))
+
+    return log
 
 
 def main() -> None:
@@ -39,12 +39,15 @@ def main() -> None:
     model = build_model(params.model, seed=params.seed)
     logging.info("training %s on %s for %d epochs", params.model, device, params.epochs)
     started = time.perf_counter()
-    try:
-        history = train_model(
-            model, torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels), params
-        )
-    except DivergedError as error:
-        sys.exit(f"[train] {error}")
+    # No dvc.yaml edits, report or `dvc exp save` of its own: DVC runs this stage and owns all of that.
+    with Live(str(TRAINING_LOG), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        try:
+            history = train_model(
+                model, torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels), params,
+                on_epoch=epoch_logger(live),
+            )
+        except DivergedError as error:
+            sys.exit(f"[train] {error}")
     seconds = time.perf_counter() - started
     checkpoint = {
         "model": params.model,
@@ -54,7 +57,6 @@ def main() -> None:
         "class_names": list(arrays.class_names),
     }
     save_checkpoint(CHECKPOINT, checkpoint)
-    write_curves(TRAIN_CURVES, history)
     final = history[-1]
     write_json(
         TRAIN_METRICS,

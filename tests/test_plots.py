@@ -130,6 +130,14 @@ def test_display_histogram_merges_bins_keeps_every_count_and_the_clipped_share()
 # ---------------------------------------------------------------- the stage, on synthetic artifacts
 
 
+def write_training_log(folder: Path, curves: dict[str, list[float]]) -> None:
+    """Curves in the train stage's dvclive layout: plots/metrics/<name>.tsv with step = epoch."""
+    (folder / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    for name, values in curves.items():
+        rows = "".join(f"{epoch}\t{value}\n" for epoch, value in enumerate(values, start=1))
+        (folder / "plots" / "metrics" / f"{name}.tsv").write_text(f"step\t{name}\n{rows}")
+
+
 def synthetic_artifacts(
     data: Path, images: torch.Tensor, model_name: str = "net", granularity: str = "per_tensor"
 ) -> dict:
@@ -156,8 +164,7 @@ def synthetic_artifacts(
         "dataset": {"source": "/somewhere/tiny-cifar.tar.gz", "format": "image-folder"},
     }
     write_json(data / "metrics.json", metrics)
-    curves = "epoch,loss,accuracy,lr\n1,2.2,15.0,0.001\n2,1.9,30.0,0.001\n"
-    (data / "train_curves.csv").write_text(curves)
+    write_training_log(data / "training", {"loss": [2.2, 1.9], "accuracy": [15.0, 30.0], "lr": [0.001, 0.001]})
     return {"model": model, "quantized": quantized, "profile": profile, "metrics": metrics}
 
 

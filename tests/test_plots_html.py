@@ -17,13 +17,12 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from pipeline.plots import write_plots
+from pipeline.plots import read_training_curves, write_plots
 from tests.project_copy import PROJECT_ROOT, run
 from tests.test_plots import CSVS, synthetic_artifacts
 
@@ -65,7 +64,7 @@ def write_revision(repo: Path, images: torch.Tensor, granularity: str) -> None:
     artifacts = synthetic_artifacts(repo / "data", images, "net", granularity)
     meta = {"bits": 8, "calibrator": "sigma", "options": {"k": 3.0}, "granularity": granularity}
     write_plots(artifacts["model"], artifacts["quantized"], meta, artifacts["profile"], artifacts["metrics"],
-                pd.read_csv(repo / "data" / "train_curves.csv"), repo / "data" / "plots")
+                read_training_curves(repo / "data" / "training"), repo / "data" / "plots")
 
 
 def chromium(page: Path, *args: str) -> str:

@@ -106,15 +106,35 @@ def test_normalize_is_bit_identical_to_torchvision_to_tensor_and_normalize():
     assert torch.equal(normalize(images, mean, std), expected)
 
 
-def test_train_curves_record_no_times_so_equal_runs_write_equal_files(tmp_path):
-    from stages.train import write_curves
+def test_train_curves_record_no_times_so_equal_runs_write_equal_files(tmp_path, monkeypatch):
+    from dvclive import Live
 
-    first = [EpochRecord(epoch=1, loss=1.5, accuracy=40.0, lr=0.001, seconds=37.4)]
-    second = [dataclasses.replace(first[0], seconds=51.9)]
-    write_curves(tmp_path / "a.csv", first)
-    write_curves(tmp_path / "b.csv", second)
-    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
-    assert (tmp_path / "a.csv").read_text() == "epoch,loss,accuracy,lr\n1,1.5,40.0,0.001\n"
+    from pipeline.plots import read_training_curves
+    from stages.train import epoch_logger
+
+    monkeypatch.chdir(tmp_path)
+    first = [EpochRecord(epoch=1, loss=1.5, accuracy=40.0, lr=0.001, seconds=37.4),
+             EpochRecord(epoch=2, loss=1.25, accuracy=50.0, lr=0.0005, seconds=36.0)]
+    second = [dataclasses.replace(record, seconds=51.9) for record in first]
+    for folder, history in (("a", first), ("b", second)):
+        with Live(folder, save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for record in history:
+                epoch_logger(live)(record)
+    files = sorted(path.relative_to(tmp_path / "a") for path in (tmp_path / "a").rglob("*") if path.is_file())
+    assert [str(path) for path in files] == ["metrics.json", "plots/metrics/accuracy.tsv", "plots/metrics/loss.tsv",
+                                             "plots/metrics/lr.tsv"]
+    assert all((tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes() for path in files)
+    assert (tmp_path / "a/plots/metrics/loss.tsv").read_text() == "step\tloss\n1\t1.5\n2\t1.25\n"
+    curves = read_training_curves(tmp_path / "a")
+    assert curves.to_dict("list") == {"epoch": [1, 2], "loss": [1.5, 1.25], "accuracy": [40.0, 50.0],
+                                      "lr": [0.001, 0.0005]}
+
+
+def test_on_epoch_sees_each_record_as_its_epoch_ends(synthetic_images):
+    images, labels = synthetic_images
+    seen = []
+    history = train_model(Net(), images, labels, FAST, progress=False, on_epoch=seen.append)
+    assert seen == history and [record.epoch for record in seen] == [1, 2, 3]
 
 
 def test_normalized_batches_cover_the_images_in_order_with_a_short_last_batch(synthetic_images):
