@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pipeline.data import load_arrays
 from pipeline.io import save_checkpoint, write_json
 from pipeline.models import build_model
 from pipeline.train import SEED_MEAN, SEED_STD, DivergedError, EpochRecord, resolve_device, train_model
+from stages import CPU_KERNEL_PINS
 from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, start_stage
 
 # What the curves record per epoch: what training computed, not how long it took (dvclive writes no
@@ -68,6 +70,10 @@ def main() -> None:
                 "device": str(device),
                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "threads": params.threads,
+                # What decides the float rounding, to compare runs across machines (see stages/__init__.py).
+                "torch": torch.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "cpu_kernel_pins": {name: os.environ.get(name) for name in CPU_KERNEL_PINS},
             }
         },
     )

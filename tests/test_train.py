@@ -165,3 +165,34 @@ def test_the_step_named_is_the_first_with_a_non_finite_loss(synthetic_images, mo
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", loss_nan_from_step_3)
     with pytest.raises(DivergedError, match=r"at epoch 1, step 3 of 4;"):
         train_model(Net(), images, labels, FAST, progress=False)
+
+
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86-64 pins only")
+@pytest.mark.parametrize(("preset", "capability"), [(None, "AVX2"), ("default", "DEFAULT")])
+def test_stages_pin_the_cpu_kernels_before_torch_loads_unless_the_user_set_them(preset, capability):
+    import os
+    import subprocess
+    import sys
+
+    from tests.project_copy import PROJECT_ROOT
+
+    env = {key: value for key, value in os.environ.items() if key not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR",
+                                                                          "ONEDNN_MAX_CPU_ISA")}
+    if preset is not None:
+        env["ATEN_CPU_CAPABILITY"] = preset
+    probe = ("import os, stages, torch; print(torch.backends.cpu.get_cpu_capability(), "
+             "os.environ['ONEDNN_MAX_CPU_ISA'], os.environ['MKL_CBWR'])")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == [capability, "AVX2", "COMPATIBLE"]
+
+
+def test_the_determinism_benchmark_measures_the_pins_the_stages_apply():
+    import subprocess
+    import sys
+
+    from tests.project_copy import PROJECT_ROOT
+
+    # In a child: importing stages sets the pins in the importing process.
+    probe = "import benchmarks.cpu_determinism as b, stages; assert b.PIN == stages.CPU_KERNEL_PINS, b.PIN"
+    subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, check=True)
