@@ -21,9 +21,12 @@ def main() -> None:
         indices = calibration_indices(len(train_images), params.num_samples, params.seed)
     except ValueError as error:
         sys.exit(f"[profile] {error}")
-    layer_stats = profile_activations(
-        model, torch.from_numpy(train_images[indices]), checkpoint["mean"], checkpoint["std"], params.batch_size
-    )
+    try:
+        layer_stats = profile_activations(
+            model, torch.from_numpy(train_images[indices]), checkpoint["mean"], checkpoint["std"], params.batch_size
+        )
+    except ValueError as error:  # finite weights can still overflow to inf in a layer's input
+        sys.exit(f"[profile] {error}")
     options = {"percentile": params.percentile} if params.calibrator == "percentile" else {}
     calibrated = calibrate_ranges(layer_stats, params.calibrator, options)
     write_json(

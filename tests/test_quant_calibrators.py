@@ -264,3 +264,14 @@ def test_calibrators_work_on_a_profiled_model():
             value = activation_range(stats, calibrator)
             assert 0 < value <= activation_range(stats, "seed"), (name, calibrator)
     assert isinstance(model, nn.Sequential)
+
+
+def test_a_layer_input_that_overflows_names_the_layer():
+    from pipeline.profile import profile_activations
+
+    net = Net().eval()
+    with torch.no_grad():
+        net.fc1.weight.fill_(3e38)  # finite, but its outputs overflow float32 to inf: fc2's input
+    images = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"input of layer 'fc2': observed tensor has non-finite values"):
+        profile_activations(net, images, (0.5,) * 3, (0.5,) * 3, progress=False)

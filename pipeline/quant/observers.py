@@ -130,14 +130,17 @@ def register_observers(
         if name not in children:
             raise ValueError(f"layer_names has unknown layer {name!r}; allowed: {list(children)}")
         observer = ActivationObserver(num_bins)
-        handles.append(children[name].register_forward_pre_hook(_observe_input_hook(observer)))
+        handles.append(children[name].register_forward_pre_hook(_observe_input_hook(name, observer)))
         observers[name] = observer
     return observers, handles
 
 
-def _observe_input_hook(observer: ActivationObserver):
+def _observe_input_hook(name: str, observer: ActivationObserver):
     def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        observer.observe(args[0])
+        try:
+            observer.observe(args[0])
+        except ValueError as error:  # name the layer: "observed tensor" alone says nothing of where
+            raise ValueError(f"input of layer {name!r}: {error}") from None
 
     return hook
 
