@@ -39,18 +39,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Delete the temporary files of ``target`` whose writing process is gone; return them.
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporary files of ``target`` whose writing process is gone.
 
     A temporary whose name holds no process id (an older name format) is stale too.
     """
-    removed = []
     for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         pid = tmp.name[len(target.name) + 2 :].split(".", 1)[0]
         if not (pid.isdigit() and _process_alive(int(pid))):
             tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
 
 
 def _process_alive(pid: int) -> bool:

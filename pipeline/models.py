@@ -109,7 +109,9 @@ def restore_model(checkpoint: Mapping[str, Any], expected_model: str, where: str
     """
     recorded = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
     if recorded is None or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{where}: not a checkpoint of this pipeline (no model name or state_dict); rerun the train stage")
+        raise CheckpointError(
+            f"{where}: not a checkpoint of this pipeline (no model name or state_dict); rerun the train stage"
+        )
     if recorded != expected_model:
         raise CheckpointError(
             f"{where}: holds a {recorded!r} model but train.model is {expected_model!r}; "

@@ -2,7 +2,7 @@
 
 Each other stage validates params.yaml too, but DVC runs a stage only when a key it reads
 changes: a misspelled section (``trian:``) changes no such key, so without this stage
-`dvc repro` would report "up to date" and `dvc exp run -S trian.epochs=5` would succeed.
+`dvc repro` would report "up to date" and `dvc exp run -S +trian.epochs=5` would succeed.
 This stage depends on the whole file and writes nothing.
 """
 from __future__ import annotations
