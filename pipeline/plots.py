@@ -37,6 +37,7 @@ from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import int_range
 from pipeline.report import STAGES, dataset_label
+from pipeline.train import CURVES
 
 FIGURE_DPI = 100  # pixels per inch: figure sizes below are in inches, PNGs are size * FIGURE_DPI pixels
 LAYER_FIGSIZE = (6.4, 4.0)  # one layer's distribution: 640 x 400 px
@@ -464,7 +465,7 @@ def read_training_curves(log_dir: str | Path) -> pd.DataFrame:
     """The train stage's dvclive curves (``<log_dir>/plots/metrics/<name>.tsv``, step = epoch) as one
     table: epoch, loss, accuracy, lr."""
     metrics_dir = Path(log_dir) / "plots" / "metrics"
-    tables = [pd.read_csv(metrics_dir / f"{name}.tsv", sep="\t") for name in ("loss", "accuracy", "lr")]
+    tables = [pd.read_csv(metrics_dir / f"{name}.tsv", sep="\t") for name in CURVES]
     curves = tables[0]
     for table in tables[1:]:
         curves = curves.merge(table, on="step", how="outer")

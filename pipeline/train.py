@@ -27,6 +27,11 @@ CROP_PADDING = 4  # pixels, the usual CIFAR random-crop padding
 DIVERGENCE_CHECK_STEPS = 200
 
 
+# The EpochRecord fields the train stage logs as curves, per epoch; timing is left out, so equal runs
+# log equal curves.
+CURVES = ("loss", "accuracy", "lr")
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss (NaN or infinity); the message names the epoch and step."""
 

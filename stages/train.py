@@ -12,14 +12,13 @@ from dvclive import Live
 from pipeline.data import load_arrays
 from pipeline.io import save_checkpoint, write_json
 from pipeline.models import build_model
-from pipeline.train import SEED_MEAN, SEED_STD, DivergedError, EpochRecord, resolve_device, train_model
+from pipeline.train import CURVES, SEED_MEAN, SEED_STD, DivergedError, EpochRecord, resolve_device, train_model
 from stages import CPU_KERNEL_PINS
 from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, start_stage
 
-# What the curves record per epoch: what training computed, not how long it took (dvclive writes no
-# timestamps unless asked), so a forced retrain that reproduces the weights writes the same files and
-# does not re-run the plot stage. Seconds go to train_metrics.json, which no stage depends on.
-CURVES = ("loss", "accuracy", "lr")
+# The curves record what training computed, not how long it took (CURVES; dvclive writes no timestamps
+# unless asked), so a forced retrain that reproduces the weights writes the same files and does not
+# re-run the plot stage. Seconds go to train_metrics.json, which no stage depends on.
 
 
 def epoch_logger(live: Live) -> Callable[[EpochRecord], None]:
