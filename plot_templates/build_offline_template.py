@@ -31,8 +31,9 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from pipeline.io import atomic_path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_NAME = Path("plot_templates") / "offline.html"
@@ -134,16 +135,8 @@ def render() -> str:
 def write_template(path: Path = TEMPLATE) -> int:
     """Write the template to ``path`` atomically (a reader never sees half a file); its size in bytes."""
     data = render().encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; it is a page for any local browser
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return len(data)
 
 
