@@ -1,9 +1,9 @@
 """CNNs for CIFAR-10, by name. No I/O here.
 
-Every model is an ``nn.Sequential`` of ``Conv2d``, ``BatchNorm2d``, ``ReLU``,
-``MaxPool2d``, ``Flatten`` and ``Linear`` children. That keeps the layer order
-explicit, so the quantizer and the integer engine can walk the graph without
-tracing, and the state_dict keys match the seed's (``conv1.weight``, ...).
+``net`` and ``bnnet`` are ``nn.Sequential`` chains whose state_dict keys match the
+seed's (``conv1.weight``, ...); ``resnet20`` (residual adds, global average pool) and
+``mobilenet`` (depthwise convolutions, ReLU6, inverted residuals) are ordinary modules.
+The quantizer works from the traced graph (``pipeline.graph``), not from this layout.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 NUM_CLASSES = 10
 
@@ -69,7 +70,108 @@ class BNNet(nn.Sequential):
         super().__init__(OrderedDict(layers))
 
 
-MODELS: dict[str, Callable[[], nn.Sequential]] = {"net": Net, "bnnet": BNNet}
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a shortcut, added before the last ReLU (He et al. 2016).
+
+    Where the block changes the shape, the shortcut is a strided 1x1 conv-BN projection (the
+    paper's option B): option A's zero-padded strided identity would need slicing and channel
+    padding, which no integer target implements better than a 1x1 convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """The CIFAR ResNet-20 of He et al. 2016: a 3x3 stem, 3 stages of 3 basic blocks at 16/32/64
+    channels (stride 2 at the start of stages 2 and 3), global average pool, one linear layer
+    (0.27M parameters)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, blocks_per_stage: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_channels = [], 16
+        for stage, channels in enumerate((16, 32, 64)):
+            blocks = []
+            for index in range(blocks_per_stage):
+                blocks.append(BasicBlock(in_channels, channels, 2 if stage > 0 and index == 0 else 1))
+                in_channels = channels
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion + ReLU6, 3x3 depthwise + ReLU6, linear 1x1 projection;
+    the input is added back (no ReLU after the add) when the shape is kept."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = in_channels * expansion
+        layers: list[nn.Module] = []
+        if expansion != 1:
+            layers += [nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block(x)
+        return x + out if self.residual else out
+
+
+class MobileNet(nn.Module):
+    """A small MobileNetV2 for 32x32 inputs (0.28M parameters): a 3x3 stem, inverted residual
+    blocks (expansion, channels, repeats, stride) below, a 1x1 conv to 256, the mean over H and W,
+    one linear layer."""
+
+    STAGES = ((1, 16, 1, 1), (4, 24, 2, 1), (4, 32, 3, 2), (4, 64, 3, 2), (4, 96, 2, 1))
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        blocks, in_channels = [], 32
+        for expansion, channels, repeats, stride in self.STAGES:
+            for index in range(repeats):
+                blocks.append(InvertedResidual(in_channels, channels, stride if index == 0 else 1, expansion))
+                in_channels = channels
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(in_channels, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU6())
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"net": Net, "bnnet": BNNet, "resnet20": ResNet20, "mobilenet": MobileNet}
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Sequential:

@@ -57,8 +57,10 @@ class TrainParams:
     optimizer: str = dataclasses.field(default="sgd", metadata=_choice("sgd", "adam"))
     lr: float = dataclasses.field(default=0.001, metadata=_bounds(0.0, low_open=True))  # peak lr for onecycle
     momentum: float = dataclasses.field(default=0.9, metadata=_bounds(0.0, 1.0))
+    nesterov: bool = False  # SGD only: Nesterov momentum
     weight_decay: float = dataclasses.field(default=0.0, metadata=_bounds(0.0))
     schedule: str = dataclasses.field(default="constant", metadata=_choice("constant", "onecycle"))
+    label_smoothing: float = dataclasses.field(default=0.0, metadata=_bounds(0.0, 1.0))  # cross-entropy targets
     augment: bool = False  # random crop (4 px padding) + horizontal flip, on the training device
     seed: int = dataclasses.field(default=0, metadata=_bounds(0, MAX_SEED))
     device: str = dataclasses.field(default="auto", metadata=_choice("auto", "cpu", "cuda"))

@@ -113,7 +113,8 @@ def _make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimi
     # per-tensor update ops of the default implementation are a measurable share of each step.
     if params.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay, fused=True
+            model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay,
+            nesterov=params.nesterov, fused=True,
         )
     return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True)
 
@@ -153,7 +154,7 @@ def train_model(
     steps_per_epoch = (count + params.batch_size - 1) // params.batch_size
     optimizer = _make_optimizer(model, params)
     scheduler = _make_scheduler(optimizer, params, steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     history = []
     for epoch in range(1, params.epochs + 1):
         started = time.perf_counter()
