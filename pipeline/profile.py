@@ -1,10 +1,10 @@
 """Activation profiling on calibration data from the training split.
 
-Observers (``pipeline.quant.observers``) record, in constant memory, the
-statistics of the input of every quantized layer while the float model runs
-over a calibration subset; a calibrator (``pipeline.quant.calibrators``) then
-turns each layer's statistics into a symmetric int8 range. The test split is
-never used here.
+Observers (``pipeline.quant.observers``) record, in constant memory, the statistics of
+every scale group's observed tensors (``pipeline.quant.build.scale_groups``: the tensors
+a rescaling node reads) while the float model runs over a calibration subset; a
+calibrator (``pipeline.quant.calibrators``) then turns each group's statistics into a
+symmetric int8 range. The test split is never used here.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline.data import sample_indices
+from pipeline.graph import FloatGraph, observe_original
+from pipeline.quant.build import scale_groups
 from pipeline.quant.calibrators import activation_range
-from pipeline.quant.graph import quantized_layer_names
-from pipeline.quant.observers import register_observers
+from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import ACTIVATION_QMAX, scale_from_range
 from pipeline.train import normalized_batches
 
@@ -32,36 +32,47 @@ def calibration_indices(num_train: int, num_samples: int, seed: int) -> np.ndarr
 
 @torch.no_grad()
 def profile_activations(
-    model: nn.Sequential,
+    graph: FloatGraph,
     images: torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 500,
     progress: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Statistics of the input of every Conv2d/Linear child over uint8 images (N, 32, 32, 3), by layer name."""
-    model.eval()
-    observers, handles = register_observers(model, quantized_layer_names(model))
-    try:
-        for batch in normalized_batches(images, mean, std, batch_size, "profile", progress):
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: observer.stats() for name, observer in observers.items()}
+    """Statistics of every scale group over uint8 images (N, 32, 32, 3), by group root, in graph order.
+
+    Each entry: the observer's ``stats()`` plus ``observed`` (the tensors merged into it) and
+    ``read_by`` (the nodes whose inputs they are).
+    """
+    groups = scale_groups(graph)
+    observers = {root: ActivationObserver() for root in groups}
+    group_of = {name: root for root, group in groups.items() for name in group.observed}
+
+    def observe(name: str, value: torch.Tensor) -> None:
+        try:
+            observers[group_of[name]].observe(value)
+        except ValueError as error:  # name the tensor: "observed tensor" alone says nothing of where
+            raise ValueError(f"tensor {name!r}: {error}") from None
+
+    for batch in normalized_batches(images, mean, std, batch_size, "profile", progress):
+        observe_original(graph, batch, group_of, observe)
+    return {
+        root: observers[root].stats() | {"observed": list(group.observed), "read_by": list(group.read_by)}
+        for root, group in groups.items()
+    }
 
 
 def calibrate_ranges(
-    layer_stats: dict[str, dict[str, Any]], calibrator: str, options: dict[str, Any]
+    group_stats: dict[str, dict[str, Any]], calibrator: str, options: dict[str, Any]
 ) -> dict[str, dict[str, float]]:
-    """Per layer: the calibrated input range, its int8 scale, and the share of observed values beyond the range."""
+    """Per scale group: the calibrated range, its int8 scale, and the share of observed values beyond the range."""
     calibrated = {}
-    for name, stats in layer_stats.items():
-        input_range = activation_range(stats, calibrator, **options)
+    for name, stats in group_stats.items():
+        value_range = activation_range(stats, calibrator, **options)
         calibrated[name] = {
-            "range": input_range,
-            "scale": scale_from_range(input_range, ACTIVATION_QMAX),
-            "clipped_fraction": clipped_fraction(stats, input_range),
+            "range": value_range,
+            "scale": scale_from_range(value_range, ACTIVATION_QMAX),
+            "clipped_fraction": clipped_fraction(stats, value_range),
         }
     return calibrated
 

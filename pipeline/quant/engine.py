@@ -1,37 +1,46 @@
 """Running an ``IntegerModel``: the integer engine, its float simulation, and weight-only quantization.
 
-``run_integer`` uses integer arithmetic only. Convolutions and matrix products
-run in float64 on integer values, which is exact: every product and partial
-sum is an integer of magnitude at most sum(|q_w|) * 128 + |q_b| < 2^31 (checked
-for each layer, see ``pipeline.quant.model.accumulator_bound``), far below
-2^53, where float64 stops representing every integer. The result is cast to
-int64, the int32 bias added, and ``fixed_point.requantize`` (round half up)
-produces the next int8 activation; max-pool compares integers.
+``run_integer`` computes the integer semantics of ``integer_ops`` node by node. It is exact
+integer arithmetic throughout; where floating-point units do a step, they do it on integers
+they represent exactly (``integer_ops.conv_accumulators`` and the fast paths of ``_conv``).
 
-``run_simulated`` is the same model in float64 real units: dequantized weights
-and biases, activations fake-quantized at the float scales (round half to
-even), the same clamps. It differs from the integer engine only where the
-fixed-point multiplier or the rounding rule moves a value by one step.
+``run_simulated`` is the same graph in float64 real units: dequantized weights and biases,
+tensors fake-quantized at their scales (round half to even), the same clamps. It differs from
+the integer engine only where the fixed-point multiplier or the rounding rule moves a value by
+one step.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.quant.calibrators import Granularity
-from pipeline.quant.fixed_point import INT32_MAX, requantize
-from pipeline.quant.graph import fold_batchnorm
-from pipeline.quant.model import (
-    IntegerModel,
-    accumulator_bound,
-    quantize_model_weights,
+from pipeline.graph import FloatGraph, run_float
+from pipeline.quant.build import raw_accumulator_clamp
+from pipeline.quant.integer_ops import (
+    add_integers,
+    apply_requantize,
+    avgpool_integers,
+    clamp_integers,
+    concat_integers,
+    conv_accumulators,
 )
-from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, dequantize, fake_quantize, int_range, quantize
-
+from pipeline.quant.ir import (
+    IntAdd,
+    IntAvgPool,
+    IntClamp,
+    IntConcat,
+    IntConv,
+    IntegerModel,
+    IntMaxPool,
+    IntNode,
+    IntReshape,
+    Requantize,
+    int_node_inputs,
+)
+from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, dequantize, fake_quantize, quantize
 
 # Images per pass through the engine and its simulation; the results do not depend on it. Their
 # convolutions run in float64, which the CPU unfolds into one buffer per call (conv1 of Net: 470 KB
@@ -56,140 +65,154 @@ def quantize_input(x_normalized: Tensor, input_scale: float) -> Tensor:
     return quantize(x_normalized, input_scale, ACTIVATION_QMIN, ACTIVATION_QMAX).to(torch.int8)
 
 
-def _channel_shape(ndim: int) -> tuple[int, ...]:
-    """Shape that lines a per-output-channel vector up with dim 1 of an ``ndim``-dim activation."""
-    return (1, -1) + (1,) * (ndim - 2)
+# ---------------------------------------------------------------- the integer engine
 
 
-def _integer_layer(op: dict[str, Any], x: Tensor) -> Tensor:
-    bound = accumulator_bound(op["weight"], op["bias"])
-    if bound > INT32_MAX:  # also guarantees the float64 products below are exact (2^31 << 2^53)
-        raise OverflowError(f"layer {op['name']!r}: worst-case accumulator {bound} exceeds int32 max {INT32_MAX}")
-    x64 = x.to(torch.float64)
-    weight64 = op["weight"].to(device=x.device, dtype=torch.float64)
-    if op["op"] == "conv2d":
-        products = F.conv2d(x64, weight64, None, op["stride"], op["padding"])
-    else:
-        products = F.linear(x64, weight64)
-    shape = _channel_shape(products.ndim)
-    acc = products.to(torch.int64).add_(op["bias"].to(x.device, torch.int64).reshape(shape))
-    if not op["requantize"]:
-        return acc.clamp_(min=0) if op["relu"] else acc
-    qmin, qmax = output_range(op)
-    multiplier = op["multiplier"].to(x.device).reshape(shape) if op["multiplier"].ndim else op["multiplier"]
-    shift = op["shift"].to(x.device).reshape(shape) if op["shift"].ndim else op["shift"]
-    output = requantize(acc, multiplier, shift, qmin, qmax)
-    return output.to(torch.int8) if op["output_bits"] == 8 else output
+def _conv(node: IntConv, x: Tensor) -> Tensor:
+    acc = conv_accumulators(x, node.weight, node.bias, node.stride, node.padding, node.groups)
+    if node.requantize is None:
+        return acc.clamp_(*raw_accumulator_clamp(node))
+    return apply_requantize(acc, node.requantize)
 
 
-def output_range(op: dict[str, Any]) -> tuple[int, int]:
-    """The saturation range of a layer's requantized output; a fused ReLU is the lower clamp."""
-    qmin, qmax = int_range(op["output_bits"])
-    return (0 if op["relu"] else qmin), qmax
-
-
-def _maxpool(op: dict[str, Any], x: Tensor) -> Tensor:
+def _maxpool(node: IntMaxPool, x: Tensor) -> Tensor:
     # float64 holds these integers exactly; max-pool only compares them (padding is -inf).
-    return F.max_pool2d(x.to(torch.float64), op["kernel"], op["stride"], op["padding"]).to(x.dtype)
+    return F.max_pool2d(x.to(torch.float64), node.kernel, node.stride, node.padding).to(torch.int64)
+
+
+def _integer_node(node: IntNode, values: dict[str, Tensor]) -> Tensor:
+    if isinstance(node, IntConv):
+        return _conv(node, values[node.input])
+    if isinstance(node, IntAdd):
+        a, b = (values[name] for name in node.inputs)
+        return add_integers(a, b, node.left_shift, node.input_requantize, node.output_requantize)
+    if isinstance(node, IntAvgPool):
+        return avgpool_integers(values[node.input], node.kernel, node.stride, node.padding, node.requantize)
+    if isinstance(node, IntConcat):
+        return concat_integers([values[name] for name in node.inputs], node.input_requantize)
+    if isinstance(node, IntMaxPool):
+        return _maxpool(node, values[node.input])
+    if isinstance(node, IntClamp):
+        return clamp_integers(values[node.input], node.clamp_min, node.clamp_max)
+    if isinstance(node, IntReshape):
+        return values[node.input].flatten(1)
+    raise TypeError(f"unknown integer node {node!r}")
+
+
+def _integer_values(model: IntegerModel, x_int8: Tensor, keep: bool) -> dict[str, Tensor]:
+    """Every tensor of one pass (``keep``) or only the output, as int64, for int8 images."""
+    if x_int8.dtype != torch.int8:
+        raise TypeError(f"x_int8 must have dtype torch.int8, got {x_int8.dtype}; use quantize_input")
+    values = {model.input: x_int8.to(torch.int64)}
+    remaining = _last_reads(model)
+    for index, node in enumerate(model.nodes):
+        values[node.output] = _integer_node(node, values)
+        if not keep:  # free what no later node reads
+            for name in [name for name, last in remaining.items() if last == index and name != model.output]:
+                values.pop(name, None)
+    return values
+
+
+def _last_reads(model: IntegerModel) -> dict[str, int]:
+    """For each tensor, the index of the last node that reads it."""
+    last: dict[str, int] = {}
+    for index, node in enumerate(model.nodes):
+        for name in int_node_inputs(node):
+            last[name] = index
+    return last
 
 
 def run_integer(model: IntegerModel, x_int8: Tensor) -> Tensor:
-    """Integer logits (the last layer's int32 output, at its ``output_scale``) for an int8 input batch.
+    """Integer logits (int32, at ``model.output_scale``) for an int8 input batch.
 
     The class is the argmax of these integers, for any weight granularity.
     """
-    return _in_passes(lambda images: _integer_outputs(model, images)[-1].to(torch.int32), x_int8)
+    return _in_passes(lambda images: _integer_values(model, images, keep=False)[model.output].to(torch.int32), x_int8)
 
 
-def integer_layer_outputs(model: IntegerModel, x_int8: Tensor) -> dict[str, Tensor]:
-    """Each Conv2d/Linear op's integer output (after its fused ReLU and requantization), by layer name."""
-    passes = [_integer_outputs(model, images) for images in _passes(x_int8)]
-    return {
-        op["name"]: torch.cat([outputs[index] for outputs in passes])
-        for index, op in enumerate(model.ops)
-        if op["op"] in ("conv2d", "linear")
-    }
-
-
-def _integer_outputs(model: IntegerModel, x_int8: Tensor) -> list[Tensor]:
-    """The output of every op of ``model``, in order, for one pass of int8 images."""
-    if x_int8.dtype != torch.int8:
-        raise TypeError(f"x_int8 must have dtype torch.int8, got {x_int8.dtype}; use quantize_input")
-    outputs, x = [], x_int8
-    for op in model.ops:
-        if op["op"] in ("conv2d", "linear"):
-            x = _integer_layer(op, x)
-        elif op["op"] == "maxpool2d":
-            x = _maxpool(op, x)
-        else:
-            x = x.flatten(1)
-        outputs.append(x)
-    return outputs
+def integer_tensor_outputs(model: IntegerModel, x_int8: Tensor) -> dict[str, Tensor]:
+    """Every node's integer output tensor (int64), by tensor name."""
+    passes = [_integer_values(model, images, keep=True) for images in _passes(x_int8)]
+    return {node.output: torch.cat([values[node.output] for values in passes]) for node in model.nodes}
 
 
 def dequantize_logits(model: IntegerModel, logits: Tensor) -> Tensor:
-    """Integer logits times the last layer's output scale S_in * S_w: float64 logits in real units."""
-    last_layer = [op for op in model.ops if op["op"] in ("conv2d", "linear")][-1]
-    return dequantize(logits, last_layer["output_scale"], axis=1)
+    """Integer logits times their scale: float64 logits in real units."""
+    return dequantize(logits, model.output_scale)
+
+
+# ---------------------------------------------------------------- the float simulation
+
+
+def _fake(x: Tensor, scale: float | Tensor, rq: Requantize | tuple[int, int]) -> Tensor:
+    low, high = (rq.clamp_min, rq.clamp_max) if isinstance(rq, Requantize) else rq
+    return fake_quantize(x, scale, low, high)
+
+
+def _simulated_node(model: IntegerModel, node: IntNode, values: dict[str, Tensor]) -> Tensor:
+    tensors = model.tensors
+    if isinstance(node, IntConv):
+        x = values[node.input]
+        weight = dequantize(node.weight, node.weight_scale).to(x.device)
+        bias = dequantize(node.bias, tensors[node.input].scale * node.weight_scale).to(x.device)
+        if node.kind == "conv2d":
+            y = F.conv2d(x, weight, bias, node.stride, node.padding, 1, node.groups)
+        else:
+            y = F.linear(x, weight, bias)
+        if node.requantize is None:
+            low, _ = raw_accumulator_clamp(node)
+            return y.clamp(min=0) if low == 0 else y
+        return _fake(y, tensors[node.output].scale, node.requantize)
+    if isinstance(node, IntAdd):
+        y = values[node.inputs[0]] + values[node.inputs[1]]
+        return _fake(y, tensors[node.output].scale, node.output_requantize)
+    if isinstance(node, IntAvgPool):
+        y = F.avg_pool2d(values[node.input], node.kernel, node.stride, node.padding)
+        return _fake(y, tensors[node.output].scale, node.requantize)
+    if isinstance(node, IntConcat):
+        scale = tensors[node.output].scale
+        return torch.cat([_fake(values[name], scale, (ACTIVATION_QMIN, ACTIVATION_QMAX)) for name in node.inputs], 1)
+    if isinstance(node, IntMaxPool):
+        return F.max_pool2d(values[node.input], node.kernel, node.stride, node.padding)
+    if isinstance(node, IntClamp):
+        return _fake(values[node.input], tensors[node.input].scale, (node.clamp_min, node.clamp_max))
+    return values[node.input].flatten(1)
 
 
 def run_simulated(model: IntegerModel, x_normalized: Tensor) -> Tensor:
     """Float64 logits of the float simulation of ``model`` (fake quantization, float scales)."""
-    return _in_passes(lambda images: _simulated_pass(model, images), x_normalized)
+
+    def one_pass(images: Tensor) -> Tensor:
+        values = {model.input: fake_quantize(images.to(torch.float64), model.input_scale, ACTIVATION_QMIN,
+                                             ACTIVATION_QMAX)}
+        for node in model.nodes:
+            values[node.output] = _simulated_node(model, node, values)
+        return values[model.output]
+
+    return _in_passes(one_pass, x_normalized)
 
 
-def _simulated_pass(model: IntegerModel, x_normalized: Tensor) -> Tensor:
-    x = fake_quantize(x_normalized.to(torch.float64), model.input_scale, ACTIVATION_QMIN, ACTIVATION_QMAX)
-    for op in model.ops:
-        if op["op"] in ("conv2d", "linear"):
-            weight = dequantize(op["weight"], op["weight_scale"]).to(x.device)
-            bias = dequantize(op["bias"], op["input_scale"] * op["weight_scale"]).to(x.device)
-            if op["op"] == "conv2d":
-                x = F.conv2d(x, weight, bias, op["stride"], op["padding"])
-            else:
-                x = F.linear(x, weight, bias)
-            if op["requantize"]:
-                # Real units: y / S_out is the accumulator times M = S_in * S_w / S_out.
-                x = fake_quantize(x, op["output_scale"], *output_range(op))
-            elif op["relu"]:
-                x = x.clamp(min=0)
-        elif op["op"] == "maxpool2d":
-            x = F.max_pool2d(x, op["kernel"], op["stride"], op["padding"])
-        else:
-            x = x.flatten(1)
-    return x
+# ---------------------------------------------------------------- weight-only quantization
 
 
-def weight_only_model(
-    float_model: nn.Sequential,
-    weight_bits: int = 8,
-    weight_calibrator: str = "sigma",
-    granularity: str | Granularity = "per_tensor",
-    weight_options: dict[str, Any] | None = None,
-    quantized_weights: dict[str, tuple[Tensor, Tensor]] | None = None,
-) -> nn.Sequential:
-    """A float copy (BatchNorm folded) whose Conv2d/Linear weights are their quantized-then-dequantized values.
-
-    Activations and biases stay float: this isolates the error of weight
-    quantization. ``quantized_weights`` as in ``build_integer_model``.
-    """
-    if quantized_weights is None:
-        quantized_weights = quantize_model_weights(
-            float_model, weight_bits, weight_calibrator, granularity, weight_options
-        )
-    model = fold_batchnorm(float_model)
-    layers = dict(model.named_children())
-    for name, (q_weight, weight_scale) in quantized_weights.items():
-        with torch.no_grad():
-            layers[name].weight.copy_(dequantize(q_weight, weight_scale, axis=0).to(layers[name].weight.dtype))
-    return model
+def dequantized_weights(quantized_weights: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Each layer's quantized-then-dequantized weight (float32), by layer name."""
+    return {
+        name: dequantize(q_weight, weight_scale, axis=0).to(torch.float32)
+        for name, (q_weight, weight_scale) in quantized_weights.items()
+    }
 
 
-class QuantizedNet(nn.Module):
+def run_weight_only(graph: FloatGraph, x_normalized: Tensor, quantized_weights: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+    """The float graph with its weights quantized and dequantized (activations and biases float)."""
+    return run_float(graph, x_normalized, dequantized_weights(quantized_weights))
+
+
+class QuantizedNet(torch.nn.Module):
     """The seed's name for the quantized network: ``forward(x_normalized)`` runs the integer engine.
 
-    Returns float32 logits in real units (``dequantize_logits`` of the int32
-    accumulators), so ``argmax`` ranks classes correctly for any weight granularity.
+    Returns float32 logits in real units (``dequantize_logits`` of the int32 logits), so
+    ``argmax`` ranks classes correctly for any weight granularity.
     """
 
     def __init__(self, integer_model: IntegerModel) -> None:
@@ -199,3 +222,9 @@ class QuantizedNet(nn.Module):
     def forward(self, x_normalized: Tensor) -> Tensor:
         logits = run_integer(self.integer_model, quantize_input(x_normalized, self.integer_model.input_scale))
         return dequantize_logits(self.integer_model, logits).to(torch.float32)
+
+
+__all__ = [
+    "PASS_IMAGES", "QuantizedNet", "dequantize_logits", "dequantized_weights",
+    "integer_tensor_outputs", "quantize_input", "run_integer", "run_simulated", "run_weight_only",
+]

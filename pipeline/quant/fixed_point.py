@@ -31,11 +31,10 @@ import math
 import torch
 from torch import Tensor
 
-from pipeline.quant.ranges import int_range
+from pipeline.quant.ranges import INT32_MAX, INT32_MIN
 
 MULTIPLIER_BITS = 31  # the multiplier is a Q0.31 fraction in [0.5, 1)
 MIN_SHIFT, MAX_SHIFT = -31, 30  # keeps total_shift = 31 - shift in [1, 62]
-INT32_MIN, INT32_MAX = int_range(32)
 
 
 def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:

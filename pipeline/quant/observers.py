@@ -1,4 +1,4 @@
-"""Observers: per-layer activation statistics in bounded memory.
+"""Observers: activation statistics in bounded memory.
 
 An observer only observes: it returns its input unchanged and keeps running
 statistics; calibrators (``pipeline.quant.calibrators``) turn the statistics
@@ -15,14 +15,11 @@ into ranges. State is constant-size whatever the number of samples:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 
-from pipeline.quant.graph import quantized_layer_names
 
 DEFAULT_NUM_BINS = 2048
 
@@ -113,40 +110,3 @@ class ActivationObserver:
             "hist_span": self.hist_span,
             "hist_counts": self.hist_counts.tolist(),
         }
-
-
-def register_observers(
-    model: nn.Sequential, layer_names: Iterable[str], num_bins: int = DEFAULT_NUM_BINS
-) -> tuple[dict[str, ActivationObserver], list[RemovableHandle]]:
-    """Attach an observer to the INPUT of each named child (a forward pre-hook).
-
-    Returns the observers by layer name and the hook handles; call
-    ``handle.remove()`` on each when profiling is done.
-    """
-    children = dict(model.named_children())
-    observers: dict[str, ActivationObserver] = {}
-    handles: list[RemovableHandle] = []
-    for name in layer_names:
-        if name not in children:
-            raise ValueError(f"layer_names has unknown layer {name!r}; allowed: {list(children)}")
-        observer = ActivationObserver(num_bins)
-        handles.append(children[name].register_forward_pre_hook(_observe_input_hook(name, observer)))
-        observers[name] = observer
-    return observers, handles
-
-
-def _observe_input_hook(name: str, observer: ActivationObserver):
-    def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        try:
-            observer.observe(args[0])
-        except ValueError as error:  # name the layer: "observed tensor" alone says nothing of where
-            raise ValueError(f"input of layer {name!r}: {error}") from None
-
-    return hook
-
-
-def register_activation_profiling_hooks(
-    model: nn.Sequential, num_bins: int = DEFAULT_NUM_BINS
-) -> tuple[dict[str, ActivationObserver], list[RemovableHandle]]:
-    """The seed's entry point: observe the input of every Conv2d and Linear child."""
-    return register_observers(model, quantized_layer_names(model), num_bins)

@@ -12,7 +12,8 @@ size of one integer step) as r ~= S * q. It is symmetric, with zero point 0, so
 ``quantize`` rounds half to even (``torch.round``, the same rule as
 ``torch.fake_quantize_per_tensor_affine``) and then saturates to [qmin, qmax].
 It computes in float64 so the result does not depend on the input's dtype.
-Integer widths come from ``int_range`` and nowhere else.
+Integer widths come from ``int_range`` and nowhere else; ``check_bits`` is the one
+check of a bit width, ``accumulator_bound`` the one worst case of an int32 accumulator.
 """
 from __future__ import annotations
 
@@ -55,8 +56,29 @@ def int_range(bits: int, signed: bool = True, narrow: bool = False) -> tuple[int
     return qmin, qmax
 
 
+def check_bits(bits: object, what: str, low: int = 2, high: int = 8) -> int:
+    """``bits`` if it is an integer in [low, high], else a ValueError naming ``what`` and the allowed range."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
+        raise ValueError(f"{what}: value {bits!r} is not allowed; allowed: an integer in [{low}, {high}]")
+    return bits
+
+
 # Activations are signed int8, full range [-128, 127]; scales use 127 steps each side.
-ACTIVATION_QMIN, ACTIVATION_QMAX = int_range(8)
+ACTIVATION_BITS = 8
+ACTIVATION_QMIN, ACTIVATION_QMAX = int_range(ACTIVATION_BITS)
+INT32_MIN, INT32_MAX = int_range(32)
+
+
+def accumulator_bound(q_weight: Tensor, q_bias: Tensor, input_qmin: int = ACTIVATION_QMIN,
+                      input_qmax: int = ACTIVATION_QMAX) -> Tensor:
+    """Per output channel, the largest |acc| any input in [input_qmin, input_qmax] can produce (int64, (out,)).
+
+    acc = sum(q_w * q_x) + q_b, so |acc| <= sum(|q_w|) * max(|input_qmin|, |input_qmax|) + |q_b|. Grouped
+    and depthwise weights (out, in / groups, kh, kw) sum over their own group only.
+    """
+    largest_input = max(abs(input_qmin), abs(input_qmax))
+    weight_abs_sum = q_weight.to(torch.int64).abs().reshape(q_weight.shape[0], -1).sum(dim=1)
+    return weight_abs_sum * largest_input + q_bias.to(torch.int64).abs()
 
 
 def scale_from_range(range_: float | Tensor, qmax: int) -> float | Tensor:

@@ -1,0 +1,133 @@
+"""The integer model and the quantized weights on disk: ``.npz`` arrays plus one JSON entry, no pickle.
+
+Format version 2 (the graph IR): the JSON ``meta`` entry holds the tensors' shapes, bits and
+scales and every node as ``{"type": "IntConv", field: value, ...}``; every torch tensor of a
+node is an array named ``node<index>.<field path>``. A version 1 file (the sequential form
+before the graph IR) is an error naming its version: rerun the quantize-biases stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.io import atomic_path
+from pipeline.quant.ir import NODE_TYPES, IntegerModel, IntNode, Requantize, TensorInfo
+
+FORMAT_NAME = "cifar10-ptq-integer-model"
+FORMAT_VERSION = 2
+SCHEME = (
+    "r ~= S*q, symmetric, zero point 0; weights int8 [-127,127] S_w=range/127 (per tensor or per output "
+    "channel); activations int8 [-128,127] S_a=range/127; bias int32 round_half_even(b/(S_in*S_w)); "
+    "acc int32; every rescale M ~= multiplier*2^(shift-31), y=(x*multiplier + 2^(30-shift)) >> (31-shift) "
+    "(round half up), then saturation; add: inputs << left_shift, each rescaled to the common grid, summed, "
+    "rescaled; average pool: window sum rescaled by S_in/(S_out*area); concat: inputs rescaled to S_out; "
+    "the logits are int32"
+)
+_VALUE_TYPES = {"Requantize": Requantize}
+
+
+def _encode(value: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
+    """A JSON-able form of a node field; tensors go into ``arrays`` under ``path``."""
+    if isinstance(value, Tensor):
+        arrays[path] = value.detach().cpu().numpy()
+        return {"array": path}
+    if isinstance(value, Requantize):
+        return {"type": "Requantize"} | {
+            field.name: _encode(getattr(value, field.name), f"{path}.{field.name}", arrays)
+            for field in dataclasses.fields(value)
+        }
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(item, f"{path}.{index}", arrays) for index, item in enumerate(value)]}
+    return value
+
+
+def _decode(value: Any, archive: Any) -> Any:
+    if isinstance(value, dict) and "array" in value:
+        return torch.from_numpy(archive[value["array"]].copy())
+    if isinstance(value, dict) and "tuple" in value:
+        return tuple(_decode(item, archive) for item in value["tuple"])
+    if isinstance(value, dict) and value.get("type") in _VALUE_TYPES:
+        fields = {key: _decode(item, archive) for key, item in value.items() if key != "type"}
+        return _VALUE_TYPES[value["type"]](**fields)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def save_integer_model(model: IntegerModel, path: str | os.PathLike) -> None:
+    """Write ``model`` as an ``.npz`` of arrays plus one JSON entry ``meta``, atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    nodes = []
+    for index, node in enumerate(model.nodes):
+        entry = {"type": type(node).__name__}
+        for field in dataclasses.fields(node):
+            entry[field.name] = _encode(getattr(node, field.name), f"node{index}.{field.name}", arrays)
+        nodes.append(entry)
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "scheme": SCHEME,
+        "input": model.input,
+        "output": model.output,
+        "input_mean": model.input_mean,
+        "input_std": model.input_std,
+        "tensors": {
+            name: {"shape": list(info.shape), "bits": info.bits, "scale": float(info.scale)}
+            for name, info in model.tensors.items()
+        },
+        "nodes": nodes,
+    }
+    arrays["meta"] = np.array(json.dumps(header))
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def load_integer_model(path: str | os.PathLike) -> IntegerModel:
+    """Read a model written by ``save_integer_model`` (no pickle is ever loaded)."""
+    with np.load(path, allow_pickle=False) as archive:
+        header = json.loads(str(archive["meta"]))
+        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{os.fspath(path)!r} is a {header.get('format')!r} file of version {header.get('version')!r}; "
+                f"this pipeline reads {FORMAT_NAME} version {FORMAT_VERSION} (the graph IR): rerun the "
+                "quantize-biases stage (dvc repro) to rewrite it"
+            )
+        nodes: list[IntNode] = []
+        for entry in header["nodes"]:
+            node_type = NODE_TYPES[entry["type"]]
+            nodes.append(node_type(**{key: _decode(value, archive) for key, value in entry.items() if key != "type"}))
+    tensors = {
+        name: TensorInfo(tuple(info["shape"]), info["bits"], torch.tensor(info["scale"], dtype=torch.float64))
+        for name, info in header["tensors"].items()
+    }
+    return IntegerModel(header["input"], header["output"], tensors, nodes, header["input_mean"], header["input_std"])
+
+
+def save_quantized_weights(
+    quantized_weights: dict[str, tuple[Tensor, Tensor]], meta: dict[str, Any], path: str | os.PathLike
+) -> None:
+    """Write ``quantize_model_weights``' result (int8 weights and float64 scales, by layer) and a JSON ``meta``."""
+    arrays = {}
+    for name, (q_weight, weight_scale) in quantized_weights.items():
+        arrays[f"{name}.weight"] = q_weight.numpy()
+        arrays[f"{name}.scale"] = weight_scale.numpy()
+    arrays["meta"] = np.array(json.dumps(meta | {"layers": list(quantized_weights)}))
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def load_quantized_weights(path: str | os.PathLike) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Any]]:
+    """Read ``save_quantized_weights``' file: the weights by layer name, and the meta dict."""
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive["meta"]))
+        weights = {
+            name: (torch.from_numpy(archive[f"{name}.weight"].copy()), torch.from_numpy(archive[f"{name}.scale"].copy()))
+            for name in meta["layers"]
+        }
+    return weights, meta

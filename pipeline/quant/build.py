@@ -1,0 +1,344 @@
+"""From a float graph to the integer graph: weights, biases, tensor scales and fixed-point multipliers.
+
+The scheme (r ~= S * q, symmetric, zero point 0):
+
+- weights: int8 in [-127, 127], S_w = range / 127 (per tensor, or per output channel);
+- activations: int8 in [-128, 127], S_a = range / 127. Max-pool, flatten and a standalone
+  ReLU/ReLU6 keep their input's integers and scale, so the tensors they connect form one
+  *scale group* with one range, calibrated on the group's tensors that a rescaling node
+  (conv, linear, add, concat, average pool) reads (``scale_groups``);
+- biases: int32, q_b = round(b / (S_in * S_w)) (round half to even); a bias outside int32
+  is an ``OverflowError`` naming the layer, never a clamp;
+- accumulators: int32; every layer is checked at build time so that
+  sum(|q_w|) * 128 + |q_b| < 2^31 for each output channel (``ranges.accumulator_bound``);
+- every rescaling is a fixed-point multiplier and shift (``fixed_point``), with the
+  integer semantics of ``integer_ops``; a fused ReLU is the lower clamp 0, a fused ReLU6
+  also the upper clamp round(6 / S_out);
+- the last layer gives int32 logits: its accumulators at scale S_in * S_w with per-tensor
+  weights; with per-channel weights they are requantized (same rule, saturating to int32)
+  to one common scale, the largest S_in * S_w_c, so the class is the argmax of integers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.graph import (
+    Activation,
+    ActivationKind,
+    Add,
+    AvgPool,
+    Concat,
+    Conv,
+    FloatGraph,
+    Linear,
+    MaxPool,
+    Reshape,
+    UnsupportedModelError,
+    node_inputs,
+)
+from pipeline.quant.calibrators import Granularity, PerChannel, parse_granularity, weight_range
+from pipeline.quant.fixed_point import quantize_multipliers
+from pipeline.quant.integer_ops import ADD_LEFT_SHIFT
+from pipeline.quant.ir import (
+    IntAdd,
+    IntAvgPool,
+    IntClamp,
+    IntConcat,
+    IntConv,
+    IntegerModel,
+    IntMaxPool,
+    IntNode,
+    IntReshape,
+    Requantize,
+    TensorInfo,
+)
+from pipeline.quant.ranges import (
+    ACTIVATION_BITS,
+    ACTIVATION_QMAX,
+    ACTIVATION_QMIN,
+    INT32_MAX,
+    INT32_MIN,
+    accumulator_bound,
+    check_bits,
+    int_range,
+    quantize,
+    scale_from_range,
+)
+
+RESCALING_NODES = (Conv, Linear, Add, Concat, AvgPool)  # nodes whose inputs' scales enter their multipliers
+SCALE_KEEPING_NODES = (MaxPool, Reshape, Activation)  # output integers and scale are the input's
+
+
+# ---------------------------------------------------------------- scale groups
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Tensors sharing one int8 scale: ``root`` and what scale-keeping nodes make of it.
+
+    ``observed`` are the members whose statistics set the range: those read by a rescaling node
+    (the root when none is). ``read_by`` names those rescaling nodes.
+    """
+
+    root: str
+    members: tuple[str, ...]
+    observed: tuple[str, ...]
+    read_by: tuple[str, ...]
+
+
+def scale_groups(graph: FloatGraph) -> dict[str, ScaleGroup]:
+    """The int8 scale groups of ``graph`` by root name, in topological order (the logits are not one)."""
+    group_of = {graph.input: graph.input}
+    for node in graph.nodes:
+        group_of[node.output] = group_of[node.input] if isinstance(node, SCALE_KEEPING_NODES) else node.output
+    logits_group = group_of[graph.output]
+    readers = graph.consumers()
+    groups: dict[str, ScaleGroup] = {}
+    for root in dict.fromkeys(group_of.values()):
+        if root == logits_group:
+            continue
+        members = tuple(name for name, group in group_of.items() if group == root)
+        observed = tuple(m for m in members if any(isinstance(r, RESCALING_NODES) for r in readers[m]))
+        read_by = tuple(dict.fromkeys(r.name for m in members for r in readers[m] if isinstance(r, RESCALING_NODES)))
+        groups[root] = ScaleGroup(root, members, observed or (root,), read_by)
+    return groups
+
+
+def check_output_layer(graph: FloatGraph) -> Conv | Linear:
+    """The Conv/Linear node whose output (through flattens) is the model's output: it gives the int32 logits."""
+    producer = graph.producer()
+    name = graph.output
+    while isinstance(producer.get(name), Reshape):
+        name = producer[name].input
+    node = producer.get(name)
+    if not isinstance(node, (Conv, Linear)):
+        raise UnsupportedModelError(
+            f"the model's output {graph.output!r} must come from a Conv2d or Linear layer (through flattens only), "
+            f"to be its int32 logits; it comes from {type(node).__name__ if node else 'the input'} {name!r}"
+        )
+    readers = graph.consumers()
+    others = [reader.name for reader in readers[name] if not isinstance(reader, Reshape)]
+    if others:
+        raise UnsupportedModelError(f"the logits layer {node.name!r} output is also read by {others}")
+    return node
+
+
+# ---------------------------------------------------------------- weights and biases
+
+
+def quantize_layer_weights(
+    weight: Tensor,
+    bits: int = 8,
+    calibrator: str = "sigma",
+    granularity: str | Granularity = "per_tensor",
+    **options: Any,
+) -> tuple[Tensor, Tensor]:
+    """(q_weight int8, weight_scale float64) with weight ~= q_weight * weight_scale.
+
+    q_weight is in the narrow range [-(2^(bits-1) - 1), 2^(bits-1) - 1];
+    weight_scale is 0-D per tensor or one value per index of the PerChannel axis.
+    The seed's default: 8 bits, 3-sigma range, per tensor.
+    """
+    check_bits(bits, "bits (weights are stored as int8)")
+    granularity = parse_granularity(granularity)
+    qmin, qmax = int_range(bits, narrow=True)
+    weight_scale = scale_from_range(weight_range(weight, qmax, calibrator, granularity, **options), qmax)
+    axis = granularity.axis if isinstance(granularity, PerChannel) else 0
+    return quantize(weight, weight_scale, qmin, qmax, axis).to(torch.int8), weight_scale
+
+
+def quantize_model_weights(
+    graph: FloatGraph,
+    weight_bits: int = 8,
+    weight_calibrator: str = "sigma",
+    granularity: str | Granularity = "per_tensor",
+    weight_options: dict[str, Any] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``quantize_layer_weights`` for every Conv/Linear node of the (BatchNorm-folded) graph, by layer name."""
+    granularity = parse_granularity(granularity)
+    if isinstance(granularity, PerChannel) and granularity.axis != 0:
+        raise ValueError(f"granularity must be per tensor or PerChannel(axis=0) (output channels), got {granularity}")
+    return {
+        node.name: quantize_layer_weights(node.weight, weight_bits, weight_calibrator, granularity,
+                                          **(weight_options or {}))
+        for node in graph.layers()
+    }
+
+
+def quantize_bias(bias: Tensor, input_scale: float, weight_scale: Tensor, layer_name: str) -> Tensor:
+    """q_b = round(b / (S_in * S_w)) (half to even) as int32; ``OverflowError`` naming the layer if out of int32."""
+    bias_scale = input_scale * torch.as_tensor(weight_scale, dtype=torch.float64)
+    q_bias = torch.round(bias.detach().to(torch.float64) / bias_scale)
+    out_of_range = (q_bias < INT32_MIN) | (q_bias > INT32_MAX)
+    if bool(out_of_range.any()):
+        channel = int(out_of_range.nonzero()[0, 0])
+        raise OverflowError(
+            f"layer {layer_name!r}: bias[{channel}] = {float(bias[channel])} at scale S_in*S_w = "
+            f"{float(bias_scale.expand_as(q_bias)[channel])} quantizes to "
+            f"{float(q_bias[channel])}, outside int32 [{INT32_MIN}, {INT32_MAX}]; "
+            "the input or weight scale is too small for this bias"
+        )
+    return q_bias.to(torch.int32)
+
+
+def check_accumulator(name: str, q_weight: Tensor, q_bias: Tensor) -> int:
+    """The layer's worst-case |accumulator|; an ``OverflowError`` naming the layer when it exceeds int32."""
+    bound = int(accumulator_bound(q_weight, q_bias).max())
+    if bound > INT32_MAX:
+        raise OverflowError(f"layer {name!r}: worst-case accumulator {bound} exceeds int32 max {INT32_MAX}")
+    return bound
+
+
+# ---------------------------------------------------------------- building
+
+
+def activation_clamp(activation: ActivationKind, scale: float, qmin: int, qmax: int) -> tuple[int, int]:
+    """The integer saturation of a tensor at ``scale`` in [qmin, qmax] with a fused activation.
+
+    ReLU is the lower clamp 0; ReLU6 also clamps at round(6 / scale), which is exactly
+    quantize(min(x, 6)) because rounding is monotonic.
+    """
+    if activation == "none":
+        return qmin, qmax
+    if activation == "relu":
+        return max(qmin, 0), qmax
+    six = int(quantize(torch.tensor(6.0), scale, qmin, qmax))
+    return max(qmin, 0), six
+
+
+def _requantization(real_multiplier: Tensor | float, clamp: tuple[int, int]) -> Requantize:
+    multiplier, shift = quantize_multipliers(torch.as_tensor(real_multiplier, dtype=torch.float64))
+    return Requantize(multiplier.to(torch.int32), shift.to(torch.int32), *clamp)
+
+
+def _scalar(value: float) -> Tensor:
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def build_integer_model(
+    graph: FloatGraph,
+    activation_ranges: dict[str, float],
+    quantized_weights: dict[str, tuple[Tensor, Tensor]],
+    input_mean: list[float] | None = None,
+    input_std: list[float] | None = None,
+) -> IntegerModel:
+    """Quantize ``graph`` into an ``IntegerModel``.
+
+    ``activation_ranges[root]`` is the calibrated range of each scale group (``scale_groups``);
+    ``quantized_weights`` is ``quantize_model_weights``' result (the quantize-weights stage's output).
+    """
+    logits_layer = check_output_layer(graph)
+    groups = scale_groups(graph)
+    missing = [root for root in groups if root not in activation_ranges]
+    if missing:
+        raise ValueError(f"activation_ranges lacks {missing}; it needs the range of each scale group {list(groups)}")
+    layers_missing = [node.name for node in graph.layers() if node.name not in quantized_weights]
+    if layers_missing:
+        raise ValueError(f"quantized_weights lacks layers {layers_missing}")
+    tensors: dict[str, TensorInfo] = {}
+    for root, group in groups.items():
+        value = float(activation_ranges[root])
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"activation_ranges[{root!r}] must be finite and >= 0, got {activation_ranges[root]!r}")
+        scale = _scalar(scale_from_range(value, ACTIVATION_QMAX))
+        for member in group.members:
+            tensors[member] = TensorInfo(graph.shapes[member], ACTIVATION_BITS, scale)
+    nodes: list[IntNode] = []
+    for node in graph.nodes:
+        if isinstance(node, (Conv, Linear)):
+            layer, logits_scale = _layer(node, tensors, quantized_weights[node.name], node is logits_layer)
+            nodes.append(layer)
+            if logits_scale is not None:
+                tensors[node.output] = TensorInfo(graph.shapes[node.output], 32, logits_scale)
+        elif isinstance(node, Reshape) and node.input in tensors and tensors[node.input].bits == 32:
+            tensors[node.output] = TensorInfo(graph.shapes[node.output], 32, tensors[node.input].scale)
+            nodes.append(IntReshape(node.name, node.input, node.output))
+        else:
+            nodes.append(_other_node(node, tensors))
+    return IntegerModel(graph.input, graph.output, tensors, nodes, input_mean, input_std)
+
+
+def _layer(node: Conv | Linear, tensors: dict[str, TensorInfo], quantized: tuple[Tensor, Tensor],
+           is_logits: bool) -> tuple[IntConv, Tensor | None]:
+    """The integer layer, and the logits' scale for the last layer (None for the others)."""
+    q_weight, weight_scale = quantized
+    input_scale = float(tensors[node.input].scale)
+    bias = node.bias if node.bias is not None else torch.zeros(q_weight.shape[0])
+    q_bias = quantize_bias(bias, input_scale, weight_scale, node.name)
+    check_accumulator(node.name, q_weight, q_bias)
+    accumulator_scale = input_scale * weight_scale
+    is_conv = isinstance(node, Conv)
+    geometry = (node.stride, node.padding, node.groups) if is_conv else ((1, 1), (0, 0), 1)
+    logits_scale = None
+    if is_logits:
+        if accumulator_scale.ndim == 0:  # raw accumulators are the logits
+            if node.activation == "relu6":
+                raise UnsupportedModelError(
+                    f"layer {node.name!r}: a ReLU6 on the logits needs a requantized output; remove it or set "
+                    "quantize_weights.granularity=per_channel"
+                )
+            layer = IntConv(node.name, "conv2d" if is_conv else "linear", node.input, node.output, q_weight, q_bias,
+                            weight_scale, *geometry, node.activation, None)
+            return layer, accumulator_scale.clone()
+        # Per-channel weights give every class its own accumulator scale. Rescale the logits to one
+        # common int32 scale (the largest, so every M <= 1 and nothing saturates) so that the class is
+        # the argmax of integers, with no float step.
+        logits_scale = accumulator_scale.max()
+        clamp = activation_clamp(node.activation, float(logits_scale), INT32_MIN, INT32_MAX)
+        requantize = _requantization(accumulator_scale / logits_scale, clamp)
+    else:
+        output_scale = float(tensors[node.output].scale)
+        clamp = activation_clamp(node.activation, output_scale, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        requantize = _requantization(accumulator_scale / output_scale, clamp)
+    layer = IntConv(node.name, "conv2d" if is_conv else "linear", node.input, node.output, q_weight, q_bias,
+                    weight_scale, *geometry, node.activation, requantize)
+    return layer, logits_scale
+
+
+def raw_accumulator_clamp(layer: IntConv) -> tuple[int, int]:
+    """The saturation of a layer without requantization: int32, at 0 below with a fused ReLU."""
+    return (0 if layer.activation == "relu" else INT32_MIN), INT32_MAX
+
+
+def _other_node(node: Any, tensors: dict[str, TensorInfo]) -> IntNode:
+    def scale(name: str) -> float:
+        return float(tensors[name].scale)
+
+    if isinstance(node, Add):
+        scale_a, scale_b, scale_out = scale(node.inputs[0]), scale(node.inputs[1]), scale(node.output)
+        twice_max = 2 * max(scale_a, scale_b)
+        common = twice_max / 2**ADD_LEFT_SHIFT
+        input_rq = tuple(_requantization(s / twice_max, (INT32_MIN, INT32_MAX)) for s in (scale_a, scale_b))
+        clamp = activation_clamp(node.activation, scale_out, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        return IntAdd(node.name, node.inputs, node.output, ADD_LEFT_SHIFT, input_rq,
+                      _requantization(common / scale_out, clamp), node.activation)
+    if isinstance(node, AvgPool):
+        area = node.kernel[0] * node.kernel[1]
+        rq = _requantization(scale(node.input) / (scale(node.output) * area), (ACTIVATION_QMIN, ACTIVATION_QMAX))
+        return IntAvgPool(node.name, node.input, node.output, node.kernel, node.stride, node.padding, rq)
+    if isinstance(node, Concat):
+        input_rq = tuple(
+            None if scale(name) == scale(node.output)
+            else _requantization(scale(name) / scale(node.output), (ACTIVATION_QMIN, ACTIVATION_QMAX))
+            for name in node.inputs
+        )
+        return IntConcat(node.name, node.inputs, node.output, input_rq)
+    if isinstance(node, MaxPool):
+        return IntMaxPool(node.name, node.input, node.output, node.kernel, node.stride, node.padding)
+    if isinstance(node, Activation):
+        low, high = activation_clamp(node.activation, scale(node.input), ACTIVATION_QMIN, ACTIVATION_QMAX)
+        return IntClamp(node.name, node.input, node.output, node.activation, low, high)
+    if isinstance(node, Reshape):
+        return IntReshape(node.name, node.input, node.output)
+    raise UnsupportedModelError(f"node {node.name!r} ({type(node).__name__}) has no integer form")
+
+
+__all__ = [
+    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "check_accumulator",
+    "check_output_layer", "node_inputs", "quantize_bias", "quantize_layer_weights", "quantize_model_weights",
+    "raw_accumulator_clamp", "scale_groups",
+]

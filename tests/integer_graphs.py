@@ -1,0 +1,112 @@
+"""Integer models of small graphs for the engine, C and ONNX tests: adds, depthwise, pools, concat, ReLU6.
+
+``integer_model_of(module)`` captures a float module, calibrates it on random images and builds
+its integer model, so every test works from what the pipeline itself would produce.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.graph import capture
+from pipeline.models import build_model
+from pipeline.profile import calibrate_ranges, profile_activations
+from pipeline.quant.build import build_integer_model, quantize_model_weights
+from pipeline.quant.ir import IntegerModel
+from pipeline.train import SEED_MEAN, SEED_STD
+from tests.model_fixtures import randomize_batchnorm
+
+
+class ResidualToy(nn.Module):
+    """A residual add with a ReLU after it, one without, a projection shortcut and a standalone ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.project = nn.Conv2d(8, 12, 1, stride=2)
+        self.conv3 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.fc = nn.Linear(12 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(x, 2)
+        y = F.relu(self.conv2(x) + x)  # fused ReLU after the add
+        z = self.conv3(y) + self.project(y)  # an add with no ReLU
+        z = F.avg_pool2d(torch.relu(z), 2)  # the add's output is read by the ReLU only: fused
+        return self.fc(torch.flatten(z, 1))
+
+
+class DepthwiseToy(nn.Module):
+    """Depthwise and grouped convolutions, ReLU6, concat on channels, a standalone ReLU6, global mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pointwise = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu6(self.bn(x))
+        branch = torch.clamp(self.depthwise(x), 0, 6)
+        other = self.grouped(x)
+        both = torch.cat([branch, F.relu6(other)], dim=1)
+        y = nn.functional.max_pool2d(self.pointwise(both), 3, stride=2, padding=1)
+        y = F.relu6(y)  # after a max-pool: a standalone ReLU6
+        return self.fc(y.mean((2, 3)))
+
+
+class SharedReluToy(nn.Module):
+    """A conv output read by a ReLU and by an add (the ReLU cannot be fused), and a concat of one scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(12 * 16 * 16, 10)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        b = F.relu(a)
+        c = self.conv2(b) + a
+        d = torch.cat([F.max_pool2d(c, 2), F.max_pool2d(c, 2)], dim=1)  # both inputs at the output's scale
+        return self.fc(d.flatten(1))
+
+
+TOYS = {"residual": ResidualToy, "depthwise": DepthwiseToy, "shared-relu": SharedReluToy}
+
+
+def random_uint8_images(count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=generator)
+
+
+def integer_model_of(
+    module: nn.Module, granularity: str = "per_channel", calibrator: str = "minmax", seed: int = 0,
+    weight_calibrator: str = "minmax",
+) -> IntegerModel:
+    """Capture ``module`` (BatchNorm randomized), calibrate on random images, build its integer model."""
+    torch.manual_seed(seed)
+    randomize_batchnorm(module, seed)
+    graph = capture(module.eval())
+    stats = profile_activations(graph, random_uint8_images(48, seed), SEED_MEAN, SEED_STD, 24, progress=False)
+    ranges = {root: chosen["range"] for root, chosen in calibrate_ranges(stats, calibrator, {}).items()}
+    weights = quantize_model_weights(graph, 8, weight_calibrator, granularity)
+    return build_integer_model(graph, ranges, weights, list(SEED_MEAN), list(SEED_STD))
+
+
+def toy_model(name: str, granularity: str = "per_channel", seed: int = 0) -> IntegerModel:
+    torch.manual_seed(seed)
+    return integer_model_of(TOYS[name](), granularity, seed=seed)
+
+
+def cifar_model(name: str, granularity: str = "per_tensor", seed: int = 0) -> IntegerModel:
+    """A built-in model (``pipeline.models``) with seeded random weights, quantized."""
+    return integer_model_of(build_model(name, seed=seed), granularity, calibrator="seed", seed=seed,
+                            weight_calibrator="sigma")
