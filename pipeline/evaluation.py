@@ -6,16 +6,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.quant.engine import integer_layer_outputs, quantize_input, run_integer, run_simulated
-from pipeline.quant.graph import fold_batchnorm
-from pipeline.quant.model import IntegerModel
+from pipeline.graph import FloatGraph, float_parameter_count, run_float
+from pipeline.quant.engine import integer_tensor_outputs, quantize_input, run_integer, run_simulated
+from pipeline.quant.ir import IntAdd, IntAvgPool, IntConcat, IntConv, IntegerModel, IntNode, Requantize
 from pipeline.quant.ranges import dequantize
 from pipeline.train import normalized_batches
 
 FLOAT_BYTES = 4  # float32 parameters
-LAYER_OPS = ("conv2d", "linear")
 
 
 def percent_equal(a: Tensor, b: Tensor) -> float:
@@ -78,61 +77,55 @@ def simulated_predictions(
     ])
 
 
-def weight_sqnr(float_model: nn.Sequential, integer_model: IntegerModel) -> dict[str, float]:
+def weight_sqnr(graph: FloatGraph, integer_model: IntegerModel) -> dict[str, float]:
     """SQNR (dB) of each layer's dequantized int weights against its float (BatchNorm-folded) weights."""
-    layers = dict(fold_batchnorm(float_model).named_children())
+    layers = {node.name: node for node in graph.layers()}
     return {
-        op["name"]: sqnr_db(layers[op["name"]].weight.detach(), dequantize(op["weight"], op["weight_scale"], axis=0))
-        for op in integer_model.ops
-        if op["op"] in LAYER_OPS
+        layer.name: sqnr_db(layers[layer.name].weight, dequantize(layer.weight, layer.weight_scale, axis=0))
+        for layer in integer_model.layers()
     }
 
 
 @torch.no_grad()
-def output_sqnr(float_model: nn.Sequential, integer_model: IntegerModel, x_normalized: Tensor) -> dict[str, float]:
-    """SQNR (dB) of each layer's dequantized integer output against the float model's (after the same ReLU).
+def output_sqnr(graph: FloatGraph, integer_model: IntegerModel, x_normalized: Tensor) -> dict[str, float]:
+    """SQNR (dB) of each layer's dequantized integer output against the float graph's (after the same activation).
 
     Errors accumulate: layer n's figure includes everything quantized before it.
     """
-    model = fold_batchnorm(float_model).eval()
-    children = dict(model.named_children())
+    outputs = {layer.output: layer.name for layer in integer_model.layers()}
     float_outputs: dict[str, Tensor] = {}
-    handles = [
-        children[op["name"]].register_forward_hook(
-            lambda module, args, output, name=op["name"]: float_outputs.__setitem__(name, output)
-        )
-        for op in integer_model.ops
-        if op["op"] in LAYER_OPS
-    ]
-    try:
-        model(x_normalized)
-    finally:
-        for handle in handles:
-            handle.remove()
-    integer_outputs = integer_layer_outputs(integer_model, quantize_input(x_normalized, integer_model.input_scale))
-    result = {}
-    for op in integer_model.ops:
-        if op["op"] not in LAYER_OPS:
-            continue
-        reference = float_outputs[op["name"]].clamp(min=0) if op["relu"] else float_outputs[op["name"]]
-        approximation = dequantize(integer_outputs[op["name"]], op["output_scale"], axis=1)
-        result[op["name"]] = sqnr_db(reference, approximation)
-    return result
+    run_float(graph, x_normalized, observe=lambda name, value: float_outputs.update({name: value}) if name in outputs else None)
+    integer_outputs = integer_tensor_outputs(integer_model, quantize_input(x_normalized, integer_model.input_scale))
+    return {
+        name: sqnr_db(float_outputs[tensor], dequantize(integer_outputs[tensor], integer_model.tensors[tensor].scale))
+        for tensor, name in outputs.items()
+    }
 
 
-def float_model_bytes(float_model: nn.Sequential) -> int:
+def float_model_bytes(graph: FloatGraph) -> int:
     """Bytes of the float32 parameters (BatchNorm folded, as deployed)."""
-    return FLOAT_BYTES * sum(parameter.numel() for parameter in fold_batchnorm(float_model).parameters())
+    return FLOAT_BYTES * float_parameter_count(graph)
+
+
+def _requantizations(node: IntNode) -> list[Requantize]:
+    if isinstance(node, IntConv):
+        return [node.requantize] if node.requantize is not None else []
+    if isinstance(node, IntAdd):
+        return [*node.input_requantize, node.output_requantize]
+    if isinstance(node, IntAvgPool):
+        return [node.requantize]
+    if isinstance(node, IntConcat):
+        return [rq for rq in node.input_requantize if rq is not None]
+    return []
 
 
 def integer_model_bytes(integer_model: IntegerModel) -> int:
     """Bytes of what an integer engine stores: int8 weights, int32 biases, int32 multipliers and shifts."""
     total = 0
-    for op in integer_model.ops:
-        if op["op"] in LAYER_OPS:
-            total += op["weight"].numel() * op["weight"].element_size() + op["bias"].numel() * 4
-            if op["requantize"]:
-                total += (op["multiplier"].numel() + op["shift"].numel()) * 4
+    for node in integer_model.nodes:
+        if isinstance(node, IntConv):
+            total += node.weight.numel() * node.weight.element_size() + node.bias.numel() * 4
+        total += sum((rq.multiplier.numel() + rq.shift.numel()) * 4 for rq in _requantizations(node))
     return total
 
 

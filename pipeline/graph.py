@@ -190,7 +190,7 @@ def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
 def _unsupported(node: torch.fx.Node, what: str, detail: str = "") -> UnsupportedModelError:
     reason = f": {detail}" if detail else ""
     return UnsupportedModelError(
-        f"node {node.name!r} ({what}) is not supported{reason}; supported: {SUPPORTED}"
+        f"node {_call_name(node)!r} ({what}) is not supported{reason}; supported: {SUPPORTED}"
     )
 
 
@@ -569,6 +569,25 @@ def fuse_activations(graph: FloatGraph) -> FloatGraph:
     return replace(graph, nodes=tuple(fused), shapes=shapes)
 
 
+def check_output_layer(graph: FloatGraph) -> Conv | Linear:
+    """The Conv/Linear node whose output (through flattens) is the model's output: it gives the int32 logits."""
+    producer = graph.producer()
+    name = graph.output
+    while isinstance(producer.get(name), Reshape):
+        name = producer[name].input
+    node = producer.get(name)
+    if not isinstance(node, (Conv, Linear)):
+        raise UnsupportedModelError(
+            f"the model's output {graph.output!r} must come from a Conv2d or Linear layer (through flattens only), "
+            f"to be its int32 logits; it comes from {type(node).__name__ if node else 'the input'} {name!r}"
+        )
+    readers = graph.consumers()
+    others = [reader.name for reader in readers[name] if not isinstance(reader, Reshape)]
+    if others:
+        raise UnsupportedModelError(f"the logits layer {node.name!r} output is also read by {others}")
+    return node
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -623,6 +642,17 @@ def _float_node(node: Node, values: Mapping[str, Tensor], dtype: torch.dtype, we
     return values[node.input].flatten(1)
 
 
+class GraphModel(nn.Module):
+    """A float graph as an ``nn.Module`` (``forward`` is ``run_float``), for code that runs modules."""
+
+    def __init__(self, graph: FloatGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_float(self.graph, x)
+
+
 def float_parameter_count(graph: FloatGraph) -> int:
     """Weights and biases of the folded graph (what a float deployment stores)."""
     return sum(node.weight.numel() + (node.bias.numel() if node.bias is not None else 0) for node in graph.layers())
@@ -673,7 +703,8 @@ def observe_original(graph: FloatGraph, x: Tensor, names: Iterable[str], observe
 
 __all__ = [
     "Activation", "ActivationKind", "Add", "AvgPool", "CIFAR10_INPUT_SHAPE", "Concat", "Conv", "FloatGraph",
+    "GraphModel", "float_parameter_count",
     "LAYER_TYPES", "Linear", "MaxPool", "Node", "Reshape", "SUPPORTED", "UnsupportedModelError", "capture",
-    "fold_batchnorms", "folded_conv_parameters", "folded_state_dict", "fuse_activations", "layer_names",
+    "check_output_layer", "fold_batchnorms", "folded_conv_parameters", "folded_state_dict", "fuse_activations", "layer_names",
     "node_inputs", "observe_original", "run_float", "with_weights",
 ]

@@ -7,8 +7,12 @@ The quantizer works from the traced graph (``pipeline.graph``), not from this la
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -174,20 +178,87 @@ class MobileNet(nn.Module):
 MODELS: dict[str, Callable[[], nn.Module]] = {"net": Net, "bnnet": BNNet, "resnet20": ResNet20, "mobilenet": MobileNet}
 
 
-def build_model(name: str, seed: int | None = None) -> nn.Sequential:
-    """Build a fresh model by registry name (see ``MODELS``).
+# A user's model file lives here, so that dvc.yaml can list one folder as a dependency of every stage
+# that builds the model: editing the file re-runs them.
+USER_MODELS_DIR = Path("models")
+_FACTORY = re.compile(r"^(?P<source>[^:]+):(?P<factory>[A-Za-z_]\w*)$")
+
+
+class ModelSpecError(ValueError):
+    """``train.model`` names no built-in model and no loadable factory."""
+
+
+def is_user_model(spec: str) -> bool:
+    """Whether ``spec`` names a factory (``file.py:factory`` or ``package.module:factory``), not a built-in."""
+    return spec not in MODELS and _FACTORY.match(spec) is not None
+
+
+def check_model_spec(spec: str, root: Path | None = None) -> None:
+    """A ModelSpecError unless ``spec`` is a built-in name, ``models/<file>.py:factory`` with the file
+    present under ``root`` (default: the working folder), or ``package.module:factory``."""
+    if spec in MODELS:
+        return
+    match = _FACTORY.match(spec)
+    if match is None:
+        raise ModelSpecError(
+            f"train.model: value {spec!r} is not allowed; allowed: {', '.join(MODELS)}, "
+            f"{USER_MODELS_DIR}/<file>.py:<factory> or <package.module>:<factory>"
+        )
+    source = match["source"]
+    if source.endswith(".py"):
+        base = (root or Path.cwd()).resolve()
+        path = (base / source).resolve()
+        if not path.is_relative_to(base / USER_MODELS_DIR):
+            raise ModelSpecError(
+                f"train.model: the model file {source!r} must be under {USER_MODELS_DIR}/ in the project "
+                "(dvc.yaml tracks that folder, so editing the file re-runs the stages that build the model)"
+            )
+        if not path.is_file():
+            raise ModelSpecError(f"train.model: the model file {source!r} does not exist")
+
+
+def model_factory(spec: str) -> Callable[[], nn.Module]:
+    """The factory ``spec`` names: a built-in class, a function in a project file, or in an importable module."""
+    if spec in MODELS:
+        return MODELS[spec]
+    check_model_spec(spec)
+    match = _FACTORY.match(spec)
+    assert match is not None  # checked above
+    source, name = match["source"], match["factory"]
+    if source.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(f"ptq_user_model_{Path(source).stem}", source)
+        if module_spec is None or module_spec.loader is None:
+            raise ModelSpecError(f"train.model: cannot load {source!r} as a Python file")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as error:
+            raise ModelSpecError(f"train.model: cannot import {source!r} ({error})") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelSpecError(f"train.model: {source!r} has no callable {name!r}")
+    return factory
+
+
+def build_model(name: str, seed: int | None = None) -> nn.Module:
+    """Build a fresh model by registry name (see ``MODELS``) or factory spec (``model_factory``).
 
     With ``seed``, the initial weights depend on it alone (the global RNG is left as it was).
     """
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}") from None
+    if name not in MODELS and not is_user_model(name):
+        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)} or file.py:factory")
+    factory = model_factory(name)
     if seed is None:
-        return factory()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory()
+        model = factory()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"train.model: {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 class CheckpointError(ValueError):
@@ -202,7 +273,7 @@ def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     ]
 
 
-def restore_model(checkpoint: Mapping[str, Any], expected_model: str, where: str) -> nn.Sequential:
+def restore_model(checkpoint: Mapping[str, Any], expected_model: str, where: str) -> nn.Module:
     """The model a checkpoint holds, checked against the model the params name; ``where`` names the file.
 
     Three checks, each a CheckpointError that says what to do: the recorded model name is

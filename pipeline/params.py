@@ -14,7 +14,7 @@ from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
-from pipeline.models import MODELS
+from pipeline.models import ModelSpecError, check_model_spec
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS
 
 
@@ -51,7 +51,8 @@ class DownloadParams:
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
-    model: str = dataclasses.field(default="net", metadata=_choice(*MODELS))
+    # A built-in name (pipeline.models.MODELS), models/<file>.py:<factory> or <package.module>:<factory>.
+    model: str = dataclasses.field(default="net", metadata={"check": check_model_spec})
     epochs: int = dataclasses.field(default=2, metadata=_bounds(1))
     batch_size: int = dataclasses.field(default=4, metadata=_bounds(1))
     optimizer: str = dataclasses.field(default="sgd", metadata=_choice("sgd", "adam"))
@@ -137,6 +138,11 @@ def _check_type(key: str, value: Any, annotation: str) -> Any:
 def _check_metadata(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
     if value is None:
         return
+    if "check" in metadata:
+        try:
+            metadata["check"](value)
+        except ModelSpecError as error:
+            raise ParamsError(str(error)) from None
     if metadata.get("non_empty") and not value.strip():
         raise ParamsError(f"{key}: value {value!r} is empty; allowed: a non-empty string")
     if "choices" in metadata and value not in metadata["choices"]:
@@ -177,7 +183,14 @@ def parse_params(raw: Any) -> Params:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ParamsError(f"{unknown[0]}: unknown section; allowed sections: {', '.join(SECTIONS)}")
-    return Params(**{name: parse_section(name, section_type, raw.get(name)) for name, section_type in SECTIONS.items()})
+    params = Params(**{name: parse_section(name, section_type, raw.get(name)) for name, section_type in SECTIONS.items()})
+    train = params.train
+    if train.nesterov and (train.optimizer != "sgd" or train.momentum == 0):
+        raise ParamsError(
+            f"train.nesterov: value true needs train.optimizer sgd and train.momentum > 0, got "
+            f"{train.optimizer!r} and {train.momentum}"
+        )
+    return params
 
 
 def read_params_file(path: str | Path = "params.yaml") -> Any:

@@ -28,12 +28,12 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
-from torch import Tensor, nn
+from torch import Tensor
 
+from pipeline.graph import FloatGraph
 from pipeline.io import atomic_path
 from pipeline.profile import clipped_fraction
 from pipeline.quant.calibrators import seed_range, weight_range
-from pipeline.quant.graph import fold_batchnorm
 from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import int_range
 from pipeline.report import STAGES, dataset_label
@@ -363,10 +363,10 @@ def plot_activation_distribution(
 
 
 def layer_weights(
-    float_model: nn.Sequential, quantized_weights: Mapping[str, tuple[Tensor, Tensor]], bits: int
+    graph: FloatGraph, quantized_weights: Mapping[str, tuple[Tensor, Tensor]], bits: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per quantized layer: the float weights as quantized (BatchNorm folded) and their clipping ranges."""
-    layers = dict(fold_batchnorm(float_model).named_children())
+    layers = {node.name: node for node in graph.layers()}
     unknown = sorted(set(quantized_weights) - set(layers))
     if unknown:
         raise ValueError(f"quantized weights name layers {unknown} that the float model lacks; it has {list(layers)}")
@@ -507,19 +507,25 @@ def sqnr_rows(sqnr_db: Mapping[str, Mapping[str, float | None]]) -> pd.DataFrame
     })
 
 
+def input_groups(profile_groups: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Node name -> the scale group its input belongs to, from data/profile.json's ``read_by`` lists."""
+    return {reader: root for root, group in profile_groups.items() for reader in group["stats"]["read_by"]}
+
+
 def clipping_rows(
     weight_ranges: Mapping[str, np.ndarray],
     weight_shares: Mapping[str, float],
-    profile_layers: Mapping[str, Mapping[str, Any]],
+    profile_groups: Mapping[str, Mapping[str, Any]],
 ) -> pd.DataFrame:
-    """Per layer: the weight range (the largest, per channel) and activation range, and the percent clipped."""
+    """Per layer: the weight range (the largest, per channel) and its input's range, and the percent clipped."""
     layers = list(weight_ranges)
+    group_of = input_groups(profile_groups)
     return pd.DataFrame({
         "layer": layers,
         "weight_range": [float(np.max(weight_ranges[name])) for name in layers],
         "weight_clipped_percent": [100 * weight_shares[name] for name in layers],
-        "activation_range": [profile_layers[name]["range"] for name in layers],
-        "activation_clipped_percent": [100 * profile_layers[name]["clipped_fraction"] for name in layers],
+        "activation_range": [profile_groups[group_of[name]]["range"] for name in layers],
+        "activation_clipped_percent": [100 * profile_groups[group_of[name]]["clipped_fraction"] for name in layers],
     })
 
 
@@ -570,7 +576,7 @@ def quantization_summary(metrics: Mapping[str, Any]) -> str:
 
 
 def write_plots(
-    float_model: nn.Sequential,
+    graph: FloatGraph,
     quantized_weights: Mapping[str, tuple[Tensor, Tensor]],
     weight_meta: Mapping[str, Any],
     profile: Mapping[str, Any],
@@ -580,20 +586,20 @@ def write_plots(
 ) -> dict[str, float]:
     """Write every figure (PNG) and DVC plot data file (CSV) of the plot stage into ``out_dir``.
 
-    Inputs are the earlier stages' artifacts: the float model, the quantized
+    Inputs are the earlier stages' artifacts: the float graph, the quantized
     weights and their meta (bits, calibrator, granularity), data/profile.json,
     data/metrics.json and the training curves. Returns each layer's share of
     clipped weights.
     """
     out = Path(out_dir)
-    weights = layer_weights(float_model, quantized_weights, weight_meta["bits"])
-    profile_layers = profile["layers"]
+    weights = layer_weights(graph, quantized_weights, weight_meta["bits"])
+    profile_layers = profile["activations"]
     options = ", ".join(f"{key}={value}" for key, value in weight_meta.get("options", {}).items())
     weight_title = (f"Float weights (BatchNorm folded) and their int{weight_meta['bits']} clipping ranges: "
                     f"{weight_meta['calibrator']}{f' ({options})' if options else ''}, {weight_meta['granularity']}")
     _, weight_shares = plot_weight_distributions(weights, weight_title, out / WEIGHTS_PNG)
-    activation_title = (f"Layer inputs on {profile['num_samples']} {profile['split']}-split calibration images "
-                        f"and their int8 ranges: {profile['calibrator']} calibrator")
+    activation_title = (f"Activations (one panel per scale group) on {profile['num_samples']} {profile['split']}-split "
+                        f"calibration images and their int8 ranges: {profile['calibrator']} calibrator")
     plot_activation_distributions(profile_layers, activation_title, out / ACTIVATIONS_PNG)
     subtitle = (f"CIFAR-10 {dataset_label(metrics['dataset'])}, {metrics['test_images']:,} test images\n"
                 f"{quantization_summary(metrics)}")

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.graph import FloatGraph, UnsupportedModelError, capture
 from pipeline.io import load_checkpoint
 from pipeline.models import CheckpointError, restore_model
 from pipeline.params import Params, ParamsError, load_params
@@ -40,7 +41,7 @@ def start_stage(name: str) -> Params:
         sys.exit(f"[{name}] invalid {PARAMS_FILE}: {error}")
 
 
-def load_trained_model(expected_model: str, path: Path = CHECKPOINT) -> tuple[nn.Sequential, dict[str, Any]]:
+def load_trained_model(expected_model: str, path: Path = CHECKPOINT) -> tuple[nn.Module, dict[str, Any]]:
     """The float model of the train stage, in eval mode, and its checkpoint's metadata.
 
     A checkpoint of another model than ``expected_model`` (the ``train.model`` param), or with
@@ -52,3 +53,17 @@ def load_trained_model(expected_model: str, path: Path = CHECKPOINT) -> tuple[nn
     except CheckpointError as error:
         sys.exit(f"error: {error}")
     return model.eval(), checkpoint
+
+
+def capture_model(model: nn.Module, stage: str) -> FloatGraph:
+    """The model's float graph (BatchNorm folded, activations fused); an unsupported op ends the stage."""
+    try:
+        return capture(model)
+    except UnsupportedModelError as error:
+        sys.exit(f"[{stage}] the model cannot be quantized: {error}")
+
+
+def load_trained_graph(expected_model: str, stage: str) -> tuple[nn.Module, FloatGraph, dict[str, Any]]:
+    """``load_trained_model`` and the trained model's float graph."""
+    model, checkpoint = load_trained_model(expected_model)
+    return model, capture_model(model, stage), checkpoint

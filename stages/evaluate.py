@@ -17,15 +17,14 @@ from pipeline.evaluation import (
     simulated_predictions,
     weight_sqnr,
 )
-from pipeline.export import export_agreement
+from pipeline.export.artifacts import export_agreement
+from pipeline.graph import GraphModel, with_weights
 from pipeline.io import load_checkpoint, read_json, write_json
-from pipeline.quant.graph import fold_batchnorm
-from pipeline.quant.model import load_integer_model, load_quantized_weights
+from pipeline.model_files import load_integer_model, load_quantized_weights
 from pipeline.train import accuracy_report, normalize, predict
 from stages.common import (
     ACCURACY,
     ARRAYS,
-    CHECKPOINT,
     EXPORT_DIR,
     INTEGER_MODEL,
     MANIFEST,
@@ -33,7 +32,7 @@ from stages.common import (
     PROFILE,
     QUANTIZED_WEIGHTS,
     WEIGHT_ONLY_CHECKPOINT,
-    load_trained_model,
+    load_trained_graph,
     start_stage,
 )
 SQNR_IMAGES = 1000  # test images for the per-layer output SQNR, a seeded random subset
@@ -49,12 +48,11 @@ def main() -> None:
     params = all_params.evaluate
     arrays = load_arrays(ARRAYS)
     images, labels = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)
-    model, checkpoint = load_trained_model(all_params.train.model, CHECKPOINT)
+    model, graph, checkpoint = load_trained_graph(all_params.train.model, "evaluate")
     mean, std = checkpoint["mean"], checkpoint["std"]
 
     fp32 = accuracy_report(predict(model, images, mean, std, params.batch_size), labels, arrays.class_names)
-    weight_only = fold_batchnorm(model)
-    weight_only.load_state_dict(load_checkpoint(WEIGHT_ONLY_CHECKPOINT)["state_dict"])
+    weight_only = GraphModel(with_weights(graph, load_checkpoint(WEIGHT_ONLY_CHECKPOINT)["state_dict"]))
     weights_int8 = predict(weight_only, images, mean, std, params.batch_size)
     integer_model = load_integer_model(INTEGER_MODEL)
     integer_logits = engine_logits(integer_model, images, mean, std, params.batch_size)
@@ -90,10 +88,10 @@ def main() -> None:
             "onnx_qlinear_logits": exported["onnx_qlinear_logit_mismatches"],
         },
         "sqnr_db": {
-            "weights": _decibels(weight_sqnr(model, integer_model)),
-            "outputs": _decibels(output_sqnr(model, integer_model, normalize(images[sqnr_indices], mean, std))),
+            "weights": _decibels(weight_sqnr(graph, integer_model)),
+            "outputs": _decibels(output_sqnr(graph, integer_model, normalize(images[sqnr_indices], mean, std))),
         },
-        "size_bytes": {"fp32": float_model_bytes(model), "int8": integer_model_bytes(integer_model)},
+        "size_bytes": {"fp32": float_model_bytes(graph), "int8": integer_model_bytes(integer_model)},
         "quantization": {
             "weight_bits": weight_meta["bits"],
             "weight_calibrator": weight_meta["calibrator"],

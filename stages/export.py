@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import logging
 
-from pipeline.export import METRICS_FILE, export_integer_model
+from pipeline.export.artifacts import METRICS_FILE, export_integer_model
 from pipeline.io import write_json
-from pipeline.quant.model import load_integer_model
+from pipeline.model_files import load_integer_model
 from stages.common import EXPORT_DIR, INTEGER_MODEL, start_stage
 
 

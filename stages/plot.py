@@ -1,6 +1,6 @@
 """plot stage: distributions with their clipping ranges, accuracy per stage, SQNR, training curves; the results table.
 
-Draws from the earlier stages' artifacts only: no model is run here.
+Draws from the earlier stages' artifacts only: no model is run here (the model is only traced for its weights).
 """
 from __future__ import annotations
 
@@ -10,28 +10,27 @@ import pandas as pd
 
 from pipeline.io import atomic_path, read_json
 from pipeline.plots import read_training_curves, write_plots
-from pipeline.quant.model import load_quantized_weights
+from pipeline.model_files import load_quantized_weights
 from pipeline.report import results_markdown
 from stages.common import (
-    CHECKPOINT,
     METRICS,
     PLOTS_DIR,
     PROFILE,
     QUANTIZED_WEIGHTS,
     RESULTS_TABLE,
     TRAINING_LOG,
-    load_trained_model,
+    load_trained_graph,
     start_stage,
 )
 
 
 def main() -> None:
     params = start_stage("plot")  # no params section of its own; train.model checks the checkpoint
-    model, _ = load_trained_model(params.train.model, CHECKPOINT)
+    _, graph, _ = load_trained_graph(params.train.model, "plot")
     quantized_weights, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     metrics = read_json(METRICS)
     shares = write_plots(
-        model, quantized_weights, weight_meta, read_json(PROFILE), metrics, read_training_curves(TRAINING_LOG), PLOTS_DIR
+        graph, quantized_weights, weight_meta, read_json(PROFILE), metrics, read_training_curves(TRAINING_LOG), PLOTS_DIR
     )
     with atomic_path(RESULTS_TABLE) as tmp:
         tmp.write_text(results_markdown({"workspace": metrics}) + "\n")

@@ -1,4 +1,4 @@
-"""profile stage: per-layer input statistics on training-split calibration images, and the calibrated int8 ranges."""
+"""profile stage: statistics of every scale group on training-split calibration images, and the calibrated int8 ranges."""
 from __future__ import annotations
 
 import logging
@@ -9,26 +9,26 @@ import torch
 from pipeline.data import load_arrays
 from pipeline.io import write_json
 from pipeline.profile import calibrate_ranges, calibration_indices, profile_activations
-from stages.common import ARRAYS, CHECKPOINT, PROFILE, load_trained_model, start_stage
+from stages.common import ARRAYS, PROFILE, load_trained_graph, start_stage
 
 
 def main() -> None:
     all_params = start_stage("profile")
     params = all_params.profile
     train_images = load_arrays(ARRAYS).train_images
-    model, checkpoint = load_trained_model(all_params.train.model, CHECKPOINT)
+    _, graph, checkpoint = load_trained_graph(all_params.train.model, "profile")
     try:
         indices = calibration_indices(len(train_images), params.num_samples, params.seed)
     except ValueError as error:
         sys.exit(f"[profile] {error}")
     try:
-        layer_stats = profile_activations(
-            model, torch.from_numpy(train_images[indices]), checkpoint["mean"], checkpoint["std"], params.batch_size
+        group_stats = profile_activations(
+            graph, torch.from_numpy(train_images[indices]), checkpoint["mean"], checkpoint["std"], params.batch_size
         )
     except ValueError as error:  # finite weights can still overflow to inf in a layer's input
         sys.exit(f"[profile] {error}")
     options = {"percentile": params.percentile} if params.calibrator == "percentile" else {}
-    calibrated = calibrate_ranges(layer_stats, params.calibrator, options)
+    calibrated = calibrate_ranges(group_stats, params.calibrator, options)
     write_json(
         PROFILE,
         {
@@ -37,12 +37,14 @@ def main() -> None:
             "seed": params.seed,
             "calibrator": params.calibrator,
             "calibrator_options": options,
-            "layers": {name: {"stats": layer_stats[name], **calibrated[name]} for name in layer_stats},
+            # One entry per scale group (pipeline.quant.build.scale_groups), by its first tensor's name.
+            "activations": {name: {"stats": group_stats[name], **calibrated[name]} for name in group_stats},
             "indices": indices.tolist(),
         },
     )
     for name, chosen in calibrated.items():
-        logging.info("%-6s input range %.4f (scale %.6f, %.4f%% clipped)", name, chosen["range"], chosen["scale"],
+        logging.info("%-6s (read by %s) range %.4f (scale %.6f, %.4f%% clipped)", name,
+                     ", ".join(group_stats[name]["read_by"]), chosen["range"], chosen["scale"],
                      100 * chosen["clipped_fraction"])
 
 

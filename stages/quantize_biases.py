@@ -4,31 +4,29 @@ from __future__ import annotations
 import logging
 import sys
 
+from pipeline.graph import UnsupportedModelError
 from pipeline.io import read_json
-from pipeline.quant.model import build_integer_model, load_quantized_weights, save_integer_model
-from stages.common import CHECKPOINT, INTEGER_MODEL, PROFILE, QUANTIZED_WEIGHTS, load_trained_model, start_stage
+from pipeline.model_files import load_quantized_weights, save_integer_model
+from pipeline.quant.build import build_integer_model
+from stages.common import INTEGER_MODEL, PROFILE, QUANTIZED_WEIGHTS, load_trained_graph, start_stage
 
 
 def main() -> None:
     params = start_stage("quantize-biases")
-    model, checkpoint = load_trained_model(params.train.model, CHECKPOINT)
-    activation_ranges = {name: layer["range"] for name, layer in read_json(PROFILE)["layers"].items()}
+    _, graph, checkpoint = load_trained_graph(params.train.model, "quantize-biases")
+    activation_ranges = {name: group["range"] for name, group in read_json(PROFILE)["activations"].items()}
     quantized_weights, _ = load_quantized_weights(QUANTIZED_WEIGHTS)
     try:
         integer_model = build_integer_model(
-            model,
-            activation_ranges,
-            input_mean=checkpoint["mean"],
-            input_std=checkpoint["std"],
-            quantized_weights=quantized_weights,
+            graph, activation_ranges, quantized_weights, input_mean=checkpoint["mean"], input_std=checkpoint["std"]
         )
-    except OverflowError as error:  # a bias or accumulator that int32 cannot hold: never clamped silently
+    except (OverflowError, UnsupportedModelError) as error:  # an int32 overflow is never clamped silently
         sys.exit(f"[quantize-biases] {error}")
     save_integer_model(integer_model, INTEGER_MODEL)
-    for op in integer_model.ops:
-        if op["op"] in ("conv2d", "linear"):
-            logging.info("%-6s bias int32 in [%d, %d], requantize %s", op["name"], int(op["bias"].min()),
-                         int(op["bias"].max()), "to int8" if op["output_bits"] == 8 else "to int32 logits")
+    for layer in integer_model.layers():
+        target = "to int32 logits" if integer_model.tensors[layer.output].bits == 32 else "to int8"
+        logging.info("%-6s bias int32 in [%d, %d], requantize %s", layer.name, int(layer.bias.min()),
+                     int(layer.bias.max()), target)
 
 
 if __name__ == "__main__":

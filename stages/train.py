@@ -10,11 +10,12 @@ import torch
 from dvclive import Live
 
 from pipeline.data import load_arrays
+from pipeline.graph import UnsupportedModelError, check_output_layer
 from pipeline.io import save_checkpoint, write_json
-from pipeline.models import build_model
+from pipeline.models import ModelSpecError, build_model
 from pipeline.train import CURVES, SEED_MEAN, SEED_STD, DivergedError, EpochRecord, resolve_device, train_model
 from stages import CPU_KERNEL_PINS
-from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, start_stage
+from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, capture_model, start_stage
 
 # The curves record what training computed, not how long it took (CURVES; dvclive writes no timestamps
 # unless asked), so a forced retrain that reproduces the weights writes the same files and does not
@@ -37,7 +38,15 @@ def main() -> None:
     params = start_stage("train").train
     arrays = load_arrays(ARRAYS)
     device = resolve_device(params.device)
-    model = build_model(params.model, seed=params.seed)
+    try:
+        model = build_model(params.model, seed=params.seed)
+    except ModelSpecError as error:
+        sys.exit(f"[train] {error}")
+    # Before any training: a model the quantizer cannot take fails here, naming the node.
+    try:
+        check_output_layer(capture_model(model, "train"))
+    except UnsupportedModelError as error:
+        sys.exit(f"[train] the model cannot be quantized: {error}")
     logging.info("training %s on %s for %d epochs", params.model, device, params.epochs)
     started = time.perf_counter()
     # No dvc.yaml edits, report or `dvc exp save` of its own: DVC runs this stage and owns all of that.

@@ -13,11 +13,13 @@ from pipeline.evaluation import (
     sqnr_db,
     weight_sqnr,
 )
+from pipeline.graph import capture
 from pipeline.models import Net, build_model
 from pipeline.profile import calibrate_ranges, calibration_indices, clipped_fraction, profile_activations
+from pipeline.quant.build import build_integer_model, quantize_model_weights, scale_groups
 from pipeline.quant.engine import QuantizedNet
-from pipeline.quant.model import build_integer_model
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from tests.integer_graphs import toy_model
 
 
 def test_sqnr_db_hand_worked():
@@ -29,10 +31,10 @@ def test_sqnr_db_hand_worked():
 @pytest.fixture
 def quantized(synthetic_images):
     images, _ = synthetic_images
-    model = build_model("net", seed=0).eval()
-    stats = profile_activations(model, images, SEED_MEAN, SEED_STD, batch_size=16, progress=False)
+    graph = capture(build_model("net", seed=0))
+    stats = profile_activations(graph, images, SEED_MEAN, SEED_STD, batch_size=16, progress=False)
     ranges = {name: chosen["range"] for name, chosen in calibrate_ranges(stats, "seed", {}).items()}
-    return model, build_integer_model(model, ranges), images
+    return graph, build_integer_model(graph, ranges, quantize_model_weights(graph)), images
 
 
 def test_engine_predictions_are_quantized_net_argmax_and_agree_with_simulation(quantized):
@@ -53,10 +55,11 @@ def test_sqnr_per_layer_is_high_at_8_bits(quantized):
 
 
 def test_model_sizes():
-    net = Net()
-    assert float_model_bytes(net) == 4 * 62006
+    graph = capture(Net())
+    assert float_model_bytes(graph) == 4 * 62006
     # int8 weights + int32 biases + int32 multiplier and shift for each of the 4 requantized per-tensor layers.
-    integer_model = build_integer_model(net, {name: 1.0 for name in ("conv1", "conv2", "fc1", "fc2", "fc3")})
+    ranges = {root: 1.0 for root in scale_groups(graph)}
+    integer_model = build_integer_model(graph, ranges, quantize_model_weights(graph))
     weights = 6 * 3 * 25 + 16 * 6 * 25 + 400 * 120 + 120 * 84 + 84 * 10
     biases = 4 * (6 + 16 + 120 + 84 + 10)
     assert integer_model_bytes(integer_model) == weights + biases + 4 * 2 * 4
@@ -94,3 +97,11 @@ def test_accuracy_table_is_the_short_flat_row_dvc_metrics_show_prints():
     }
     assert accuracy_table(metrics) == {"fp32": 53.23, "weights_int8": 53.26, "full_int8": 53.34, "c_int8": 53.34,
                                        "onnx_int8": 53.3, "drop": -0.11, "c_mismatches": 0, "int8_bytes": 62746}
+
+
+def test_model_size_counts_the_multipliers_of_adds_and_pools():
+    model = toy_model("residual", "per_tensor")
+    layers = sum(layer.weight.numel() + 4 * layer.bias.numel() + 8 * (layer.requantize is not None)
+                 for layer in model.layers())
+    # two adds (three multiplier-shift pairs each) and one average pool (one pair)
+    assert integer_model_bytes(model) == layers + 2 * 3 * 8 + 8

@@ -11,7 +11,7 @@ from pipeline.export.c_build import find_compiler
 from pipeline.export.c_model import C_FILES
 from pipeline.io import read_json
 from pipeline.quant.engine import quantize_input, run_integer
-from pipeline.quant.model import save_integer_model
+from pipeline.model_files import save_integer_model
 from tests.test_export_plan import cifar_model, random_images
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import MODELS, BNNet, CheckpointError, Net, build_model, restore_model
+from pipeline.models import MODELS, BNNet, CheckpointError, ModelSpecError, Net, ResNet20, build_model, restore_model
 
 
 def test_net_is_the_seed_architecture():
@@ -37,8 +37,35 @@ def test_bnnet_has_batchnorm_and_only_known_layer_types():
 
 
 def test_unknown_model_name_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"unknown model 'vgg'; allowed: \['bnnet', 'net'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'; allowed: \['bnnet', 'mobilenet', 'net', 'resnet20'\]"):
         build_model("vgg")
+
+
+def test_resnet20_is_the_cifar_resnet_with_projection_shortcuts():
+    model = ResNet20()
+    convs = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    assert len(convs) == 19 + 2 and sum(p.numel() for p in model.parameters()) == 272474
+    assert [conv.out_channels for conv in convs if conv.kernel_size == (1, 1)] == [32, 64]  # option B
+
+
+def test_mobilenet_has_depthwise_convolutions_and_relu6():
+    model = build_model("mobilenet")
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    assert any(isinstance(m, nn.ReLU6) for m in model.modules())
+
+
+def test_a_factory_in_a_models_file_builds_with_the_seed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))\n"
+    )
+    first, second = build_model("models/mine.py:build", seed=3), build_model("models/mine.py:build", seed=3)
+    assert torch.equal(first[1].weight, second[1].weight)
+    assert isinstance(build_model("pipeline.models:Net"), Net)
+    with pytest.raises(ModelSpecError, match=r"'models/mine.py' has no callable 'missing'"):
+        build_model("models/mine.py:missing")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

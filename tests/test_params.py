@@ -36,7 +36,12 @@ def test_missing_sections_take_defaults():
         ({"train": {"lr": -0.1}}, "train.lr: value -0.1 is out of range; allowed: > 0.0"),
         ({"train": {"lr": 0}}, "train.lr: value 0.0 is out of range; allowed: > 0.0"),
         ({"train": {"optimizer": "rmsprop"}}, "train.optimizer: value 'rmsprop' is not allowed; allowed: sgd, adam"),
-        ({"train": {"model": "resnet"}}, "train.model: value 'resnet' is not allowed; allowed: net, bnnet"),
+        ({"train": {"model": "resnet"}},
+         "train.model: value 'resnet' is not allowed; allowed: net, bnnet, resnet20, mobilenet, models/<file>.py:"),
+        ({"train": {"model": "models/absent.py:build"}}, "train.model: the model file 'models/absent.py' does not exist"),
+        ({"train": {"model": "pipeline/models.py:Net"}}, "train.model: the model file 'pipeline/models.py' must be under models/"),
+        ({"train": {"nesterov": True, "momentum": 0}}, "train.nesterov: value true needs train.optimizer sgd and train.momentum > 0"),
+        ({"train": {"label_smoothing": 1.5}}, "train.label_smoothing: value 1.5 is out of range; allowed: <= 1.0"),
         ({"train": {"device": "tpu"}}, "train.device: value 'tpu' is not allowed; allowed: auto, cpu, cuda"),
         ({"train": {"epochs": "two"}}, "train.epochs: value 'two' has the wrong type; expected int"),
         ({"train": {"epochs": 2.5}}, "train.epochs: value 2.5 has the wrong type; expected int"),
@@ -64,6 +69,11 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, message):
     with pytest.raises(ParamsError) as error:
         parse_params(raw)
     assert message in str(error.value)
+
+
+def test_a_model_file_under_models_or_a_module_factory_is_accepted():
+    assert parse_params({"train": {"model": "models/example.py:TinyResNet"}}).train.model == "models/example.py:TinyResNet"
+    assert parse_params({"train": {"model": "pipeline.models:ResNet20"}}).train.model == "pipeline.models:ResNet20"
 
 
 def test_integer_is_accepted_for_a_float_param():

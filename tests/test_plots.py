@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.graph import capture
 from pipeline.io import save_checkpoint, write_json
+from pipeline.model_files import save_quantized_weights
 from pipeline.models import build_model
 from pipeline.plots import (
     FIGURE_DPI,
@@ -24,8 +26,7 @@ from pipeline.plots import (
     weight_clip_ranges,
 )
 from pipeline.profile import calibrate_ranges, clipped_fraction, profile_activations
-from pipeline.quant.graph import fold_batchnorm, quantized_layer_names
-from pipeline.quant.model import quantize_model_weights, save_quantized_weights
+from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.observers import ActivationObserver
 from pipeline.train import SEED_MEAN, SEED_STD
 from tests.project_copy import PROJECT_ROOT
@@ -145,13 +146,14 @@ def synthetic_artifacts(
     model = build_model(model_name, seed=0).eval()
     save_checkpoint(data / "model.pt", {"model": model_name, "state_dict": model.state_dict(),
                                         "mean": list(SEED_MEAN), "std": list(SEED_STD)})
-    quantized = quantize_model_weights(model, 8, "sigma", granularity, {"k": 3.0})
+    graph = capture(model)
+    quantized = quantize_model_weights(graph, 8, "sigma", granularity, {"k": 3.0})
     save_quantized_weights(quantized, {"bits": 8, "calibrator": "sigma", "options": {"k": 3.0},
                                        "granularity": granularity}, data / "weights_int8.npz")
-    stats = profile_activations(model, images, SEED_MEAN, SEED_STD, batch_size=32, progress=False)
+    stats = profile_activations(graph, images, SEED_MEAN, SEED_STD, batch_size=32, progress=False)
     calibrated = calibrate_ranges(stats, "percentile", {"percentile": 99.0})  # clips: the red part is drawn
     profile = {"split": "train", "num_samples": len(images), "seed": 0, "calibrator": "percentile",
-               "layers": {name: {"stats": stats[name], **calibrated[name]} for name in stats}}
+               "activations": {name: {"stats": stats[name], **calibrated[name]} for name in stats}}
     write_json(data / "profile.json", profile)
     names = list(quantized)
     metrics = {
@@ -189,10 +191,11 @@ def test_plot_stage_writes_every_figure_plot_data_and_the_results_table(tmp_path
     assert np.isnan(sqnr["outputs_db"][0]) and sqnr["weights_db"][0] == 30.0  # null (exact) is an empty cell
     clipping = pd.read_csv(plots / "clipping.csv")
     assert (clipping["activation_clipped_percent"] > 0).any()
-    for name in ("weight_hist.csv", "activation_hist.csv"):
+    groups = ["input_1", "relu1", "relu2", "relu3", "relu4"]  # scale groups, by their first tensor
+    for name, expected in (("weight_hist.csv", sqnr["layer"].tolist()), ("activation_hist.csv", groups)):
         histogram = pd.read_csv(plots / name)
         assert list(histogram.columns) == ["layer", "value", "density", "clip_range"]
-        assert histogram["layer"].unique().tolist() == sqnr["layer"].tolist()
+        assert histogram["layer"].unique().tolist() == expected
     results = (tmp_path / "data" / "results.md").read_text()
     assert "| workspace | tiny-cifar.tar.gz (image-folder) | int8 sigma per_tensor |" in results
 
@@ -201,10 +204,11 @@ def test_layer_weights_are_the_batchnorm_folded_weights_with_one_range_per_chann
     model = build_model("bnnet", seed=0).eval()
     with torch.no_grad():  # non-trivial running statistics, so that folding changes the weights
         model.bn1.running_var.fill_(4.0)
-    quantized = quantize_model_weights(model, 6, "minmax", "per_channel")
-    weights = layer_weights(model, quantized, bits=6)
-    folded = dict(fold_batchnorm(model).named_children())
-    assert list(weights) == quantized_layer_names(model)
+    graph = capture(model)
+    quantized = quantize_model_weights(graph, 6, "minmax", "per_channel")
+    weights = layer_weights(graph, quantized, bits=6)
+    folded = {node.name: node for node in graph.layers()}
+    assert list(weights) == list(folded)
     for name, (values, ranges) in weights.items():
         expected = folded[name].weight.detach().double()
         assert np.allclose(values, expected.numpy())

@@ -19,7 +19,10 @@ from pipeline.quant.calibrators import (
     parse_granularity,
     weight_range,
 )
-from pipeline.quant.observers import ActivationObserver, register_activation_profiling_hooks, register_observers
+from pipeline.graph import capture
+from pipeline.profile import profile_activations
+from pipeline.quant.observers import ActivationObserver
+from pipeline.train import SEED_MEAN, SEED_STD, normalize
 
 
 def observed_stats(x: torch.Tensor, num_bins: int = 2048) -> dict:
@@ -115,27 +118,19 @@ def test_all_zero_input_gives_zero_ranges():
         assert activation_range(stats, name) == 0.0
 
 
-def test_profiling_hooks_record_the_input_of_each_layer():
+def test_profiling_observes_each_scale_group_where_a_rescaling_node_reads_it():
     torch.manual_seed(0)
     model = Net().eval()
-    observers, handles = register_activation_profiling_hooks(model)
-    assert list(observers) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
-    x = gaussian(2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    stats = profile_activations(capture(model), images, SEED_MEAN, SEED_STD, batch_size=2, progress=False)
+    assert list(stats) == ["input_1", "relu1", "relu2", "relu3", "relu4"]
+    x = normalize(images, SEED_MEAN, SEED_STD)
     with torch.no_grad():
-        model(x)
-        for handle in handles:
-            handle.remove()
         fc1_input = nn.Sequential(*list(model)[:7])(x)  # everything up to and including flatten
-    assert observers["conv1"].stats()["max"] == float(x.max())
-    assert observers["fc1"].stats()["count"] == fc1_input.numel()
-    assert observers["fc1"].stats()["mean"] == pytest.approx(float(fc1_input.double().mean()))
-    model(x)  # hooks removed: nothing more recorded
-    assert observers["conv1"].stats()["count"] == x.numel()
-
-
-def test_register_observers_rejects_unknown_layer():
-    with pytest.raises(ValueError, match=r"unknown layer 'conv9'; allowed: \['conv1'"):
-        register_observers(Net(), ["conv9"])
+    assert stats["input_1"]["max"] == float(x.max()) and stats["input_1"]["read_by"] == ["conv1"]
+    assert stats["relu2"]["observed"] == ["flatten"] and stats["relu2"]["read_by"] == ["fc1"]
+    assert stats["relu2"]["count"] == fc1_input.numel()
+    assert stats["relu2"]["mean"] == pytest.approx(float(fc1_input.double().mean()))
 
 
 # ---------------------------------------------------------------- activation calibrators
@@ -252,26 +247,18 @@ def test_weight_calibrator_errors():
 def test_calibrators_work_on_a_profiled_model():
     """Every activation calibrator gives a positive range <= a never-clipping bound for each layer of Net."""
     torch.manual_seed(1)
-    model = Net().eval()
-    observers, handles = register_activation_profiling_hooks(model)
-    with torch.no_grad():
-        model(gaussian(8 * 3 * 32 * 32).reshape(8, 3, 32, 32))
-    for handle in handles:
-        handle.remove()
-    for name, observer in observers.items():
-        stats = observer.stats()
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    group_stats = profile_activations(capture(Net().eval()), images, SEED_MEAN, SEED_STD, progress=False)
+    for name, stats in group_stats.items():
         for calibrator in ACTIVATION_CALIBRATORS:
             value = activation_range(stats, calibrator)
             assert 0 < value <= activation_range(stats, "seed"), (name, calibrator)
-    assert isinstance(model, nn.Sequential)
 
 
-def test_a_layer_input_that_overflows_names_the_layer():
-    from pipeline.profile import profile_activations
-
+def test_a_tensor_that_overflows_is_named():
     net = Net().eval()
     with torch.no_grad():
         net.fc1.weight.fill_(3e38)  # finite, but its outputs overflow float32 to inf: fc2's input
     images = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"input of layer 'fc2': observed tensor has non-finite values"):
-        profile_activations(net, images, (0.5,) * 3, (0.5,) * 3, progress=False)
+    with pytest.raises(ValueError, match=r"tensor 'relu3': observed tensor has non-finite values"):
+        profile_activations(capture(net), images, (0.5,) * 3, (0.5,) * 3, progress=False)

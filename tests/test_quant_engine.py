@@ -1,60 +1,38 @@
-"""The integer model and engine: BN folding, bias rule, bit-exact engine, build, save/load."""
+"""The integer model and engine: weights and biases, building from a graph, the engine, save/load."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from pipeline.models import BNNet, Net
+from pipeline.graph import capture, run_float
+from pipeline.model_files import load_integer_model, save_integer_model
+from pipeline.models import Net, build_model
 from pipeline.quant import engine
+from pipeline.quant.build import (
+    build_integer_model,
+    quantize_bias,
+    quantize_layer_weights,
+    quantize_model_weights,
+    scale_groups,
+)
 from pipeline.quant.engine import (
     QuantizedNet,
     dequantize_logits,
-    integer_layer_outputs,
+    dequantized_weights,
+    integer_tensor_outputs,
     quantize_input,
     run_integer,
     run_simulated,
-    weight_only_model,
+    run_weight_only,
 )
-from pipeline.quant.fixed_point import quantize_multiplier, requantize_reference
-from pipeline.quant.graph import fold_batchnorm
-from pipeline.quant.model import (
-    IntegerModel,
-    build_integer_model,
-    load_integer_model,
-    quantize_bias,
-    quantize_layer_weights,
-    quantize_model_biases,
-    save_integer_model,
-)
+from pipeline.quant.fixed_point import requantize_reference
+from pipeline.quant.ir import IntConv
 from pipeline.quant.ranges import dequantize
-from tests.model_fixtures import randomize_batchnorm
-
-
-
-# ---------------------------------------------------------------- BatchNorm folding
-
-
-def test_fold_batchnorm_preserves_eval_output():
-    torch.manual_seed(0)
-    model = BNNet(width=8)
-    randomize_batchnorm(model, seed=1)
-    model.eval()
-    folded = fold_batchnorm(model)
-    assert not any(isinstance(layer, nn.BatchNorm2d) for layer in folded.modules())
-    assert all(folded.get_submodule(f"conv{i}").bias is not None for i in range(1, 7))
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-5)
-    assert model.bn1.running_mean.abs().sum() > 0  # the original is untouched
-
-
-def test_fold_batchnorm_requires_a_preceding_conv():
-    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))
-    with pytest.raises(ValueError, match="BatchNorm2d '1' must directly follow a Conv2d"):
-        fold_batchnorm(model)
-
+from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from tests.integer_graphs import TOYS, cifar_model, random_uint8_images, toy_model
 
 # ---------------------------------------------------------------- weights and biases
 
@@ -80,7 +58,8 @@ def test_quantize_layer_weights_per_channel_bits(bits):
 
 
 def test_quantize_layer_weights_rejects_wide_bits():
-    with pytest.raises(ValueError, match=r"bits must be an integer in \[2, 8\] \(weights are stored as int8\), got 9"):
+    with pytest.raises(ValueError, match=r"bits \(weights are stored as int8\): value 9 is not allowed; allowed: an "
+                                         r"integer in \[2, 8\]"):
         quantize_layer_weights(torch.ones(2, 2), bits=9)
 
 
@@ -97,101 +76,161 @@ def test_bias_overflow_names_the_layer():
         quantize_bias(torch.tensor([0.0, 5.0]), 1e-5, torch.tensor(1e-5), "conv2")
 
 
-def test_quantize_model_biases_maps_each_layer():
-    model = Net()
-    input_scales = {name: 0.02 for name in ("conv1", "conv2", "fc1", "fc2", "fc3")}
-    weight_scales = {name: torch.tensor(0.01, dtype=torch.float64) for name in input_scales}
-    biases = quantize_model_biases(model, input_scales, weight_scales)
-    assert list(biases) == list(input_scales)
-    assert torch.equal(biases["fc2"], quantize_bias(model.fc2.bias, 0.02, weight_scales["fc2"], "fc2"))
+def test_depthwise_weights_are_quantized_per_output_channel():
+    graph = capture(TOYS["depthwise"]().eval())
+    weights = quantize_model_weights(graph, 8, "minmax", "per_channel")
+    depthwise = next(node for node in graph.layers() if node.groups == node.weight.shape[0])
+    q_weight, scale = weights[depthwise.name]
+    assert q_weight.shape == depthwise.weight.shape and scale.shape == (depthwise.weight.shape[0],)
+    assert q_weight.abs().reshape(len(scale), -1).amax(1).tolist() == [127] * len(scale)
 
 
-# ---------------------------------------------------------------- the engine, bit-exact
+# ---------------------------------------------------------------- building from a graph
 
 
-def conv2d_reference(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -> np.ndarray:
-    """Direct int64 convolution, one output element at a time."""
+@pytest.fixture(scope="module")
+def net_and_data():
+    graph = capture(build_model("net", seed=7))
+    images = random_uint8_images(200, seed=8)
+    x = normalize(images, SEED_MEAN, SEED_STD)
+    ranges = {root: 4.0 for root in scale_groups(graph)}
+    return graph, x, ranges
+
+
+def test_scale_groups_join_tensors_that_keep_their_scale():
+    graph = capture(Net())
+    groups = scale_groups(graph)
+    # conv1's output (after its fused ReLU, "relu1") and pool1's are one group, observed where conv2 reads it
+    assert {root: (group.members, group.observed, group.read_by) for root, group in groups.items()} == {
+        "input_1": (("input_1",), ("input_1",), ("conv1",)),
+        "relu1": (("relu1", "pool1"), ("pool1",), ("conv2",)),
+        "relu2": (("relu2", "pool2", "flatten"), ("flatten",), ("fc1",)),
+        "relu3": (("relu3",), ("relu3",), ("fc2",)),
+        "relu4": (("relu4",), ("relu4",), ("fc3",)),
+    }
+
+
+def test_integer_model_structure(net_and_data):
+    graph, _, ranges = net_and_data
+    model = build_integer_model(graph, ranges, quantize_model_weights(graph))
+    assert [type(node).__name__ for node in model.nodes] == [
+        "IntConv", "IntMaxPool", "IntConv", "IntMaxPool", "IntReshape", "IntConv", "IntConv", "IntConv"
+    ]
+    layers = model.layers()
+    assert [layer.activation for layer in layers] == ["relu", "relu", "relu", "relu", "none"]
+    assert [layer.requantize is None for layer in layers] == [False] * 4 + [True]
+    assert model.input_scale == pytest.approx(4.0 / 127)
+    for layer in layers[:-1]:
+        real = model.input_scale_of(layer) * float(layer.weight_scale) / float(model.tensors[layer.output].scale)
+        fixed = int(layer.requantize.multiplier) * 2.0 ** (int(layer.requantize.shift) - 31)
+        assert fixed == pytest.approx(real, rel=2**-30)
+        assert (layer.requantize.clamp_min, layer.requantize.clamp_max) == (0, 127)  # the fused ReLU
+    last = layers[-1]
+    assert model.tensors[model.output].bits == 32
+    assert float(model.output_scale) == pytest.approx(model.input_scale_of(last) * float(last.weight_scale))
+
+
+def test_build_reports_missing_and_bad_ranges(net_and_data):
+    graph, _, ranges = net_and_data
+    weights = quantize_model_weights(graph)
+    partial = {name: value for name, value in ranges.items() if name != "relu3"}
+    with pytest.raises(ValueError, match=r"activation_ranges lacks \['relu3'\]"):
+        build_integer_model(graph, partial, weights)
+    with pytest.raises(ValueError, match=r"activation_ranges\['relu3'\] must be finite and >= 0, got -1.0"):
+        build_integer_model(graph, ranges | {"relu3": -1.0}, weights)
+
+
+def test_a_model_whose_output_is_not_a_layer_is_an_error():
+    from pipeline.graph import UnsupportedModelError
+
+    class AddOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return (self.conv(x) + x).flatten(1)
+
+    graph = capture(AddOut())
+    with pytest.raises(UnsupportedModelError, match="must come from a Conv2d or Linear layer"):
+        build_integer_model(graph, {root: 1.0 for root in scale_groups(graph)}, quantize_model_weights(graph))
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def conv2d_reference(x: np.ndarray, weight: np.ndarray, stride: int, padding: int, groups: int) -> np.ndarray:
+    """Direct int64 grouped convolution, one output element at a time."""
     x = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     batch, _, height, width = x.shape
-    out_channels, _, kernel_h, kernel_w = weight.shape
+    out_channels, group_in, kernel_h, kernel_w = weight.shape
+    per_group = out_channels // groups
     out_h, out_w = (height - kernel_h) // stride + 1, (width - kernel_w) // stride + 1
     out = np.zeros((batch, out_channels, out_h, out_w), dtype=np.int64)
-    for b in range(batch):
-        for c in range(out_channels):
-            for i in range(out_h):
-                for j in range(out_w):
-                    patch = x[b, :, i * stride : i * stride + kernel_h, j * stride : j * stride + kernel_w]
-                    out[b, c, i, j] = int((patch * weight[c].astype(np.int64)).sum())
+    for b, c, i, j in np.ndindex(batch, out_channels, out_h, out_w):
+        first = (c // per_group) * group_in
+        patch = x[b, first : first + group_in, i * stride : i * stride + kernel_h, j * stride : j * stride + kernel_w]
+        out[b, c, i, j] = int((patch * weight[c].astype(np.int64)).sum())
     return out
 
 
-def requantize_array_reference(acc: np.ndarray, multipliers, shifts, qmin: int, qmax: int) -> np.ndarray:
-    """Per-channel (axis 1) requantization with the pure-Python reference, element by element."""
-    out = np.empty_like(acc)
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_a_grouped_conv_layer_matches_an_independent_int64_reference(groups):
+    model = toy_model("depthwise", "per_channel", seed=groups)
+    generator = torch.Generator().manual_seed(groups)
+    weight = torch.randint(-127, 128, (4, 4 // groups, 3, 3), generator=generator, dtype=torch.int8)
+    layer = next(node for node in model.layers() if node.kind == "conv2d")
+    multiplier = torch.tensor([1 << 30, 1555555555, 1 << 30, 2000000000], dtype=torch.int32)
+    shift = torch.tensor([-5, -7, 1, -9], dtype=torch.int32)  # M above and below 1
+    rq = dataclasses.replace(layer.requantize, multiplier=multiplier, shift=shift, clamp_min=-128, clamp_max=127)
+    conv = IntConv("conv", "conv2d", "x", "y", weight, torch.tensor([-900, 15, 300, -7], dtype=torch.int32),
+                   torch.ones(4, dtype=torch.float64), (2, 2), (1, 1), groups, "none", rq)
+    x = torch.randint(-128, 128, (2, 4, 7, 7), generator=generator, dtype=torch.int8)
+    acc = conv2d_reference(x.numpy(), weight.numpy(), 2, 1, groups) + conv.bias.numpy().reshape(1, -1, 1, 1)
+    expected = np.empty_like(acc)
     for index in np.ndindex(acc.shape):
-        channel = index[1]
-        out[index] = requantize_reference(int(acc[index]), multipliers[channel], shifts[channel], qmin, qmax)
-    return out
+        c = index[1]
+        expected[index] = requantize_reference(int(acc[index]), int(multiplier[c]), int(shift[c]), -128, 127)
+    values = {"x": x.to(torch.int64)}
+    prepared = engine._Layer.prepare(conv, x.device)
+    assert engine._integer_node(conv, prepared, values).tolist() == expected.tolist()
 
 
-def random_integer_model(seed: int, relu: bool) -> IntegerModel:
-    """conv2d (stride 2, padding 1, requantized, per-channel multipliers) -> maxpool -> flatten -> linear."""
-    generator = torch.Generator().manual_seed(seed)
-    conv_weight = torch.randint(-127, 128, (4, 3, 3, 3), generator=generator, dtype=torch.int8)
-    conv_weight[2] = conv_weight[2] // 16  # smaller accumulators where M is larger, so few outputs saturate
-    conv_weight[3] = 0
-    conv_weight[3, 1, 1, 1] = 1
-    conv_bias = torch.tensor([-20000, 15000, 300, -7], dtype=torch.int32)
-    real_multipliers = [0.0007, 0.003, 0.02, 1.7]  # M < 1 and M > 1: shifts on both sides
-    pairs = [quantize_multiplier(m) for m in real_multipliers]
-    fc_weight = torch.randint(-127, 128, (5, 4 * 2 * 2), generator=generator, dtype=torch.int8)
-    fc_bias = torch.randint(-1000, 1000, (5,), generator=generator, dtype=torch.int32)
-    conv = {
-        "op": "conv2d", "name": "conv", "weight": conv_weight, "bias": conv_bias, "stride": [2, 2], "padding": [1, 1],
-        "input_scale": 0.05, "weight_scale": torch.full((4,), 0.01, dtype=torch.float64),
-        "output_scale": torch.tensor(0.1, dtype=torch.float64), "output_bits": 8, "requantize": True, "relu": relu,
-        "multiplier": torch.tensor([m for m, _ in pairs], dtype=torch.int32),
-        "shift": torch.tensor([s for _, s in pairs], dtype=torch.int32),
-    }
-    pool = {"op": "maxpool2d", "name": "pool", "kernel": [2, 2], "stride": [2, 2], "padding": [0, 0]}
-    fc = {
-        "op": "linear", "name": "fc", "weight": fc_weight, "bias": fc_bias, "input_scale": 0.1,
-        "weight_scale": torch.tensor(0.02, dtype=torch.float64),
-        "output_scale": torch.tensor(0.002, dtype=torch.float64), "output_bits": 32,
-        "requantize": False, "multiplier": None, "shift": None, "relu": False,
-    }
-    return IntegerModel(0.05, [conv, pool, {"op": "flatten", "name": "flatten"}, fc])
-
-
-@pytest.mark.parametrize("relu", [False, True])
-def test_run_integer_matches_an_independent_int64_reference(relu):
-    model = random_integer_model(seed=3, relu=relu)
-    conv, _, _, fc = model.ops
-    x = torch.randint(-128, 128, (3, 3, 8, 8), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
-
-    products = conv2d_reference(x.numpy(), conv["weight"].numpy(), stride=2, padding=1)
-    acc = products + conv["bias"].numpy().reshape(1, -1, 1, 1)
-    qmin = 0 if relu else -128
-    activation = requantize_array_reference(acc, conv["multiplier"].tolist(), conv["shift"].tolist(), qmin, 127)
-    assert activation.min() >= qmin and activation.max() <= 127
-    pooled = activation.reshape(3, 4, 2, 2, 2, 2).max(axis=(3, 5))  # 2x2 windows of the 4x4 map
-    expected = pooled.reshape(3, -1) @ fc["weight"].numpy().astype(np.int64).T + fc["bias"].numpy()
-
-    logits = run_integer(model, x)
+@pytest.mark.parametrize("name", sorted(TOYS))
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_engine_agrees_with_its_float64_simulation_and_the_float_model(name, granularity):
+    model = toy_model(name, granularity)
+    x = normalize(random_uint8_images(64, seed=11), SEED_MEAN, SEED_STD)
+    logits = run_integer(model, quantize_input(x, model.input_scale))
     assert logits.dtype == torch.int32
-    assert logits.tolist() == expected.tolist()
+    simulated = run_simulated(model, x)
+    assert (logits.argmax(1) == simulated.argmax(1)).double().mean() >= 0.95
+    real = dequantize_logits(model, logits)
+    assert float((real - simulated).abs().max()) < 0.05 * float(simulated.abs().max())
 
 
-def test_run_integer_guards_the_accumulator_bound():
-    model = random_integer_model(seed=5, relu=False)
-    model.ops[-1]["bias"] = torch.full((5,), 2**31 - 1, dtype=torch.int32)
-    with pytest.raises(OverflowError, match="layer 'fc': worst-case accumulator .* exceeds int32 max"):
-        run_integer(model, torch.zeros(1, 3, 8, 8, dtype=torch.int8))
+def test_every_tensor_of_the_engine_is_within_its_integer_type():
+    model = toy_model("depthwise", "per_channel")
+    x = normalize(random_uint8_images(16, seed=3), SEED_MEAN, SEED_STD)
+    outputs = integer_tensor_outputs(model, quantize_input(x, model.input_scale))
+    for name, value in outputs.items():
+        bits = model.tensors[name].bits
+        assert -(2 ** (bits - 1)) <= int(value.min()) and int(value.max()) < 2 ** (bits - 1), name
+    clamp = next(node for node in model.nodes if type(node).__name__ == "IntClamp")
+    assert int(outputs[clamp.output].min()) >= 0 and int(outputs[clamp.output].max()) <= clamp.clamp_max
 
 
 def test_run_integer_requires_int8_input():
     with pytest.raises(TypeError, match="x_int8 must have dtype torch.int8, got torch.float32"):
-        run_integer(random_integer_model(seed=6, relu=False), torch.zeros(1, 3, 8, 8))
+        run_integer(toy_model("residual"), torch.zeros(1, 3, 32, 32))
+
+
+def test_run_integer_guards_the_accumulator_bound():
+    model = toy_model("residual", "per_tensor")
+    last = model.layers()[-1]
+    model.nodes[-1] = dataclasses.replace(last, bias=torch.full_like(last.bias, 2**31 - 1))
+    with pytest.raises(OverflowError, match=f"layer '{last.name}': worst-case accumulator .* exceeds int32 max"):
+        run_integer(model, torch.zeros(1, 3, 32, 32, dtype=torch.int8))
 
 
 def test_quantize_input_rounds_half_to_even_and_saturates():
@@ -200,171 +239,85 @@ def test_quantize_input_rounds_half_to_even_and_saturates():
     assert quantize_input(x, 0.5).dtype == torch.int8
 
 
-# ---------------------------------------------------------------- building a real model
+def test_per_channel_last_layer_gives_integer_logits_at_one_common_scale():
+    model = cifar_model("net", "per_channel")
+    last = model.layers()[-1]
+    accumulator_scale = model.input_scale_of(last) * last.weight_scale
+    assert last.requantize is not None and model.output_scale.ndim == 0
+    assert float(model.output_scale) == float(accumulator_scale.max())
+    assert (last.requantize.clamp_min, last.requantize.clamp_max) == (-(2**31), 2**31 - 1)
 
 
-def synthetic_ranges(model: nn.Sequential, x: torch.Tensor) -> dict[str, float]:
-    """max|input| of each Conv2d/Linear layer (a minmax calibration without observers)."""
-    ranges: dict[str, float] = {}
-    with torch.no_grad():
-        for name, layer in model.named_children():
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                ranges[name] = float(x.abs().max())
-            x = layer(x)
-    return ranges
+def test_engine_results_do_not_depend_on_the_pass_size(monkeypatch):
+    model = toy_model("residual", "per_channel")
+    x = normalize(random_uint8_images(136, seed=4), SEED_MEAN, SEED_STD)  # two passes of 64 and one of 8
+    x_int8 = quantize_input(x, model.input_scale)
+    in_passes = (run_integer(model, x_int8), run_simulated(model, x), integer_tensor_outputs(model, x_int8))
+    monkeypatch.setattr(engine, "PASS_IMAGES", len(x))
+    whole = (run_integer(model, x_int8), run_simulated(model, x), integer_tensor_outputs(model, x_int8))
+    assert torch.equal(in_passes[0], whole[0]) and torch.equal(in_passes[1], whole[1])
+    assert in_passes[2].keys() == whole[2].keys()
+    assert all(torch.equal(in_passes[2][name], whole[2][name]) for name in whole[2])
+    assert run_integer(model, x_int8[:0]).shape == (0, 10)  # an empty batch is one empty pass
 
 
-def dequantized_integer_logits(integer_model: IntegerModel, x: torch.Tensor) -> torch.Tensor:
-    """Real-unit logits of the integer engine for a normalized float input."""
-    return dequantize_logits(integer_model, run_integer(integer_model, quantize_input(x, integer_model.input_scale)))
+# ---------------------------------------------------------------- files, weight-only, the seed's wrapper
 
 
-@pytest.fixture(scope="module")
-def net_and_data():
-    torch.manual_seed(7)
-    model = Net().eval()
-    x = torch.randn(200, 3, 32, 32, generator=torch.Generator().manual_seed(8))
-    return model, x, synthetic_ranges(model, x[:50])
-
-
-@pytest.mark.parametrize(("calibrator", "granularity"), [("sigma", "per_tensor"), ("minmax", "per_channel")])
-def test_integer_engine_agrees_with_float_simulation(net_and_data, calibrator, granularity):
-    model, x, ranges = net_and_data
-    integer_model = build_integer_model(model, ranges, 8, calibrator, granularity)
-    integer_logits = dequantized_integer_logits(integer_model, x)
-    simulated_logits = run_simulated(integer_model, x)
-    agreement = (integer_logits.argmax(dim=1) == simulated_logits.argmax(dim=1)).double().mean()
-    assert agreement >= 0.95
-    # both stay close to the float model: the scheme, not just the two implementations, is right
-    with torch.no_grad():
-        float_logits = model(x).double()
-    assert float((integer_logits - float_logits).abs().max()) < 0.1 * float(float_logits.abs().max())
-
-
-def test_integer_model_structure(net_and_data):
-    model, _, ranges = net_and_data
-    integer_model = build_integer_model(model, ranges)
-    assert [op["op"] for op in integer_model.ops] == [
-        "conv2d", "maxpool2d", "conv2d", "maxpool2d", "flatten", "linear", "linear", "linear"
-    ]
-    layers = [op for op in integer_model.ops if op["op"] in ("conv2d", "linear")]
-    assert [op["relu"] for op in layers] == [True, True, True, True, False]
-    assert [op["requantize"] for op in layers] == [True, True, True, True, False]
-    assert integer_model.input_scale == pytest.approx(ranges["conv1"] / 127)
-    for op, next_op in zip(layers, layers[1:]):
-        assert float(op["output_scale"]) == next_op["input_scale"]
-        real_multiplier = op["input_scale"] * float(op["weight_scale"]) / float(op["output_scale"])
-        assert float(op["multiplier"]) * 2.0 ** (int(op["shift"]) - 31) == pytest.approx(real_multiplier, rel=2**-30)
-    assert layers[-1]["multiplier"] is None
-    last = layers[-1]
-    assert float(last["output_scale"]) == pytest.approx(last["input_scale"] * float(last["weight_scale"]))
-
-
-def test_build_reports_missing_ranges(net_and_data):
-    model, _, ranges = net_and_data
-    partial = {name: value for name, value in ranges.items() if name != "fc2"}
-    with pytest.raises(ValueError, match=r"activation_ranges lacks layers \['fc2'\]"):
-        build_integer_model(model, partial)
-    with pytest.raises(ValueError, match=r"activation_ranges\['fc1'\] must be finite and >= 0, got -1.0"):
-        build_integer_model(model, ranges | {"fc1": -1.0})
-
-
-def test_build_folds_batchnorm():
-    torch.manual_seed(9)
-    model = BNNet(width=4)
-    randomize_batchnorm(model, seed=10)
-    model.eval()
-    x = torch.randn(16, 3, 32, 32)
-    integer_model = build_integer_model(model, synthetic_ranges(fold_batchnorm(model), x), 8, "minmax", "per_channel")
-    simulated = run_simulated(integer_model, x)
-    integer = dequantized_integer_logits(integer_model, x)
-    assert (simulated.argmax(dim=1) == integer.argmax(dim=1)).double().mean() >= 0.9
-
-
-def test_per_channel_last_layer_gives_integer_logits_at_one_common_scale(net_and_data):
-    model, x, ranges = net_and_data
-    integer_model = build_integer_model(model, ranges, 8, "minmax", "per_channel")
-    last = [op for op in integer_model.ops if op["op"] == "linear"][-1]
-    assert last["requantize"] and last["output_bits"] == 32 and last["output_scale"].ndim == 0
-    accumulator_scale = last["input_scale"] * last["weight_scale"]
-    assert float(last["output_scale"]) == float(accumulator_scale.max())
-    logits = run_integer(integer_model, quantize_input(x, integer_model.input_scale))
-    # Ranking the integers directly equals ranking the per-class dequantized accumulators
-    # up to the rounding of the rescale (one step at the common scale).
-    simulated = run_simulated(integer_model, x)
-    assert (logits.argmax(1) == simulated.argmax(1)).double().mean() >= 0.95
-
-
-def test_save_load_round_trip(net_and_data, tmp_path):
-    model, x, ranges = net_and_data
-    integer_model = build_integer_model(
-        model, ranges, 8, "mse", "per_channel", input_mean=[0.5] * 3, input_std=[0.25] * 3
-    )
+def test_save_load_round_trip(tmp_path):
+    model = toy_model("depthwise", "per_channel")
+    model.input_mean, model.input_std = [0.5] * 3, [0.25] * 3
     path = tmp_path / "models" / "integer.npz"
-    save_integer_model(integer_model, path)
+    save_integer_model(model, path)
     assert [p.name for p in path.parent.iterdir()] == ["integer.npz"]  # no temporary file left behind
     loaded = load_integer_model(path)
-    assert loaded.input_scale == integer_model.input_scale
-    assert (loaded.input_mean, loaded.input_std) == ([0.5] * 3, [0.25] * 3)
-    for original, restored in zip(integer_model.ops, loaded.ops, strict=True):
-        assert original.keys() == restored.keys()
-        for key, value in original.items():
-            if isinstance(value, torch.Tensor):
-                assert restored[key].dtype == value.dtype and torch.equal(restored[key], value), key
-            else:
-                assert restored[key] == value, key
-    x_int8 = quantize_input(x, integer_model.input_scale)
-    assert torch.equal(run_integer(loaded, x_int8), run_integer(integer_model, x_int8))
+    assert (loaded.input, loaded.output, loaded.input_mean, loaded.input_std) == (
+        model.input, model.output, [0.5] * 3, [0.25] * 3)
+    assert loaded.tensors.keys() == model.tensors.keys()
+    for name, info in model.tensors.items():
+        assert (loaded.tensors[name].shape, loaded.tensors[name].bits) == (info.shape, info.bits)
+        assert float(loaded.tensors[name].scale) == float(info.scale)
+    for original, restored in zip(model.nodes, loaded.nodes, strict=True):
+        assert type(original) is type(restored)
+        for field in dataclasses.fields(original):
+            a, b = getattr(original, field.name), getattr(restored, field.name)
+            assert repr(a) == repr(b), field.name
+    x_int8 = quantize_input(normalize(random_uint8_images(8, 1), SEED_MEAN, SEED_STD), model.input_scale)
+    assert torch.equal(run_integer(loaded, x_int8), run_integer(model, x_int8))
 
 
-def test_load_rejects_other_files(tmp_path):
-    path = tmp_path / "other.npz"
-    np.savez(path, meta=np.array('{"format": "something-else", "version": 1}'))
-    with pytest.raises(ValueError, match="is not a cifar10-ptq-integer-model version 1 file"):
+def test_load_names_an_old_or_foreign_file_and_its_version(tmp_path):
+    path = tmp_path / "old.npz"
+    np.savez(path, meta=np.array('{"format": "cifar10-ptq-integer-model", "version": 1}'))
+    with pytest.raises(ValueError, match=r"file of version 1; this pipeline reads cifar10-ptq-integer-model version 2 "
+                                         r"\(the graph IR\): rerun the quantize-biases stage"):
         load_integer_model(path)
 
 
-# ---------------------------------------------------------------- weight-only and the seed's wrapper
-
-
 def test_weight_only_model_uses_dequantized_weights(net_and_data):
-    model, x, _ = net_and_data
-    weight_only = weight_only_model(model, 8, "minmax", "per_channel")
-    q_weight, weight_scale = quantize_layer_weights(model.conv2.weight, 8, "minmax", "per_channel")
-    assert torch.equal(weight_only.conv2.weight, dequantize(q_weight, weight_scale).float())
-    assert torch.equal(weight_only.conv2.bias, model.conv2.bias)
-    with torch.no_grad():
-        assert torch.allclose(weight_only(x), model(x), atol=0.05)
+    graph, x, _ = net_and_data
+    weights = quantize_model_weights(graph, 8, "minmax", "per_channel")
+    dequantized = dequantized_weights(weights)
+    q_weight, weight_scale = quantize_layer_weights(graph.layers()[1].weight, 8, "minmax", "per_channel")
+    assert torch.equal(dequantized["conv2"], dequantize(q_weight, weight_scale).float())
+    x32 = x.float()
+    expected = run_float(graph, x32)
+    weight_only = run_weight_only(graph, x32, weights)
+    assert torch.allclose(weight_only, expected, atol=0.05) and not torch.equal(weight_only, expected)
 
 
 def test_quantized_net_forward_is_the_integer_engine(net_and_data):
-    model, x, ranges = net_and_data
-    integer_model = build_integer_model(model, ranges)
-    logits = QuantizedNet(integer_model)(x)
-    expected = dequantized_integer_logits(integer_model, x)
+    graph, x, ranges = net_and_data
+    model = build_integer_model(graph, ranges, quantize_model_weights(graph))
+    logits = QuantizedNet(model)(x)
+    expected = dequantize_logits(model, run_integer(model, quantize_input(x, model.input_scale)))
     assert logits.dtype == torch.float32 and torch.equal(logits, expected.float())
 
 
-def test_engine_results_do_not_depend_on_the_pass_size(net_and_data, monkeypatch):
-    model, x, ranges = net_and_data  # 200 images: three full passes of 64 and a remainder of 8
-    integer_model = build_integer_model(model, ranges, 8, "minmax", "per_channel")
-    x_int8 = quantize_input(x, integer_model.input_scale)
-    in_passes = (run_integer(integer_model, x_int8), run_simulated(integer_model, x),
-                 integer_layer_outputs(integer_model, x_int8))
-    monkeypatch.setattr(engine, "PASS_IMAGES", len(x))
-    whole = (run_integer(integer_model, x_int8), run_simulated(integer_model, x),
-             integer_layer_outputs(integer_model, x_int8))
-    assert engine.PASS_IMAGES != 64 and len(x) % 64 == 8
-    assert torch.equal(in_passes[0], whole[0]) and torch.equal(in_passes[1], whole[1])
-    assert in_passes[2].keys() == whole[2].keys() == {"conv1", "conv2", "fc1", "fc2", "fc3"}
-    assert all(torch.equal(in_passes[2][name], whole[2][name]) for name in whole[2])
-    assert run_integer(integer_model, x_int8[:0]).shape == (0, 10)  # an empty batch is one empty pass
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_integer_engine_on_cuda_matches_cpu(net_and_data):
-    model, x, ranges = net_and_data
-    integer_model = build_integer_model(model, ranges, 8, "minmax", "per_channel")
-    x_int8 = quantize_input(x, integer_model.input_scale)
-    assert torch.equal(run_integer(integer_model, x_int8.cuda()).cpu(), run_integer(integer_model, x_int8))
-    assert torch.allclose(run_simulated(integer_model, x.cuda()).cpu(), run_simulated(integer_model, x))
+def test_integer_engine_on_cuda_matches_cpu():
+    model = toy_model("residual", "per_channel")
+    x = normalize(random_uint8_images(32, seed=2), SEED_MEAN, SEED_STD)
+    x_int8 = quantize_input(x, model.input_scale)
+    assert torch.equal(run_integer(model, x_int8.cuda()).cpu(), run_integer(model, x_int8))
+    assert torch.allclose(run_simulated(model, x.cuda()).cpu(), run_simulated(model, x))

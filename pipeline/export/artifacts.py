@@ -13,7 +13,7 @@ from pipeline.export.c_model import C_FILES, write_c_sources
 from pipeline.export.onnx_model import onnx_predictions, save_onnx_model
 from pipeline.evaluation import percent_equal
 from pipeline.quant.engine import quantize_input, run_integer
-from pipeline.quant.model import IntegerModel
+from pipeline.quant.ir import IntegerModel
 
 ONNX_FILES = {"qlinear": "model.onnx", "integer": "model_integer.onnx"}  # style -> file name
 METRICS_FILE = "export_metrics.json"

@@ -1,29 +1,63 @@
 """ONNX graphs of an ``IntegerModel``, built node by node with ``onnx.helper`` (no tracing).
 
 Both graphs take the float32 normalized images "input" (N, C, H, W) and give
-the int32 "logits" (N, classes) of ``run_integer``, at the same scale. Two styles:
+the int32 "logits" (N, classes) of ``run_integer``, at the same scale. Every
+int8 tensor of the integer graph is an int8 ONNX value (zero point 0); a flat
+tensor (K,) is (N, K, 1, 1), so a linear layer is a 1x1 convolution (QLinearMatMul
+has no bias input) and a flatten moves no data (``pipeline.export.plan``). Two styles:
+
+- ``"integer"``: bit-exact with ``run_integer``, with integer ops only after
+  the input. The input is quantized in float64 like ``quantize_input`` (Div,
+  Round half to even, Clip, Cast to int8). Every ``Requantize`` is
+  ``fixed_point.requantize`` in int64: Mul by the multiplier, Add 2^(30 - shift),
+  floor division by 2^(31 - shift) as (p - Mod(p, d)) / d (Div truncates toward
+  zero), Clip to the saturation, Cast. On top of it, node by node:
+
+  - conv2d / linear: ConvInteger (``group`` for grouped and depthwise) + the
+    int32 bias, then the requantize (per tensor or per channel), or the raw
+    int32 logits with ``build.raw_accumulator_clamp`` (Max 0 for a fused ReLU);
+  - add: each input Cast to int64, Mul by 2^left_shift, requantized to the
+    common grid; the two summed; the sum requantized to int8;
+  - average pool: the exact int32 window sums as a ConvInteger with an all-ones
+    (C, 1, kh, kw) kernel and ``group`` C (zero padding adds 0), requantized;
+  - concat: each input requantized to the output scale (as it is where its
+    ``Requantize`` is None), Concat on channels;
+  - max pool (MaxPool on int8: every window holds a real value, see
+    ``check_deployable``), standalone ReLU / ReLU6 (Relu / Clip on int8) and
+    flatten (Reshape) act on the integers as they are.
 
 - ``"qlinear"``: the standard quantized ONNX form other runtimes accelerate.
   QuantizeLinear on the input; QLinearConv for every hidden conv2d and linear
-  layer (a linear layer is a 1x1 QLinearConv on a (N, K, 1, 1) map, because
-  QLinearMatMul has no bias input), followed by Relu on the int8 output where
-  the layer has one; MaxPool on int8; the last layer is ConvInteger + int32
-  bias, then the engine's integer rescale when it has one. It is NOT
-  bit-exact with the engine, in three ways:
-  1. QuantizeLinear divides in float32 by a float32 scale; the engine
-     divides in float64 by the float64 input scale (both round half to even);
+  layer (``group`` included), its fused ReLU / ReLU6 as Relu / Clip on the int8
+  output; the last layer ConvInteger + int32 bias, then the engine's integer
+  rescale when it has one (per-channel weights) or the raw clamp, exactly as in
+  the integer style. Add, average pool and concat are in QDQ form:
+  DequantizeLinear -> float Add / AveragePool / Concat -> QuantizeLinear, then
+  the ``Requantize`` saturation as Relu / Clip on the int8 result where it is
+  not the full int8 range (a fused ReLU after an add). MaxPool, Relu, Clip and
+  Reshape act on int8. It is NOT bit-exact with the engine:
+
+  1. QuantizeLinear divides in float32 by a float32 scale; the engine divides
+     in float64 by the float64 input scale (both round half to even);
   2. QLinearConv rescales by the float32 product x_scale * w_scale / y_scale,
      the engine by the 31-bit fixed-point multiplier;
-  3. onnxruntime rounds that product half to even; the engine rounds half up.
-  Each moves an activation by one step, rarely; ``onnx_agreement`` measures it.
-- ``"integer"``: bit-exact with ``run_integer``, with integer ops only after
-  the input: the input quantized in float64 (Div, Round half to even, Clip,
-  like ``quantize_input``), ConvInteger + int32 bias for every layer, and the
-  fixed-point rescale in int64 exactly as ``fixed_point.requantize`` (Mul by
-  the multiplier, Add 2^(30 - shift), floor division by 2^(31 - shift) as
-  (p - Mod(p, d)) / d, because Div truncates toward zero, then Clip).
+  3. onnxruntime rounds half to even, the engine half up (``fixed_point``);
+  4. add: the QDQ form sums the dequantized inputs in float32 and rounds once;
+     the engine rounds each input to the common grid S_c = 2 max(S_a, S_b) / 2^20
+     first, then the sum to the output scale;
+  5. average pool: float32 mean of the dequantized window, rounded; the engine
+     rescales the exact int32 window sum by one fixed-point multiplier;
+  6. concat: an input at another scale is dequantized and quantized in
+     float32; the engine requantizes it with a fixed-point multiplier.
 
-Accumulators are int32 in both styles; ``plan_model`` checks that none can overflow.
+  onnxruntime fuses the QDQ groups into its QLinearAdd, QLinearAveragePool and
+  QLinearConcat kernels, which rescale in float32 in their own order, so 4-6
+  hold in spirit, not to the last bit. Each difference moves an activation by
+  one step, rarely, and the step can propagate to later layers; on random
+  images the predictions agree (``artifacts.export_agreement`` measures it on
+  the test set) while whole logit vectors differ more often the deeper the model.
+
+Accumulators are int32 in both styles; ``check_deployable`` checks that none can overflow.
 """
 from __future__ import annotations
 
@@ -38,23 +72,39 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
-from pipeline.export.plan import CIFAR10_INPUT_SHAPE, Step, as_array, channel_values, layer_steps, plan_model
+from pipeline.export.plan import as_array, channel_values, check_deployable, numel
 from pipeline.io import atomic_path
 from pipeline.progress import progress_bar
-from pipeline.quant.model import IntegerModel
+from pipeline.quant.build import raw_accumulator_clamp
+from pipeline.quant.ir import (
+    IntAdd,
+    IntAvgPool,
+    IntClamp,
+    IntConcat,
+    IntConv,
+    IntegerModel,
+    IntMaxPool,
+    IntNode,
+    IntReshape,
+    Requantize,
+)
+from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN
 
 STYLES = ("qlinear", "integer")
 OPSET = 21
 IR_VERSION = 10  # the IR version of opset 21; onnxruntime >= 1.20 reads it
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INT8_RANGE = (ACTIVATION_QMIN, ACTIVATION_QMAX)
 
 
 class _Graph:
-    """Nodes and initializers being collected, with unique value names."""
+    """Nodes and initializers being collected, with unique value names; shared constants made once."""
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._shared: dict[tuple[str, str, bytes, tuple[int, ...]], str] = {}
+        self.relu_inputs: dict[str, str] = {}  # output -> input of each Relu on int8 (``_clamp_int8``)
         self._count = 0
 
     def _name(self, hint: str) -> str:
@@ -66,41 +116,54 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
+    def shared(self, hint: str, value: np.ndarray) -> str:
+        """A small constant (a zero point, a bound), one initializer for every use of the same value."""
+        value = np.asarray(value)
+        key = (hint, value.dtype.str, value.tobytes(), value.shape)
+        if key not in self._shared:
+            self._shared[key] = self.constant(hint, value)
+        return self._shared[key]
+
     def node(self, op_type: str, inputs: list[str], hint: str, output: str | None = None, **attributes: Any) -> str:
         output = output or self._name(hint)
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=self._name(op_type), **attributes))
         return output
 
+    def prune(self, outputs: list[str]) -> None:
+        """Drop the nodes and initializers nothing reads on the way to ``outputs``."""
+        needed = set(outputs)
+        kept = []
+        for node in reversed(self.nodes):
+            if any(output in needed for output in node.output):
+                kept.append(node)
+                needed.update(node.input)
+        self.nodes = kept[::-1]
+        self.initializers = [init for init in self.initializers if init.name in needed]
 
-def build_onnx_model(
-    model: IntegerModel, style: str = "qlinear", input_shape: tuple[int, int, int] = CIFAR10_INPUT_SHAPE
-) -> onnx.ModelProto:
+
+def build_onnx_model(model: IntegerModel, style: str = "qlinear") -> onnx.ModelProto:
     """The ONNX graph of ``model`` in ``style`` ("qlinear" or "integer", see the module docstring), checked."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    steps = plan_model(model, input_shape)
-    last_layer = layer_steps(steps)[-1].index
+    check_deployable(model)
+    input_shape = model.tensors[model.input].shape
+    if len(input_shape) != 3:
+        raise ValueError(f"the input {model.input!r} must be one (C, H, W) image, got shape {input_shape}")
     graph = _Graph()
-    x = _quantize_input(graph, model.input_scale, style)
-    for step in steps:
-        op, name = step.op, str(step.op["name"])
-        if op["op"] == "maxpool2d":
-            pads = [*op["padding"], *op["padding"]]  # (top, left, bottom, right)
-            x = graph.node("MaxPool", [x], name, kernel_shape=op["kernel"], strides=op["stride"], pads=pads)
-        elif op["op"] == "flatten":
-            # (N, K, 1, 1): linear layers are 1x1 convolutions (module docstring)
-            x = graph.node("Reshape", [x, graph.constant("flat_shape", np.array([0, -1, 1, 1]))], name)
-        elif step.index == last_layer or style == "integer":
-            x = _integer_layer(graph, step, x)
+    values = {model.input: _quantize_input(graph, model.input_scale, style)}
+    for node in model.nodes:
+        if style == "integer":
+            values[node.output] = _integer_node(graph, model, node, values)
         else:
-            x = _qlinear_layer(graph, step, x)
-    graph.node("Flatten", [x], "logits", output=OUTPUT_NAME, axis=1)
-    channels, height, width = input_shape
+            values[node.output] = _qlinear_node(graph, model, node, values)
+    graph.node("Flatten", [values[model.output]], "logits", output=OUTPUT_NAME, axis=1)
+    graph.prune([OUTPUT_NAME])
+    classes = numel(model.tensors[model.output].shape)
     onnx_graph = helper.make_graph(
         graph.nodes,
         f"cifar10_ptq_{style}",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", channels, height, width])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.INT32, ["N", steps[-1].out_size])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *input_shape])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.INT32, ["N", classes])],
         graph.initializers,
     )
     onnx_model = helper.make_model(
@@ -108,34 +171,30 @@ def build_onnx_model(
     )
     onnx_model.ir_version = IR_VERSION
     onnx_model.doc_string = __doc__ or ""
-    helper.set_model_props(onnx_model, _metadata(model, style, steps))
+    helper.set_model_props(onnx_model, _metadata(model, style))
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
 
 
-def save_onnx_model(
-    model: IntegerModel, path: str | os.PathLike, style: str = "qlinear",
-    input_shape: tuple[int, int, int] = CIFAR10_INPUT_SHAPE,
-) -> onnx.ModelProto:
+def save_onnx_model(model: IntegerModel, path: str | os.PathLike, style: str = "qlinear") -> onnx.ModelProto:
     """``build_onnx_model`` and write it to ``path`` atomically."""
-    onnx_model = build_onnx_model(model, style, input_shape)
+    onnx_model = build_onnx_model(model, style)
     with atomic_path(path) as tmp:
         onnx.save_model(onnx_model, tmp)
     return onnx_model
 
 
-def _metadata(model: IntegerModel, style: str, steps: list[Step]) -> dict[str, str]:
-    last = layer_steps(steps)[-1].op
+def _metadata(model: IntegerModel, style: str) -> dict[str, str]:
     return {
         "style": style,
         "input_scale": repr(model.input_scale),
         "input_mean": repr(model.input_mean),
         "input_std": repr(model.input_std),
-        "logits_scale": repr(as_array(last["output_scale"], np.float64).tolist()),
+        "logits_scale": repr(as_array(model.output_scale, np.float64).tolist()),
     }
 
 
-# ---------------------------------------------------------------- pieces
+# ---------------------------------------------------------------- shared pieces
 
 
 def _per_channel(values: Any, dtype: type) -> np.ndarray:
@@ -150,105 +209,248 @@ def _scalar_or_vector(values: Any, dtype: type) -> np.ndarray:
     return array.reshape(()) if array.size == 1 else array
 
 
+def _scale(model: IntegerModel, name: str) -> float:
+    return float(model.tensors[name].scale)
+
+
 def _quantize_input(graph: _Graph, input_scale: float, style: str) -> str:
     if style == "qlinear":
         scale = graph.constant("input_scale", np.array(input_scale, dtype=np.float32))
-        return graph.node("QuantizeLinear", [INPUT_NAME, scale, graph.constant("zero", np.array(0, np.int8))], "x_q")
+        return graph.node("QuantizeLinear", [INPUT_NAME, scale, graph.shared("zero", np.array(0, np.int8))], "x_q")
     # quantize_input: float64 x / float64 scale, round half to even (ONNX Round), saturate.
     x = graph.node("Cast", [INPUT_NAME], "x64", to=TensorProto.DOUBLE)
     x = graph.node("Div", [x, graph.constant("input_scale", np.array(input_scale, dtype=np.float64))], "x_div")
     x = graph.node("Round", [x], "x_round")
-    bounds = [graph.constant("qmin", np.array(-128.0)), graph.constant("qmax", np.array(127.0))]
+    bounds = [graph.constant("qmin", np.array(float(ACTIVATION_QMIN))),
+              graph.constant("qmax", np.array(float(ACTIVATION_QMAX)))]
     x = graph.node("Clip", [x, *bounds], "x_clip")
     return graph.node("Cast", [x], "x_q", to=TensorProto.INT8)
 
 
-def _conv_attributes(step: Step) -> dict[str, Any]:
-    op = step.op
-    if op["op"] == "linear":
+def _window_attributes(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> dict[str, Any]:
+    return {"kernel_shape": list(kernel), "strides": list(stride), "pads": [*padding, *padding]}  # (t, l, b, r)
+
+
+def _conv_attributes(node: IntConv) -> dict[str, Any]:
+    if node.kind == "linear":
         return {}
-    return {"strides": op["stride"], "pads": [*op["padding"], *op["padding"]]}  # (top, left, bottom, right)
+    return {"strides": list(node.stride), "pads": [*node.padding, *node.padding], "group": node.groups}
 
 
-def _conv_weight(step: Step) -> np.ndarray:
-    weight = as_array(step.op["weight"], np.int8)
+def _conv_weight(node: IntConv) -> np.ndarray:
+    weight = as_array(node.weight, np.int8)
     return weight if weight.ndim == 4 else weight.reshape(weight.shape + (1, 1))
 
 
-def _check_scales_match_multipliers(step: Step) -> None:
+def _clamp_int8(graph: _Graph, x: str, low: int, high: int, hint: str) -> str:
+    """The saturation [low, high] on int8 codes (zero point 0): nothing for the full range, Relu for [0, 127].
+
+    A clamp of a Relu's output is one Clip of the Relu's input (the Relu is pruned where nothing else
+    reads it): onnxruntime's Relu -> Clip fusion fails on an int8 Clip ("Unexpected data type for Clip
+    'min' input of 3", onnxruntime 1.32).
+    """
+    if x in graph.relu_inputs:
+        if low <= 0 and high >= ACTIVATION_QMAX:
+            return x
+        x, low = graph.relu_inputs[x], max(low, 0)
+    if (low, high) == INT8_RANGE:
+        return x
+    if (low, high) == (0, ACTIVATION_QMAX):
+        y = graph.node("Relu", [x], f"{hint}_relu")
+        graph.relu_inputs[y] = x
+        return y
+    bounds = [graph.shared("int8_bound", np.array(low, np.int8)), graph.shared("int8_bound", np.array(high, np.int8))]
+    return graph.node("Clip", [x, *bounds], f"{hint}_clip")
+
+
+def _requantize(graph: _Graph, x: str, rq: Requantize, hint: str, to: int | None, is_int64: bool = False) -> str:
+    """``fixed_point.requantize`` of ``x`` by ``rq`` in int64 ONNX ops, bit-exact.
+
+    ``x`` holds int32 values (int64 when ``is_int64``); the result is Cast ``to`` (a TensorProto
+    type), or left int64 when ``to`` is None.
+    """
+
+    def constant(name: str, values: Any) -> str:
+        return graph.constant(f"{hint}_{name}", _per_channel(values, np.int64))
+
+    total_shift = 31 - channel_values(rq.shift)
+    product = x if is_int64 else graph.node("Cast", [x], f"{hint}_acc64", to=TensorProto.INT64)
+    product = graph.node("Mul", [product, constant("multiplier", rq.multiplier)], f"{hint}_product")
+    # + 2^(total_shift - 1), one half in units of the divisor: round half up
+    rounding = constant("rounding", np.left_shift(np.int64(1), total_shift - 1))
+    product = graph.node("Add", [product, rounding], f"{hint}_rounded")
+    divisor = constant("divisor", np.left_shift(np.int64(1), total_shift))  # 2^(31 - shift) <= 2^62: fits int64
+    # Mod with fmod=0 takes the divisor's sign, so p - Mod(p, d) is the multiple of d at or below p:
+    # the exact division is the floor, as the engine's arithmetic shift.
+    remainder = graph.node("Mod", [product, divisor], f"{hint}_remainder", fmod=0)
+    floored = graph.node("Sub", [product, remainder], f"{hint}_floored")
+    y = graph.node("Div", [floored, divisor], f"{hint}_scaled")
+    bounds = [graph.shared("int64_bound", np.array(rq.clamp_min, np.int64)),
+              graph.shared("int64_bound", np.array(rq.clamp_max, np.int64))]
+    y = graph.node("Clip", [y, *bounds], f"{hint}_clip")
+    return y if to is None else graph.node("Cast", [y], f"{hint}_out", to=to)
+
+
+def _integer_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) -> str:
+    """ConvInteger + int32 bias, then the engine's rescale: to int8, to int32 logits, or raw accumulators."""
+    name = node.name
+    weight = graph.constant(f"{name}_weight", _conv_weight(node))
+    acc = graph.node("ConvInteger", [x, weight], name, **_conv_attributes(node))
+    bias = graph.constant(f"{name}_bias", as_array(node.bias, np.int32).reshape(-1, 1, 1))
+    acc = graph.node("Add", [acc, bias], f"{name}_acc")
+    if node.requantize is not None:
+        to = TensorProto.INT8 if model.tensors[node.output].bits == 8 else TensorProto.INT32
+        return _requantize(graph, acc, node.requantize, name, to)
+    low, _ = raw_accumulator_clamp(node)  # the upper bound is int32's own
+    if low == 0:
+        return graph.node("Max", [acc, graph.shared("zero32", np.array(0, np.int32))], f"{name}_relu")
+    return acc
+
+
+def _shape_free_node(graph: _Graph, node: IntNode, x: str) -> str | None:
+    """Max pool, standalone clamp and flatten: the same int8 ops in both styles (None for other nodes)."""
+    if isinstance(node, IntMaxPool):
+        return graph.node("MaxPool", [x], node.name, **_window_attributes(node.kernel, node.stride, node.padding))
+    if isinstance(node, IntClamp):
+        return _clamp_int8(graph, x, node.clamp_min, node.clamp_max, node.name)
+    if isinstance(node, IntReshape):
+        # (N, K, 1, 1): linear layers are 1x1 convolutions (module docstring)
+        return graph.node("Reshape", [x, graph.shared("flat_shape", np.array([0, -1, 1, 1], np.int64))], node.name)
+    return None
+
+
+# ---------------------------------------------------------------- the integer style
+
+
+def _integer_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dict[str, str]) -> str:
+    if isinstance(node, IntConv):
+        return _integer_layer(graph, model, node, values[node.input])
+    if isinstance(node, IntAdd):
+        lifted = graph.shared("left_shift", np.array(1 << node.left_shift, np.int64))
+        summands = []
+        for index, (name, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True)):
+            hint = f"{node.name}_in{index}"
+            x = graph.node("Cast", [values[name]], f"{hint}_64", to=TensorProto.INT64)
+            x = graph.node("Mul", [x, lifted], f"{hint}_lifted")
+            summands.append(_requantize(graph, x, rq, hint, None, is_int64=True))
+        total = graph.node("Add", summands, f"{node.name}_sum")
+        return _requantize(graph, total, node.output_requantize, node.name, TensorProto.INT8, is_int64=True)
+    if isinstance(node, IntAvgPool):
+        channels = model.tensors[node.input].shape[0]
+        ones = graph.constant(f"{node.name}_ones", np.ones((channels, 1, *node.kernel), np.int8))
+        attributes = _window_attributes(node.kernel, node.stride, node.padding)
+        sums = graph.node("ConvInteger", [values[node.input], ones], f"{node.name}_sums", group=channels,
+                          **attributes)
+        return _requantize(graph, sums, node.requantize, node.name, TensorProto.INT8)
+    if isinstance(node, IntConcat):
+        parts = [
+            values[name] if rq is None
+            else _requantize(graph, values[name], rq, f"{node.name}_in{index}", TensorProto.INT8)
+            for index, (name, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True))
+        ]
+        return graph.node("Concat", parts, node.name, axis=1)
+    result = _shape_free_node(graph, node, values[node.input])
+    if result is None:
+        raise TypeError(f"unknown integer node {node!r}")
+    return result
+
+
+# ---------------------------------------------------------------- the qlinear style
+
+
+def _check_scales_match_multipliers(model: IntegerModel, node: IntConv) -> None:
     """QLinearConv rescales by S_in * S_w / S_out; refuse a model whose fixed-point M says otherwise."""
-    op = step.op
-    real = op["input_scale"] * as_array(op["weight_scale"], np.float64) / as_array(op["output_scale"], np.float64)
-    shift = channel_values(op["shift"])
-    fixed = channel_values(op["multiplier"]) * np.exp2(shift.astype(np.float64) - 31)
+    rq = node.requantize
+    assert rq is not None  # a hidden layer (check_deployable)
+    real = (_scale(model, node.input) * as_array(node.weight_scale, np.float64).reshape(-1)
+            / _scale(model, node.output))
+    shift = channel_values(rq.shift)
+    fixed = channel_values(rq.multiplier) * np.exp2(shift.astype(np.float64) - 31)
     # quantize_multiplier's error is at most 2^-31 relative, and M < 2^-32 is stored as 0
     if not np.all(np.abs(fixed - real) <= 2.0**-30 * real + 2.0**-32):
         raise ValueError(
-            f"layer {op['name']!r}: multiplier * 2^(shift - 31) = {fixed.tolist()} does not match "
+            f"layer {node.name!r}: multiplier * 2^(shift - 31) = {fixed.tolist()} does not match "
             f"S_in * S_w / S_out = {np.broadcast_to(real, fixed.shape).tolist()}; QLinear ops rescale by the scales, "
             "so this model can only be exported with style='integer'"
         )
 
 
-def _qlinear_layer(graph: _Graph, step: Step, x: str) -> str:
-    """A hidden layer as QLinearConv (int8 out, float32 rescale, half to even), then Relu on int8 if fused."""
-    _check_scales_match_multipliers(step)
-    op, name = step.op, str(step.op["name"])
-    zero = graph.constant("zero", np.array(0, np.int8))
-    weight_scale = _scalar_or_vector(op["weight_scale"], np.float32)
+def _qlinear_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) -> str:
+    """A hidden layer as QLinearConv (int8 out, float32 rescale, half to even), then its clamp on int8."""
+    _check_scales_match_multipliers(model, node)
+    name = node.name
+    zero = graph.shared("zero", np.array(0, np.int8))
+    weight_scale = _scalar_or_vector(node.weight_scale, np.float32)
     inputs = [
         x,
-        graph.constant(f"{name}_x_scale", np.array(op["input_scale"], dtype=np.float32)),
+        graph.constant(f"{name}_x_scale", np.array(_scale(model, node.input), dtype=np.float32)),
         zero,
-        graph.constant(f"{name}_weight", _conv_weight(step)),
+        graph.constant(f"{name}_weight", _conv_weight(node)),
         graph.constant(f"{name}_w_scale", weight_scale),
         graph.constant(f"{name}_w_zero", np.zeros(weight_scale.shape, np.int8)),
-        graph.constant(f"{name}_y_scale", as_array(op["output_scale"], np.float32)),
+        graph.constant(f"{name}_y_scale", np.array(_scale(model, node.output), dtype=np.float32)),
         zero,
-        graph.constant(f"{name}_bias", as_array(op["bias"], np.int32)),
+        graph.constant(f"{name}_bias", as_array(node.bias, np.int32)),
     ]
-    y = graph.node("QLinearConv", inputs, name, **_conv_attributes(step))
-    # Zero point 0: Relu on the int8 codes is ReLU on the real values, and with
-    # QLinearConv's saturation it is the engine's [0, 127] clamp.
-    return graph.node("Relu", [y], f"{name}_relu") if op["relu"] else y
+    y = graph.node("QLinearConv", inputs, name, **_conv_attributes(node))
+    # Zero point 0: Relu / Clip on the int8 codes is ReLU / ReLU6 on the real values, and with
+    # QLinearConv's saturation it is the engine's clamp.
+    return _clamp_int8(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, name)
 
 
-def _integer_layer(graph: _Graph, step: Step, x: str) -> str:
-    """ConvInteger + int32 bias, then the engine's rescale: to int8, to int32 logits, or raw accumulators."""
-    op, name = step.op, str(step.op["name"])
-    weight = graph.constant(f"{name}_weight", _conv_weight(step))
-    acc = graph.node("ConvInteger", [x, weight], name, **_conv_attributes(step))
-    bias = graph.constant(f"{name}_bias", as_array(op["bias"], np.int32).reshape(-1, 1, 1))
-    acc = graph.node("Add", [acc, bias], f"{name}_acc")
-    if op["requantize"]:
-        return _requantize(graph, step, acc)
-    if op["relu"]:
-        return graph.node("Max", [acc, graph.constant("zero32", np.array(0, np.int32))], f"{name}_relu")
-    return acc
+def _dequantize(graph: _Graph, model: IntegerModel, name: str, x: str, hint: str) -> str:
+    scale = graph.constant(f"{hint}_scale", np.array(_scale(model, name), dtype=np.float32))
+    return graph.node("DequantizeLinear", [x, scale, graph.shared("zero", np.array(0, np.int8))], f"{hint}_dq")
 
 
-def _requantize(graph: _Graph, step: Step, acc: str) -> str:
-    """``fixed_point.requantize`` in int64 ONNX ops, bit-exact; output int8 or int32 per ``output_bits``."""
-    op, name = step.op, str(step.op["name"])
+def _quantize(graph: _Graph, model: IntegerModel, name: str, x: str, hint: str) -> str:
+    scale = graph.constant(f"{hint}_scale", np.array(_scale(model, name), dtype=np.float32))
+    return graph.node("QuantizeLinear", [x, scale, graph.shared("zero", np.array(0, np.int8))], f"{hint}_q")
 
-    def constant(hint: str, values: Any) -> str:
-        return graph.constant(f"{name}_{hint}", _per_channel(values, np.int64))
 
-    total_shift = 31 - channel_values(op["shift"])
-    qmin, qmax = (-128, 127) if op["output_bits"] == 8 else (-(2**31), 2**31 - 1)
-    product = graph.node("Cast", [acc], f"{name}_acc64", to=TensorProto.INT64)
-    product = graph.node("Mul", [product, constant("multiplier", op["multiplier"])], f"{name}_product")
-    # + 2^(total_shift - 1), one half in units of the divisor: round half up
-    rounding = constant("rounding", np.left_shift(np.int64(1), total_shift - 1))
-    product = graph.node("Add", [product, rounding], f"{name}_rounded")
-    divisor = constant("divisor", np.left_shift(np.int64(1), total_shift))  # 2^(31 - shift) <= 2^62: fits int64
-    # Mod with fmod=0 takes the divisor's sign, so p - Mod(p, d) is the multiple of d at or below p:
-    # the exact division is the floor, as the engine's arithmetic shift.
-    remainder = graph.node("Mod", [product, divisor], f"{name}_remainder", fmod=0)
-    floored = graph.node("Sub", [product, remainder], f"{name}_floored")
-    y = graph.node("Div", [floored, divisor], f"{name}_scaled")
-    y = graph.node("Clip", [y, constant("qmin", 0 if op["relu"] else qmin), constant("qmax", qmax)], f"{name}_clip")
-    return graph.node("Cast", [y], f"{name}_out", to=TensorProto.INT8 if op["output_bits"] == 8 else TensorProto.INT32)
+def _qlinear_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dict[str, str]) -> str:
+    if isinstance(node, IntConv):
+        if model.tensors[node.output].bits == 32:  # the logits layer: exact, as in the integer style
+            return _integer_layer(graph, model, node, values[node.input])
+        return _qlinear_layer(graph, model, node, values[node.input])
+    if isinstance(node, IntAdd):
+        real = [_dequantize(graph, model, name, values[name], f"{node.name}_in{index}")
+                for index, name in enumerate(node.inputs)]
+        y = _quantize(graph, model, node.output, graph.node("Add", real, node.name), f"{node.name}_out")
+        rq = node.output_requantize
+        return _clamp_int8(graph, y, rq.clamp_min, rq.clamp_max, node.name)
+    if isinstance(node, IntAvgPool):
+        real = _dequantize(graph, model, node.input, values[node.input], f"{node.name}_in")
+        attributes = _window_attributes(node.kernel, node.stride, node.padding)
+        real = graph.node("AveragePool", [real], node.name, count_include_pad=1, **attributes)
+        y = _quantize(graph, model, node.output, real, f"{node.name}_out")
+        return _clamp_int8(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, node.name)
+    if isinstance(node, IntConcat):
+        return _qlinear_concat(graph, model, node, values)
+    result = _shape_free_node(graph, node, values[node.input])
+    if result is None:
+        raise TypeError(f"unknown integer node {node!r}")
+    return result
+
+
+def _qlinear_concat(graph: _Graph, model: IntegerModel, node: IntConcat, values: dict[str, str]) -> str:
+    """DequantizeLinear each input -> Concat -> QuantizeLinear; per input when their saturations differ."""
+    clamps = [INT8_RANGE if rq is None else (rq.clamp_min, rq.clamp_max) for rq in node.input_requantize]
+    if len(set(clamps)) == 1:
+        real = [_dequantize(graph, model, name, values[name], f"{node.name}_in{index}")
+                for index, name in enumerate(node.inputs)]
+        y = _quantize(graph, model, node.output, graph.node("Concat", real, node.name, axis=1), f"{node.name}_out")
+        return _clamp_int8(graph, y, *clamps[0], node.name)
+    # Each input saturates its own way (not what build_integer_model makes): quantize each to the
+    # output scale (as it is where the scales are equal), clamp it, and concatenate the int8 parts.
+    parts = []
+    for index, (name, clamp) in enumerate(zip(node.inputs, clamps, strict=True)):
+        hint = f"{node.name}_in{index}"
+        x = values[name]
+        if _scale(model, name) != _scale(model, node.output):
+            x = _quantize(graph, model, node.output, _dequantize(graph, model, name, x, hint), f"{hint}_out")
+        parts.append(_clamp_int8(graph, x, *clamp, hint))
+    return graph.node("Concat", parts, node.name, axis=1)
 
 
 # ---------------------------------------------------------------- running
@@ -285,3 +487,9 @@ def onnx_predictions(
     ]
     logits = torch.from_numpy(np.concatenate(batches))
     return logits.argmax(dim=1), logits
+
+
+__all__ = [
+    "INPUT_NAME", "IR_VERSION", "OPSET", "OUTPUT_NAME", "STYLES", "build_onnx_model", "onnx_predictions",
+    "onnx_session", "save_onnx_model",
+]

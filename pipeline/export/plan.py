@@ -29,8 +29,6 @@ from pipeline.quant.ir import (
 )
 from pipeline.quant.ranges import INT32_MAX, accumulator_bound
 
-CIFAR10_INPUT_SHAPE = (3, 32, 32)  # (C, H, W) of one image
-
 
 def pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Output length of a convolution or pooling window (floor mode, no dilation), as PyTorch computes it."""
@@ -146,6 +144,9 @@ def check_deployable(model: IntegerModel) -> None:
         bits = [model.tensors[name].bits for name in int_node_inputs(node)]
         if any(b != 8 for b in bits) and not isinstance(node, IntReshape):
             raise ValueError(f"{where} reads int32 logits; only a flatten may follow the last layer")
+        if isinstance(node, IntReshape) and model.tensors[node.output].bits != bits[0]:
+            raise ValueError(f"{where} changes int{bits[0]} to int{model.tensors[node.output].bits}; a flatten moves "
+                             "no data")
         if isinstance(node, IntConv):
             bound = int(accumulator_bound(node.weight, node.bias).max())
             if bound > INT32_MAX:  # int32 accumulators: a larger sum would overflow (undefined behavior in C)
@@ -170,7 +171,12 @@ def check_deployable(model: IntegerModel) -> None:
         raise ValueError(f"the output {model.output!r} must be the int32 logits of the last layer")
     int32_tensors = [name for name, info in model.tensors.items() if info.bits == 32]
     producer = {node.output: node for node in model.nodes}
+    logits = [model.output]  # the output and the tensors it flattens: the one int32 buffer the exporters write
+    while isinstance(producer.get(logits[-1]), IntReshape):
+        logits.append(producer[logits[-1]].input)
     for name in int32_tensors:
         node = producer.get(name)
         if not isinstance(node, (IntConv, IntReshape)):
             raise ValueError(f"tensor {name!r} is int32 but not produced by the last layer")
+        if name not in logits:
+            raise ValueError(f"tensor {name!r} is int32 but not the model's logits {model.output!r}")

@@ -38,6 +38,7 @@ from pipeline.graph import (
     MaxPool,
     Reshape,
     UnsupportedModelError,
+    check_output_layer,
     node_inputs,
 )
 from pipeline.quant.calibrators import Granularity, PerChannel, parse_granularity, weight_range
@@ -106,25 +107,6 @@ def scale_groups(graph: FloatGraph) -> dict[str, ScaleGroup]:
         read_by = tuple(dict.fromkeys(r.name for m in members for r in readers[m] if isinstance(r, RESCALING_NODES)))
         groups[root] = ScaleGroup(root, members, observed or (root,), read_by)
     return groups
-
-
-def check_output_layer(graph: FloatGraph) -> Conv | Linear:
-    """The Conv/Linear node whose output (through flattens) is the model's output: it gives the int32 logits."""
-    producer = graph.producer()
-    name = graph.output
-    while isinstance(producer.get(name), Reshape):
-        name = producer[name].input
-    node = producer.get(name)
-    if not isinstance(node, (Conv, Linear)):
-        raise UnsupportedModelError(
-            f"the model's output {graph.output!r} must come from a Conv2d or Linear layer (through flattens only), "
-            f"to be its int32 logits; it comes from {type(node).__name__ if node else 'the input'} {name!r}"
-        )
-    readers = graph.consumers()
-    others = [reader.name for reader in readers[name] if not isinstance(reader, Reshape)]
-    if others:
-        raise UnsupportedModelError(f"the logits layer {node.name!r} output is also read by {others}")
-    return node
 
 
 # ---------------------------------------------------------------- weights and biases
@@ -339,6 +321,6 @@ def _other_node(node: Any, tensors: dict[str, TensorInfo]) -> IntNode:
 
 __all__ = [
     "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "check_accumulator",
-    "check_output_layer", "node_inputs", "quantize_bias", "quantize_layer_weights", "quantize_model_weights",
+    "node_inputs", "quantize_bias", "quantize_layer_weights", "quantize_model_weights",
     "raw_accumulator_clamp", "scale_groups",
 ]

@@ -1,8 +1,20 @@
 """Running an ``IntegerModel``: the integer engine, its float simulation, and weight-only quantization.
 
-``run_integer`` computes the integer semantics of ``integer_ops`` node by node. It is exact
-integer arithmetic throughout; where floating-point units do a step, they do it on integers
-they represent exactly (``integer_ops.conv_accumulators`` and the fast paths of ``_conv``).
+``run_integer`` computes the integer semantics of ``integer_ops`` node by node, exactly. For
+speed it holds the integers in floating-point tensors and uses float units wherever they are
+provably exact (``layer_plan`` says which path each layer takes, and why):
+
+- a convolution or linear layer runs in float32 when its checked worst-case accumulator
+  (``ranges.accumulator_bound``, bias included) is below 2^24: every partial sum, in any
+  order the kernel adds them, is an integer of magnitude at most that bound, and float32
+  represents every integer below 2^24, so nothing is ever rounded. Above 2^24 it runs in
+  float64 (exact below 2^53; the bound is below 2^31);
+- a rescale y = floor(v * 2^lift * multiplier * 2^(shift - 31) + 1/2) runs in float64 when
+  |v| * multiplier + 2^(30 - shift - lift) <= 2^53 for the largest |v| the tensor can hold:
+  then v * M and v * M + 1/2 are exact (M's 31-bit multiplier times a power of two, and
+  the sum's bits span less than 53), and floor is exact. Otherwise it runs in int64
+  (``fixed_point.requantize``, exact for any int32 value);
+- max-pool, clamps, concatenation and window sums only compare or add small integers.
 
 ``run_simulated`` is the same graph in float64 real units: dequantized weights and biases,
 tensors fake-quantized at their scales (round half to even), the same clamps. It differs from
@@ -12,21 +24,15 @@ one step.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.graph import FloatGraph, run_float
-from pipeline.quant.build import raw_accumulator_clamp
-from pipeline.quant.integer_ops import (
-    add_integers,
-    apply_requantize,
-    avgpool_integers,
-    clamp_integers,
-    concat_integers,
-    conv_accumulators,
-)
+from pipeline.quant.build import check_accumulator, raw_accumulator_clamp
+from pipeline.quant.integer_ops import apply_requantize
 from pipeline.quant.ir import (
     IntAdd,
     IntAvgPool,
@@ -40,7 +46,14 @@ from pipeline.quant.ir import (
     Requantize,
     int_node_inputs,
 )
-from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, dequantize, fake_quantize, quantize
+from pipeline.quant.ranges import (
+    ACTIVATION_QMAX,
+    ACTIVATION_QMIN,
+    accumulator_bound,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
 
 # Images per pass through the engine and its simulation; the results do not depend on it. Their
 # convolutions run in float64, which the CPU unfolds into one buffer per call (conv1 of Net: 470 KB
@@ -67,46 +80,184 @@ def quantize_input(x_normalized: Tensor, input_scale: float) -> Tensor:
 
 # ---------------------------------------------------------------- the integer engine
 
-
-def _conv(node: IntConv, x: Tensor) -> Tensor:
-    acc = conv_accumulators(x, node.weight, node.bias, node.stride, node.padding, node.groups)
-    if node.requantize is None:
-        return acc.clamp_(*raw_accumulator_clamp(node))
-    return apply_requantize(acc, node.requantize)
+FLOAT32_EXACT = 2**24  # float32 represents every integer of magnitude <= 2^24
+FLOAT64_EXACT = 2**53
 
 
-def _maxpool(node: IntMaxPool, x: Tensor) -> Tensor:
-    # float64 holds these integers exactly; max-pool only compares them (padding is -inf).
-    return F.max_pool2d(x.to(torch.float64), node.kernel, node.stride, node.padding).to(torch.int64)
+def conv_dtype(bound: int) -> torch.dtype:
+    """float32 when every partial sum (|.| <= ``bound``) is an integer float32 holds exactly, else float64."""
+    return torch.float32 if bound < FLOAT32_EXACT else torch.float64
 
 
-def _integer_node(node: IntNode, values: dict[str, Tensor]) -> Tensor:
+def float_rescale_is_exact(largest: Tensor | int, rq: Requantize, lift: int = 0) -> bool:
+    """Whether a rescale of values |v| <= ``largest`` (per channel or one bound) is exact in float64."""
+    multiplier = rq.multiplier.to(torch.int64)
+    total_shift = 31 - rq.shift.to(torch.int64) - lift
+    if bool((total_shift < 1).any()):
+        return False
+    worst = torch.as_tensor(largest, dtype=torch.int64) * multiplier + (1 << (total_shift - 1))
+    return bool((worst <= FLOAT64_EXACT).all())
+
+
+@dataclass(frozen=True)
+class _Rescale:
+    """A ``Requantize`` prepared for values |v| <= some bound: float64 where exact, else int64."""
+
+    rq: Requantize
+    lift: int
+    real: Tensor | None  # float64 M * 2^lift, shaped per channel; None: the int64 path
+
+    @classmethod
+    def prepare(cls, rq: Requantize, largest: Tensor | int, lift: int = 0) -> _Rescale:
+        if not float_rescale_is_exact(largest, rq, lift):
+            return cls(rq, lift, None)
+        real = rq.multiplier.to(torch.float64) * torch.exp2(rq.shift.to(torch.float64) + (lift - 31))
+        return cls(rq, lift, real)
+
+    def __call__(self, values: Tensor) -> Tensor:
+        """clamp(floor(v * 2^lift * M + 1/2)) of integer-valued ``values`` (N, C, ...), exactly, as float64."""
+        if self.real is None:
+            lifted = values.to(torch.int64) << self.lift if self.lift else values.to(torch.int64)
+            return apply_requantize(lifted, self.rq).to(torch.float64)
+        # A dimensioned float64 factor, so the product is float64 (a 0-D one would keep float32) and new:
+        # the input is never changed in place.
+        factor = self.real.to(values.device).reshape((1, -1) + (1,) * (values.ndim - 2) if self.real.ndim
+                                                     else (1,) * values.ndim)
+        return (values * factor).add_(0.5).floor_().clamp_(self.rq.clamp_min, self.rq.clamp_max)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """An ``IntConv`` prepared once per run: its weights in the conv's exact dtype and its rescale."""
+
+    node: IntConv
+    weight: Tensor
+    bias: Tensor
+    rescale: _Rescale | None
+
+    @classmethod
+    def prepare(cls, node: IntConv, device: torch.device) -> _Layer:
+        bound = accumulator_bound(node.weight, node.bias)
+        check_accumulator(node.name, node.weight, node.bias)
+        dtype = conv_dtype(int(bound.max()))
+        rescale = None if node.requantize is None else _Rescale.prepare(node.requantize, bound)
+        return cls(node, node.weight.to(device, dtype), node.bias.to(device, dtype), rescale)
+
+    def accumulate(self, x: Tensor) -> Tensor:
+        node, inputs = self.node, x.to(self.weight.dtype)
+        if node.kind == "conv2d":
+            return F.conv2d(inputs, self.weight, self.bias, node.stride, node.padding, 1, node.groups)
+        return F.linear(inputs, self.weight, self.bias)
+
+    def finish(self, acc: Tensor) -> Tensor:
+        if self.rescale is None:
+            return acc.to(torch.int64).clamp_(*raw_accumulator_clamp(self.node))
+        return self.rescale(acc)
+
+
+def layer_plan(node: IntConv) -> dict[str, object]:
+    """How the engine computes ``node`` exactly: the accumulator bound, the conv's and the rescale's units."""
+    layer = _Layer.prepare(node, torch.device("cpu"))
+    plan: dict[str, object] = {"layer": node.name, "accumulator_bound": int(accumulator_bound(node.weight, node.bias).max()),
+                               "conv": str(layer.weight.dtype).removeprefix("torch.")}
+    if layer.rescale is None:
+        plan["rescale"] = "none (int32 logits)"
+    else:
+        plan["rescale"] = "int64" if layer.rescale.real is None else "float64"
+    return plan
+
+
+def _prepare(model: IntegerModel, device: torch.device) -> list[object]:
+    """Per node, what the engine needs ready: layers' weights in their dtype, every rescale checked."""
+    largest_int8 = -ACTIVATION_QMIN
+    prepared: list[object] = []
+    for node in model.nodes:
+        if isinstance(node, IntConv):
+            prepared.append(_Layer.prepare(node, device))
+        elif isinstance(node, IntAdd):
+            inputs = tuple(_Rescale.prepare(rq, largest_int8, node.left_shift) for rq in node.input_requantize)
+            # Each scaled input is at most 128 * 2^left_shift / 2 + 1 in magnitude (M_i <= 1/2).
+            prepared.append((inputs, _Rescale.prepare(node.output_requantize, 2 ** (node.left_shift + 8))))
+        elif isinstance(node, IntAvgPool):
+            prepared.append(_Rescale.prepare(node.requantize, largest_int8 * node.kernel[0] * node.kernel[1]))
+        elif isinstance(node, IntConcat):
+            prepared.append(tuple(None if rq is None else _Rescale.prepare(rq, largest_int8)
+                                  for rq in node.input_requantize))
+        else:
+            prepared.append(None)
+    return prepared
+
+
+def _integer_node(node: IntNode, prepared: object, values: dict[str, Tensor]) -> Tensor:
+    """One node on integer-valued tensors (any dtype); the result holds the node's integers."""
     if isinstance(node, IntConv):
-        return _conv(node, values[node.input])
+        return prepared.finish(prepared.accumulate(values[node.input]))
     if isinstance(node, IntAdd):
-        a, b = (values[name] for name in node.inputs)
-        return add_integers(a, b, node.left_shift, node.input_requantize, node.output_requantize)
+        inputs, output = prepared
+        a, b = (rescale(values[name]) for rescale, name in zip(inputs, node.inputs, strict=True))
+        return output(a.add_(b))
     if isinstance(node, IntAvgPool):
-        return avgpool_integers(values[node.input], node.kernel, node.stride, node.padding, node.requantize)
+        # float64 sums of at most kernel-area int8 values are exact integers
+        sums = F.avg_pool2d(values[node.input].to(torch.float64), node.kernel, node.stride, node.padding,
+                            count_include_pad=True, divisor_override=1)
+        return prepared(sums)
     if isinstance(node, IntConcat):
-        return concat_integers([values[name] for name in node.inputs], node.input_requantize)
+        parts = [values[name].to(torch.float64) if rescale is None else rescale(values[name])
+                 for rescale, name in zip(prepared, node.inputs, strict=True)]
+        return torch.cat(parts, dim=1)
     if isinstance(node, IntMaxPool):
         return _maxpool(node, values[node.input])
     if isinstance(node, IntClamp):
-        return clamp_integers(values[node.input], node.clamp_min, node.clamp_max)
+        return values[node.input].clamp(node.clamp_min, node.clamp_max)
     if isinstance(node, IntReshape):
         return values[node.input].flatten(1)
     raise TypeError(f"unknown integer node {node!r}")
 
 
-def _integer_values(model: IntegerModel, x_int8: Tensor, keep: bool) -> dict[str, Tensor]:
-    """Every tensor of one pass (``keep``) or only the output, as int64, for int8 images."""
+def _maxpool(node: IntMaxPool, x: Tensor) -> Tensor:
+    # max-pool only compares (padding is -inf); float32 holds int8 values and these accumulators exactly
+    return F.max_pool2d(x.to(torch.float32) if x.dtype != torch.float64 else x, node.kernel, node.stride,
+                        node.padding)
+
+
+def _pool_before_rescale(model: IntegerModel) -> dict[int, int]:
+    """Layer index -> index of the max-pool that alone reads its output.
+
+    A rescale is non-decreasing in its input (multiplier >= 0, floor and clamp are monotonic), so
+    max-pooling the accumulators and then rescaling gives the same integers as rescaling and then
+    pooling, on a quarter of the values for a 2x2 pool.
+    """
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(model.nodes):
+        for name in int_node_inputs(node):
+            readers.setdefault(name, []).append(index)
+    fused = {}
+    for index, node in enumerate(model.nodes):
+        only = readers.get(node.output, [])
+        if isinstance(node, IntConv) and node.requantize is not None and len(only) == 1:
+            if isinstance(model.nodes[only[0]], IntMaxPool):
+                fused[index] = only[0]
+    return fused
+
+
+def _integer_values(model: IntegerModel, prepared: list[object], x_int8: Tensor, keep: bool) -> dict[str, Tensor]:
+    """Every tensor of one pass (``keep``) or only the output, integer-valued, for int8 images."""
     if x_int8.dtype != torch.int8:
         raise TypeError(f"x_int8 must have dtype torch.int8, got {x_int8.dtype}; use quantize_input")
-    values = {model.input: x_int8.to(torch.int64)}
+    values = {model.input: x_int8.to(torch.float32)}
     remaining = _last_reads(model)
+    pooled = {} if keep else _pool_before_rescale(model)
+    skipped: set[int] = set()
     for index, node in enumerate(model.nodes):
-        values[node.output] = _integer_node(node, values)
+        if index in skipped:
+            continue
+        if index in pooled:
+            pool = model.nodes[pooled[index]]
+            layer = prepared[index]
+            values[pool.output] = layer.finish(_maxpool(pool, layer.accumulate(values[node.input])))
+            skipped.add(pooled[index])
+        else:
+            values[node.output] = _integer_node(node, prepared[index], values)
         if not keep:  # free what no later node reads
             for name in [name for name, last in remaining.items() if last == index and name != model.output]:
                 values.pop(name, None)
@@ -127,13 +278,16 @@ def run_integer(model: IntegerModel, x_int8: Tensor) -> Tensor:
 
     The class is the argmax of these integers, for any weight granularity.
     """
-    return _in_passes(lambda images: _integer_values(model, images, keep=False)[model.output].to(torch.int32), x_int8)
+    prepared = _prepare(model, x_int8.device)
+    return _in_passes(lambda images: _integer_values(model, prepared, images, keep=False)[model.output]
+                      .to(torch.int64).to(torch.int32), x_int8)
 
 
 def integer_tensor_outputs(model: IntegerModel, x_int8: Tensor) -> dict[str, Tensor]:
     """Every node's integer output tensor (int64), by tensor name."""
-    passes = [_integer_values(model, images, keep=True) for images in _passes(x_int8)]
-    return {node.output: torch.cat([values[node.output] for values in passes]) for node in model.nodes}
+    prepared = _prepare(model, x_int8.device)
+    passes = [_integer_values(model, prepared, images, keep=True) for images in _passes(x_int8)]
+    return {node.output: torch.cat([values[node.output] for values in passes]).to(torch.int64) for node in model.nodes}
 
 
 def dequantize_logits(model: IntegerModel, logits: Tensor) -> Tensor:
@@ -225,6 +379,6 @@ class QuantizedNet(torch.nn.Module):
 
 
 __all__ = [
-    "PASS_IMAGES", "QuantizedNet", "dequantize_logits", "dequantized_weights",
+    "PASS_IMAGES", "QuantizedNet", "dequantize_logits", "layer_plan", "dequantized_weights",
     "integer_tensor_outputs", "quantize_input", "run_integer", "run_simulated", "run_weight_only",
 ]
