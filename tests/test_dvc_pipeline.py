@@ -101,3 +101,50 @@ def test_a_misspelled_section_fails_repro_and_exp_run_even_when_no_stage_would_r
         assert result.returncode != 0 and message in result.stdout + result.stderr
     finally:
         params.write_text(original)
+
+
+USER_MODEL = '''import torch.nn.functional as F
+from torch import nn
+
+
+class Residual(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.body(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def build():
+    return Residual()
+'''
+
+
+# Three real `dvc repro` runs of a user's model file (about a minute), so CI runs it with `slow`.
+@pytest.mark.slow
+def test_a_users_model_file_is_quantized_end_to_end_and_editing_it_retrains(tmp_path):
+    project = tiny_project_copy(tmp_path)
+    (project / "models" / "mine.py").write_text(USER_MODEL)
+    set_params(project, {"train": {"model": "models/mine.py:build", "epochs": 1}})
+    first = run(["dvc", "repro"], project)
+    assert ran_stages(first.stdout) == ALL_STAGES
+    metrics = metrics_after(project)
+    assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+    assert list(metrics["sqnr_db"]["outputs"]) == ["stem", "body.0", "fc"]  # the layers of the traced graph
+
+    (project / "models" / "mine.py").write_text(USER_MODEL.replace("width=4", "width=6"))
+    second = run(["dvc", "repro"], project)
+    assert {"train", "profile", "quantize-weights", "quantize-biases"} <= ran_stages(second.stdout)
+
+    (project / "models" / "mine.py").write_text(USER_MODEL.replace("F.relu(self.stem(x))", "self.stem(x).sigmoid()"))
+    (project / "data/model.pt").unlink()
+    failed = run(["dvc", "repro", "train"], project, check=False)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "node 'sigmoid' (method .sigmoid()) is not supported" in output
+    assert "supported: Conv2d" in output and not (project / "data/model.pt").exists()
+    assert "training models/mine.py:build" not in output  # it failed before training
