@@ -10,7 +10,7 @@ from torch import Tensor
 
 from pipeline.graph import FloatGraph, float_parameter_count, run_float
 from pipeline.quant.engine import integer_tensor_outputs, quantize_input, run_integer, run_simulated
-from pipeline.quant.ir import IntAdd, IntAvgPool, IntConcat, IntConv, IntegerModel, IntNode, Requantize
+from pipeline.quant.ir import IntegerModel, parameter_bytes
 from pipeline.quant.ranges import dequantize
 from pipeline.train import normalized_batches
 
@@ -107,26 +107,9 @@ def float_model_bytes(graph: FloatGraph) -> int:
     return FLOAT_BYTES * float_parameter_count(graph)
 
 
-def _requantizations(node: IntNode) -> list[Requantize]:
-    if isinstance(node, IntConv):
-        return [node.requantize] if node.requantize is not None else []
-    if isinstance(node, IntAdd):
-        return [*node.input_requantize, node.output_requantize]
-    if isinstance(node, IntAvgPool):
-        return [node.requantize]
-    if isinstance(node, IntConcat):
-        return [rq for rq in node.input_requantize if rq is not None]
-    return []
-
-
 def integer_model_bytes(integer_model: IntegerModel) -> int:
     """Bytes of what an integer engine stores: int8 weights, int32 biases, int32 multipliers and shifts."""
-    total = 0
-    for node in integer_model.nodes:
-        if isinstance(node, IntConv):
-            total += node.weight.numel() * node.weight.element_size() + node.bias.numel() * 4
-        total += sum((rq.multiplier.numel() + rq.shift.numel()) * 4 for rq in _requantizations(node))
-    return total
+    return parameter_bytes(integer_model)
 
 
 def accuracy_table(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:

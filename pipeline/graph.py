@@ -456,9 +456,9 @@ def _build(raw: _Raw, shapes: Mapping[str, tuple[int, ...]]) -> FloatGraph:
                 nodes.append(Reshape(f"{item.name}.flatten", pooled, item.name))
         elif isinstance(item, _Reshape):
             in_shape, out_shape = shapes[item.input], shapes[item.output]
-            if len(out_shape) != 1 or out_shape[0] != _numel(in_shape):
+            if len(out_shape) != 1 or out_shape[0] != numel(in_shape):
                 raise UnsupportedModelError(
-                    f"node {item.name!r} (view/reshape) must flatten to (N, {_numel(in_shape)}), got (N, "
+                    f"node {item.name!r} (view/reshape) must flatten to (N, {numel(in_shape)}), got (N, "
                     f"{', '.join(map(str, out_shape))}); supported: {SUPPORTED}"
                 )
             nodes.append(Reshape(item.name, item.input, item.output))
@@ -476,7 +476,8 @@ def _build(raw: _Raw, shapes: Mapping[str, tuple[int, ...]]) -> FloatGraph:
     return graph
 
 
-def _numel(shape: Iterable[int]) -> int:
+def numel(shape: Iterable[int]) -> int:
+    """Values in a tensor of ``shape``."""
     total = 1
     for size in shape:
         total *= size
@@ -706,5 +707,5 @@ __all__ = [
     "GraphModel", "float_parameter_count",
     "LAYER_TYPES", "Linear", "MaxPool", "Node", "Reshape", "SUPPORTED", "UnsupportedModelError", "capture",
     "check_output_layer", "fold_batchnorms", "folded_conv_parameters", "folded_state_dict", "fuse_activations", "layer_names",
-    "node_inputs", "observe_original", "run_float", "with_weights",
+    "node_inputs", "numel", "observe_original", "run_float", "with_weights",
 ]

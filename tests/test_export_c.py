@@ -19,13 +19,13 @@ from pipeline.export.c_build import C_FLAGS, c_footprint, c_logits, find_compile
 from pipeline.export.c_model import (
     Lifetime,
     generate_c,
-    parameter_bytes,
     peak_live_bytes,
     plan_arena,
     tensor_storage,
     write_c_sources,
 )
 from pipeline.export.plan import numel
+from pipeline.quant.ir import parameter_bytes
 from pipeline.quant.build import raw_accumulator_clamp
 from pipeline.quant.engine import quantize_input, run_integer
 from pipeline.quant.integer_ops import (

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.graph import capture, run_float
+from pipeline.graph import capture, numel, run_float
 from pipeline.model_files import load_integer_model, save_integer_model
 from pipeline.models import Net, build_model
 from pipeline.quant import engine
@@ -250,10 +250,12 @@ def test_per_channel_last_layer_gives_integer_logits_at_one_common_scale():
 
 def test_engine_results_do_not_depend_on_the_pass_size(monkeypatch):
     model = toy_model("residual", "per_channel")
-    x = normalize(random_uint8_images(136, seed=4), SEED_MEAN, SEED_STD)  # two passes of 64 and one of 8
+    x = normalize(random_uint8_images(136, seed=4), SEED_MEAN, SEED_STD)
+    monkeypatch.setattr(engine, "PASS_VALUES", 64 * max(numel(t.shape) for t in model.tensors.values()))
+    assert engine.pass_images(model) == 64  # two passes of 64 and one of 8
     x_int8 = quantize_input(x, model.input_scale)
     in_passes = (run_integer(model, x_int8), run_simulated(model, x), integer_tensor_outputs(model, x_int8))
-    monkeypatch.setattr(engine, "PASS_IMAGES", len(x))
+    monkeypatch.setattr(engine, "PASS_VALUES", 2**40)  # one pass
     whole = (run_integer(model, x_int8), run_simulated(model, x), integer_tensor_outputs(model, x_int8))
     assert torch.equal(in_passes[0], whole[0]) and torch.equal(in_passes[1], whole[1])
     assert in_passes[2].keys() == whole[2].keys()

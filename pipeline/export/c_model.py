@@ -77,6 +77,8 @@ from pipeline.quant.ir import (
     IntReshape,
     Requantize,
     int_node_inputs,
+    parameter_bytes,
+    requantizations,
 )
 from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, INT32_MAX, INT32_MIN
 
@@ -371,30 +373,6 @@ def _layer_data(model: IntegerModel, layer: IntConv, name: str) -> str:
             _c_array("int32_t", f"{name}_shift", channel_values(layer.requantize.shift)),
         ]
     return "".join(parts)
-
-
-def _rescales(node: IntNode) -> list[Requantize]:
-    """The scalar requantizations of a non-layer node (kept as ``ptq_rescale`` structs in model.c)."""
-    if isinstance(node, IntAdd):
-        return [*node.input_requantize, node.output_requantize]
-    if isinstance(node, IntAvgPool):
-        return [node.requantize]
-    if isinstance(node, IntConcat):
-        return [rq for rq in node.input_requantize if rq is not None]
-    return []
-
-
-def parameter_bytes(model: IntegerModel) -> int:
-    """Bytes of constants: int8 weights, int32 biases, and an int32 multiplier and shift per requantization value."""
-    total = 0
-    for node in model.nodes:
-        if isinstance(node, IntConv):
-            total += numel(tuple(node.weight.shape)) + 4 * numel(tuple(node.bias.shape))
-            if node.requantize is not None:
-                total += 8 * channel_values(node.requantize.multiplier).size
-        else:
-            total += 8 * len(_rescales(node))
-    return total
 
 
 def _data_header(model: IntegerModel, names: dict[str, str]) -> tuple[str, int]:
@@ -903,6 +881,6 @@ def _source(model: IntegerModel, names: dict[str, str], storage: TensorStorage) 
 
 
 __all__ = [
-    "ARENA", "ArenaPlan", "CSources", "C_FILES", "Lifetime", "TensorStorage", "generate_c", "parameter_bytes",
+    "ARENA", "ArenaPlan", "CSources", "C_FILES", "Lifetime", "TensorStorage", "generate_c",
     "peak_live_bytes", "plan_arena", "tensor_storage", "write_c_sources",
 ]

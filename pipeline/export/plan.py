@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.graph import numel
 from pipeline.quant.fixed_point import MAX_SHIFT, MIN_SHIFT
 from pipeline.quant.ir import (
     IntAdd,
@@ -45,10 +46,6 @@ def as_array(value: Any, dtype: type) -> np.ndarray:
 def channel_values(values: Any) -> np.ndarray:
     """A scalar or per-channel tensor as a 1-D int64 array (one value for per-tensor)."""
     return as_array(values, np.int64).reshape(-1)
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape)) if shape else 1
 
 
 def _where(index: int, node: IntNode) -> str:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.graph import FloatGraph, run_float
+from pipeline.graph import FloatGraph, numel, run_float
 from pipeline.quant.build import check_accumulator, raw_accumulator_clamp
 from pipeline.quant.integer_ops import apply_requantize
 from pipeline.quant.ir import (
@@ -55,22 +55,29 @@ from pipeline.quant.ranges import (
     quantize,
 )
 
-# Images per pass through the engine and its simulation; the results do not depend on it. Their
-# convolutions run in float64, which the CPU unfolds into one buffer per call (conv1 of Net: 470 KB
-# an image), and glibc serves buffers over 32 MB with fresh mappings that are page-faulted on every
-# use: in passes of 1,000 images, 10,000 test images through run_integer took 6.2-6.9 s, mostly
-# system time (5.7-6.6 s on 2 cores); in passes of 64, 2.6-3.4 s with almost none.
-PASS_IMAGES = 64
+# Values of the largest tensor per pass through the engine and its simulation (the results do not
+# depend on it). A pass's tensors then stay within a few MB, in cache: measured on 2 cores, Net ran
+# fastest in passes of about 200 images and ResNet-20 of 64 (larger passes of ResNet-20 were up to
+# 2x slower), which is 2^20 values of their largest tensor (conv1's output, 4,704 and 16,384 values
+# an image). Very large float64 buffers are also served by glibc as fresh mappings, page-faulted on
+# every use (passes of 1,000 Net images once spent most of their time in the kernel).
+PASS_VALUES = 2**20
 
 
-def _passes(x: Tensor) -> tuple[Tensor, ...]:
-    """``x`` split along the batch into runs of at most PASS_IMAGES images (an empty batch stays one)."""
-    return x.split(PASS_IMAGES) if len(x) else (x,)
+def pass_images(model: IntegerModel) -> int:
+    """Images per pass: PASS_VALUES over the largest tensor's values per image (at least 1)."""
+    largest = max(numel(info.shape) for info in model.tensors.values())
+    return max(1, PASS_VALUES // largest)
 
 
-def _in_passes(run: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``run`` on at most PASS_IMAGES images at a time, the outputs concatenated along the batch."""
-    return torch.cat([run(images) for images in _passes(x)])
+def _passes(x: Tensor, images: int) -> tuple[Tensor, ...]:
+    """``x`` split along the batch into runs of at most ``images`` images (an empty batch stays one)."""
+    return x.split(images) if len(x) else (x,)
+
+
+def _in_passes(run: Callable[[Tensor], Tensor], x: Tensor, images: int) -> Tensor:
+    """``run`` on at most ``images`` images at a time, the outputs concatenated along the batch."""
+    return torch.cat([run(batch) for batch in _passes(x, images)])
 
 
 def quantize_input(x_normalized: Tensor, input_scale: float) -> Tensor:
@@ -280,13 +287,13 @@ def run_integer(model: IntegerModel, x_int8: Tensor) -> Tensor:
     """
     prepared = _prepare(model, x_int8.device)
     return _in_passes(lambda images: _integer_values(model, prepared, images, keep=False)[model.output]
-                      .to(torch.int64).to(torch.int32), x_int8)
+                      .to(torch.int64).to(torch.int32), x_int8, pass_images(model))
 
 
 def integer_tensor_outputs(model: IntegerModel, x_int8: Tensor) -> dict[str, Tensor]:
     """Every node's integer output tensor (int64), by tensor name."""
     prepared = _prepare(model, x_int8.device)
-    passes = [_integer_values(model, prepared, images, keep=True) for images in _passes(x_int8)]
+    passes = [_integer_values(model, prepared, images, keep=True) for images in _passes(x_int8, pass_images(model))]
     return {node.output: torch.cat([values[node.output] for values in passes]).to(torch.int64) for node in model.nodes}
 
 
@@ -343,7 +350,7 @@ def run_simulated(model: IntegerModel, x_normalized: Tensor) -> Tensor:
             values[node.output] = _simulated_node(model, node, values)
         return values[model.output]
 
-    return _in_passes(one_pass, x_normalized)
+    return _in_passes(one_pass, x_normalized, pass_images(model))
 
 
 # ---------------------------------------------------------------- weight-only quantization
@@ -379,6 +386,6 @@ class QuantizedNet(torch.nn.Module):
 
 
 __all__ = [
-    "PASS_IMAGES", "QuantizedNet", "dequantize_logits", "layer_plan", "dequantized_weights",
+    "PASS_VALUES", "QuantizedNet", "pass_images", "dequantize_logits", "layer_plan", "dequantized_weights",
     "integer_tensor_outputs", "quantize_input", "run_integer", "run_simulated", "run_weight_only",
 ]

@@ -160,3 +160,27 @@ class IntegerModel:
 
     def input_scale_of(self, node: IntNode, index: int = 0) -> float:
         return float(self.tensors[int_node_inputs(node)[index]].scale)
+
+
+def requantizations(node: IntNode) -> list[Requantize]:
+    """Every rescale a node stores (none for max-pool, clamp and flatten)."""
+    if isinstance(node, IntConv):
+        return [node.requantize] if node.requantize is not None else []
+    if isinstance(node, IntAdd):
+        return [*node.input_requantize, node.output_requantize]
+    if isinstance(node, IntAvgPool):
+        return [node.requantize]
+    if isinstance(node, IntConcat):
+        return [rq for rq in node.input_requantize if rq is not None]
+    return []
+
+
+def parameter_bytes(model: IntegerModel) -> int:
+    """Bytes of what an integer runtime stores: int8 weights, int32 biases, an int32 multiplier and shift per
+    rescale value (one per tensor, or one per output channel)."""
+    total = 0
+    for node in model.nodes:
+        if isinstance(node, IntConv):
+            total += node.weight.numel() + 4 * node.bias.numel()
+        total += sum(8 * rq.multiplier.numel() for rq in requantizations(node))
+    return total
