@@ -1,109 +1,577 @@
-"""Accuracy drop of this project's PTQ settings against PyTorch's own static PTQ, same checkpoint, same calibration images.
+"""Accuracy drop of this project's PTQ settings and of three other PTQ tools on one checkpoint, same calibration images.
 
-For one fp32 checkpoint and the calibration subset the profile stage used
-(``data/profile.json`` indices, from the training split), it measures the test
-accuracy of:
+One run takes one fp32 checkpoint and the calibration images the profile stage used
+(``--profile``'s ``indices``, from the TRAINING split), the same images for every method,
+and measures on the 10,000 TEST images:
 
-- this project with the defaults (seed activation rule, 3-sigma per-tensor weights) and
-  every other combination of activation calibrator x weight calibrator x granularity,
-  each through the integer engine (``full_int8``);
-- PyTorch's ``torch.ao.quantization`` FX static PTQ with the x86 qconfig (torchao's
-  PT2E path is used instead when torchao is installed).
+- fp32: the PyTorch model in eval mode;
+- this project, through the integer engine (``engine_predictions``, i.e. ``full_int8``):
+  every activation calibrator (seed, minmax, percentile 99.99, mse, entropy) x weight
+  calibrator (sigma k=3, minmax, mse) x granularity (per_tensor, per_channel), 30 settings,
+  ``--bits`` weight bits, each calibrator with its default options (those of params.yaml);
+  ``--activation-calibrators`` / ``--weight-calibrators`` run a subset (the two reported
+  settings below are always run);
+- torch.ao FX static PTQ (``prepare_fx`` / ``convert_fx``) with the x86 qconfig: real int8
+  kernels (``torch.backends.quantized.engine = "x86"``);
+- ONNX Runtime ``quantize_static`` in QDQ format, int8 activations and int8 weights
+  (S8S8, ONNX Runtime's defaults otherwise: asymmetric activations, symmetric weights),
+  calibrate_method MinMax and Percentile (ONNX Runtime's default 99.999, symmetric), each
+  per-tensor and per-channel (4 runs), on the fp32 model exported with ``torch.onnx.export``
+  (the torch.export-based exporter, which needs onnxscript; the legacy TorchScript exporter
+  when that fails) and pre-processed with ``quant_pre_process``; run by onnxruntime's CPU
+  provider, which fuses the QDQ pairs into its int8 kernels;
+- torchao PT2E: ``torch.export.export(...).module()``, ``prepare_pt2e`` with
+  ``X86InductorQuantizer`` (its default static config), calibration, ``convert_pt2e``; the
+  converted module runs in eager mode, i.e. as a reference model (quantize / dequantize
+  around float ops: the int8 numerics, not Inductor's int8 kernels).
 
-    python -m benchmarks.ptq_compare [--checkpoint data/model.pt] [--bits 8]
+``--skip fx onnxruntime pt2e`` leaves peers out; a peer that cannot run here (a missing
+package, an export or quantization error) prints why and the run goes on.
 
-Run it after ``dvc repro`` (it reads data/dataset.npz, data/model.pt, data/profile.json).
+"Chosen on held-out": ``--validation`` training images that are not calibration images
+(a seeded sample, ``--validation-seed``, of the training split minus the profile indices)
+are held out; every setting of this project is run on them, and the setting with the best
+held-out accuracy is chosen (ties: the higher agreement with the fp32 model's held-out
+predictions, then the first in the order the settings are listed in above). Only that
+setting's TEST accuracy is reported as "chosen on held-out": the test set plays no part in
+the choice. The held-out images are held out of calibration, not of training (the train
+stage trains on the whole training split), so held-out accuracies are near training
+accuracy and higher than test accuracies; they serve to rank settings, not to estimate
+test accuracy. Two settings are always reported besides it: the defaults (seed activation
+rule, sigma k=3 per-tensor weights) and max-abs per-channel (minmax activations, minmax
+per-channel weights). Drop = fp32 test accuracy minus the method's test accuracy, in points
+(negative: the int8 model scored higher).
+
+Noise: one accuracy on 10,000 test images has a binomial standard error of about 0.4-0.5
+points, so differences under about 0.3-0.5 points between methods are within noise (a
+different calibration subset reorders them); the held-out ranking is as noisy.
+
+Prints a markdown table (fp32 on top; image counts, seconds per method), then every
+setting of this project sorted by held-out accuracy.
+
+    python -m benchmarks.ptq_compare [--checkpoint data/model.pt] [--data data/dataset.npz]
+        [--profile data/profile.json] [--model NAME] [--bits 8] [--validation 5000]
+        [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...]
+
+Run it after ``dvc repro`` (the defaults are the pipeline's artifacts). ``--model NAME``
+names the architecture of a checkpoint that is a bare state_dict (it is then normalized
+with the seed's mean and std). The peers need the ``bench`` extra (``pip install -e
+'.[bench]'``: onnxscript, torchao).
 """
 from __future__ import annotations
 
+import stages  # noqa: F401, I001  (first: importing stages pins the CPU kernels before torch loads, as in the pipeline)
+
 import argparse
+import contextlib
 import copy
+import io
 import itertools
+import logging
+import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from pipeline.data import load_arrays
+from pipeline.data import load_arrays, sample_indices
 from pipeline.evaluation import engine_predictions, percent_equal
+from pipeline.graph import capture
 from pipeline.io import load_checkpoint, read_json
-from pipeline.models import restore_model
-from pipeline.profile import profile_activations
-from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, activation_range
-from pipeline.quant.model import build_integer_model, quantize_model_weights
-from pipeline.train import normalize, predict
+from pipeline.models import CheckpointError, restore_model
+from pipeline.profile import calibrate_ranges, profile_activations
+from pipeline.quant.build import build_integer_model, quantize_model_weights
+from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, GRANULARITIES, WEIGHT_CALIBRATORS
+from pipeline.train import SEED_MEAN, SEED_STD, normalize, predict
 from stages.common import ARRAYS, CHECKPOINT, PROFILE
 
-DEFAULT = ("seed", "sigma", "per_tensor")
+PEERS = ("fx", "onnxruntime", "pt2e")
+BATCH = 1000  # images per inference batch
+CALIBRATION_BATCH = 500  # images per calibration batch (the profile stage's default)
+ORT_CALIBRATION_CHUNK = 200  # images per onnxruntime calibration pass (it keeps a pass's every tensor in memory)
 
 
-def pytorch_fx_accuracy(model: nn.Module, calibration: torch.Tensor, test_x: torch.Tensor, labels: torch.Tensor) -> float:
-    """Test accuracy of torch.ao.quantization FX static PTQ (x86 qconfig), calibrated on ``calibration``."""
+@dataclass(frozen=True)
+class Setting:
+    activation: str
+    weight: str
+    granularity: str
+
+    def label(self) -> str:
+        weight = "sigma k=3" if self.weight == "sigma" else self.weight
+        return f"act {self.activation}, w {weight} {self.granularity}"
+
+
+DEFAULT = Setting("seed", "sigma", "per_tensor")
+MAX_ABS = Setting("minmax", "minmax", "per_channel")
+
+
+@dataclass
+class Result:
+    """One setting of this project: accuracies in percent (None: not measured), seconds, and why it failed."""
+
+    setting: Setting
+    held_out: float | None = None
+    agreement: float | None = None  # with the fp32 model's held-out predictions
+    test: float | None = None
+    seconds: float = 0.0
+    same_as: Setting | None = None  # an earlier setting that built the same integer model
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    method: str
+    test: float | None
+    held_out: float | None = None
+    seconds: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Inputs:
+    """Everything every method shares: the fp32 model, normalization, and the three image sets."""
+
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    calibration: Tensor  # uint8 (N, 32, 32, 3), training split, the profile indices
+    held_out: Tensor
+    held_out_labels: Tensor
+    test: Tensor
+    test_labels: Tensor
+    threads: int
+
+    def normalized(self, images: Tensor) -> Tensor:
+        return normalize(images, self.mean, self.std)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def load_model(path: str, model_name: str | None) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...], str]:
+    """The fp32 model in eval mode, its normalization and its architecture name.
+
+    A pipeline checkpoint (dict with "model", "state_dict", "mean", "std") names its model; a bare
+    state_dict needs ``model_name`` and is normalized with the seed's mean and std.
+    """
+    checkpoint = load_checkpoint(path)
+    if "state_dict" not in checkpoint:  # a bare state_dict
+        if model_name is None:
+            sys.exit(f"error: {path} is a bare state_dict (no 'model' or 'state_dict' key): name its model with --model")
+        checkpoint = {"model": model_name, "state_dict": checkpoint, "mean": SEED_MEAN, "std": SEED_STD}
+    name = model_name or checkpoint.get("model")
+    try:
+        model = restore_model(checkpoint, name, path)
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
+    return model.eval(), tuple(checkpoint.get("mean", SEED_MEAN)), tuple(checkpoint.get("std", SEED_STD)), name
+
+
+def held_out_indices(num_train: int, calibration: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` sorted training indices that are not calibration indices, reproducible from ``seed``."""
+    complement = np.setdiff1d(np.arange(num_train), calibration)
+    if not 1 <= count <= len(complement):
+        sys.exit(f"error: --validation {count} is out of range; allowed: 1..{len(complement)} "
+                 "(training images outside the calibration subset)")
+    return complement[sample_indices(len(complement), count, seed)]
+
+
+@torch.no_grad()
+def batched_predictions(run: Callable[[Tensor], Tensor], x_normalized: Tensor) -> Tensor:
+    """argmax of ``run`` over normalized float images, in batches of ``BATCH``."""
+    return torch.cat([torch.as_tensor(run(x_normalized[s : s + BATCH])).argmax(1) for s in range(0, len(x_normalized), BATCH)])
+
+
+# ---------------------------------------------------------------- this project
+
+
+def our_settings(activation_calibrators: Iterable[str], weight_calibrators: Iterable[str]) -> list[Setting]:
+    """The product of the subsets, in registry order, plus the defaults and max-abs per-channel."""
+    chosen = set(activation_calibrators), set(weight_calibrators)
+    settings = [
+        Setting(a, w, g)
+        for a, w, g in itertools.product(ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, GRANULARITIES)
+        if a in chosen[0] and w in chosen[1]
+    ]
+    return settings + [s for s in (DEFAULT, MAX_ABS) if s not in settings]
+
+
+def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool, fp32_held_out: Tensor) -> list[Result]:
+    """Every setting through the integer engine: held-out accuracy, then test accuracy (all, or the reported ones)."""
+    graph = capture(inputs.model)
+    started = time.perf_counter()
+    stats = profile_activations(graph, inputs.calibration, inputs.mean, inputs.std, CALIBRATION_BATCH, progress=False)
+    print(f"profiled {len(stats)} scale groups on {len(inputs.calibration)} calibration images "
+          f"in {time.perf_counter() - started:.1f} s", flush=True)
+    ranges = {
+        a: {root: chosen["range"] for root, chosen in calibrate_ranges(stats, a, {}).items()}
+        for a in dict.fromkeys(s.activation for s in settings)
+    }
+    weights = {
+        (w, g): quantize_model_weights(graph, bits, w, g, {})
+        for w, g in dict.fromkeys((s.weight, s.granularity) for s in settings)
+    }
+    results: dict[Setting, Result] = {}
+    built: dict[tuple, Setting] = {}  # same weights and same ranges: the same integer model, the same predictions
+    models = {}
+    for setting in settings:
+        result = results[setting] = Result(setting)
+        key = (setting.weight, setting.granularity, tuple(ranges[setting.activation].values()))
+        if key in built:
+            twin = results[built[key]]
+            result.same_as, result.held_out, result.agreement, result.error = twin.setting, twin.held_out, twin.agreement, twin.error
+            continue
+        built[key] = setting
+        started = time.perf_counter()
+        try:
+            models[setting] = build_integer_model(graph, ranges[setting.activation], weights[(setting.weight, setting.granularity)],
+                                                  list(inputs.mean), list(inputs.std))
+        except (OverflowError, ValueError) as error:
+            result.error = f"{type(error).__name__}: {error}"
+            print(f"  {setting.label()}: cannot be built: {result.error}", flush=True)
+            continue
+        predictions = engine_predictions(models[setting], inputs.held_out, inputs.mean, inputs.std)
+        result.held_out = percent_equal(predictions, inputs.held_out_labels)
+        result.agreement = percent_equal(predictions, fp32_held_out)
+        result.seconds = time.perf_counter() - started
+        print(f"  held-out {result.held_out:6.2f}%  {setting.label()}  ({result.seconds:.1f} s)", flush=True)
+
+    ranked = rank(list(results.values()))
+    reported = {ranked[0].setting, DEFAULT, MAX_ABS} if ranked else {DEFAULT, MAX_ABS}
+    for setting, result in results.items():
+        if result.error is not None or (not test_all and setting not in reported):
+            continue
+        if result.same_as is not None:
+            twin = results[result.same_as]
+            if twin.test is None and twin.error is None:  # its twin was not a reported one: measure it here
+                twin.test = _test_accuracy(models[twin.setting], inputs)
+            result.test = twin.test
+            continue
+        if result.test is None:
+            started = time.perf_counter()
+            result.test = _test_accuracy(models[setting], inputs)
+            result.seconds += time.perf_counter() - started
+    return list(results.values())
+
+
+def _test_accuracy(integer_model, inputs: Inputs) -> float:
+    return percent_equal(engine_predictions(integer_model, inputs.test, inputs.mean, inputs.std), inputs.test_labels)
+
+
+def rank(results: list[Result]) -> list[Result]:
+    """Settings that ran, best held-out accuracy first (ties: higher fp32 agreement, then listing order)."""
+    ran = [r for r in results if r.held_out is not None]
+    return sorted(ran, key=lambda r: (-r.held_out, -r.agreement))  # sorted is stable: listing order breaks ties
+
+
+# ---------------------------------------------------------------- peers
+
+
+def fx_peer(inputs: Inputs) -> list[Row]:
+    """torch.ao.quantization FX static PTQ with the x86 qconfig."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    started = time.perf_counter()
     torch.backends.quantized.engine = "x86"
+    calibration = inputs.normalized(inputs.calibration)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calibration[:1],))
+        prepared = prepare_fx(copy.deepcopy(inputs.model).eval(), get_default_qconfig_mapping("x86"), (calibration[:1],))
         with torch.no_grad():
-            for start in range(0, len(calibration), 500):
-                prepared(calibration[start : start + 500])
+            for start in range(0, len(calibration), CALIBRATION_BATCH):
+                prepared(calibration[start : start + CALIBRATION_BATCH])
         quantized = convert_fx(prepared)
+        predictions = batched_predictions(quantized, inputs.normalized(inputs.test))
+    return [Row("torch.ao FX static PTQ, x86 qconfig", percent_equal(predictions, inputs.test_labels),
+                seconds=time.perf_counter() - started)]
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: Path) -> str:
+    """The fp32 model as ONNX with a dynamic batch; returns which exporter worked."""
+    errors = []
+    for dynamo in (True, False):
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                if dynamo:  # torch.export-based: needs onnxscript
+                    torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, verbose=False,
+                                      input_names=["input"], output_names=["logits"],
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+                else:  # the legacy TorchScript exporter (deprecated, needs nothing more)
+                    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
+                                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            return "torch.export-based (dynamo)" if dynamo else "legacy TorchScript" + (f" (dynamo: {errors[0]})" if errors else "")
+        except Exception as error:  # noqa: BLE001  (any exporter failure: try the other one)
+            errors.append(f"{type(error).__name__}: {_first_line(error)}")
+    raise RuntimeError(f"torch.onnx.export failed: {'; '.join(errors)}")
+
+
+class _CalibrationReader:
+    """onnxruntime's CalibrationDataReader over normalized calibration images, in batches; ``set_range`` counts batches."""
+
+    def __init__(self, input_name: str, x_normalized: Tensor, batch: int) -> None:
+        self.input_name = input_name
+        self.batches = [x_normalized[s : s + batch].numpy() for s in range(0, len(x_normalized), batch)]
+        self.set_range(0, len(self.batches))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= self.end:
+            return None
+        self.position += 1
+        return {self.input_name: self.batches[self.position - 1]}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.position, self.end = start_index, min(end_index, len(self.batches))
+
+
+def onnxruntime_peer(inputs: Inputs) -> list[Row]:
+    """onnxruntime quantize_static, QDQ S8S8, MinMax and Percentile, per-tensor and per-channel."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    CalibrationDataReader.register(_CalibrationReader)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = inputs.threads, 1
+    options.log_severity_level = 3
+
+    def session(path: Path):
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ptq_compare_") as folder:
+        started = time.perf_counter()
+        fp32_path, prepared_path = Path(folder, "fp32.onnx"), Path(folder, "fp32_prepared.onnx")
+        calibration = inputs.normalized(inputs.calibration)
+        exporter = export_onnx(copy.deepcopy(inputs.model).eval(), calibration[:2], fp32_path)
+        try:
+            with _quiet():
+                quant_pre_process(str(fp32_path), str(prepared_path))
+            prepared = "pre-processed"
+        except Exception as error:  # noqa: BLE001
+            prepared_path, prepared = fp32_path, f"not pre-processed ({type(error).__name__}: {_first_line(error)})"
+        test_x = inputs.normalized(inputs.test).numpy()
+        fp32_session = session(prepared_path)
+        input_name = fp32_session.get_inputs()[0].name
+        onnx_fp32 = percent_equal(batched_predictions(lambda x: fp32_session.run(None, {input_name: x})[0], test_x),
+                                  inputs.test_labels)
+        shared_seconds = time.perf_counter() - started
+        note = (f"onnxruntime {ort.__version__}; export {exporter}, {prepared}; the fp32 ONNX model scores "
+                f"{onnx_fp32:.2f}% ({shared_seconds:.0f} s, not counted)")
+        print(f"  {note}", flush=True)
+        batch = 100
+        reader = _CalibrationReader(input_name, calibration, batch)
+        # Calibrate in passes of <= ORT_CALIBRATION_CHUNK images: a pass keeps every observed tensor in
+        # memory (4 GB more for MobileNet at 500 images); ONNX Runtime merges the passes' ranges and histograms.
+        stride = max(d for d in range(1, len(reader) + 1) if len(reader) % d == 0 and d * batch <= max(batch, ORT_CALIBRATION_CHUNK))
+        for method, per_channel in itertools.product((CalibrationMethod.MinMax, CalibrationMethod.Percentile), (False, True)):
+            started = time.perf_counter()
+            output = Path(folder, f"int8_{method.name}_{per_channel}.onnx")
+            reader.set_range(0, len(reader))
+            with _quiet():
+                quantize_static(str(prepared_path), str(output), reader, quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                                calibrate_method=method, extra_options={"CalibStridedMinMax": stride})
+            quantized = session(output)
+            predictions = batched_predictions(lambda x: quantized.run(None, {input_name: x})[0], test_x)
+            detail = "MinMax" if method == CalibrationMethod.MinMax else "Percentile 99.999"
+            rows.append(Row(f"ONNX Runtime QDQ S8S8, {detail}, {'per-channel' if per_channel else 'per-tensor'}",
+                            percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started))
+        rows[0].note = note
+    return rows
+
+
+def pt2e_peer(inputs: Inputs) -> list[Row]:
+    """torchao PT2E static PTQ with X86InductorQuantizer; the converted module runs in eager mode."""
+    with _quiet():  # torchao's import logs a torch deprecation warning
+        import torchao
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+    started = time.perf_counter()
+    calibration = inputs.normalized(inputs.calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(copy.deepcopy(inputs.model).eval(), (calibration[:2],),
+                                       dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
         with torch.no_grad():
-            predictions = torch.cat([quantized(test_x[s : s + 1000]).argmax(1) for s in range(0, len(test_x), 1000)])
-    return percent_equal(predictions, labels)
+            for start in range(0, len(calibration), CALIBRATION_BATCH):
+                prepared(calibration[start : start + CALIBRATION_BATCH])
+        converted = convert_pt2e(prepared)
+        predictions = batched_predictions(converted, inputs.normalized(inputs.test))
+    return [Row("torchao PT2E, X86InductorQuantizer (converted module, eager)",
+                percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started,
+                note=f"torchao {torchao.__version__}")]
+
+
+PEER_RUNS: dict[str, tuple[str, Callable[[Inputs], list[Row]]]] = {
+    "fx": ("torch.ao FX static PTQ, x86 qconfig", fx_peer),
+    "onnxruntime": ("ONNX Runtime quantize_static", onnxruntime_peer),
+    "pt2e": ("torchao PT2E, X86InductorQuantizer", pt2e_peer),
+}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence a library's prints, warnings and log records (its exceptions still propagate)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+# ---------------------------------------------------------------- report
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(rows: list[Row], fp32: float) -> None:
+    width = max(len(row.method) for row in rows)
+    print(f"| {'method':<{width}} | test acc % | drop (points) | held-out acc % | seconds | note |")
+    print(f"| {'-' * width} | ---: | ---: | ---: | ---: | --- |")
+    for row in rows:
+        drop = None if row.test is None else fp32 - row.test
+        print(f"| {row.method:<{width}} | {_number(row.test)} | {_number(drop)} | {_number(row.held_out)} | "
+              f"{_number(row.seconds, 1)} | {row.note} |")
+
+
+def print_settings(results: list[Result], fp32: float) -> None:
+    ranked = rank(results)
+    print(f"\nAll {len(results)} settings of this project, by held-out accuracy (best first; agreement: "
+          "with the fp32 model's held-out predictions; seconds: building + engine on held-out and test images):\n")
+    print("| # | setting | held-out acc % | held-out agreement % | test acc % | drop (points) | seconds | note |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for index, result in enumerate(ranked, 1):
+        drop = None if result.test is None else fp32 - result.test
+        notes = [name for setting, name in ((DEFAULT, "defaults"), (MAX_ABS, "max-abs per-channel")) if result.setting == setting]
+        if index == 1:
+            notes.insert(0, "chosen")
+        if result.same_as is not None:
+            notes.append(f"same integer model as {result.same_as.label()}")
+        print(f"| {index} | {result.setting.label()} | {_number(result.held_out)} | {_number(result.agreement)} | "
+              f"{_number(result.test)} | {_number(drop)} | {_number(result.seconds if result.same_as is None else None, 1)} | "
+              f"{', '.join(notes)} |")
+    for result in results:
+        if result.error is not None:
+            print(f"| - | {result.setting.label()} | n/a | n/a | n/a | n/a | n/a | {result.error} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
-    parser.add_argument("--bits", type=int, default=8, help="weight bits for this project's settings")
+    parser.add_argument("--data", default=str(ARRAYS), help="the download stage's arrays (train and test splits)")
+    parser.add_argument("--profile", default=str(PROFILE), help="the profile stage's output: its 'indices' are the calibration images")
+    parser.add_argument("--model", default=None, help="the architecture (net, bnnet, resnet20, mobilenet, file.py:factory) "
+                        "of a checkpoint that is a bare state_dict")
+    parser.add_argument("--bits", type=int, default=8, choices=range(2, 9), metavar="2..8",
+                        help="weight bits for this project's settings (the peers are int8)")
+    parser.add_argument("--validation", type=int, default=5000, help="held-out training images (not calibration images) "
+                        "that choose this project's setting")
+    parser.add_argument("--validation-seed", type=int, default=1)
+    parser.add_argument("--skip", nargs="*", default=[], choices=PEERS, metavar="PEER", help=f"peers to leave out: {', '.join(PEERS)}")
+    parser.add_argument("--activation-calibrators", nargs="+", default=list(ACTIVATION_CALIBRATORS),
+                        choices=list(ACTIVATION_CALIBRATORS), metavar="NAME")
+    parser.add_argument("--weight-calibrators", nargs="+", default=list(WEIGHT_CALIBRATORS),
+                        choices=list(WEIGHT_CALIBRATORS), metavar="NAME")
+    parser.add_argument("--reported-only", action="store_true", help="test accuracy only for the chosen, default and "
+                        "max-abs settings (the held-out ranking still runs every setting)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    arrays = load_arrays(ARRAYS)
-    checkpoint = load_checkpoint(args.checkpoint)
-    model = restore_model(checkpoint, checkpoint.get("model"), args.checkpoint).eval()  # any model this pipeline trains
-    mean, std = checkpoint["mean"], checkpoint["std"]
-    indices = np.asarray(read_json(PROFILE)["indices"])
-    calibration_images = torch.from_numpy(arrays.train_images[indices])
-    test_images, labels = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)
-    fp32 = percent_equal(predict(model, test_images, mean, std), labels)
-    print(f"checkpoint {args.checkpoint} ({checkpoint['model']}): fp32 {fp32:.2f}% on {len(labels)} test images; "
-          f"{len(indices)} calibration images from the training split")
+    torch.set_num_threads(args.threads)
+    run_started = time.perf_counter()
 
-    layer_stats = profile_activations(model, calibration_images, mean, std, progress=False)
-    rows = []
+    model, mean, std, name = load_model(args.checkpoint, args.model)
+    arrays = load_arrays(Path(args.data))
+    profile = read_json(args.profile)
+    if profile.get("split", "train") != "train":
+        sys.exit(f"error: {args.profile} calibrated on the {profile['split']!r} split; this comparison needs training images")
+    calibration_indices = np.asarray(profile["indices"])
+    held_out = held_out_indices(len(arrays.train_images), calibration_indices, args.validation, args.validation_seed)
+    inputs = Inputs(
+        model=model, mean=mean, std=std,
+        calibration=torch.from_numpy(arrays.train_images[calibration_indices]),
+        held_out=torch.from_numpy(arrays.train_images[held_out]),
+        held_out_labels=torch.from_numpy(arrays.train_labels[held_out]).long(),
+        test=torch.from_numpy(arrays.test_images), test_labels=torch.from_numpy(arrays.test_labels).long(),
+        threads=args.threads,
+    )
     started = time.perf_counter()
-    for activation_calibrator, weight_calibrator, granularity in itertools.product(
-        ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, ("per_tensor", "per_channel")
-    ):
-        ranges = {name: activation_range(stats, activation_calibrator) for name, stats in layer_stats.items()}
-        weights = quantize_model_weights(model, args.bits, weight_calibrator, granularity)
-        integer_model = build_integer_model(model, ranges, quantized_weights=weights)
-        engine = engine_predictions(integer_model, test_images, mean, std)
-        accuracy = percent_equal(engine, labels)
-        rows.append((f"this project: act {activation_calibrator}, w {weight_calibrator} {granularity}",
-                     (activation_calibrator, weight_calibrator, granularity), accuracy))
-    ours_seconds = time.perf_counter() - started
+    fp32_held_out = predict(model, inputs.held_out, mean, std)
+    fp32_held = percent_equal(fp32_held_out, inputs.held_out_labels)
+    fp32 = percent_equal(predict(model, inputs.test, mean, std), inputs.test_labels)
+    fp32_seconds = time.perf_counter() - started
+    print(f"checkpoint {args.checkpoint} ({name}); torch {torch.__version__}, {args.threads} thread(s)\n"
+          f"images: {len(inputs.calibration)} calibration ({args.profile} indices, training split), "
+          f"{len(inputs.held_out)} held-out (training split minus calibration, seed {args.validation_seed}), "
+          f"{len(inputs.test)} test; fp32 {fp32:.2f}% test, {fp32_held:.2f}% held-out\n", flush=True)
 
-    pytorch = pytorch_fx_accuracy(model, normalize(calibration_images, mean, std), normalize(test_images, mean, std), labels)
-    default = next(row for row in rows if row[1] == DEFAULT)
-    best = max(rows, key=lambda row: row[2])
-    print(f"\n{len(rows)} settings of this project in {ours_seconds:.0f} s\n")
-    print(f"| {'method':<62} | {'int8 acc %':>10} | {'drop (points)':>13} |")
-    print(f"|{'-' * 64}|{'-' * 12}|{'-' * 15}|")
-    for label, accuracy in [
-        (default[0] + " (default)", default[2]),
-        (best[0] + " (best)", best[2]),
-        ("PyTorch torch.ao FX static PTQ, x86 qconfig", pytorch),
+    settings = our_settings(args.activation_calibrators, args.weight_calibrators)
+    print(f"this project: {len(settings)} settings, {args.bits}-bit weights, through the integer engine", flush=True)
+    started = time.perf_counter()
+    results = run_ours(inputs, settings, args.bits, not args.reported_only, fp32_held_out)
+    ours_seconds = time.perf_counter() - started
+    by_setting = {result.setting: result for result in results}
+    ranked = rank(results)
+
+    rows = [Row("fp32 (PyTorch, eval mode)", fp32, fp32_held, fp32_seconds)]
+    for label, result in ([(f"this project, chosen on held-out: {ranked[0].setting.label()}", ranked[0])] if ranked else []) + [
+        (f"this project, defaults: {DEFAULT.label()}", by_setting[DEFAULT]),
+        (f"this project, max-abs per-channel: {MAX_ABS.label()}", by_setting[MAX_ABS]),
     ]:
-        print(f"| {label:<62} | {accuracy:>10.2f} | {fp32 - accuracy:>13.2f} |")
-    print("\nall settings, best first:")
-    for label, _, accuracy in sorted(rows, key=lambda row: -row[2]):
-        print(f"  {accuracy:6.2f}%  drop {fp32 - accuracy:5.2f}  {label}")
+        seconds = result.seconds if result.same_as is None and result.error is None else None
+        rows.append(Row(label, result.test, result.held_out, seconds,
+                        result.error or (f"same integer model as {result.same_as.label()}" if result.same_as else "")))
+
+    for peer in PEERS:
+        if peer in args.skip:
+            continue
+        label, run = PEER_RUNS[peer]
+        print(f"peer: {label} ...", flush=True)
+        try:
+            rows += run(inputs)
+        except Exception as error:  # noqa: BLE001  (a peer that cannot run here must not end the run)
+            reason = f"{type(error).__name__}: {_first_line(error)}"
+            if isinstance(error, ImportError):
+                reason += " (install the bench extra: pip install -e '.[bench]')"
+            print(f"  {label} could not run: {reason}", flush=True)
+            rows.append(Row(label, None, note=f"could not run: {reason}"))
+
+    print(f"\nPTQ comparison, {args.checkpoint} ({name}): {len(inputs.calibration)} calibration images (training split, "
+          f"the same for every method), {len(inputs.held_out)} held-out training images (this project's choice), "
+          f"{len(inputs.test)} test images (every accuracy below); this project's {len(settings)} settings took "
+          f"{ours_seconds:.0f} s in all (profiling included); drop = fp32 test minus the method's test accuracy; differences "
+          "under ~0.3-0.5 points are within noise. Seconds: this project's = building one integer model + the engine on "
+          "the held-out and test images; a peer's = its calibration, conversion and test inference.\n")
+    print_table(rows, fp32)
+    print_settings(results, fp32)
+    print(f"\ntotal {time.perf_counter() - run_started:.0f} s")
 
 
 if __name__ == "__main__":
