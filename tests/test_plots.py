@@ -167,7 +167,7 @@ def synthetic_artifacts(
     }
     write_json(data / "metrics.json", metrics)
     write_training_log(data / "training", {"loss": [2.2, 1.9], "accuracy": [15.0, 30.0], "lr": [0.001, 0.001]})
-    return {"model": model, "quantized": quantized, "profile": profile, "metrics": metrics}
+    return {"model": model, "graph": graph, "quantized": quantized, "profile": profile, "metrics": metrics}
 
 
 def test_plot_stage_writes_every_figure_plot_data_and_the_results_table(tmp_path, monkeypatch, synthetic_images):

@@ -63,7 +63,7 @@ def vega_plots(plots: list) -> list:
 def write_revision(repo: Path, images: torch.Tensor, granularity: str) -> None:
     artifacts = synthetic_artifacts(repo / "data", images, "net", granularity)
     meta = {"bits": 8, "calibrator": "sigma", "options": {"k": 3.0}, "granularity": granularity}
-    write_plots(artifacts["model"], artifacts["quantized"], meta, artifacts["profile"], artifacts["metrics"],
+    write_plots(artifacts["graph"], artifacts["quantized"], meta, artifacts["profile"], artifacts["metrics"],
                 read_training_curves(repo / "data" / "training"), repo / "data" / "plots")
 
 
