@@ -17,6 +17,8 @@ the engine is at least as fast). Speed does not depend on the image values.
 """
 from __future__ import annotations
 
+import stages  # noqa: F401, I001  (first: importing stages pins the CPU kernels before torch loads, as in the pipeline)
+
 import argparse
 import copy
 import time
@@ -32,7 +34,6 @@ from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.build import build_integer_model, quantize_model_weights
 from pipeline.quant.engine import layer_plan, quantize_input, run_integer
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
-from stages import CPU_KERNEL_PINS  # noqa: F401  (importing stages pins the CPU kernels, as in the pipeline)
 from tests.model_fixtures import randomize_batchnorm
 
 
@@ -66,7 +67,7 @@ def measure(name: str, model: nn.Module, images: int, repeats: int) -> dict[str,
     graph = capture(model.eval())
     calibration = _images(500, seed=1)
     stats = profile_activations(graph, calibration, SEED_MEAN, SEED_STD, 250, progress=False)
-    ranges = {root: chosen["range"] for root, chosen in calibrate_ranges(stats, "seed", {}).items()}
+    ranges = {root: chosen["range"] for root, chosen in calibrate_ranges(stats, "seed").items()}
     integer_model = build_integer_model(graph, ranges, quantize_model_weights(graph))
     for plan in (layer_plan(layer) for layer in integer_model.layers()):
         print(f"  {name} {plan['layer']:<22} bound {plan['accumulator_bound']:>10,}  conv {plan['conv']}, "

@@ -211,11 +211,11 @@ def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool,
     print(f"profiled {len(stats)} scale groups on {len(inputs.calibration)} calibration images "
           f"in {time.perf_counter() - started:.1f} s", flush=True)
     ranges = {
-        a: {root: chosen["range"] for root, chosen in calibrate_ranges(stats, a, {}).items()}
+        a: {root: chosen["range"] for root, chosen in calibrate_ranges(stats, a).items()}
         for a in dict.fromkeys(s.activation for s in settings)
     }
     weights = {
-        (w, g): quantize_model_weights(graph, bits, w, g, {})
+        (w, g): quantize_model_weights(graph, bits, w, g)
         for w, g in dict.fromkeys((s.weight, s.granularity) for s in settings)
     }
     results: dict[Setting, Result] = {}

@@ -335,7 +335,7 @@ def _convert_call(
             raise _unsupported(node, what, f"only hardtanh(0, 6) is, got ({low!r}, {high!r})")
         return Activation(name, source, name, "relu6")
     if target is torch.flatten or (node.op == "call_method" and target == "flatten"):
-        start = node.args[1] if len(node.args) > 1 else kwargs.get("start_dim", 0 if target is torch.flatten else 0)
+        start = node.args[1] if len(node.args) > 1 else kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else kwargs.get("end_dim", -1)
         if start != 1 or end != -1:
             raise _unsupported(node, what, f"only flatten(x, 1) is, got start_dim={start}, end_dim={end}")
@@ -621,15 +621,20 @@ def run_float(
     return values[graph.output]
 
 
+def run_layer(node: Conv | Linear, x: Tensor, weight: Tensor) -> Tensor:
+    """One Conv/Linear node on ``x`` with ``weight`` in its place (its own bias and fused activation), in x's dtype."""
+    weight = weight.to(x.dtype)
+    bias = node.bias.to(x.dtype) if node.bias is not None else None
+    if isinstance(node, Conv):
+        y = F.conv2d(x, weight, bias, node.stride, node.padding, 1, node.groups)
+    else:
+        y = F.linear(x, weight, bias)
+    return apply_activation(y, node.activation)
+
+
 def _float_node(node: Node, values: Mapping[str, Tensor], dtype: torch.dtype, weights: Mapping[str, Tensor]) -> Tensor:
     if isinstance(node, (Conv, Linear)):
-        weight = weights.get(node.name, node.weight).to(dtype)
-        bias = node.bias.to(dtype) if node.bias is not None else None
-        if isinstance(node, Conv):
-            y = F.conv2d(values[node.input], weight, bias, node.stride, node.padding, 1, node.groups)
-        else:
-            y = F.linear(values[node.input], weight, bias)
-        return apply_activation(y, node.activation)
+        return run_layer(node, values[node.input], weights.get(node.name, node.weight))
     if isinstance(node, Add):
         return apply_activation(values[node.inputs[0]] + values[node.inputs[1]], node.activation)
     if isinstance(node, Concat):
@@ -707,5 +712,5 @@ __all__ = [
     "GraphModel", "float_parameter_count",
     "LAYER_TYPES", "Linear", "MaxPool", "Node", "Reshape", "SUPPORTED", "UnsupportedModelError", "capture",
     "check_output_layer", "fold_batchnorms", "folded_conv_parameters", "folded_state_dict", "fuse_activations", "layer_names",
-    "node_inputs", "numel", "observe_original", "run_float", "with_weights",
+    "node_inputs", "numel", "observe_original", "run_float", "run_layer", "with_weights",
 ]

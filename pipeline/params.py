@@ -15,7 +15,17 @@ from typing import Any
 from ruamel.yaml import YAML, YAMLError
 
 from pipeline.models import ModelSpecError, check_model_spec
-from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS
+from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, Calibrator
+from pipeline.quant.settings import (
+    AdaRoundSettings,
+    EntropySettings,
+    HistogramMseSettings,
+    NoSettings,
+    PercentileSettings,
+    SigmaSettings,
+    WeightMseSettings,
+)
+from pipeline.validation import bounds, choice, non_empty, problem
 
 
 class ParamsError(ValueError):
@@ -27,24 +37,12 @@ class ParamsError(ValueError):
 MAX_SEED = 2**64 - 1
 
 
-def _choice(*allowed: str) -> dict[str, Any]:
-    return {"choices": allowed}
-
-
-def _bounds(low: float | None = None, high: float | None = None, low_open: bool = False) -> dict[str, Any]:
-    return {"low": low, "high": high, "low_open": low_open}
-
-
-def _non_empty() -> dict[str, Any]:
-    return {"non_empty": True}
-
-
 @dataclasses.dataclass(frozen=True)
 class DownloadParams:
     # "official": download the official binary archive (md5-verified). Otherwise a local
     # path: the official archive on disk, or an image-folder archive or folder
     # laid out train|test/<class>/<image>.
-    source: str = dataclasses.field(default="official", metadata=_non_empty())  # "" would read the working folder
+    source: str = dataclasses.field(default="official", metadata=non_empty())  # "" would read the working folder
     # Optional sha256 of a local archive; without it a SHA256SUMS file beside the archive is used.
     sha256: str | None = None
 
@@ -53,41 +51,64 @@ class DownloadParams:
 class TrainParams:
     # A built-in name (pipeline.models.MODELS), models/<file>.py:<factory> or <package.module>:<factory>.
     model: str = dataclasses.field(default="net", metadata={"check": check_model_spec})
-    epochs: int = dataclasses.field(default=2, metadata=_bounds(1))
-    batch_size: int = dataclasses.field(default=4, metadata=_bounds(1))
-    optimizer: str = dataclasses.field(default="sgd", metadata=_choice("sgd", "adam"))
-    lr: float = dataclasses.field(default=0.001, metadata=_bounds(0.0, low_open=True))  # peak lr for onecycle
-    momentum: float = dataclasses.field(default=0.9, metadata=_bounds(0.0, 1.0))
+    epochs: int = dataclasses.field(default=2, metadata=bounds(1))
+    batch_size: int = dataclasses.field(default=4, metadata=bounds(1))
+    optimizer: str = dataclasses.field(default="sgd", metadata=choice("sgd", "adam"))
+    lr: float = dataclasses.field(default=0.001, metadata=bounds(0.0, low_open=True))  # peak lr for onecycle
+    momentum: float = dataclasses.field(default=0.9, metadata=bounds(0.0, 1.0))
     nesterov: bool = False  # SGD only: Nesterov momentum
-    weight_decay: float = dataclasses.field(default=0.0, metadata=_bounds(0.0))
-    schedule: str = dataclasses.field(default="constant", metadata=_choice("constant", "onecycle"))
-    label_smoothing: float = dataclasses.field(default=0.0, metadata=_bounds(0.0, 1.0))  # cross-entropy targets
+    weight_decay: float = dataclasses.field(default=0.0, metadata=bounds(0.0))
+    schedule: str = dataclasses.field(default="constant", metadata=choice("constant", "onecycle"))
+    label_smoothing: float = dataclasses.field(default=0.0, metadata=bounds(0.0, 1.0))  # cross-entropy targets
     augment: bool = False  # random crop (4 px padding) + horizontal flip, on the training device
-    seed: int = dataclasses.field(default=0, metadata=_bounds(0, MAX_SEED))
-    device: str = dataclasses.field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
-    threads: int = dataclasses.field(default=1, metadata=_bounds(1))  # CPU threads for torch
+    seed: int = dataclasses.field(default=0, metadata=bounds(0, MAX_SEED))
+    device: str = dataclasses.field(default="auto", metadata=choice("auto", "cpu", "cuda"))
+    threads: int = dataclasses.field(default=1, metadata=bounds(1))  # CPU threads for torch
 
 
 @dataclasses.dataclass(frozen=True)
 class ProfileParams:
-    num_samples: int = dataclasses.field(default=2000, metadata=_bounds(1))  # calibration images from the training split
-    seed: int = dataclasses.field(default=0, metadata=_bounds(0, MAX_SEED))  # picks the calibration subset
-    batch_size: int = dataclasses.field(default=500, metadata=_bounds(1))
-    calibrator: str = dataclasses.field(default="seed", metadata=_choice(*ACTIVATION_CALIBRATORS))
-    percentile: float = dataclasses.field(default=99.99, metadata=_bounds(0.0, 100.0, low_open=True))  # percentile only
+    num_samples: int = dataclasses.field(default=2000, metadata=bounds(1))  # calibration images from the training split
+    seed: int = dataclasses.field(default=0, metadata=bounds(0, MAX_SEED))  # picks the calibration subset
+    batch_size: int = dataclasses.field(default=500, metadata=bounds(1))
+    calibrator: str = dataclasses.field(default="seed", metadata=choice(*ACTIVATION_CALIBRATORS))
+    # Each calibrator's settings, under its name; only the chosen calibrator's are used.
+    percentile: PercentileSettings = dataclasses.field(default_factory=PercentileSettings)
+    mse: HistogramMseSettings = dataclasses.field(default_factory=HistogramMseSettings)
+    entropy: EntropySettings = dataclasses.field(default_factory=EntropySettings)
+
+    @property
+    def calibrator_settings(self) -> Any:
+        return chosen_settings(self, ACTIVATION_CALIBRATORS)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeWeightsParams:
-    bits: int = dataclasses.field(default=8, metadata=_bounds(2, 8))  # integer range [-(2^(bits-1)-1), 2^(bits-1)-1]
-    calibrator: str = dataclasses.field(default="sigma", metadata=_choice(*WEIGHT_CALIBRATORS))
-    k: float = dataclasses.field(default=3.0, metadata=_bounds(0.0, low_open=True))  # sigma only: range = |mean| + k std
-    granularity: str = dataclasses.field(default="per_tensor", metadata=_choice("per_tensor", "per_channel"))
+    bits: int = dataclasses.field(default=8, metadata=bounds(2, 8))  # integer range [-(2^(bits-1)-1), 2^(bits-1)-1]
+    calibrator: str = dataclasses.field(default="sigma", metadata=choice(*WEIGHT_CALIBRATORS))
+    granularity: str = dataclasses.field(default="per_tensor", metadata=choice("per_tensor", "per_channel"))
+    # Each calibrator's settings, under its name; only the chosen calibrator's are used.
+    sigma: SigmaSettings = dataclasses.field(default_factory=SigmaSettings)
+    mse: WeightMseSettings = dataclasses.field(default_factory=WeightMseSettings)
+    # nearest (round half to even, the seed's) or adaround (learned, pipeline.quant.adaround) at the calibrator's scales.
+    rounding: str = dataclasses.field(default="nearest", metadata=choice("nearest", "adaround"))
+    adaround: AdaRoundSettings = dataclasses.field(default_factory=AdaRoundSettings)  # adaround only
+
+    @property
+    def calibrator_settings(self) -> Any:
+        return chosen_settings(self, WEIGHT_CALIBRATORS)
+
+
+def chosen_settings(section: Any, registry: Mapping[str, Calibrator]) -> Any:
+    """The settings of ``section.calibrator``: the section's field of that name, NoSettings for one without options."""
+    if registry[section.calibrator].settings is NoSettings:
+        return NoSettings()
+    return getattr(section, section.calibrator)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = dataclasses.field(default=1000, metadata=_bounds(1))
+    batch_size: int = dataclasses.field(default=1000, metadata=bounds(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,32 +157,29 @@ def _check_type(key: str, value: Any, annotation: str) -> Any:
 
 
 def _check_metadata(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
-    if value is None:
-        return
-    if "check" in metadata:
+    if value is not None and "check" in metadata:
         try:
             metadata["check"](value)
         except ModelSpecError as error:
             raise ParamsError(str(error)) from None
-    if metadata.get("non_empty") and not value.strip():
-        raise ParamsError(f"{key}: value {value!r} is empty; allowed: a non-empty string")
-    if "choices" in metadata and value not in metadata["choices"]:
-        raise ParamsError(f"{key}: value {value!r} is not allowed; allowed: {', '.join(metadata['choices'])}")
-    low, high = metadata.get("low"), metadata.get("high")
-    if low is not None and (value <= low if metadata.get("low_open") else value < low):
-        bound = f"> {low}" if metadata.get("low_open") else f">= {low}"
-        raise ParamsError(f"{key}: value {value!r} is out of range; allowed: {bound}")
-    if high is not None and value > high:
-        raise ParamsError(f"{key}: value {value!r} is out of range; allowed: <= {high}")
+    broken = problem(value, metadata)
+    if broken is not None:
+        raise ParamsError(f"{key}: value {value!r} {broken}")
+
+
+def _nested_type(field: dataclasses.Field) -> type | None:
+    """The settings dataclass a field nests (its default factory), or None for a plain value."""
+    factory = field.default_factory
+    return factory if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory) else None
 
 
 def parse_section(name: str, section_type: type, raw: Any) -> Any:
-    """Validate one section's mapping into its dataclass."""
+    """Validate one section's mapping (or a calibrator's settings nested in it) into its dataclass."""
+    fields = {field.name: field for field in dataclasses.fields(section_type)}
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ParamsError(f"{name}: expected a mapping of keys to values, got {raw!r}")
-    fields = {field.name: field for field in dataclasses.fields(section_type)}
+        raise ParamsError(f"{name}: expected a mapping of keys to values (keys: {', '.join(fields)}), got {raw!r}")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ParamsError(f"{name}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}")
@@ -170,6 +188,10 @@ def parse_section(name: str, section_type: type, raw: Any) -> Any:
         if field_name not in raw:
             continue
         key = f"{name}.{field_name}"
+        nested = _nested_type(field)
+        if nested is not None:
+            values[field_name] = parse_section(key, nested, raw[field_name])
+            continue
         value = _check_type(key, raw[field_name], field.type)
         _check_metadata(key, value, field.metadata)
         values[field_name] = value

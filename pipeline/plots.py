@@ -34,6 +34,7 @@ from pipeline.graph import FloatGraph
 from pipeline.io import atomic_path
 from pipeline.profile import clipped_fraction
 from pipeline.quant.calibrators import seed_range, weight_range
+from pipeline.quant.settings import SigmaSettings
 from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import int_range
 from pipeline.report import STAGES, dataset_label
@@ -316,7 +317,8 @@ def plot_weight_distribution(
     """
     values = _as_array(weights)
     if clip_range is None:
-        clip_range = weight_range(torch.from_numpy(values), int_range(8, narrow=True)[1], "sigma", k=SEED_WEIGHT_K)
+        clip_range = weight_range(torch.from_numpy(values), int_range(8, narrow=True)[1], "sigma", "per_tensor",
+                                  SigmaSettings(k=SEED_WEIGHT_K))
     ranges = _as_array(clip_range)
     figure = _new_figure(LAYER_FIGSIZE)
     axes = figure.add_subplot()
@@ -571,7 +573,8 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 def quantization_summary(metrics: Mapping[str, Any]) -> str:
     """'int8 weights (sigma, per_tensor), int8 activations (seed)' from metrics.json's ``quantization``."""
     q = metrics["quantization"]
-    return (f"int{q['weight_bits']} weights ({q['weight_calibrator']}, {q['granularity']}), "
+    rounding = ", adaround" if q["weight_rounding"] == "adaround" else ""
+    return (f"int{q['weight_bits']} weights ({q['weight_calibrator']}, {q['granularity']}{rounding}), "
             f"int8 activations ({q['activation_calibrator']})")
 
 

@@ -23,10 +23,10 @@ from pipeline.quant.ranges import ACTIVATION_QMAX, scale_from_range
 from pipeline.train import normalized_batches
 
 
-def calibration_indices(num_train: int, num_samples: int, seed: int) -> np.ndarray:
-    """A sorted random subset of ``num_samples`` training indices, reproducible from ``seed``."""
+def calibration_indices(num_train: int, num_samples: int, seed: int, key: str = "profile.num_samples") -> np.ndarray:
+    """A sorted random subset of ``num_samples`` training indices, reproducible from ``seed`` (``key``: the param, for errors)."""
     if not 1 <= num_samples <= num_train:
-        raise ValueError(f"profile.num_samples: value {num_samples} is out of range; allowed: 1..{num_train} (training images)")
+        raise ValueError(f"{key}: value {num_samples} is out of range; allowed: 1..{num_train} (training images)")
     return sample_indices(num_train, num_samples, seed)
 
 
@@ -63,12 +63,15 @@ def profile_activations(
 
 
 def calibrate_ranges(
-    group_stats: dict[str, dict[str, Any]], calibrator: str, options: dict[str, Any]
+    group_stats: dict[str, dict[str, Any]], calibrator: str, settings: Any = None
 ) -> dict[str, dict[str, float]]:
-    """Per scale group: the calibrated range, its int8 scale, and the share of observed values beyond the range."""
+    """Per scale group: the calibrated range, its int8 scale, and the share of observed values beyond the range.
+
+    ``settings`` are the calibrator's (``pipeline.quant.calibrators``), None for its defaults.
+    """
     calibrated = {}
     for name, stats in group_stats.items():
-        value_range = activation_range(stats, calibrator, **options)
+        value_range = activation_range(stats, calibrator, settings)
         calibrated[name] = {
             "range": value_range,
             "scale": scale_from_range(value_range, ACTIVATION_QMAX),

@@ -38,7 +38,8 @@ def results_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"metrics accuracy lacks stages {missing}; it has {sorted(accuracy)}")
     return {
         "dataset": dataset_label(metrics["dataset"]),
-        "weights": f"int{q['weight_bits']} {q['weight_calibrator']} {q['granularity']}",
+        "weights": f"int{q['weight_bits']} {q['weight_calibrator']} {q['granularity']}"
+                   + (" adaround" if q["weight_rounding"] == "adaround" else ""),
         "activations": f"int8 {q['activation_calibrator']} ({q['calibration_images']} images)",
         **{f"{stage} (%)": accuracy[stage] for stage in STAGES},
         DELTA_COLUMN: round(accuracy["full_int8"] - accuracy["fp32"], 2),

@@ -96,6 +96,7 @@ def main() -> None:
             "weight_bits": weight_meta["bits"],
             "weight_calibrator": weight_meta["calibrator"],
             "granularity": weight_meta["granularity"],
+            "weight_rounding": weight_meta["rounding"],
             "activation_calibrator": profile["calibrator"],
             "calibration_images": profile["num_samples"],
         },

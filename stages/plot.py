@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
 
 from pipeline.io import atomic_path, read_json
 from pipeline.plots import read_training_curves, write_plots

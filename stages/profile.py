@@ -1,6 +1,7 @@
 """profile stage: statistics of every scale group on training-split calibration images, and the calibrated int8 ranges."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -27,8 +28,8 @@ def main() -> None:
         )
     except ValueError as error:  # finite weights can still overflow to inf in a layer's input
         sys.exit(f"[profile] {error}")
-    options = {"percentile": params.percentile} if params.calibrator == "percentile" else {}
-    calibrated = calibrate_ranges(group_stats, params.calibrator, options)
+    settings = params.calibrator_settings
+    calibrated = calibrate_ranges(group_stats, params.calibrator, settings)
     write_json(
         PROFILE,
         {
@@ -36,7 +37,7 @@ def main() -> None:
             "num_samples": params.num_samples,
             "seed": params.seed,
             "calibrator": params.calibrator,
-            "calibrator_options": options,
+            "calibrator_options": dataclasses.asdict(settings),
             # One entry per scale group (pipeline.quant.build.scale_groups), by its first tensor's name.
             "activations": {name: {"stats": group_stats[name], **calibrated[name]} for name in group_stats},
             "indices": indices.tolist(),

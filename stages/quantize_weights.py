@@ -1,23 +1,47 @@
 """quantize-weights stage: int8 (or narrower) weights and their scales, and the weight-only-quantized model."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import sys
 
+import torch
+
+from pipeline.data import load_arrays
 from pipeline.graph import folded_state_dict
 from pipeline.io import save_checkpoint
 from pipeline.model_files import save_quantized_weights
+from pipeline.profile import calibration_indices
+from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.engine import dequantized_weights
-from stages.common import QUANTIZED_WEIGHTS, WEIGHT_ONLY_CHECKPOINT, load_trained_graph, start_stage
+from stages.common import ARRAYS, QUANTIZED_WEIGHTS, WEIGHT_ONLY_CHECKPOINT, load_trained_graph, start_stage
 
 
 def main() -> None:
     all_params = start_stage("quantize-weights")
     params = all_params.quantize_weights
     _, graph, checkpoint = load_trained_graph(all_params.train.model, "quantize-weights")
-    options = {"k": params.k} if params.calibrator == "sigma" else {}
-    quantized = quantize_model_weights(graph, params.bits, params.calibrator, params.granularity, options)
-    meta = {"bits": params.bits, "calibrator": params.calibrator, "options": options, "granularity": params.granularity}
+    settings = params.calibrator_settings
+    meta = {"bits": params.bits, "calibrator": params.calibrator, "options": dataclasses.asdict(settings),
+            "granularity": params.granularity, "rounding": params.rounding}
+    if params.rounding == "nearest":
+        quantized = quantize_model_weights(graph, params.bits, params.calibrator, params.granularity, settings)
+    else:
+        train_images = load_arrays(ARRAYS).train_images
+        try:
+            indices = calibration_indices(len(train_images), params.adaround.num_samples, params.adaround.seed,
+                                          "quantize_weights.adaround.num_samples")
+        except ValueError as error:
+            sys.exit(f"[quantize-weights] {error}")
+        quantized, errors = adaround_model_weights(
+            graph, torch.from_numpy(train_images[indices]), checkpoint["mean"], checkpoint["std"], params.bits,
+            params.calibrator, params.granularity, settings, params.adaround,
+        )
+        meta |= {"adaround": dataclasses.asdict(params.adaround), "reconstruction_error": errors}
+        for name, error in errors.items():
+            logging.info("%-6s reconstruction error: nearest %.4g, adaround %.4g", name, error["nearest"],
+                         error["adaround"])
     save_quantized_weights(quantized, meta, QUANTIZED_WEIGHTS)
     # The weights of the BatchNorm-folded graph, by layer name (pipeline.graph.with_weights reads them).
     save_checkpoint(

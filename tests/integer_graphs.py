@@ -96,7 +96,7 @@ def integer_model_of(
     randomize_batchnorm(module, seed)
     graph = capture(module.eval())
     stats = profile_activations(graph, random_uint8_images(48, seed), SEED_MEAN, SEED_STD, 24, progress=False)
-    ranges = {root: chosen["range"] for root, chosen in calibrate_ranges(stats, calibrator, {}).items()}
+    ranges = {root: chosen["range"] for root, chosen in calibrate_ranges(stats, calibrator).items()}
     weights = quantize_model_weights(graph, 8, weight_calibrator, granularity)
     return build_integer_model(graph, ranges, weights, list(SEED_MEAN), list(SEED_STD))
 

@@ -20,16 +20,18 @@ PROJECT_PACKAGES = ("pipeline", "stages")
 NEVER_A_DEP = {"pipeline/progress.py"}  # progress bars only
 # Imported by these stages, but not run by them: a change there must not re-run them (training above all).
 NOT_RUN_BY_STAGE = {
-    # params.py imports the model and calibrator names only to validate params.yaml;
+    # params.py imports the model and calibrator names and the calibrators' settings types only to validate
+    # params.yaml;
     # stages/common.py imports build_model for the stages after train.
     # stages/common.py imports the graph capture for the stages after train.
     "download": {"pipeline/models.py", "pipeline/quant/calibrators.py", "pipeline/quant/ranges.py",
-                 "pipeline/graph.py"},
+                 "pipeline/quant/settings.py", "pipeline/graph.py"},
     # check-params only validates; stages/common.py imports pipeline.io for the other stages' checkpoints.
     "check-params": {"pipeline/io.py", "pipeline/models.py", "pipeline/quant/calibrators.py",
                      "pipeline/quant/ranges.py", "pipeline/graph.py"},
     # train captures the untrained model only to refuse, before training, one the quantizer cannot take.
-    "train": {"pipeline/quant/calibrators.py", "pipeline/quant/ranges.py", "pipeline/graph.py"},
+    "train": {"pipeline/quant/calibrators.py", "pipeline/quant/ranges.py", "pipeline/quant/settings.py",
+              "pipeline/graph.py"},
     # pipeline.export.artifacts imports them for export_agreement, which the evaluate stage runs.
     "export": {"pipeline/evaluation.py", "pipeline/train.py"},
 }

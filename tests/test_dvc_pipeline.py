@@ -50,9 +50,18 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     # Same weights, same checkpoint bytes, same curves: nothing downstream re-runs.
     assert ran_stages(after_forced.stdout) == set()
 
-    set_params(project, {"quantize_weights": {"k": 2.5}})
+    set_params(project, {"quantize_weights": {"sigma": {"k": 2.5}}})
     third = run(["dvc", "repro"], project)
     assert ran_stages(third.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
+
+    # AdaRound at 4 bits (a few steps on the tiny data): the same stages, and the C and integer ONNX proofs hold.
+    set_params(project, {"quantize_weights": {"rounding": "adaround", "bits": 4,
+                                              "adaround": {"num_samples": 40, "iterations": 20, "batch_size": 8}}})
+    learned = run(["dvc", "repro"], project)
+    assert ran_stages(learned.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
+    metrics = metrics_after(project)
+    assert metrics["quantization"]["weight_rounding"] == "adaround" and metrics["quantization"]["weight_bits"] == 4
+    assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
 
     set_params(project, {"train": {"epochs": 2}})
     fourth = run(["dvc", "repro"], project)

@@ -33,7 +33,7 @@ def quantized(synthetic_images):
     images, _ = synthetic_images
     graph = capture(build_model("net", seed=0))
     stats = profile_activations(graph, images, SEED_MEAN, SEED_STD, batch_size=16, progress=False)
-    ranges = {name: chosen["range"] for name, chosen in calibrate_ranges(stats, "seed", {}).items()}
+    ranges = {name: chosen["range"] for name, chosen in calibrate_ranges(stats, "seed").items()}
     return graph, build_integer_model(graph, ranges, quantize_model_weights(graph)), images
 
 

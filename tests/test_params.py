@@ -1,8 +1,26 @@
+import dataclasses
 import subprocess
 
 import pytest
 
-from pipeline.params import DownloadParams, ParamsError, TrainParams, load_params, parse_params, read_params_file
+from pipeline.params import (
+    DownloadParams,
+    ParamsError,
+    ProfileParams,
+    QuantizeWeightsParams,
+    TrainParams,
+    load_params,
+    parse_params,
+    read_params_file,
+)
+from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS
+from pipeline.quant.settings import (
+    AdaRoundSettings,
+    NoSettings,
+    PercentileSettings,
+    SigmaSettings,
+    WeightMseSettings,
+)
 from tests.project_copy import PROJECT_ROOT
 
 
@@ -51,7 +69,19 @@ def test_missing_sections_take_defaults():
         ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: model, epochs,"),
         ({"trian": {}}, "trian: unknown section; allowed sections: download, train, profile, quantize_weights, evaluate"),
         ({"profile": {"calibrator": "kl"}}, "profile.calibrator: value 'kl' is not allowed; allowed: seed, minmax, percentile, mse, entropy"),
-        ({"profile": {"percentile": 0}}, "profile.percentile: value 0.0 is out of range; allowed: > 0.0"),
+        ({"profile": {"percentile": {"percent": 0}}}, "profile.percentile.percent: value 0.0 is out of range; allowed: > 0.0"),
+        ({"profile": {"percentile": 99.9}}, "profile.percentile: expected a mapping of keys to values (keys: percent), got 99.9"),
+        ({"profile": {"mse": {"num_candidates": 0}}}, "profile.mse.num_candidates: value 0 is out of range; allowed: >= 1"),
+        ({"profile": {"entropy": {"bins": 64}}}, "profile.entropy.bins: unknown key; allowed keys: num_quantized_bins"),
+        ({"quantize_weights": {"k": 2.5}}, "quantize_weights.k: unknown key; allowed keys: bits, calibrator, granularity, sigma, mse, rounding, adaround"),
+        ({"quantize_weights": {"sigma": {"k": 0}}}, "quantize_weights.sigma.k: value 0.0 is out of range; allowed: > 0.0"),
+        ({"quantize_weights": {"rounding": "stochastic"}},
+         "quantize_weights.rounding: value 'stochastic' is not allowed; allowed: nearest, adaround"),
+        ({"quantize_weights": {"adaround": {"iterations": 0}}},
+         "quantize_weights.adaround.iterations: value 0 is out of range; allowed: >= 1"),
+        ({"quantize_weights": {"adaround": {"lr": 0}}}, "quantize_weights.adaround.lr: value 0.0 is out of range; allowed: > 0.0"),
+        ({"quantize_weights": {"mse": {"num_candidates": 1.5}}},
+         "quantize_weights.mse.num_candidates: value 1.5 has the wrong type; expected int"),
         ({"quantize_weights": {"bits": 9}}, "quantize_weights.bits: value 9 is out of range; allowed: <= 8"),
         ({"quantize_weights": {"bits": 1}}, "quantize_weights.bits: value 1 is out of range; allowed: >= 2"),
         ({"quantize_weights": {"granularity": "per_row"}}, "quantize_weights.granularity: value 'per_row' is not allowed; allowed: per_tensor, per_channel"),
@@ -69,6 +99,29 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, message):
     with pytest.raises(ParamsError) as error:
         parse_params(raw)
     assert message in str(error.value)
+
+
+def test_the_chosen_calibrator_gets_its_own_settings_and_no_stage_branches():
+    profile = parse_params({"profile": {"calibrator": "percentile", "percentile": {"percent": 99.0}}}).profile
+    assert profile.calibrator_settings == PercentileSettings(99.0)
+    assert parse_params({"profile": {"calibrator": "minmax"}}).profile.calibrator_settings == NoSettings()
+    weights = parse_params({"quantize_weights": {"calibrator": "mse", "mse": {"num_candidates": 7}}}).quantize_weights
+    assert weights.calibrator_settings == WeightMseSettings(7)
+    assert parse_params({}).quantize_weights.calibrator_settings == SigmaSettings(3.0)
+    adaround = parse_params({"quantize_weights": {"rounding": "adaround", "adaround": {"iterations": 50}}}).quantize_weights
+    assert (adaround.rounding, adaround.adaround) == ("adaround", AdaRoundSettings(iterations=50))
+
+
+@pytest.mark.parametrize(("section", "registry"), [(ProfileParams, ACTIVATION_CALIBRATORS),
+                                                   (QuantizeWeightsParams, WEIGHT_CALIBRATORS)])
+def test_every_calibrator_with_options_has_its_settings_in_its_section(section, registry):
+    fields = {field.name: field for field in dataclasses.fields(section)}
+    for name, entry in registry.items():
+        if entry.settings is not NoSettings:
+            assert fields[name].default_factory is entry.settings, name
+        for calibrator_name in registry:
+            section_of_it = section(calibrator=calibrator_name)
+            assert type(section_of_it.calibrator_settings) is registry[calibrator_name].settings
 
 
 def test_a_model_file_under_models_or_a_module_factory_is_accepted():

@@ -27,6 +27,7 @@ from pipeline.plots import (
 )
 from pipeline.profile import calibrate_ranges, clipped_fraction, profile_activations
 from pipeline.quant.build import quantize_model_weights
+from pipeline.quant.settings import PercentileSettings, SigmaSettings
 from pipeline.quant.observers import ActivationObserver
 from pipeline.train import SEED_MEAN, SEED_STD
 from tests.project_copy import PROJECT_ROOT
@@ -147,11 +148,11 @@ def synthetic_artifacts(
     save_checkpoint(data / "model.pt", {"model": model_name, "state_dict": model.state_dict(),
                                         "mean": list(SEED_MEAN), "std": list(SEED_STD)})
     graph = capture(model)
-    quantized = quantize_model_weights(graph, 8, "sigma", granularity, {"k": 3.0})
+    quantized = quantize_model_weights(graph, 8, "sigma", granularity, SigmaSettings(3.0))
     save_quantized_weights(quantized, {"bits": 8, "calibrator": "sigma", "options": {"k": 3.0},
                                        "granularity": granularity}, data / "weights_int8.npz")
     stats = profile_activations(graph, images, SEED_MEAN, SEED_STD, batch_size=32, progress=False)
-    calibrated = calibrate_ranges(stats, "percentile", {"percentile": 99.0})  # clips: the red part is drawn
+    calibrated = calibrate_ranges(stats, "percentile", PercentileSettings(99.0))  # clips: the red part is drawn
     profile = {"split": "train", "num_samples": len(images), "seed": 0, "calibrator": "percentile",
                "activations": {name: {"stats": stats[name], **calibrated[name]} for name in stats}}
     write_json(data / "profile.json", profile)
@@ -161,6 +162,7 @@ def synthetic_artifacts(
         "sqnr_db": {"weights": {name: 30.0 + index for index, name in enumerate(names)},
                     "outputs": {name: None if index == 0 else 20.0 for index, name in enumerate(names)}},
         "quantization": {"weight_bits": 8, "weight_calibrator": "sigma", "granularity": granularity,
+                         "weight_rounding": "nearest",
                          "activation_calibrator": "percentile", "calibration_images": len(images)},
         "test_images": 30,
         "dataset": {"source": "/somewhere/tiny-cifar.tar.gz", "format": "image-folder"},

@@ -1,6 +1,8 @@
 """Observers (bounded memory, exact merged statistics) and calibrators on known distributions."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 
@@ -18,6 +20,13 @@ from pipeline.quant.calibrators import (
     activation_range,
     parse_granularity,
     weight_range,
+)
+from pipeline.quant.settings import (
+    EntropySettings,
+    HistogramMseSettings,
+    PercentileSettings,
+    SigmaSettings,
+    WeightMseSettings,
 )
 from pipeline.graph import capture
 from pipeline.profile import profile_activations
@@ -155,11 +164,10 @@ def test_minmax_and_seed_rules():
 def test_percentile_of_uniform_data():
     x = torch.rand(200_000, generator=torch.Generator().manual_seed(6)) * 2 - 1  # |x| uniform on [0, 1)
     stats = observed_stats(x)
-    assert activation_range(stats, "percentile", percentile=99.0) == pytest.approx(0.99, abs=2e-3)
-    assert activation_range(stats, "percentile", percentile=50.0) == pytest.approx(0.5, abs=5e-3)
-    assert activation_range(stats, "percentile", percentile=100.0) == stats["abs_max"]
-    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\], got 120"):
-        activation_range(stats, "percentile", percentile=120)
+    assert activation_range(stats, "percentile", PercentileSettings(99.0)) == pytest.approx(0.99, abs=2e-3)
+    assert activation_range(stats, "percentile", PercentileSettings(50.0)) == pytest.approx(0.5, abs=5e-3)
+    assert activation_range(stats, "percentile", PercentileSettings(100.0)) == stats["abs_max"]
+    assert activation_range(stats, "percentile") == activation_range(stats, "percentile", PercentileSettings(99.99))
 
 
 def test_mse_barely_clips_uniform_data():
@@ -188,8 +196,41 @@ def test_activation_calibrator_errors():
     stats = observed_stats(gaussian(100))
     with pytest.raises(ValueError, match=r"unknown activation calibrator 'kl'; allowed: \['entropy', 'minmax'"):
         activation_range(stats, "kl")
-    with pytest.raises(ValueError, match=r"calibrator 'minmax' got unknown option 'percentile'; allowed: \[\]"):
-        activation_range(stats, "minmax", percentile=99.0)
+    with pytest.raises(ValueError, match=r"calibrator 'minmax' takes NoSettings, got PercentileSettings\(percent=99.0\)"):
+        activation_range(stats, "minmax", PercentileSettings(99.0))
+
+
+@pytest.mark.parametrize("registry", [ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS], ids=["activation", "weight"])
+def test_each_calibrators_settings_are_its_range_functions_keyword_arguments(registry):
+    """A settings field the function does not take (or the reverse) would fail only when that calibrator runs."""
+    for name, entry in registry.items():
+        leading = 1 if registry is ACTIVATION_CALIBRATORS else 2  # stats, or (groups, qmax)
+        keywords = list(inspect.signature(entry.range).parameters)[leading:]
+        assert [field.name for field in dataclasses.fields(entry.settings)] == keywords, name
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: PercentileSettings(0.0), r"PercentileSettings.percent: value 0.0 is out of range; allowed: > 0.0"),
+        (lambda: PercentileSettings(120.0), r"PercentileSettings.percent: value 120.0 is out of range; allowed: <= 100.0"),
+        (lambda: HistogramMseSettings(samples_per_bin=0), r"HistogramMseSettings.samples_per_bin: value 0 .* >= 1"),
+        (lambda: EntropySettings(0), r"EntropySettings.num_quantized_bins: value 0 .* >= 1"),
+        (lambda: SigmaSettings(k=-1.0), r"SigmaSettings.k: value -1.0 is out of range; allowed: > 0.0"),
+        (lambda: WeightMseSettings(0), r"WeightMseSettings.num_candidates: value 0 .* >= 1"),
+    ],
+)
+def test_settings_are_checked_when_made(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_settings_change_the_range():
+    stats = observed_stats(gaussian(100_000, seed=8))
+    assert activation_range(stats, "mse", HistogramMseSettings(num_candidates=4)) != activation_range(stats, "mse")
+    assert activation_range(stats, "entropy", EntropySettings(64)) != activation_range(stats, "entropy")
+    weight = gaussian(600, seed=10).reshape(20, 30)
+    assert float(weight_range(weight, 127, "mse", settings=WeightMseSettings(3))) != float(weight_range(weight, 127, "mse"))
 
 
 # ---------------------------------------------------------------- weight calibrators
@@ -200,7 +241,8 @@ def test_sigma_rule_value():
     mean, std = float(weight.double().mean()), float(weight.double().std())
     expected = max(abs(mean - 3 * std), abs(mean + 3 * std))
     assert float(weight_range(weight, 127, "sigma")) == pytest.approx(expected, rel=1e-12)
-    assert float(weight_range(weight, 127, "sigma", k=2.0)) == pytest.approx(abs(mean) + 2 * std, rel=1e-12)
+    assert float(weight_range(weight, 127, "sigma", settings=SigmaSettings(k=2.0))) == pytest.approx(
+        abs(mean) + 2 * std, rel=1e-12)
 
 
 def test_minmax_weight_range_per_tensor_and_per_channel():
@@ -236,8 +278,8 @@ def test_weight_calibrator_errors():
     weight = torch.ones(4, 4)
     with pytest.raises(ValueError, match=r"unknown weight calibrator 'max'; allowed: \['minmax', 'mse', 'sigma'\]"):
         weight_range(weight, 127, "max")
-    with pytest.raises(ValueError, match=r"weight calibrator 'sigma' got unknown option 'sigmas'; allowed: \['k'\]"):
-        weight_range(weight, 127, "sigma", sigmas=3)
+    with pytest.raises(ValueError, match=r"weight calibrator 'sigma' takes SigmaSettings, got WeightMseSettings"):
+        weight_range(weight, 127, "sigma", settings=WeightMseSettings())
     with pytest.raises(ValueError, match=r"unknown granularity 'per_row'; allowed: \['per_channel', 'per_tensor'\]"):
         parse_granularity("per_row")
     with pytest.raises(ValueError, match=r"PerChannel axis must be in \[-2, 2\), got 2"):

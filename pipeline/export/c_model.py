@@ -78,7 +78,6 @@ from pipeline.quant.ir import (
     Requantize,
     int_node_inputs,
     parameter_bytes,
-    requantizations,
 )
 from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, INT32_MAX, INT32_MIN
 

@@ -28,7 +28,7 @@ from pipeline.quant.ir import (
     Requantize,
     int_node_inputs,
 )
-from pipeline.quant.ranges import INT32_MAX, accumulator_bound
+from pipeline.quant.ranges import check_accumulator
 
 
 def pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -145,9 +145,7 @@ def check_deployable(model: IntegerModel) -> None:
             raise ValueError(f"{where} changes int{bits[0]} to int{model.tensors[node.output].bits}; a flatten moves "
                              "no data")
         if isinstance(node, IntConv):
-            bound = int(accumulator_bound(node.weight, node.bias).max())
-            if bound > INT32_MAX:  # int32 accumulators: a larger sum would overflow (undefined behavior in C)
-                raise OverflowError(f"{where}: worst-case accumulator {bound} exceeds int32 max {INT32_MAX}")
+            check_accumulator(where, node.weight, node.bias)
             if node.requantize is not None:
                 _check_requantize(node.requantize, int(node.weight.shape[0]), where)
             elif model.tensors[node.output].bits != 32:

@@ -39,7 +39,6 @@ from pipeline.graph import (
     Reshape,
     UnsupportedModelError,
     check_output_layer,
-    node_inputs,
 )
 from pipeline.quant.calibrators import Granularity, PerChannel, parse_granularity, weight_range
 from pipeline.quant.fixed_point import quantize_multipliers
@@ -63,7 +62,7 @@ from pipeline.quant.ranges import (
     ACTIVATION_QMIN,
     INT32_MAX,
     INT32_MIN,
-    accumulator_bound,
+    check_accumulator,
     check_bits,
     int_range,
     quantize,
@@ -117,18 +116,19 @@ def quantize_layer_weights(
     bits: int = 8,
     calibrator: str = "sigma",
     granularity: str | Granularity = "per_tensor",
-    **options: Any,
+    settings: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """(q_weight int8, weight_scale float64) with weight ~= q_weight * weight_scale.
 
     q_weight is in the narrow range [-(2^(bits-1) - 1), 2^(bits-1) - 1];
     weight_scale is 0-D per tensor or one value per index of the PerChannel axis.
+    ``settings`` are the calibrator's (``pipeline.quant.calibrators``), None for its defaults.
     The seed's default: 8 bits, 3-sigma range, per tensor.
     """
     check_bits(bits, "bits (weights are stored as int8)")
     granularity = parse_granularity(granularity)
     qmin, qmax = int_range(bits, narrow=True)
-    weight_scale = scale_from_range(weight_range(weight, qmax, calibrator, granularity, **options), qmax)
+    weight_scale = scale_from_range(weight_range(weight, qmax, calibrator, granularity, settings), qmax)
     axis = granularity.axis if isinstance(granularity, PerChannel) else 0
     return quantize(weight, weight_scale, qmin, qmax, axis).to(torch.int8), weight_scale
 
@@ -138,15 +138,14 @@ def quantize_model_weights(
     weight_bits: int = 8,
     weight_calibrator: str = "sigma",
     granularity: str | Granularity = "per_tensor",
-    weight_options: dict[str, Any] | None = None,
+    weight_settings: Any = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """``quantize_layer_weights`` for every Conv/Linear node of the (BatchNorm-folded) graph, by layer name."""
     granularity = parse_granularity(granularity)
     if isinstance(granularity, PerChannel) and granularity.axis != 0:
         raise ValueError(f"granularity must be per tensor or PerChannel(axis=0) (output channels), got {granularity}")
     return {
-        node.name: quantize_layer_weights(node.weight, weight_bits, weight_calibrator, granularity,
-                                          **(weight_options or {}))
+        node.name: quantize_layer_weights(node.weight, weight_bits, weight_calibrator, granularity, weight_settings)
         for node in graph.layers()
     }
 
@@ -165,14 +164,6 @@ def quantize_bias(bias: Tensor, input_scale: float, weight_scale: Tensor, layer_
             "the input or weight scale is too small for this bias"
         )
     return q_bias.to(torch.int32)
-
-
-def check_accumulator(name: str, q_weight: Tensor, q_bias: Tensor) -> int:
-    """The layer's worst-case |accumulator|; an ``OverflowError`` naming the layer when it exceeds int32."""
-    bound = int(accumulator_bound(q_weight, q_bias).max())
-    if bound > INT32_MAX:
-        raise OverflowError(f"layer {name!r}: worst-case accumulator {bound} exceeds int32 max {INT32_MAX}")
-    return bound
 
 
 # ---------------------------------------------------------------- building
@@ -251,7 +242,7 @@ def _layer(node: Conv | Linear, tensors: dict[str, TensorInfo], quantized: tuple
     input_scale = float(tensors[node.input].scale)
     bias = node.bias if node.bias is not None else torch.zeros(q_weight.shape[0])
     q_bias = quantize_bias(bias, input_scale, weight_scale, node.name)
-    check_accumulator(node.name, q_weight, q_bias)
+    check_accumulator(f"layer {node.name!r}", q_weight, q_bias)
     accumulator_scale = input_scale * weight_scale
     is_conv = isinstance(node, Conv)
     geometry = (node.stride, node.padding, node.groups) if is_conv else ((1, 1), (0, 0), 1)
@@ -320,7 +311,6 @@ def _other_node(node: Any, tensors: dict[str, TensorInfo]) -> IntNode:
 
 
 __all__ = [
-    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "check_accumulator",
-    "node_inputs", "quantize_bias", "quantize_layer_weights", "quantize_model_weights",
+    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "quantize_bias", "quantize_layer_weights", "quantize_model_weights",
     "raw_accumulator_clamp", "scale_groups",
 ]

@@ -4,7 +4,7 @@ A range is the largest magnitude kept; the scale follows as range / qmax
 (``pipeline.quant.ranges.scale_from_range``).
 
 Activation calibrators, in ``ACTIVATION_CALIBRATORS``, map an observer's
-``stats()`` dict (``pipeline.quant.observers``) and keyword options to a float
+``stats()`` dict (``pipeline.quant.observers``) and their settings to a float
 range. They work on the histogram of |x|, folded from the observer's symmetric
 histogram of x, and treat the int8 grid as 127 steps on each side.
 
@@ -13,10 +13,17 @@ Weight calibrators, in ``WEIGHT_CALIBRATORS``, map a float64 matrix of shape
 makes the groups from the granularity: one group for ``PerTensor()``, one per
 output channel (index of ``axis``) for ``PerChannel(axis)``, so every weight
 calibrator serves both granularities.
+
+Each calibrator's options are one frozen settings dataclass
+(``pipeline.quant.settings``: ``SigmaSettings``, ``PercentileSettings``, ...)
+whose fields are the range function's keyword arguments: the defaults live
+there, checked once when the settings are made, and ``params.yaml`` nests them under the
+calibrator's name (``quantize_weights.sigma.k``), so no stage branches on the
+calibrator to pick its options.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +34,14 @@ import torch
 from torch import Tensor
 
 from pipeline.quant.ranges import ACTIVATION_QMAX, dequantize, quantize, scale_from_range
-
+from pipeline.quant.settings import (
+    EntropySettings,
+    HistogramMseSettings,
+    NoSettings,
+    PercentileSettings,
+    SigmaSettings,
+    WeightMseSettings,
+)
 
 
 # ---------------------------------------------------------------- granularity
@@ -59,19 +73,26 @@ def parse_granularity(granularity: str | Granularity) -> Granularity:
         raise ValueError(f"unknown granularity {granularity!r}; allowed: {sorted(GRANULARITIES)}") from None
 
 
-# ---------------------------------------------------------------- option checking
+# ---------------------------------------------------------------- settings
 
 
-def _call_calibrator(kind: str, registry: dict[str, Callable[..., Any]], name: str, *args: Any, **options: Any) -> Any:
-    """Call ``registry[name]``, naming the calibrator in errors about its name or options."""
+@dataclass(frozen=True)
+class Calibrator:
+    """A registry entry: the range function and the dataclass of its keyword options."""
+
+    range: Callable[..., Any]
+    settings: type = NoSettings
+
+
+def _calibrate(kind: str, registry: dict[str, Calibrator], name: str, settings: Any, *args: Any) -> Any:
+    """Call ``registry[name]`` with ``settings`` (its defaults when None), naming the calibrator in errors."""
     if name not in registry:
         raise ValueError(f"unknown {kind} calibrator {name!r}; allowed: {sorted(registry)}")
-    function = registry[name]
-    allowed = list(inspect.signature(function).parameters)[len(args) :]
-    for option in options:
-        if option not in allowed:
-            raise ValueError(f"{kind} calibrator {name!r} got unknown option {option!r}; allowed: {allowed}")
-    return function(*args, **options)
+    entry = registry[name]
+    settings = entry.settings() if settings is None else settings
+    if type(settings) is not entry.settings:
+        raise ValueError(f"{kind} calibrator {name!r} takes {entry.settings.__name__}, got {settings!r}")
+    return entry.range(*args, **dataclasses.asdict(settings))
 
 
 # ---------------------------------------------------------------- activations
@@ -100,14 +121,12 @@ def minmax_range(stats: dict[str, Any]) -> float:
     return stats["abs_max"]
 
 
-def percentile_range(stats: dict[str, Any], percentile: float = 99.99) -> float:
-    """The ``percentile``-th percentile of |x|, interpolated linearly inside its histogram bin."""
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+def percentile_range(stats: dict[str, Any], percent: float) -> float:
+    """The ``percent``-th percentile of |x|, interpolated linearly inside its histogram bin."""
     counts, bin_width = abs_histogram(stats)
     if stats["abs_max"] == 0:
         return 0.0
-    target = percentile / 100 * counts.sum()
+    target = percent / 100 * counts.sum()
     cumulative = np.cumsum(counts)
     index = min(int(np.searchsorted(cumulative, target)), counts.size - 1)  # first bin reaching the target
     below = cumulative[index - 1] if index > 0 else 0.0
@@ -115,7 +134,7 @@ def percentile_range(stats: dict[str, Any], percentile: float = 99.99) -> float:
     return min((index + fraction) * bin_width, stats["abs_max"])
 
 
-def mse_range(stats: dict[str, Any], num_candidates: int = 256, samples_per_bin: int = 16) -> float:
+def mse_range(stats: dict[str, Any], num_candidates: int, samples_per_bin: int) -> float:
     """The range minimizing the expected squared int8 quantization error of |x|.
 
     Each histogram bin's count is spread uniformly over the bin, sampled at
@@ -123,8 +142,6 @@ def mse_range(stats: dict[str, Any], num_candidates: int = 256, samples_per_bin:
     spaced in (0, max|x|]. The error counts both rounding (inside the range)
     and clipping (beyond it).
     """
-    if num_candidates < 1 or samples_per_bin < 1:
-        raise ValueError(f"num_candidates and samples_per_bin must be >= 1, got {num_candidates}, {samples_per_bin}")
     counts, bin_width = abs_histogram(stats)
     abs_max = stats["abs_max"]
     if abs_max == 0:
@@ -142,7 +159,7 @@ def mse_range(stats: dict[str, Any], num_candidates: int = 256, samples_per_bin:
     return float(candidates[int(np.argmin(errors))])
 
 
-def entropy_range(stats: dict[str, Any], num_quantized_bins: int = 128) -> float:
+def entropy_range(stats: dict[str, Any], num_quantized_bins: int) -> float:
     """KL-divergence calibration as in TensorRT (in ONNX Runtime's and MXNet's form).
 
     For each candidate threshold (a bin edge, from ``num_quantized_bins`` bins
@@ -196,33 +213,31 @@ def _smooth(counts: np.ndarray, epsilon: float = 1e-4) -> np.ndarray | None:
     return smoothed if bool((smoothed > 0).all()) else None
 
 
-ACTIVATION_CALIBRATORS: dict[str, Callable[..., float]] = {
-    "seed": seed_range,
-    "minmax": minmax_range,
-    "percentile": percentile_range,
-    "mse": mse_range,
-    "entropy": entropy_range,
+ACTIVATION_CALIBRATORS: dict[str, Calibrator] = {
+    "seed": Calibrator(seed_range),
+    "minmax": Calibrator(minmax_range),
+    "percentile": Calibrator(percentile_range, PercentileSettings),
+    "mse": Calibrator(mse_range, HistogramMseSettings),
+    "entropy": Calibrator(entropy_range, EntropySettings),
 }
 
 
-def activation_range(stats: dict[str, Any], calibrator: str, **options: Any) -> float:
-    """The clipping range of one layer's input from its observer statistics."""
+def activation_range(stats: dict[str, Any], calibrator: str, settings: Any = None) -> float:
+    """The clipping range of one layer's input from its observer statistics (``settings``: the calibrator's, or its defaults)."""
     if stats.get("count", 0) <= 0:
         raise ValueError(f"stats must describe at least one observed value, got count {stats.get('count')!r}")
-    return float(_call_calibrator("activation", ACTIVATION_CALIBRATORS, calibrator, stats, **options))
+    return float(_calibrate("activation", ACTIVATION_CALIBRATORS, calibrator, settings, stats))
 
 
 # ---------------------------------------------------------------- weights
 
 
-def sigma_weight_range(groups: Tensor, qmax: int, k: float = 3.0) -> Tensor:
+def sigma_weight_range(groups: Tensor, qmax: int, k: float) -> Tensor:
     """The seed's k-sigma rule: max(|mean - k * std|, |mean + k * std|) per group.
 
     ``std`` has Bessel's correction, like the seed's ``Tensor.std()``; a
     one-value group has std 0.
     """
-    if k <= 0:
-        raise ValueError(f"k must be > 0, got {k!r}")
     mean = groups.mean(dim=1)
     std = groups.std(dim=1) if groups.shape[1] > 1 else torch.zeros_like(mean)
     return torch.maximum((mean - k * std).abs(), (mean + k * std).abs())
@@ -233,10 +248,8 @@ def minmax_weight_range(groups: Tensor, qmax: int) -> Tensor:
     return groups.abs().amax(dim=1)
 
 
-def mse_weight_range(groups: Tensor, qmax: int, num_candidates: int = 100) -> Tensor:
+def mse_weight_range(groups: Tensor, qmax: int, num_candidates: int) -> Tensor:
     """Per group, the range r * max|w| (r in (0, 1], ``num_candidates`` steps) minimizing ||w - fq(w)||^2."""
-    if num_candidates < 1:
-        raise ValueError(f"num_candidates must be >= 1, got {num_candidates!r}")
     abs_max = groups.abs().amax(dim=1)
     best_error = torch.full_like(abs_max, math.inf)
     best_range = abs_max.clone()
@@ -250,22 +263,22 @@ def mse_weight_range(groups: Tensor, qmax: int, num_candidates: int = 100) -> Te
     return best_range
 
 
-WEIGHT_CALIBRATORS: dict[str, Callable[..., Tensor]] = {
-    "sigma": sigma_weight_range,
-    "minmax": minmax_weight_range,
-    "mse": mse_weight_range,
+WEIGHT_CALIBRATORS: dict[str, Calibrator] = {
+    "sigma": Calibrator(sigma_weight_range, SigmaSettings),
+    "minmax": Calibrator(minmax_weight_range),
+    "mse": Calibrator(mse_weight_range, WeightMseSettings),
 }
 
 
 def weight_range(
-    weight: Tensor, qmax: int, calibrator: str, granularity: str | Granularity = "per_tensor", **options: Any
+    weight: Tensor, qmax: int, calibrator: str, granularity: str | Granularity = "per_tensor", settings: Any = None
 ) -> Tensor:
     """The weight's clipping range: a 0-D float64 tensor per tensor, or one value per channel along the axis."""
     granularity = parse_granularity(granularity)
     weight64 = weight.detach().to(torch.float64)
     if isinstance(granularity, PerTensor):
-        return _call_calibrator("weight", WEIGHT_CALIBRATORS, calibrator, weight64.reshape(1, -1), qmax, **options)[0]
+        return _calibrate("weight", WEIGHT_CALIBRATORS, calibrator, settings, weight64.reshape(1, -1), qmax)[0]
     if not -weight.ndim <= granularity.axis < weight.ndim:
         raise ValueError(f"PerChannel axis must be in [{-weight.ndim}, {weight.ndim}), got {granularity.axis}")
     groups = weight64.movedim(granularity.axis, 0).reshape(weight.shape[granularity.axis], -1)
-    return _call_calibrator("weight", WEIGHT_CALIBRATORS, calibrator, groups, qmax, **options)
+    return _calibrate("weight", WEIGHT_CALIBRATORS, calibrator, settings, groups, qmax)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.graph import FloatGraph, numel, run_float
-from pipeline.quant.build import check_accumulator, raw_accumulator_clamp
+from pipeline.quant.build import raw_accumulator_clamp
 from pipeline.quant.integer_ops import apply_requantize
 from pipeline.quant.ir import (
     IntAdd,
@@ -50,6 +50,7 @@ from pipeline.quant.ranges import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     accumulator_bound,
+    check_accumulator,
     dequantize,
     fake_quantize,
     quantize,
@@ -145,7 +146,7 @@ class _Layer:
     @classmethod
     def prepare(cls, node: IntConv, device: torch.device) -> _Layer:
         bound = accumulator_bound(node.weight, node.bias)
-        check_accumulator(node.name, node.weight, node.bias)
+        check_accumulator(f"layer {node.name!r}", node.weight, node.bias)
         dtype = conv_dtype(int(bound.max()))
         rescale = None if node.requantize is None else _Rescale.prepare(node.requantize, bound)
         return cls(node, node.weight.to(device, dtype), node.bias.to(device, dtype), rescale)

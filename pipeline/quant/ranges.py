@@ -81,6 +81,17 @@ def accumulator_bound(q_weight: Tensor, q_bias: Tensor, input_qmin: int = ACTIVA
     return weight_abs_sum * largest_input + q_bias.to(torch.int64).abs()
 
 
+def check_accumulator(where: str, q_weight: Tensor, q_bias: Tensor) -> int:
+    """The layer's worst-case |accumulator|; an ``OverflowError`` naming ``where`` when it exceeds int32.
+
+    int32 accumulators: a larger sum would overflow (undefined behavior in C).
+    """
+    bound = int(accumulator_bound(q_weight, q_bias).max())
+    if bound > INT32_MAX:
+        raise OverflowError(f"{where}: worst-case accumulator {bound} exceeds int32 max {INT32_MAX}")
+    return bound
+
+
 def scale_from_range(range_: float | Tensor, qmax: int) -> float | Tensor:
     """Scale S = range / qmax, elementwise for a tensor of per-channel ranges.
 
