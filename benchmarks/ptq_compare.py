@@ -25,6 +25,19 @@ and measures on the 10,000 TEST images:
   converted module runs in eager mode, i.e. as a reference model (quantize / dequantize
   around float ops: the int8 numerics, not Inductor's int8 kernels).
 
+``--bits`` below 8 narrows the peers' weights too, to the same symmetric range as this
+project's, [-(2^(b-1)-1), 2^(b-1)-1] (stored in int8): torch.ao FX and torchao PT2E through
+their per-channel min-max weight observer's quant_min/quant_max (quant_min -7 at 4 bits:
+with -8 torch.ao's convert stores 17 levels), ONNX Runtime only at 4 bits, with
+``weight_type=QInt4`` (its only weight type below 8 bits; other widths print why not).
+Activations stay the peers' 8-bit defaults.
+
+``--adaround`` adds learned rounding (``pipeline.quant.adaround``, the params.yaml defaults of
+``quantize_weights.adaround``) to the setting chosen on held-out images: the same weight
+calibrator, granularity and activation ranges, AdaRound on ``num_samples`` of the
+calibration images (a seeded subset); its held-out and test accuracy are reported as one
+more row (the choice itself is made among the round-to-nearest settings).
+
 ``--skip fx onnxruntime pt2e`` leaves peers out; a peer that cannot run here (a missing
 package, an export or quantization error) prints why and the run goes on.
 
@@ -51,7 +64,7 @@ setting of this project sorted by held-out accuracy.
 
     python -m benchmarks.ptq_compare [--checkpoint data/model.pt] [--data data/dataset.npz]
         [--profile data/profile.json] [--model NAME] [--bits 8] [--validation 5000]
-        [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...]
+        [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...] [--adaround]
 
 Run it after ``dvc repro`` (the defaults are the pipeline's artifacts). ``--model NAME``
 names the architecture of a checkpoint that is a bare state_dict (it is then normalized
@@ -65,6 +78,7 @@ import stages  # noqa: F401, I001  (first: importing stages pins the CPU kernels
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import itertools
 import logging
@@ -86,8 +100,11 @@ from pipeline.graph import capture
 from pipeline.io import load_checkpoint, read_json
 from pipeline.models import CheckpointError, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations
+from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.build import build_integer_model, quantize_model_weights
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, GRANULARITIES, WEIGHT_CALIBRATORS
+from pipeline.quant.ranges import int_range
+from pipeline.quant.settings import AdaRoundSettings
 from pipeline.train import SEED_MEAN, SEED_STD, normalize, predict
 from stages.common import ARRAYS, CHECKPOINT, PROFILE
 
@@ -203,8 +220,12 @@ def our_settings(activation_calibrators: Iterable[str], weight_calibrators: Iter
     return settings + [s for s in (DEFAULT, MAX_ABS) if s not in settings]
 
 
-def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool, fp32_held_out: Tensor) -> list[Result]:
-    """Every setting through the integer engine: held-out accuracy, then test accuracy (all, or the reported ones)."""
+def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool,
+             fp32_held_out: Tensor) -> tuple[list[Result], dict[str, dict[str, float]]]:
+    """Every setting through the integer engine: held-out accuracy, then test accuracy (all, or the reported ones).
+
+    Also returns each activation calibrator's ranges, by scale-group root.
+    """
     graph = capture(inputs.model)
     started = time.perf_counter()
     stats = profile_activations(graph, inputs.calibration, inputs.mean, inputs.std, CALIBRATION_BATCH, progress=False)
@@ -258,7 +279,26 @@ def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool,
             started = time.perf_counter()
             result.test = _test_accuracy(models[setting], inputs)
             result.seconds += time.perf_counter() - started
-    return list(results.values())
+    return list(results.values()), ranges
+
+
+def run_adaround(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits: int, fp32_held_out: Tensor,
+                 settings: AdaRoundSettings) -> Result:
+    """``setting`` with AdaRound's learned rounding instead of round-to-nearest: held-out and test accuracy."""
+    started = time.perf_counter()
+    count = min(settings.num_samples, len(inputs.calibration))
+    images = inputs.calibration[sample_indices(len(inputs.calibration), count, settings.seed)]
+    graph = capture(inputs.model)
+    weights, _ = adaround_model_weights(graph, images, inputs.mean, inputs.std, bits, setting.weight,
+                                        setting.granularity, settings=settings)
+    integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std))
+    predictions = engine_predictions(integer_model, inputs.held_out, inputs.mean, inputs.std)
+    result = Result(setting, held_out=percent_equal(predictions, inputs.held_out_labels),
+                    agreement=percent_equal(predictions, fp32_held_out), test=_test_accuracy(integer_model, inputs))
+    result.seconds = time.perf_counter() - started
+    print(f"  AdaRound on {setting.label()} ({count} calibration images): held-out {result.held_out:.2f}%, "
+          f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
+    return result
 
 
 def _test_accuracy(integer_model, inputs: Inputs) -> float:
@@ -274,9 +314,10 @@ def rank(results: list[Result]) -> list[Result]:
 # ---------------------------------------------------------------- peers
 
 
-def fx_peer(inputs: Inputs) -> list[Row]:
-    """torch.ao.quantization FX static PTQ with the x86 qconfig."""
-    from torch.ao.quantization import get_default_qconfig_mapping
+def fx_peer(inputs: Inputs, bits: int) -> list[Row]:
+    """torch.ao.quantization FX static PTQ with the x86 qconfig (its weight observer narrowed below 8 bits)."""
+    from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     started = time.perf_counter()
@@ -284,14 +325,20 @@ def fx_peer(inputs: Inputs) -> list[Row]:
     calibration = inputs.normalized(inputs.calibration)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        prepared = prepare_fx(copy.deepcopy(inputs.model).eval(), get_default_qconfig_mapping("x86"), (calibration[:1],))
+        mapping = get_default_qconfig_mapping("x86")
+        if bits < 8:
+            weight_min, weight_max = int_range(bits, narrow=True)
+            weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                                        quant_min=weight_min, quant_max=weight_max)
+            mapping = QConfigMapping().set_global(QConfig(activation=get_default_qconfig("x86").activation, weight=weight))
+        prepared = prepare_fx(copy.deepcopy(inputs.model).eval(), mapping, (calibration[:1],))
         with torch.no_grad():
             for start in range(0, len(calibration), CALIBRATION_BATCH):
                 prepared(calibration[start : start + CALIBRATION_BATCH])
         quantized = convert_fx(prepared)
         predictions = batched_predictions(quantized, inputs.normalized(inputs.test))
-    return [Row("torch.ao FX static PTQ, x86 qconfig", percent_equal(predictions, inputs.test_labels),
-                seconds=time.perf_counter() - started)]
+    label = "torch.ao FX static PTQ, x86 qconfig" + (f", weights {bits}-bit per-channel min-max" if bits < 8 else "")
+    return [Row(label, percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started)]
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: Path) -> str:
@@ -335,8 +382,10 @@ class _CalibrationReader:
         self.position, self.end = start_index, min(end_index, len(self.batches))
 
 
-def onnxruntime_peer(inputs: Inputs) -> list[Row]:
-    """onnxruntime quantize_static, QDQ S8S8, MinMax and Percentile, per-tensor and per-channel."""
+def onnxruntime_peer(inputs: Inputs, bits: int) -> list[Row]:
+    """onnxruntime quantize_static, QDQ S8S8 (S4 weights at 4 bits), MinMax and Percentile, per-tensor and per-channel."""
+    if bits not in (8, 4):
+        raise ValueError(f"ONNX Runtime's weight types are 8 and 4 bits, not {bits}")
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -381,19 +430,21 @@ def onnxruntime_peer(inputs: Inputs) -> list[Row]:
             reader.set_range(0, len(reader))
             with _quiet():
                 quantize_static(str(prepared_path), str(output), reader, quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                                activation_type=QuantType.QInt8, per_channel=per_channel,
+                                weight_type=QuantType.QInt8 if bits == 8 else QuantType.QInt4,
                                 calibrate_method=method, extra_options={"CalibStridedMinMax": stride})
             quantized = session(output)
             predictions = batched_predictions(lambda x: quantized.run(None, {input_name: x})[0], test_x)
             detail = "MinMax" if method == CalibrationMethod.MinMax else "Percentile 99.999"
-            rows.append(Row(f"ONNX Runtime QDQ S8S8, {detail}, {'per-channel' if per_channel else 'per-tensor'}",
+            rows.append(Row(f"ONNX Runtime QDQ {'S8S8' if bits == 8 else 'S8S4'}, {detail}, "
+                            f"{'per-channel' if per_channel else 'per-tensor'}",
                             percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started))
         rows[0].note = note
     return rows
 
 
-def pt2e_peer(inputs: Inputs) -> list[Row]:
-    """torchao PT2E static PTQ with X86InductorQuantizer; the converted module runs in eager mode."""
+def pt2e_peer(inputs: Inputs, bits: int) -> list[Row]:
+    """torchao PT2E static PTQ with X86InductorQuantizer (weights narrowed below 8 bits); eager converted module."""
     with _quiet():  # torchao's import logs a torch deprecation warning
         import torchao
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -408,19 +459,25 @@ def pt2e_peer(inputs: Inputs) -> list[Row]:
         warnings.simplefilter("ignore")
         exported = torch.export.export(copy.deepcopy(inputs.model).eval(), (calibration[:2],),
                                        dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        config = get_default_x86_inductor_quantization_config()
+        if bits < 8:
+            weight_min, weight_max = int_range(bits, narrow=True)
+            config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=weight_min,
+                                                                            quant_max=weight_max))
+        quantizer = X86InductorQuantizer().set_global(config)
         prepared = prepare_pt2e(exported, quantizer)
         with torch.no_grad():
             for start in range(0, len(calibration), CALIBRATION_BATCH):
                 prepared(calibration[start : start + CALIBRATION_BATCH])
         converted = convert_pt2e(prepared)
         predictions = batched_predictions(converted, inputs.normalized(inputs.test))
-    return [Row("torchao PT2E, X86InductorQuantizer (converted module, eager)",
+    return [Row("torchao PT2E, X86InductorQuantizer (converted module, eager)"
+                + (f", weights {bits}-bit" if bits < 8 else ""),
                 percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started,
                 note=f"torchao {torchao.__version__}")]
 
 
-PEER_RUNS: dict[str, tuple[str, Callable[[Inputs], list[Row]]]] = {
+PEER_RUNS: dict[str, tuple[str, Callable[[Inputs, int], list[Row]]]] = {
     "fx": ("torch.ao FX static PTQ, x86 qconfig", fx_peer),
     "onnxruntime": ("ONNX Runtime quantize_static", onnxruntime_peer),
     "pt2e": ("torchao PT2E, X86InductorQuantizer", pt2e_peer),
@@ -491,7 +548,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="the architecture (net, bnnet, resnet20, mobilenet, file.py:factory) "
                         "of a checkpoint that is a bare state_dict")
     parser.add_argument("--bits", type=int, default=8, choices=range(2, 9), metavar="2..8",
-                        help="weight bits for this project's settings (the peers are int8)")
+                        help="weight bits, for this project's settings and the peers' weights (activations stay 8-bit)")
     parser.add_argument("--validation", type=int, default=5000, help="held-out training images (not calibration images) "
                         "that choose this project's setting")
     parser.add_argument("--validation-seed", type=int, default=1)
@@ -503,6 +560,7 @@ def main() -> None:
     parser.add_argument("--reported-only", action="store_true", help="test accuracy only for the chosen, default and "
                         "max-abs settings (the held-out ranking still runs every setting)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method")
+    parser.add_argument("--adaround", action="store_true", help="also the chosen setting with AdaRound's learned rounding")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run_started = time.perf_counter()
@@ -535,10 +593,12 @@ def main() -> None:
     settings = our_settings(args.activation_calibrators, args.weight_calibrators)
     print(f"this project: {len(settings)} settings, {args.bits}-bit weights, through the integer engine", flush=True)
     started = time.perf_counter()
-    results = run_ours(inputs, settings, args.bits, not args.reported_only, fp32_held_out)
+    results, ranges = run_ours(inputs, settings, args.bits, not args.reported_only, fp32_held_out)
     ours_seconds = time.perf_counter() - started
     by_setting = {result.setting: result for result in results}
     ranked = rank(results)
+    adaround = run_adaround(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits,
+                            fp32_held_out, AdaRoundSettings()) if args.adaround and ranked else None
 
     rows = [Row("fp32 (PyTorch, eval mode)", fp32, fp32_held, fp32_seconds)]
     for label, result in ([(f"this project, chosen on held-out: {ranked[0].setting.label()}", ranked[0])] if ranked else []) + [
@@ -548,6 +608,9 @@ def main() -> None:
         seconds = result.seconds if result.same_as is None and result.error is None else None
         rows.append(Row(label, result.test, result.held_out, seconds,
                         result.error or (f"same integer model as {result.same_as.label()}" if result.same_as else "")))
+    if adaround is not None:
+        rows.insert(2, Row(f"this project, the chosen setting + AdaRound: {adaround.setting.label()}", adaround.test,
+                           adaround.held_out, adaround.seconds, "learned rounding of the chosen setting's weights"))
 
     for peer in PEERS:
         if peer in args.skip:
@@ -555,7 +618,7 @@ def main() -> None:
         label, run = PEER_RUNS[peer]
         print(f"peer: {label} ...", flush=True)
         try:
-            rows += run(inputs)
+            rows += run(inputs, args.bits)
         except Exception as error:  # noqa: BLE001  (a peer that cannot run here must not end the run)
             reason = f"{type(error).__name__}: {_first_line(error)}"
             if isinstance(error, ImportError):

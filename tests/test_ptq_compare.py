@@ -1,0 +1,61 @@
+"""The PTQ comparison benchmark on tiny data: this project's settings, AdaRound and the torch.ao peer run end to end."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import ptq_compare
+from pipeline.data import CifarArrays, save_arrays
+from pipeline.io import save_checkpoint, write_json
+from pipeline.models import build_model
+from pipeline.quant.settings import AdaRoundSettings
+from pipeline.train import SEED_MEAN, SEED_STD
+
+
+@pytest.fixture
+def tiny_run(tmp_path, synthetic_images):
+    """A random Net checkpoint, 64 training and 64 test images, 16 of the training ones as calibration images."""
+    images, labels = synthetic_images
+    arrays = CifarArrays(images.numpy(), labels.numpy(), images.numpy(), labels.numpy(), tuple("abcdefghij"))
+    save_arrays(arrays, tmp_path / "dataset.npz")
+    model = build_model("net", seed=0)
+    save_checkpoint(tmp_path / "model.pt", {"model": "net", "state_dict": model.state_dict(),
+                                            "mean": list(SEED_MEAN), "std": list(SEED_STD)})
+    write_json(tmp_path / "profile.json", {"split": "train", "indices": list(range(0, 64, 4))})
+    return tmp_path
+
+
+def _inputs(folder) -> ptq_compare.Inputs:
+    model, mean, std, _ = ptq_compare.load_model(str(folder / "model.pt"), None)
+    arrays = np.load(folder / "dataset.npz")
+    images, labels = torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"]).long()
+    return ptq_compare.Inputs(model, mean, std, calibration=images[::4], held_out=images[1::4],
+                              held_out_labels=labels[1::4], test=images, test_labels=labels, threads=1)
+
+
+def test_adaround_row_runs_on_the_chosen_settings_weights(tiny_run):
+    inputs = _inputs(tiny_run)
+    settings = [ptq_compare.Setting("minmax", "minmax", "per_channel")]
+    fp32_held_out = torch.zeros(len(inputs.held_out), dtype=torch.long)
+    results, ranges = ptq_compare.run_ours(inputs, settings, 4, True, fp32_held_out)
+    chosen = ptq_compare.rank(results)[0]
+    adaround = ptq_compare.run_adaround(inputs, chosen.setting, ranges[chosen.setting.activation], 4, fp32_held_out,
+                                        AdaRoundSettings(num_samples=8, iterations=20, batch_size=4))
+    assert adaround.setting == chosen.setting
+    assert 0.0 <= adaround.held_out <= 100.0 and 0.0 <= adaround.test <= 100.0
+
+
+def test_four_bit_run_with_the_fx_peer_prints_the_table(tiny_run, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [
+        "ptq_compare", "--checkpoint", str(tiny_run / "model.pt"), "--data", str(tiny_run / "dataset.npz"),
+        "--profile", str(tiny_run / "profile.json"), "--bits", "4", "--validation", "16",
+        "--activation-calibrators", "minmax", "--weight-calibrators", "minmax", "--skip", "onnxruntime", "pt2e",
+    ])
+    ptq_compare.main()
+    out = capsys.readouterr().out
+    assert "torch.ao FX static PTQ, x86 qconfig, weights 4-bit per-channel min-max |" in out
+    assert "could not run" not in out
+    assert "this project, chosen on held-out: act minmax, w minmax" in out
