@@ -32,11 +32,13 @@ with -8 torch.ao's convert stores 17 levels), ONNX Runtime only at 4 bits, with
 ``weight_type=QInt4`` (its only weight type below 8 bits; other widths print why not).
 Activations stay the peers' 8-bit defaults.
 
-``--adaround`` adds learned rounding (``pipeline.quant.adaround``, the params.yaml defaults of
-``quantize_weights.adaround``) to the setting chosen on held-out images: the same weight
-calibrator, granularity and activation ranges, AdaRound on ``num_samples`` of the
-calibration images (a seeded subset); its held-out and test accuracy are reported as one
-more row (the choice itself is made among the round-to-nearest settings).
+``--adaround`` and ``--bias-correction`` add the weight methods that learn from images
+(``pipeline.quant.adaround`` and ``pipeline.quant.bias_correction``, params.yaml's defaults) to
+the setting chosen on held-out images: the same weight calibrator, granularity and
+activation ranges, learning from ``quantize_weights.calibration.num_samples`` of the
+calibration images (a seeded subset). Each enabled method, and both together when both are
+given, is one more row with its held-out and test accuracy (the choice itself is made among
+the round-to-nearest settings).
 
 ``--skip fx onnxruntime pt2e`` leaves peers out; a peer that cannot run here (a missing
 package, an export or quantization error) prints why and the run goes on.
@@ -64,7 +66,7 @@ setting of this project sorted by held-out accuracy.
 
     python -m benchmarks.ptq_compare [--checkpoint data/model.pt] [--data data/dataset.npz]
         [--profile data/profile.json] [--model NAME] [--bits 8] [--validation 5000]
-        [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...] [--adaround]
+        [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...] [--adaround] [--bias-correction]
 
 Run it after ``dvc repro`` (the defaults are the pipeline's artifacts). ``--model NAME``
 names the architecture of a checkpoint that is a bare state_dict (it is then normalized
@@ -96,15 +98,16 @@ from torch import Tensor, nn
 
 from pipeline.data import load_arrays, sample_indices
 from pipeline.evaluation import engine_predictions, percent_equal
-from pipeline.graph import capture
+from pipeline.graph import capture, with_biases
 from pipeline.io import load_checkpoint, read_json
 from pipeline.models import CheckpointError, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.adaround import adaround_model_weights
+from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import build_integer_model, quantize_model_weights
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, GRANULARITIES, WEIGHT_CALIBRATORS
 from pipeline.quant.ranges import int_range
-from pipeline.quant.settings import AdaRoundSettings
+from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
 from pipeline.train import SEED_MEAN, SEED_STD, normalize, predict
 from stages.common import ARRAYS, CHECKPOINT, PROFILE
 
@@ -282,23 +285,38 @@ def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool,
     return list(results.values()), ranges
 
 
-def run_adaround(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits: int, fp32_held_out: Tensor,
-                 settings: AdaRoundSettings) -> Result:
-    """``setting`` with AdaRound's learned rounding instead of round-to-nearest: held-out and test accuracy."""
-    started = time.perf_counter()
-    count = min(settings.num_samples, len(inputs.calibration))
-    images = inputs.calibration[sample_indices(len(inputs.calibration), count, settings.seed)]
+def run_learned(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits: int, fp32_held_out: Tensor,
+                methods: Iterable[str], adaround: AdaRoundSettings, calibration: CalibrationImages) -> dict[str, Result]:
+    """``setting`` with each combination of ``methods`` ("adaround", "bias correction") that enables them:
+    held-out and test accuracy, by the methods' label ("adaround + bias correction" for both)."""
+    methods = list(methods)
+    count = min(calibration.num_samples, len(inputs.calibration))
+    images = inputs.calibration[sample_indices(len(inputs.calibration), count, calibration.seed)]
     graph = capture(inputs.model)
-    weights, _ = adaround_model_weights(graph, images, inputs.mean, inputs.std, bits, setting.weight,
-                                        setting.granularity, settings=settings)
-    integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std))
-    predictions = engine_predictions(integer_model, inputs.held_out, inputs.mean, inputs.std)
-    result = Result(setting, held_out=percent_equal(predictions, inputs.held_out_labels),
-                    agreement=percent_equal(predictions, fp32_held_out), test=_test_accuracy(integer_model, inputs))
-    result.seconds = time.perf_counter() - started
-    print(f"  AdaRound on {setting.label()} ({count} calibration images): held-out {result.held_out:.2f}%, "
-          f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
-    return result
+    weights = {"nearest": quantize_model_weights(graph, bits, setting.weight, setting.granularity)}
+    roundings = ["nearest"] * ("bias correction" in methods) + ["adaround"] * ("adaround" in methods)
+    # (rounding, bias corrected): each method alone, then both
+    combinations = [(rounding, rounding == "nearest") for rounding in roundings]
+    if len(methods) == 2:
+        combinations.append(("adaround", True))
+    results = {}
+    for rounding, corrected in combinations:
+        started = time.perf_counter()
+        if rounding not in weights:
+            weights[rounding], _ = adaround_model_weights(graph, images, inputs.mean, inputs.std, bits, setting.weight,
+                                                          setting.granularity, settings=adaround)
+        biases = corrected_biases(graph, weights[rounding], images, inputs.mean, inputs.std) if corrected else {}
+        integer_model = build_integer_model(with_biases(graph, biases), ranges, weights[rounding],
+                                            list(inputs.mean), list(inputs.std))
+        predictions = engine_predictions(integer_model, inputs.held_out, inputs.mean, inputs.std)
+        label = " + ".join(([rounding] if rounding == "adaround" else []) + (["bias correction"] if corrected else []))
+        result = results[label] = Result(setting, held_out=percent_equal(predictions, inputs.held_out_labels),
+                                         agreement=percent_equal(predictions, fp32_held_out),
+                                         test=_test_accuracy(integer_model, inputs))
+        result.seconds = time.perf_counter() - started
+        print(f"  {label} on {setting.label()} ({count} calibration images): held-out {result.held_out:.2f}%, "
+              f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
+    return results
 
 
 def _test_accuracy(integer_model, inputs: Inputs) -> float:
@@ -561,6 +579,7 @@ def main() -> None:
                         "max-abs settings (the held-out ranking still runs every setting)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method")
     parser.add_argument("--adaround", action="store_true", help="also the chosen setting with AdaRound's learned rounding")
+    parser.add_argument("--bias-correction", action="store_true", help="also the chosen setting with bias correction")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run_started = time.perf_counter()
@@ -597,8 +616,9 @@ def main() -> None:
     ours_seconds = time.perf_counter() - started
     by_setting = {result.setting: result for result in results}
     ranked = rank(results)
-    adaround = run_adaround(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits,
-                            fp32_held_out, AdaRoundSettings()) if args.adaround and ranked else None
+    methods = [name for name, on in (("adaround", args.adaround), ("bias correction", args.bias_correction)) if on]
+    learned = run_learned(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits, fp32_held_out,
+                          methods, AdaRoundSettings(), CalibrationImages()) if methods and ranked else {}
 
     rows = [Row("fp32 (PyTorch, eval mode)", fp32, fp32_held, fp32_seconds)]
     for label, result in ([(f"this project, chosen on held-out: {ranked[0].setting.label()}", ranked[0])] if ranked else []) + [
@@ -608,9 +628,9 @@ def main() -> None:
         seconds = result.seconds if result.same_as is None and result.error is None else None
         rows.append(Row(label, result.test, result.held_out, seconds,
                         result.error or (f"same integer model as {result.same_as.label()}" if result.same_as else "")))
-    if adaround is not None:
-        rows.insert(2, Row(f"this project, the chosen setting + AdaRound: {adaround.setting.label()}", adaround.test,
-                           adaround.held_out, adaround.seconds, "learned rounding of the chosen setting's weights"))
+    for position, (label, result) in enumerate(learned.items(), 2):
+        rows.insert(position, Row(f"this project, the chosen setting + {label}: {result.setting.label()}", result.test,
+                                  result.held_out, result.seconds))
 
     for peer in PEERS:
         if peer in args.skip:

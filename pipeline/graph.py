@@ -621,6 +621,22 @@ def run_float(
     return values[graph.output]
 
 
+def tensor_values(
+    graph: FloatGraph, x: Tensor, name: str, weights: Mapping[str, Tensor] | None = None, batch_size: int = 256
+) -> Tensor:
+    """The tensor ``name`` for every image of ``x`` (``weights`` as in ``run_float``), ``batch_size`` images a pass."""
+    parts = []
+
+    def keep(tensor_name: str, value: Tensor) -> None:
+        if tensor_name == name:
+            parts.append(value.detach())
+
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            run_float(graph, x[start : start + batch_size], weights, keep)
+    return torch.cat(parts)
+
+
 def run_layer(node: Conv | Linear, x: Tensor, weight: Tensor) -> Tensor:
     """One Conv/Linear node on ``x`` with ``weight`` in its place (its own bias and fused activation), in x's dtype."""
     weight = weight.to(x.dtype)
@@ -683,6 +699,11 @@ def with_weights(graph: FloatGraph, state_dict: Mapping[str, Tensor]) -> FloatGr
             node = replace(node, weight=state_dict[f"{node.name}.weight"], bias=bias)
         nodes.append(node)
     return replace(graph, nodes=tuple(nodes))
+
+
+def with_biases(graph: FloatGraph, biases: Mapping[str, Tensor]) -> FloatGraph:
+    """A copy of ``graph`` whose named layers take ``biases`` in place of their own (bias correction's)."""
+    return with_weights(graph, folded_state_dict(graph) | {f"{name}.bias": bias for name, bias in biases.items()})
 
 
 @torch.no_grad()

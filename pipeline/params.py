@@ -18,6 +18,7 @@ from pipeline.models import ModelSpecError, check_model_spec
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, Calibrator
 from pipeline.quant.settings import (
     AdaRoundSettings,
+    CalibrationImages,
     EntropySettings,
     HistogramMseSettings,
     NoSettings,
@@ -93,6 +94,10 @@ class QuantizeWeightsParams:
     # nearest (round half to even, the seed's) or adaround (learned, pipeline.quant.adaround) at the calibrator's scales.
     rounding: str = dataclasses.field(default="nearest", metadata=choice("nearest", "adaround"))
     adaround: AdaRoundSettings = dataclasses.field(default_factory=AdaRoundSettings)  # adaround only
+    # Subtract each layer's mean output shift caused by weight quantization from its float bias.
+    bias_correction: bool = False
+    # The training images that adaround and bias_correction learn from.
+    calibration: CalibrationImages = dataclasses.field(default_factory=CalibrationImages)
 
     @property
     def calibrator_settings(self) -> Any:

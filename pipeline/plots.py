@@ -37,7 +37,7 @@ from pipeline.quant.calibrators import seed_range, weight_range
 from pipeline.quant.settings import SigmaSettings
 from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import int_range
-from pipeline.report import STAGES, dataset_label
+from pipeline.report import STAGES, dataset_label, weight_methods
 from pipeline.train import CURVES
 
 FIGURE_DPI = 100  # pixels per inch: figure sizes below are in inches, PNGs are size * FIGURE_DPI pixels
@@ -573,8 +573,8 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 def quantization_summary(metrics: Mapping[str, Any]) -> str:
     """'int8 weights (sigma, per_tensor), int8 activations (seed)' from metrics.json's ``quantization``."""
     q = metrics["quantization"]
-    rounding = ", adaround" if q["weight_rounding"] == "adaround" else ""
-    return (f"int{q['weight_bits']} weights ({q['weight_calibrator']}, {q['granularity']}{rounding}), "
+    methods = "".join(f", {method}" for method in weight_methods(q))
+    return (f"int{q['weight_bits']} weights ({q['weight_calibrator']}, {q['granularity']}{methods}), "
             f"int8 activations ({q['activation_calibrator']})")
 
 

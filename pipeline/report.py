@@ -23,6 +23,15 @@ TEXT_COLUMNS = ("run", "dataset", "weights", "activations")
 DELTA_COLUMN = "full_int8 - fp32 (pts)"
 
 
+def weight_methods(quantization: Mapping[str, Any]) -> list[str]:
+    """The weight methods beyond round-to-nearest that metrics.json's ``quantization`` records, in the order they ran.
+
+    Metrics of revisions from before these keys existed were round-to-nearest, uncorrected.
+    """
+    return (["adaround"] if quantization.get("weight_rounding") == "adaround" else []) + (
+        ["bias-corrected"] if quantization.get("bias_correction") else [])
+
+
 def dataset_label(dataset: Mapping[str, str]) -> str:
     """The dataset source in a few words: 'official archive' or the local file name, with its format."""
     source = dataset["source"]
@@ -38,8 +47,7 @@ def results_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"metrics accuracy lacks stages {missing}; it has {sorted(accuracy)}")
     return {
         "dataset": dataset_label(metrics["dataset"]),
-        "weights": f"int{q['weight_bits']} {q['weight_calibrator']} {q['granularity']}"
-                   + (" adaround" if q["weight_rounding"] == "adaround" else ""),
+        "weights": " ".join([f"int{q['weight_bits']}", q["weight_calibrator"], q["granularity"], *weight_methods(q)]),
         "activations": f"int8 {q['activation_calibrator']} ({q['calibration_images']} images)",
         **{f"{stage} (%)": accuracy[stage] for stage in STAGES},
         DELTA_COLUMN: round(accuracy["full_int8"] - accuracy["fp32"], 2),

@@ -97,6 +97,7 @@ def main() -> None:
             "weight_calibrator": weight_meta["calibrator"],
             "granularity": weight_meta["granularity"],
             "weight_rounding": weight_meta["rounding"],
+            "bias_correction": weight_meta["bias_correction"],
             "activation_calibrator": profile["calibrator"],
             "calibration_images": profile["num_samples"],
         },

@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipeline.graph import UnsupportedModelError
+from pipeline.graph import UnsupportedModelError, with_biases
 from pipeline.io import read_json
-from pipeline.model_files import load_quantized_weights, save_integer_model
+from pipeline.model_files import load_corrected_biases, load_quantized_weights, save_integer_model
 from pipeline.quant.build import build_integer_model
 from stages.common import INTEGER_MODEL, PROFILE, QUANTIZED_WEIGHTS, load_trained_graph, start_stage
 
@@ -16,6 +16,7 @@ def main() -> None:
     _, graph, checkpoint = load_trained_graph(params.train.model, "quantize-biases")
     activation_ranges = {name: group["range"] for name, group in read_json(PROFILE)["activations"].items()}
     quantized_weights, _ = load_quantized_weights(QUANTIZED_WEIGHTS)
+    graph = with_biases(graph, load_corrected_biases(QUANTIZED_WEIGHTS))  # bias correction's, where it ran
     try:
         integer_model = build_integer_model(
             graph, activation_ranges, quantized_weights, input_mean=checkpoint["mean"], input_std=checkpoint["std"]

@@ -80,7 +80,7 @@ def test_adaround_model_weights_is_the_nearest_artifact_with_other_integers():
     model = build_model("net", seed=0).eval()
     graph = capture(model)
     images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    settings = AdaRoundSettings(num_samples=64, iterations=30, batch_size=16)
+    settings = AdaRoundSettings(iterations=30, batch_size=16)
     learned, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, "minmax", "per_channel",
                                              settings=settings, progress=False)
     nearest = quantize_model_weights(graph, 4, "minmax", "per_channel")

@@ -162,7 +162,7 @@ def synthetic_artifacts(
         "sqnr_db": {"weights": {name: 30.0 + index for index, name in enumerate(names)},
                     "outputs": {name: None if index == 0 else 20.0 for index, name in enumerate(names)}},
         "quantization": {"weight_bits": 8, "weight_calibrator": "sigma", "granularity": granularity,
-                         "weight_rounding": "nearest",
+                         "weight_rounding": "nearest", "bias_correction": False,
                          "activation_calibrator": "percentile", "calibration_images": len(images)},
         "test_images": 30,
         "dataset": {"source": "/somewhere/tiny-cifar.tar.gz", "format": "image-folder"},

@@ -1,4 +1,4 @@
-"""The PTQ comparison benchmark on tiny data: this project's settings, AdaRound and the torch.ao peer run end to end."""
+"""The PTQ comparison benchmark on tiny data: this project's settings, AdaRound, bias correction and the torch.ao peer."""
 from __future__ import annotations
 
 import sys
@@ -11,7 +11,7 @@ from benchmarks import ptq_compare
 from pipeline.data import CifarArrays, save_arrays
 from pipeline.io import save_checkpoint, write_json
 from pipeline.models import build_model
-from pipeline.quant.settings import AdaRoundSettings
+from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
 from pipeline.train import SEED_MEAN, SEED_STD
 
 
@@ -36,16 +36,19 @@ def _inputs(folder) -> ptq_compare.Inputs:
                               held_out_labels=labels[1::4], test=images, test_labels=labels, threads=1)
 
 
-def test_adaround_row_runs_on_the_chosen_settings_weights(tiny_run):
+def test_learned_rows_run_on_the_chosen_settings_weights(tiny_run):
     inputs = _inputs(tiny_run)
     settings = [ptq_compare.Setting("minmax", "minmax", "per_channel")]
     fp32_held_out = torch.zeros(len(inputs.held_out), dtype=torch.long)
     results, ranges = ptq_compare.run_ours(inputs, settings, 4, True, fp32_held_out)
     chosen = ptq_compare.rank(results)[0]
-    adaround = ptq_compare.run_adaround(inputs, chosen.setting, ranges[chosen.setting.activation], 4, fp32_held_out,
-                                        AdaRoundSettings(num_samples=8, iterations=20, batch_size=4))
-    assert adaround.setting == chosen.setting
-    assert 0.0 <= adaround.held_out <= 100.0 and 0.0 <= adaround.test <= 100.0
+    learned = ptq_compare.run_learned(inputs, chosen.setting, ranges[chosen.setting.activation], 4, fp32_held_out,
+                                      ["adaround", "bias correction"], AdaRoundSettings(iterations=20, batch_size=4),
+                                      CalibrationImages(num_samples=8))
+    assert list(learned) == ["bias correction", "adaround", "adaround + bias correction"]
+    for result in learned.values():
+        assert result.setting == chosen.setting
+        assert 0.0 <= result.held_out <= 100.0 and 0.0 <= result.test <= 100.0
 
 
 def test_four_bit_run_with_the_fx_peer_prints_the_table(tiny_run, monkeypatch, capsys):

@@ -16,7 +16,7 @@ def metrics(fp32: float, weights_int8: float, full_int8: float, granularity: str
     return {
         "accuracy": {"fp32": fp32, "weights_int8": weights_int8, "full_int8": full_int8, "simulated_int8": full_int8},
         "quantization": {"weight_bits": 8, "weight_calibrator": "sigma", "granularity": granularity,
-                         "weight_rounding": "nearest",
+                         "weight_rounding": "nearest", "bias_correction": False,
                          "activation_calibrator": "seed", "calibration_images": 2000},
         "dataset": {"source": source, "format": fmt},
     }

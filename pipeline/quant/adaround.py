@@ -26,14 +26,14 @@ with a seed the run is deterministic on CPU.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pipeline.graph import Conv, FloatGraph, Linear, run_float, run_layer
+from pipeline.graph import Conv, FloatGraph, Linear, run_layer, tensor_values
 from pipeline.progress import progress_bar
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.ranges import dequantize, int_range
@@ -45,7 +45,6 @@ ZETA, GAMMA = 1.1, -0.1
 # The rounding regularizer: off for the first WARMUP share of the iterations, then its
 # exponent falls linearly from BETA_START (flat: rounding still free) to BETA_END (steep).
 WARMUP, BETA_START, BETA_END = 0.2, 20.0, 2.0
-FORWARD_BATCH = 256  # images per forward pass when collecting a layer's inputs and targets
 
 
 # ---------------------------------------------------------------- the math
@@ -146,21 +145,6 @@ def learn_layer_rounding(
 
 # ---------------------------------------------------------------- the model
 
-
-def _collect(graph: FloatGraph, x: Tensor, name: str, weights: Mapping[str, Tensor]) -> Tensor:
-    """The tensor ``name`` for every image of ``x``, with ``weights`` in place of the float ones."""
-    parts = []
-
-    def keep(tensor_name: str, value: Tensor) -> None:
-        if tensor_name == name:
-            parts.append(value.detach())
-
-    with torch.no_grad():
-        for start in range(0, len(x), FORWARD_BATCH):
-            run_float(graph, x[start : start + FORWARD_BATCH], weights, keep)
-    return torch.cat(parts)
-
-
 def adaround_model_weights(
     graph: FloatGraph,
     images: Tensor,
@@ -189,8 +173,8 @@ def adaround_model_weights(
         quantized_so_far = {
             name: dequantize(q_weight, scale).to(torch.float32) for name, (q_weight, scale) in learned.items()
         }
-        inputs = _collect(graph, x, node.input, quantized_so_far)
-        targets = _collect(graph, x, node.output, {})
+        inputs = tensor_values(graph, x, node.input, quantized_so_far)
+        targets = tensor_values(graph, x, node.output)
         rounding = learn_layer_rounding(node, weight_scale, bits, inputs, targets, settings, progress)
         learned[node.name] = (rounding.q_weight.to(torch.int8), weight_scale)
         errors[node.name] = {"nearest": rounding.nearest_error, "adaround": rounding.learned_error}

@@ -46,15 +46,22 @@ class WeightMseSettings(CheckedSettings):
     num_candidates: int = field(default=100, metadata=bounds(1))  # ranges tried: r * max|w|, r in (0, 1]
 
 
-# ---------------------------------------------------------------- rounding
+# ---------------------------------------------------------------- methods that learn from images
+
+
+@dataclass(frozen=True)
+class CalibrationImages(CheckedSettings):
+    """The training images that AdaRound and bias correction learn from: a seeded random subset."""
+
+    num_samples: int = field(default=1024, metadata=bounds(1))  # images of the training split
+    seed: int = field(default=0, metadata=bounds(0, 2**63 - 1))  # picks them
 
 
 @dataclass(frozen=True)
 class AdaRoundSettings(CheckedSettings):
     """``pipeline.quant.adaround``: learned rounding, layer by layer, on calibration images of the training split."""
 
-    num_samples: int = field(default=1024, metadata=bounds(1))  # calibration images from the training split
-    seed: int = field(default=0, metadata=bounds(0, 2**63 - 1))  # picks the images and the batches
+    seed: int = field(default=0, metadata=bounds(0, 2**63 - 1))  # picks the batches
     iterations: int = field(default=1000, metadata=bounds(1))  # Adam steps per layer
     batch_size: int = field(default=32, metadata=bounds(1))  # images per step
     lr: float = field(default=0.01, metadata=bounds(0.0, low_open=True))  # Adam's learning rate on the logits
