@@ -40,6 +40,12 @@ calibration images (a seeded subset). Each enabled method, and both together whe
 given, is one more row with its held-out and test accuracy (the choice itself is made among
 the round-to-nearest settings).
 
+``--mixed-precision`` adds the chosen setting with per-layer weight bits from
+``pipeline.quant.mixed_precision``: each layer's sensitivity (output noise with only that layer
+quantized, at 2, 3, 4, 6 and 8 bits) on the first ``--sensitivity-images`` held-out images, then
+the bits with the least summed noise whose packed weights fit the packed size of uniform
+``--bits`` weights (exact dynamic programming); the row names the bits it chose.
+
 ``--skip fx onnxruntime pt2e`` leaves peers out; a peer that cannot run here (a missing
 package, an export or quantization error) prints why and the run goes on.
 
@@ -67,6 +73,7 @@ setting of this project sorted by held-out accuracy.
     python -m benchmarks.ptq_compare [--checkpoint data/model.pt] [--data data/dataset.npz]
         [--profile data/profile.json] [--model NAME] [--bits 8] [--validation 5000]
         [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...] [--adaround] [--bias-correction]
+        [--mixed-precision [--sensitivity-images 1000]]
 
 Run it after ``dvc repro`` (the defaults are the pipeline's artifacts). ``--model NAME``
 names the architecture of a checkpoint that is a bare state_dict (it is then normalized
@@ -105,6 +112,7 @@ from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import build_integer_model, quantize_model_weights
+from pipeline.quant.mixed_precision import allocate_bits, layer_sensitivity, packed_weight_bytes
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, GRANULARITIES, WEIGHT_CALIBRATORS
 from pipeline.quant.ranges import int_range
 from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
@@ -317,6 +325,34 @@ def run_learned(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits
         print(f"  {label} on {setting.label()} ({count} calibration images): held-out {result.held_out:.2f}%, "
               f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
     return results
+
+
+SENSITIVITY_BITS = (2, 3, 4, 6, 8)
+
+
+def run_mixed_precision(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits: int, fp32_held_out: Tensor,
+                        sensitivity_images: int) -> tuple[Result, dict[str, int]]:
+    """``setting`` with per-layer bits at the packed size of uniform ``bits``: held-out and test accuracy, the bits."""
+    started = time.perf_counter()
+    graph = capture(inputs.model)
+    count = min(sensitivity_images, len(inputs.held_out))
+    table = layer_sensitivity(graph, inputs.normalized(inputs.held_out[:count]), inputs.held_out_labels[:count],
+                              SENSITIVITY_BITS, setting.weight, setting.granularity, progress=False)
+    num_weights = {node.name: node.weight.numel() for node in graph.layers()}
+    budget = sum(packed_weight_bytes(n, bits) for n in num_weights.values())
+    noise = {layer: {b: entry["noise"] for b, entry in by_bits.items()} for layer, by_bits in table.items()}
+    chosen = allocate_bits(num_weights, noise, budget)
+    weights = quantize_model_weights(graph, chosen, setting.weight, setting.granularity)
+    integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std))
+    predictions = engine_predictions(integer_model, inputs.held_out, inputs.mean, inputs.std)
+    result = Result(setting, held_out=percent_equal(predictions, inputs.held_out_labels),
+                    agreement=percent_equal(predictions, fp32_held_out), test=_test_accuracy(integer_model, inputs))
+    result.seconds = time.perf_counter() - started
+    used = sum(packed_weight_bytes(num_weights[layer], b) for layer, b in chosen.items())
+    print(f"  mixed precision on {setting.label()}: {used:,} of {budget:,} packed weight bytes, bits "
+          f"{' '.join(f'{layer}:{b}' for layer, b in chosen.items())}; held-out {result.held_out:.2f}%, "
+          f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
+    return result, chosen
 
 
 def _test_accuracy(integer_model, inputs: Inputs) -> float:
@@ -580,6 +616,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method")
     parser.add_argument("--adaround", action="store_true", help="also the chosen setting with AdaRound's learned rounding")
     parser.add_argument("--bias-correction", action="store_true", help="also the chosen setting with bias correction")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="also the chosen setting with per-layer bits at the packed size of uniform --bits")
+    parser.add_argument("--sensitivity-images", type=int, default=1000,
+                        help="held-out images that measure each layer's sensitivity (--mixed-precision)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run_started = time.perf_counter()
@@ -619,6 +659,8 @@ def main() -> None:
     methods = [name for name, on in (("adaround", args.adaround), ("bias correction", args.bias_correction)) if on]
     learned = run_learned(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits, fp32_held_out,
                           methods, AdaRoundSettings(), CalibrationImages()) if methods and ranked else {}
+    mixed = run_mixed_precision(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits,
+                                fp32_held_out, args.sensitivity_images) if args.mixed_precision and ranked else None
 
     rows = [Row("fp32 (PyTorch, eval mode)", fp32, fp32_held, fp32_seconds)]
     for label, result in ([(f"this project, chosen on held-out: {ranked[0].setting.label()}", ranked[0])] if ranked else []) + [
@@ -631,6 +673,11 @@ def main() -> None:
     for position, (label, result) in enumerate(learned.items(), 2):
         rows.insert(position, Row(f"this project, the chosen setting + {label}: {result.setting.label()}", result.test,
                                   result.held_out, result.seconds))
+    if mixed is not None:
+        result, chosen = mixed
+        rows.insert(2 + len(learned), Row(f"this project, the chosen setting, mixed precision at the uniform {args.bits}-bit "
+                                          f"size: {result.setting.label()}", result.test, result.held_out, result.seconds,
+                                          "bits " + " ".join(f"{layer}:{b}" for layer, b in chosen.items())))
 
     for peer in PEERS:
         if peer in args.skip:

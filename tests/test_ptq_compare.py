@@ -1,6 +1,7 @@
 """The PTQ comparison benchmark on tiny data: this project's settings, AdaRound, bias correction and the torch.ao peer."""
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -56,9 +57,11 @@ def test_four_bit_run_with_the_fx_peer_prints_the_table(tiny_run, monkeypatch, c
         "ptq_compare", "--checkpoint", str(tiny_run / "model.pt"), "--data", str(tiny_run / "dataset.npz"),
         "--profile", str(tiny_run / "profile.json"), "--bits", "4", "--validation", "16",
         "--activation-calibrators", "minmax", "--weight-calibrators", "minmax", "--skip", "onnxruntime", "pt2e",
+        "--mixed-precision", "--sensitivity-images", "8",
     ])
     ptq_compare.main()
     out = capsys.readouterr().out
-    assert "torch.ao FX static PTQ, x86 qconfig, weights 4-bit per-channel min-max |" in out
+    assert re.search(r"\| torch\.ao FX static PTQ, x86 qconfig, weights 4-bit per-channel min-max +\| \d", out)
     assert "could not run" not in out
     assert "this project, chosen on held-out: act minmax, w minmax" in out
+    assert "this project, the chosen setting, mixed precision at the uniform 4-bit size: act minmax, w minmax" in out

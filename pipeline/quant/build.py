@@ -21,6 +21,7 @@ The scheme (r ~= S * q, symmetric, zero point 0):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -135,17 +136,28 @@ def quantize_layer_weights(
 
 def quantize_model_weights(
     graph: FloatGraph,
-    weight_bits: int = 8,
+    weight_bits: int | Mapping[str, int] = 8,
     weight_calibrator: str = "sigma",
     granularity: str | Granularity = "per_tensor",
     weight_settings: Any = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """``quantize_layer_weights`` for every Conv/Linear node of the (BatchNorm-folded) graph, by layer name."""
+    """``quantize_layer_weights`` for every Conv/Linear node of the (BatchNorm-folded) graph, by layer name.
+
+    ``weight_bits`` is one width for every layer or a width per layer name (mixed precision; every
+    layer must be named).
+    """
+    if isinstance(weight_bits, Mapping):
+        unnamed = [node.name for node in graph.layers() if node.name not in weight_bits]
+        unknown = sorted(set(weight_bits) - {node.name for node in graph.layers()})
+        if unnamed or unknown:
+            raise ValueError(f"weight bits per layer: missing layers {unnamed}, unknown layers {unknown}; "
+                             f"the layers are {[node.name for node in graph.layers()]}")
     granularity = parse_granularity(granularity)
     if isinstance(granularity, PerChannel) and granularity.axis != 0:
         raise ValueError(f"granularity must be per tensor or PerChannel(axis=0) (output channels), got {granularity}")
     return {
-        node.name: quantize_layer_weights(node.weight, weight_bits, weight_calibrator, granularity, weight_settings)
+        node.name: quantize_layer_weights(node.weight, weight_bits[node.name] if isinstance(weight_bits, Mapping)
+                                          else weight_bits, weight_calibrator, granularity, weight_settings)
         for node in graph.layers()
     }
 
