@@ -85,7 +85,8 @@ class ProfileParams:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeWeightsParams:
-    bits: int = dataclasses.field(default=8, metadata=bounds(2, 8))  # integer range [-(2^(bits-1)-1), 2^(bits-1)-1]
+    # integer range [-(2^(bits-1)-1), 2^(bits-1)-1]; one width, or a mapping of every layer's name to its width
+    bits: int | dict[str, int] = dataclasses.field(default=8, metadata=bounds(2, 8) | {"per_layer": True})
     calibrator: str = dataclasses.field(default="sigma", metadata=choice(*WEIGHT_CALIBRATORS))
     granularity: str = dataclasses.field(default="per_tensor", metadata=choice("per_tensor", "per_channel"))
     # Each calibrator's settings, under its name; only the chosen calibrator's are used.
@@ -178,6 +179,19 @@ def _nested_type(field: dataclasses.Field) -> type | None:
     return factory if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory) else None
 
 
+def _per_layer(key: str, raw: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, int]:
+    """A mapping of layer name to an integer, each checked like the single value (names are checked by the stage)."""
+    if not raw:
+        raise ParamsError(f"{key}: an empty mapping names no layer; give one integer or every layer's name")
+    values = {}
+    for layer, value in raw.items():
+        if not isinstance(layer, str):
+            raise ParamsError(f"{key}: layer name {layer!r} is not a string")
+        values[layer] = _check_type(f"{key}.{layer}", value, "int")
+        _check_metadata(f"{key}.{layer}", values[layer], metadata)
+    return values
+
+
 def parse_section(name: str, section_type: type, raw: Any) -> Any:
     """Validate one section's mapping (or a calibrator's settings nested in it) into its dataclass."""
     fields = {field.name: field for field in dataclasses.fields(section_type)}
@@ -196,6 +210,9 @@ def parse_section(name: str, section_type: type, raw: Any) -> Any:
         nested = _nested_type(field)
         if nested is not None:
             values[field_name] = parse_section(key, nested, raw[field_name])
+            continue
+        if field.metadata.get("per_layer") and isinstance(raw[field_name], Mapping):
+            values[field_name] = _per_layer(key, raw[field_name], field.metadata)
             continue
         value = _check_type(key, raw[field_name], field.type)
         _check_metadata(key, value, field.metadata)

@@ -36,8 +36,8 @@ from pipeline.profile import clipped_fraction
 from pipeline.quant.calibrators import seed_range, weight_range
 from pipeline.quant.settings import SigmaSettings
 from pipeline.quant.observers import ActivationObserver
-from pipeline.quant.ranges import int_range
-from pipeline.report import STAGES, dataset_label, weight_methods
+from pipeline.quant.ranges import int_range, layer_bits
+from pipeline.report import STAGES, bits_label, dataset_label, weight_methods
 from pipeline.train import CURVES
 
 FIGURE_DPI = 100  # pixels per inch: figure sizes below are in inches, PNGs are size * FIGURE_DPI pixels
@@ -365,15 +365,18 @@ def plot_activation_distribution(
 
 
 def layer_weights(
-    graph: FloatGraph, quantized_weights: Mapping[str, tuple[Tensor, Tensor]], bits: int
+    graph: FloatGraph, quantized_weights: Mapping[str, tuple[Tensor, Tensor]], bits: int | Mapping[str, int]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per quantized layer: the float weights as quantized (BatchNorm folded) and their clipping ranges."""
+    """Per quantized layer: the float weights as quantized (BatchNorm folded) and their clipping ranges.
+
+    ``bits``: one width, or each layer's (mixed precision).
+    """
     layers = {node.name: node for node in graph.layers()}
     unknown = sorted(set(quantized_weights) - set(layers))
     if unknown:
         raise ValueError(f"quantized weights name layers {unknown} that the float model lacks; it has {list(layers)}")
     return {
-        name: (_as_array(layers[name].weight), weight_clip_ranges(scale, bits))
+        name: (_as_array(layers[name].weight), weight_clip_ranges(scale, layer_bits(bits, name)))
         for name, (_, scale) in quantized_weights.items()
     }
 
@@ -422,14 +425,15 @@ def plot_activation_distributions(
 
 
 def plot_accuracy(
-    accuracy: Mapping[str, float], weight_bits: int, subtitle: str, path: str | Path | None = None
+    accuracy: Mapping[str, float], weight_bits: int | Mapping[str, int], subtitle: str, path: str | Path | None = None
 ) -> Figure:
     """Bar chart of test accuracy per stage (``STAGES``), each bar labeled with its value and its drop from fp32."""
     missing = [stage for stage in STAGES if stage not in accuracy]
     if missing:
         raise ValueError(f"accuracy lacks stages {missing}; it has {sorted(accuracy)}")
     values = [float(accuracy[stage]) for stage in STAGES]
-    names = ["fp32", f"int{weight_bits} weights,\nfloat activations", f"int{weight_bits} weights,\nint8 activations"]
+    weights = bits_label(weight_bits)
+    names = ["fp32", f"{weights} weights,\nfloat activations", f"{weights} weights,\nint8 activations"]
     figure = _new_figure((6.4, 4.6))
     axes = figure.add_subplot()
     bars = axes.bar(names, values, color=STAGE_COLORS, width=0.6)
@@ -574,7 +578,7 @@ def quantization_summary(metrics: Mapping[str, Any]) -> str:
     """'int8 weights (sigma, per_tensor), int8 activations (seed)' from metrics.json's ``quantization``."""
     q = metrics["quantization"]
     methods = "".join(f", {method}" for method in weight_methods(q))
-    return (f"int{q['weight_bits']} weights ({q['weight_calibrator']}, {q['granularity']}{methods}), "
+    return (f"{bits_label(q['weight_bits'])} weights ({q['weight_calibrator']}, {q['granularity']}{methods}), "
             f"int8 activations ({q['activation_calibrator']})")
 
 

@@ -23,6 +23,14 @@ TEXT_COLUMNS = ("run", "dataset", "weights", "activations")
 DELTA_COLUMN = "full_int8 - fp32 (pts)"
 
 
+def bits_label(bits: int | Mapping[str, int]) -> str:
+    """'int8' for one width, 'int2-8 per layer' for widths per layer (mixed precision)."""
+    if not isinstance(bits, Mapping):
+        return f"int{bits}"
+    low, high = min(bits.values()), max(bits.values())
+    return f"int{low} per layer" if low == high else f"int{low}-{high} per layer"
+
+
 def weight_methods(quantization: Mapping[str, Any]) -> list[str]:
     """The weight methods beyond round-to-nearest that metrics.json's ``quantization`` records, in the order they ran.
 
@@ -47,7 +55,7 @@ def results_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"metrics accuracy lacks stages {missing}; it has {sorted(accuracy)}")
     return {
         "dataset": dataset_label(metrics["dataset"]),
-        "weights": " ".join([f"int{q['weight_bits']}", q["weight_calibrator"], q["granularity"], *weight_methods(q)]),
+        "weights": " ".join([bits_label(q["weight_bits"]), q["weight_calibrator"], q["granularity"], *weight_methods(q)]),
         "activations": f"int8 {q['activation_calibrator']} ({q['calibration_images']} images)",
         **{f"{stage} (%)": accuracy[stage] for stage in STAGES},
         DELTA_COLUMN: round(accuracy["full_int8"] - accuracy["fp32"], 2),

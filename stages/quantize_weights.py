@@ -17,6 +17,7 @@ from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.engine import dequantized_weights
+from pipeline.quant.ranges import check_layer_bits, layer_bits
 from stages.common import ARRAYS, QUANTIZED_WEIGHTS, WEIGHT_ONLY_CHECKPOINT, load_trained_graph, start_stage
 
 
@@ -28,6 +29,10 @@ def main() -> None:
     meta = {"bits": params.bits, "calibrator": params.calibrator, "options": dataclasses.asdict(settings),
             "granularity": params.granularity, "rounding": params.rounding, "bias_correction": params.bias_correction}
     images = _calibration_images(params) if params.rounding == "adaround" or params.bias_correction else None
+    try:
+        check_layer_bits(params.bits, [node.name for node in graph.layers()])
+    except ValueError as error:
+        sys.exit(f"[quantize-weights] quantize_weights.bits: {error}")
     if params.rounding == "nearest":
         quantized = quantize_model_weights(graph, params.bits, params.calibrator, params.granularity, settings)
     else:
@@ -51,7 +56,7 @@ def main() -> None:
            "batchnorm_folded": True},
     )
     for name, (q_weight, scale) in quantized.items():
-        logging.info("%-6s %s int%d weights, scale %s", name, tuple(q_weight.shape), params.bits,
+        logging.info("%-6s %s int%d weights, scale %s", name, tuple(q_weight.shape), layer_bits(params.bits, name),
                      f"{float(scale):.3e}" if scale.ndim == 0 else f"{len(scale)} per-channel")
 
 

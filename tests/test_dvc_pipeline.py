@@ -54,15 +54,16 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     third = run(["dvc", "repro"], project)
     assert ran_stages(third.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
-    # AdaRound and bias correction at 4 bits (a few steps on the tiny data): the same stages, and the C and
-    # integer ONNX proofs hold with the learned integers and the corrected biases.
-    set_params(project, {"quantize_weights": {"rounding": "adaround", "bits": 4, "bias_correction": True,
+    # AdaRound and bias correction at 4 bits, 8 for the first and last layers (a few steps on the tiny data): the
+    # same stages, and the C and integer ONNX proofs hold with the learned integers and the corrected biases.
+    mixed_bits = {"conv1": 8, "conv2": 4, "fc1": 4, "fc2": 4, "fc3": 8}
+    set_params(project, {"quantize_weights": {"rounding": "adaround", "bits": mixed_bits, "bias_correction": True,
                                               "adaround": {"iterations": 20, "batch_size": 8},
                                               "calibration": {"num_samples": 40}}})
     learned = run(["dvc", "repro"], project)
     assert ran_stages(learned.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
     metrics = metrics_after(project)
-    assert metrics["quantization"]["weight_rounding"] == "adaround" and metrics["quantization"]["weight_bits"] == 4
+    assert metrics["quantization"]["weight_rounding"] == "adaround" and metrics["quantization"]["weight_bits"] == mixed_bits
     assert metrics["quantization"]["bias_correction"] is True
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
 

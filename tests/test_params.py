@@ -84,6 +84,11 @@ def test_missing_sections_take_defaults():
          "quantize_weights.mse.num_candidates: value 1.5 has the wrong type; expected int"),
         ({"quantize_weights": {"bits": 9}}, "quantize_weights.bits: value 9 is out of range; allowed: <= 8"),
         ({"quantize_weights": {"bits": 1}}, "quantize_weights.bits: value 1 is out of range; allowed: >= 2"),
+        ({"quantize_weights": {"bits": {"conv1": 9}}}, "quantize_weights.bits.conv1: value 9 is out of range; allowed: <= 8"),
+        ({"quantize_weights": {"bits": {"conv1": "4"}}},
+         "quantize_weights.bits.conv1: value '4' has the wrong type; expected int"),
+        ({"quantize_weights": {"bits": {}}},
+         "quantize_weights.bits: an empty mapping names no layer; give one integer or every layer's name"),
         ({"quantize_weights": {"granularity": "per_row"}}, "quantize_weights.granularity: value 'per_row' is not allowed; allowed: per_tensor, per_channel"),
         ({"quantize_weights": {"calibrator": "entropy"}}, "quantize_weights.calibrator: value 'entropy' is not allowed; allowed: sigma, minmax, mse"),
         ({"download": {"source": None}}, "download.source: value null is not allowed; expected str"),
@@ -110,6 +115,11 @@ def test_the_chosen_calibrator_gets_its_own_settings_and_no_stage_branches():
     assert parse_params({}).quantize_weights.calibrator_settings == SigmaSettings(3.0)
     adaround = parse_params({"quantize_weights": {"rounding": "adaround", "adaround": {"iterations": 50}}}).quantize_weights
     assert (adaround.rounding, adaround.adaround) == ("adaround", AdaRoundSettings(iterations=50))
+
+
+def test_weight_bits_may_name_a_width_per_layer():
+    assert parse_params({"quantize_weights": {"bits": {"conv1": 8, "fc3": 4}}}).quantize_weights.bits == {"conv1": 8, "fc3": 4}
+    assert parse_params({"quantize_weights": {"bits": 6}}).quantize_weights.bits == 6
 
 
 @pytest.mark.parametrize(("section", "registry"), [(ProfileParams, ACTIVATION_CALIBRATORS),

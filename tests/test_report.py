@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.report import main, results_markdown, results_table
+from pipeline.report import bits_label, main, results_markdown, results_table
 from tests.project_copy import PROJECT_ROOT, run
 
 
@@ -48,6 +48,12 @@ def test_markdown_renders_the_expected_rows():
         "52.77", "52.50", "52.40", "-0.37",
     ]
     assert len(lines) == 3
+
+
+def test_bits_label_is_one_width_or_the_range_of_widths_per_layer():
+    assert bits_label(8) == "int8"
+    assert bits_label({"conv1": 8, "fc1": 4, "fc2": 2}) == "int2-8 per layer"
+    assert bits_label({"conv1": 4, "fc1": 4}) == "int4 per layer"
 
 
 def test_a_run_without_every_stage_is_an_error_naming_what_is_missing():

@@ -26,7 +26,7 @@ with a seed the run is deterministic on CPU.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import Tensor
 from pipeline.graph import Conv, FloatGraph, Linear, run_layer, tensor_values
 from pipeline.progress import progress_bar
 from pipeline.quant.build import quantize_model_weights
-from pipeline.quant.ranges import dequantize, int_range
+from pipeline.quant.ranges import dequantize, int_range, layer_bits
 from pipeline.quant.settings import AdaRoundSettings
 from pipeline.train import normalize
 
@@ -150,7 +150,7 @@ def adaround_model_weights(
     images: Tensor,
     mean: Sequence[float],
     std: Sequence[float],
-    bits: int = 8,
+    bits: int | Mapping[str, int] = 8,
     calibrator: str = "sigma",
     granularity: str = "per_tensor",
     calibrator_settings: Any = None,
@@ -175,7 +175,8 @@ def adaround_model_weights(
         }
         inputs = tensor_values(graph, x, node.input, quantized_so_far)
         targets = tensor_values(graph, x, node.output)
-        rounding = learn_layer_rounding(node, weight_scale, bits, inputs, targets, settings, progress)
+        rounding = learn_layer_rounding(node, weight_scale, layer_bits(bits, node.name), inputs, targets, settings,
+                                        progress)
         learned[node.name] = (rounding.q_weight.to(torch.int8), weight_scale)
         errors[node.name] = {"nearest": rounding.nearest_error, "adaround": rounding.learned_error}
     return learned, errors

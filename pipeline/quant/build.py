@@ -20,8 +20,8 @@ The scheme (r ~= S * q, symmetric, zero point 0):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,7 +65,9 @@ from pipeline.quant.ranges import (
     INT32_MIN,
     check_accumulator,
     check_bits,
+    check_layer_bits,
     int_range,
+    layer_bits,
     quantize,
     scale_from_range,
 )
@@ -146,18 +148,13 @@ def quantize_model_weights(
     ``weight_bits`` is one width for every layer or a width per layer name (mixed precision; every
     layer must be named).
     """
-    if isinstance(weight_bits, Mapping):
-        unnamed = [node.name for node in graph.layers() if node.name not in weight_bits]
-        unknown = sorted(set(weight_bits) - {node.name for node in graph.layers()})
-        if unnamed or unknown:
-            raise ValueError(f"weight bits per layer: missing layers {unnamed}, unknown layers {unknown}; "
-                             f"the layers are {[node.name for node in graph.layers()]}")
+    check_layer_bits(weight_bits, [node.name for node in graph.layers()])
     granularity = parse_granularity(granularity)
     if isinstance(granularity, PerChannel) and granularity.axis != 0:
         raise ValueError(f"granularity must be per tensor or PerChannel(axis=0) (output channels), got {granularity}")
     return {
-        node.name: quantize_layer_weights(node.weight, weight_bits[node.name] if isinstance(weight_bits, Mapping)
-                                          else weight_bits, weight_calibrator, granularity, weight_settings)
+        node.name: quantize_layer_weights(node.weight, layer_bits(weight_bits, node.name), weight_calibrator, granularity,
+                                          weight_settings)
         for node in graph.layers()
     }
 

@@ -17,6 +17,8 @@ check of a bit width, ``accumulator_bound`` the one worst case of an int32 accum
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
@@ -61,6 +63,21 @@ def check_bits(bits: object, what: str, low: int = 2, high: int = 8) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
         raise ValueError(f"{what}: value {bits!r} is not allowed; allowed: an integer in [{low}, {high}]")
     return bits
+
+
+def layer_bits(bits: int | Mapping[str, int], layer: str) -> int:
+    """The width of ``layer``'s weights: ``bits`` itself, or its entry when ``bits`` maps layer names to widths."""
+    return bits[layer] if isinstance(bits, Mapping) else bits
+
+
+def check_layer_bits(bits: int | Mapping[str, int], layers: Sequence[str]) -> None:
+    """A ValueError unless ``bits`` is one width or names exactly ``layers`` (mixed precision)."""
+    if isinstance(bits, Mapping):
+        missing = [layer for layer in layers if layer not in bits]
+        unknown = sorted(set(bits) - set(layers))
+        if missing or unknown:
+            raise ValueError(f"weight bits per layer: missing layers {missing}, unknown layers {unknown}; "
+                             f"the layers are {list(layers)}")
 
 
 # Activations are signed int8, full range [-128, 127]; scales use 127 steps each side.
