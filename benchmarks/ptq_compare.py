@@ -301,7 +301,7 @@ def run_learned(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits
     count = min(calibration.num_samples, len(inputs.calibration))
     images = inputs.calibration[sample_indices(len(inputs.calibration), count, calibration.seed)]
     graph = capture(inputs.model)
-    weights = {"nearest": quantize_model_weights(graph, bits, setting.weight, setting.granularity)}
+    weights = {}
     roundings = ["nearest"] * ("bias correction" in methods) + ["adaround"] * ("adaround" in methods)
     # (rounding, bias corrected): each method alone, then both
     combinations = [(rounding, rounding == "nearest") for rounding in roundings]
@@ -311,17 +311,15 @@ def run_learned(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits
     for rounding, corrected in combinations:
         started = time.perf_counter()
         if rounding not in weights:
-            weights[rounding], _ = adaround_model_weights(graph, images, inputs.mean, inputs.std, bits, setting.weight,
-                                                          setting.granularity, settings=adaround)
+            weights[rounding] = quantize_model_weights(graph, bits, setting.weight, setting.granularity) \
+                if rounding == "nearest" else adaround_model_weights(graph, images, inputs.mean, inputs.std, bits,
+                                                                     setting.weight, setting.granularity,
+                                                                     settings=adaround)[0]
         biases = corrected_biases(graph, weights[rounding], images, inputs.mean, inputs.std) if corrected else {}
         integer_model = build_integer_model(with_biases(graph, biases), ranges, weights[rounding],
                                             list(inputs.mean), list(inputs.std))
-        predictions = engine_predictions(integer_model, inputs.held_out, inputs.mean, inputs.std)
         label = " + ".join(([rounding] if rounding == "adaround" else []) + (["bias correction"] if corrected else []))
-        result = results[label] = Result(setting, held_out=percent_equal(predictions, inputs.held_out_labels),
-                                         agreement=percent_equal(predictions, fp32_held_out),
-                                         test=_test_accuracy(integer_model, inputs))
-        result.seconds = time.perf_counter() - started
+        result = results[label] = _measured(integer_model, setting, inputs, fp32_held_out, started)
         print(f"  {label} on {setting.label()} ({count} calibration images): held-out {result.held_out:.2f}%, "
               f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
     return results
@@ -344,15 +342,21 @@ def run_mixed_precision(inputs: Inputs, setting: Setting, ranges: dict[str, floa
     chosen = allocate_bits(num_weights, noise, budget)
     weights = quantize_model_weights(graph, chosen, setting.weight, setting.granularity)
     integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std))
-    predictions = engine_predictions(integer_model, inputs.held_out, inputs.mean, inputs.std)
-    result = Result(setting, held_out=percent_equal(predictions, inputs.held_out_labels),
-                    agreement=percent_equal(predictions, fp32_held_out), test=_test_accuracy(integer_model, inputs))
-    result.seconds = time.perf_counter() - started
+    result = _measured(integer_model, setting, inputs, fp32_held_out, started)
     used = sum(packed_weight_bytes(num_weights[layer], b) for layer, b in chosen.items())
     print(f"  mixed precision on {setting.label()}: {used:,} of {budget:,} packed weight bytes, bits "
           f"{' '.join(f'{layer}:{b}' for layer, b in chosen.items())}; held-out {result.held_out:.2f}%, "
           f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
     return result, chosen
+
+
+def _measured(integer_model, setting: Setting, inputs: Inputs, fp32_held_out: Tensor, started: float) -> Result:
+    """``setting``'s Result for one integer model: held-out accuracy and fp32 agreement, test accuracy, seconds."""
+    predictions = engine_predictions(integer_model, inputs.held_out, inputs.mean, inputs.std)
+    result = Result(setting, held_out=percent_equal(predictions, inputs.held_out_labels),
+                    agreement=percent_equal(predictions, fp32_held_out), test=_test_accuracy(integer_model, inputs))
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def _test_accuracy(integer_model, inputs: Inputs) -> float:

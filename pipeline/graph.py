@@ -733,5 +733,5 @@ __all__ = [
     "GraphModel", "float_parameter_count",
     "LAYER_TYPES", "Linear", "MaxPool", "Node", "Reshape", "SUPPORTED", "UnsupportedModelError", "capture",
     "check_output_layer", "fold_batchnorms", "folded_conv_parameters", "folded_state_dict", "fuse_activations", "layer_names",
-    "node_inputs", "numel", "observe_original", "run_float", "run_layer", "with_weights",
+    "node_inputs", "numel", "observe_original", "run_float", "run_layer", "tensor_values", "with_biases", "with_weights",
 ]

@@ -11,8 +11,8 @@ from pipeline.data import load_arrays
 from pipeline.graph import folded_state_dict, with_biases
 from pipeline.io import save_checkpoint
 from pipeline.model_files import save_quantized_weights
-from pipeline.profile import calibration_indices
 from pipeline.params import QuantizeWeightsParams
+from pipeline.profile import calibration_indices
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import quantize_model_weights
@@ -28,11 +28,11 @@ def main() -> None:
     settings = params.calibrator_settings
     meta = {"bits": params.bits, "calibrator": params.calibrator, "options": dataclasses.asdict(settings),
             "granularity": params.granularity, "rounding": params.rounding, "bias_correction": params.bias_correction}
-    images = _calibration_images(params) if params.rounding == "adaround" or params.bias_correction else None
     try:
         check_layer_bits(params.bits, [node.name for node in graph.layers()])
     except ValueError as error:
         sys.exit(f"[quantize-weights] quantize_weights.bits: {error}")
+    images = _calibration_images(params) if params.rounding == "adaround" or params.bias_correction else None
     if params.rounding == "nearest":
         quantized = quantize_model_weights(graph, params.bits, params.calibrator, params.granularity, settings)
     else:

@@ -320,6 +320,6 @@ def _other_node(node: Any, tensors: dict[str, TensorInfo]) -> IntNode:
 
 
 __all__ = [
-    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "quantize_bias", "quantize_layer_weights", "quantize_model_weights",
-    "raw_accumulator_clamp", "scale_groups",
+    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "quantize_bias", "quantize_layer_weights",
+    "quantize_model_weights", "raw_accumulator_clamp", "scale_groups",
 ]
