@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import os
 
-# Set before prefect is imported: it reads these settings on import.
-OFFLINE_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# Set before prefect is imported: it reads these settings on import. The ephemeral server's start-up
+# wait: Prefect's 20 s default ran out in CI on a loaded 2-core machine ("Timed out while attempting to
+# connect to ephemeral Prefect API server"), where importing the server and migrating its database took longer.
+OFFLINE_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 for _name, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_name, _value)
 
