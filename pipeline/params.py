@@ -84,9 +84,23 @@ class ProfileParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class SensitivityParams:
+    # The weight widths measured per layer (at least two, the narrowest left out of the size-accuracy curve);
+    # with a quantize_weights size budget, the widths a layer may get.
+    bits: tuple[int, ...] = dataclasses.field(default=(2, 3, 4, 6, 8), metadata=bounds(2, 8) | {"list": 2})
+    num_samples: int = dataclasses.field(default=1000, metadata=bounds(1))  # held-out images from the training split
+    seed: int = dataclasses.field(default=0, metadata=bounds(0, MAX_SEED))  # picks them
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizeWeightsParams:
     # integer range [-(2^(bits-1)-1), 2^(bits-1)-1]; one width, or a mapping of every layer's name to its width
     bits: int | dict[str, int] = dataclasses.field(default=8, metadata=bounds(2, 8) | {"per_layer": True})
+    # A budget for the packed weights (each layer ceil(weights x bits / 8) bytes): in bytes, or as a fraction of the
+    # int8 size (0.5: the uniform-4-bit size). Set (one of them, bits left at 8), each layer's bits are chosen among
+    # sensitivity.bits, with the least summed output noise the sensitivity stage measured.
+    size_budget_bytes: int | None = dataclasses.field(default=None, metadata=bounds(1))
+    size_budget_fraction: float | None = dataclasses.field(default=None, metadata=bounds(0.0, 1.0, low_open=True))
     calibrator: str = dataclasses.field(default="sigma", metadata=choice(*WEIGHT_CALIBRATORS))
     granularity: str = dataclasses.field(default="per_tensor", metadata=choice("per_tensor", "per_channel"))
     # Each calibrator's settings, under its name; only the chosen calibrator's are used.
@@ -103,6 +117,21 @@ class QuantizeWeightsParams:
     @property
     def calibrator_settings(self) -> Any:
         return chosen_settings(self, WEIGHT_CALIBRATORS)
+
+    @property
+    def size_budget_key(self) -> str | None:
+        """The budget key that is set (``size_budget_bytes`` or ``size_budget_fraction``), None without a budget."""
+        return next((key for key in SIZE_BUDGET_KEYS if getattr(self, key) is not None), None)
+
+    def size_budget(self, num_weights: int) -> int | None:
+        """The budget in bytes for ``num_weights`` weights (size_budget_bytes, or the fraction of their int8 size,
+        rounded down), None without a budget."""
+        if self.size_budget_fraction is not None:
+            return math.floor(self.size_budget_fraction * num_weights)
+        return self.size_budget_bytes
+
+
+SIZE_BUDGET_KEYS = ("size_budget_bytes", "size_budget_fraction")
 
 
 def chosen_settings(section: Any, registry: Mapping[str, Calibrator]) -> Any:
@@ -122,6 +151,7 @@ class Params:
     download: DownloadParams
     train: TrainParams
     profile: ProfileParams
+    sensitivity: SensitivityParams
     quantize_weights: QuantizeWeightsParams
     evaluate: EvaluateParams
 
@@ -131,6 +161,7 @@ SECTIONS: dict[str, type] = {
     "download": DownloadParams,
     "train": TrainParams,
     "profile": ProfileParams,
+    "sensitivity": SensitivityParams,
     "quantize_weights": QuantizeWeightsParams,
     "evaluate": EvaluateParams,
 }
@@ -192,6 +223,19 @@ def _per_layer(key: str, raw: Mapping[str, Any], metadata: Mapping[str, Any]) ->
     return values
 
 
+def _int_list(key: str, raw: Any, metadata: Mapping[str, Any]) -> tuple[int, ...]:
+    """A list of at least ``metadata["list"]`` distinct integers, each checked like a single value; in ascending order."""
+    least = metadata["list"]
+    if not isinstance(raw, list) or len(raw) < least:
+        raise ParamsError(f"{key}: value {raw!r} is not allowed; expected a list of at least {least} integers")
+    values = [_check_type(f"{key}[{index}]", value, "int") for index, value in enumerate(raw)]
+    for index, value in enumerate(values):
+        _check_metadata(f"{key}[{index}]", value, metadata)
+    if len(set(values)) != len(values):
+        raise ParamsError(f"{key}: value {raw!r} repeats a value; allowed: distinct integers")
+    return tuple(sorted(values))
+
+
 def parse_section(name: str, section_type: type, raw: Any) -> Any:
     """Validate one section's mapping (or a calibrator's settings nested in it) into its dataclass."""
     fields = {field.name: field for field in dataclasses.fields(section_type)}
@@ -214,6 +258,9 @@ def parse_section(name: str, section_type: type, raw: Any) -> Any:
         if field.metadata.get("per_layer") and isinstance(raw[field_name], Mapping):
             values[field_name] = _per_layer(key, raw[field_name], field.metadata)
             continue
+        if "list" in field.metadata:
+            values[field_name] = _int_list(key, raw[field_name], field.metadata)
+            continue
         value = _check_type(key, raw[field_name], field.type)
         _check_metadata(key, value, field.metadata)
         values[field_name] = value
@@ -234,7 +281,23 @@ def parse_params(raw: Any) -> Params:
             f"train.nesterov: value true needs train.optimizer sgd and train.momentum > 0, got "
             f"{train.optimizer!r} and {train.momentum}"
         )
+    _check_size_budget(params.quantize_weights)
     return params
+
+
+def _check_size_budget(weights: QuantizeWeightsParams) -> None:
+    """A size budget chooses every layer's bits: one budget key at most, and ``bits`` left at 8, not a width or mapping."""
+    if weights.size_budget_bytes is not None and weights.size_budget_fraction is not None:
+        raise ParamsError(
+            f"quantize_weights.size_budget_fraction: value {weights.size_budget_fraction} is set together with "
+            f"quantize_weights.size_budget_bytes {weights.size_budget_bytes}; allowed: one of them"
+        )
+    key = weights.size_budget_key
+    if key is not None and weights.bits != 8:
+        raise ParamsError(
+            f"quantize_weights.{key}: value {getattr(weights, key)} chooses each layer's bits among sensitivity.bits, "
+            f"so quantize_weights.bits must stay 8; got {weights.bits!r}"
+        )
 
 
 def read_params_file(path: str | Path = "params.yaml") -> Any:

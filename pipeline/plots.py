@@ -34,9 +34,10 @@ from pipeline.graph import FloatGraph
 from pipeline.io import atomic_path
 from pipeline.profile import clipped_fraction
 from pipeline.quant.calibrators import seed_range, weight_range
-from pipeline.quant.settings import SigmaSettings
+from pipeline.quant.mixed_precision import CurvePoint, curve_rows, heat_map_rows
 from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import int_range, layer_bits
+from pipeline.quant.settings import SigmaSettings
 from pipeline.report import STAGES, bits_label, dataset_label, weight_methods
 from pipeline.train import CURVES
 
@@ -620,3 +621,15 @@ def write_plots(
     _write_csv(weight_histogram_rows(weights), out / WEIGHT_HIST_CSV)
     _write_csv(activation_histogram_rows(profile_layers), out / ACTIVATION_HIST_CSV)
     return weight_shares
+
+
+SENSITIVITY_CSV = "sensitivity.csv"  # the layers x bits heat maps (dvc.yaml's plots)
+SIZE_ACCURACY_CSV = "size_accuracy.csv"  # the size-accuracy curve, uniform and mixed widths
+
+
+def write_sensitivity_plots(table: Mapping[str, Mapping[int, Mapping[str, float]]], curve: Sequence[CurvePoint],
+                            float_accuracy: float, out_dir: Path) -> None:
+    """The sensitivity stage's plot data: one row per layer and width, one per curve point."""
+    for name, rows in ((SENSITIVITY_CSV, heat_map_rows(table, float_accuracy)), (SIZE_ACCURACY_CSV, curve_rows(curve))):
+        with atomic_path(out_dir / name) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")

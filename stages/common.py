@@ -1,6 +1,7 @@
 """What every stage shares: artifact paths, logging, validated params, the trained model."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch import nn
 from pipeline.graph import FloatGraph, UnsupportedModelError, capture
 from pipeline.io import load_checkpoint
 from pipeline.models import CheckpointError, restore_model
-from pipeline.params import Params, ParamsError, load_params
+from pipeline.params import Params, ParamsError, QuantizeWeightsParams, load_params
 
 PARAMS_FILE = "params.yaml"
 
@@ -29,6 +30,9 @@ EXPORT_DIR = Path("data/export")  # ONNX and C sources of the integer model
 METRICS = Path("data/metrics.json")  # every figure of the evaluate stage
 ACCURACY = Path("data/accuracy.json")  # the accuracy table, the one file `dvc metrics show` reads
 PLOTS_DIR = Path("data/plots")
+# Each layer's sensitivity to weight bits: a plain output, not a `metrics:` one, so that `dvc metrics show`
+# stays the accuracy table (`dvc metrics show data/sensitivity.json` shows it).
+SENSITIVITY = Path("data/sensitivity.json")
 RESULTS_TABLE = Path("data/results.md")
 
 
@@ -67,3 +71,9 @@ def load_trained_graph(expected_model: str, stage: str) -> tuple[nn.Module, Floa
     """``load_trained_model`` and the trained model's float graph."""
     model, checkpoint = load_trained_model(expected_model)
     return model, capture_model(model, stage), checkpoint
+
+
+def measured_with(model: str, params: QuantizeWeightsParams) -> dict[str, Any]:
+    """What the sensitivity depends on besides the images: a size budget may only use one measured the same way."""
+    return {"model": model, "calibrator": params.calibrator, "granularity": params.granularity,
+            "options": dataclasses.asdict(params.calibrator_settings)}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 
 from pipeline.io import atomic_path, read_json
-from pipeline.plots import read_training_curves, write_plots
 from pipeline.model_files import load_quantized_weights
+from pipeline.plots import read_training_curves, write_plots
 from pipeline.report import results_markdown
 from stages.common import (
     METRICS,

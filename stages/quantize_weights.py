@@ -9,7 +9,7 @@ import torch
 
 from pipeline.data import load_arrays
 from pipeline.graph import folded_state_dict, with_biases
-from pipeline.io import save_checkpoint
+from pipeline.io import read_json, save_checkpoint
 from pipeline.model_files import save_quantized_weights
 from pipeline.params import QuantizeWeightsParams
 from pipeline.profile import calibration_indices
@@ -17,8 +17,22 @@ from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.engine import dequantized_weights
+from pipeline.quant.mixed_precision import (
+    allocate_bits,
+    layer_sizes,
+    noise_by_layer,
+    packed_model_bytes,
+)
 from pipeline.quant.ranges import check_layer_bits, layer_bits
-from stages.common import ARRAYS, QUANTIZED_WEIGHTS, WEIGHT_ONLY_CHECKPOINT, load_trained_graph, start_stage
+from stages.common import (
+    ARRAYS,
+    QUANTIZED_WEIGHTS,
+    SENSITIVITY,
+    WEIGHT_ONLY_CHECKPOINT,
+    load_trained_graph,
+    measured_with,
+    start_stage,
+)
 
 
 def main() -> None:
@@ -26,18 +40,25 @@ def main() -> None:
     params = all_params.quantize_weights
     _, graph, checkpoint = load_trained_graph(all_params.train.model, "quantize-weights")
     settings = params.calibrator_settings
-    meta = {"bits": params.bits, "calibrator": params.calibrator, "options": dataclasses.asdict(settings),
-            "granularity": params.granularity, "rounding": params.rounding, "bias_correction": params.bias_correction}
+    num_weights = layer_sizes(graph)
+    budget = params.size_budget(sum(num_weights.values()))
+    bits = params.bits if budget is None else _budget_bits(params, all_params.train.model, num_weights, budget)
+    # Narrower weights are still stored as int8 (here and in the integer model); packed is their size at their bits.
+    meta = {"bits": bits, "calibrator": params.calibrator, "options": dataclasses.asdict(settings),
+            "granularity": params.granularity, "rounding": params.rounding, "bias_correction": params.bias_correction,
+            "packed_weight_bytes": packed_model_bytes(num_weights, bits)}
+    if budget is not None:
+        meta["size_budget_bytes"] = budget
     try:
-        check_layer_bits(params.bits, [node.name for node in graph.layers()])
+        check_layer_bits(bits, list(num_weights))
     except ValueError as error:
         sys.exit(f"[quantize-weights] quantize_weights.bits: {error}")
     images = _calibration_images(params) if params.rounding == "adaround" or params.bias_correction else None
     if params.rounding == "nearest":
-        quantized = quantize_model_weights(graph, params.bits, params.calibrator, params.granularity, settings)
+        quantized = quantize_model_weights(graph, bits, params.calibrator, params.granularity, settings)
     else:
         quantized, errors = adaround_model_weights(
-            graph, images, checkpoint["mean"], checkpoint["std"], params.bits,
+            graph, images, checkpoint["mean"], checkpoint["std"], bits,
             params.calibrator, params.granularity, settings, params.adaround,
         )
         meta |= {"adaround": dataclasses.asdict(params.adaround), "reconstruction_error": errors}
@@ -56,8 +77,26 @@ def main() -> None:
            "batchnorm_folded": True},
     )
     for name, (q_weight, scale) in quantized.items():
-        logging.info("%-6s %s int%d weights, scale %s", name, tuple(q_weight.shape), layer_bits(params.bits, name),
+        logging.info("%-6s %s int%d weights, scale %s", name, tuple(q_weight.shape), layer_bits(bits, name),
                      f"{float(scale):.3e}" if scale.ndim == 0 else f"{len(scale)} per-channel")
+    logging.info("weights: %d bytes packed at their bits, %d stored as int8", meta["packed_weight_bytes"],
+                 sum(num_weights.values()))
+
+
+def _budget_bits(params: QuantizeWeightsParams, model: str, num_weights: dict[str, int], budget: int) -> dict[str, int]:
+    """Each layer's bits that fit ``budget`` packed bytes with the least summed output noise of the sensitivity stage."""
+    key = f"quantize_weights.{params.size_budget_key} {getattr(params, params.size_budget_key)}"
+    report = read_json(SENSITIVITY)
+    if report["measured_with"] != measured_with(model, params):
+        sys.exit(f"[quantize-weights] {key}: {SENSITIVITY} was measured with {report['measured_with']}, not with "
+                 f"{measured_with(model, params)}: run the sensitivity stage first (dvc repro sensitivity)")
+    try:
+        bits = allocate_bits(num_weights, noise_by_layer(report["layers"]), budget)
+    except ValueError as error:
+        sys.exit(f"[quantize-weights] {key}: {error}")
+    logging.info("%s: %d bytes; bits chosen from %s: %s", key, budget, SENSITIVITY,
+                 " ".join(f"{layer}:{width}" for layer, width in bits.items()))
+    return bits
 
 
 def _calibration_images(params: QuantizeWeightsParams) -> torch.Tensor:

@@ -82,7 +82,8 @@ def set_params(project: Path, updates: dict[str, dict]) -> None:
 
 CLASSES = list(CLASS_NAMES)  # the download stage accepts exactly CIFAR-10's ten class folders
 # Params that make a whole pipeline run take seconds on the tiny dataset (8 train, 3 test images per class).
-TINY_PARAMS = {"train": {"epochs": 1, "batch_size": 16}, "profile": {"num_samples": 40, "batch_size": 40}}
+TINY_PARAMS = {"train": {"epochs": 1, "batch_size": 16}, "profile": {"num_samples": 40, "batch_size": 40},
+               "sensitivity": {"num_samples": 40}}
 
 
 def tiny_project_copy(root: Path) -> Path:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
 
 from tests.project_copy import run, set_params, tiny_project_copy
 
-ALL_STAGES = {"check-params", "download", "train", "profile", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
+ALL_STAGES = {"check-params", "download", "train", "profile", "sensitivity", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
 
 def ran_stages(output: str) -> set[str]:
@@ -52,7 +53,9 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
 
     set_params(project, {"quantize_weights": {"sigma": {"k": 2.5}}})
     third = run(["dvc", "repro"], project)
-    assert ran_stages(third.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
+    # The sensitivity is measured with quantize-weights' own weight quantizer, so it re-runs too.
+    assert ran_stages(third.stdout) == {"check-params", "sensitivity", "quantize-weights", "quantize-biases", "export",
+                                        "evaluate", "plot"}
 
     # AdaRound and bias correction at 4 bits, 8 for the first and last layers (a few steps on the tiny data): the
     # same stages, and the C and integer ONNX proofs hold with the learned integers and the corrected biases.
@@ -65,6 +68,17 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     metrics = metrics_after(project)
     assert metrics["quantization"]["weight_rounding"] == "adaround" and metrics["quantization"]["weight_bits"] == mixed_bits
     assert metrics["quantization"]["bias_correction"] is True
+    assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+
+    # Mixed precision from the sensitivity stage at the uniform-W4 size: only quantize-weights and after re-run.
+    set_params(project, {"quantize_weights": {"rounding": "nearest", "bits": 8, "bias_correction": False,
+                                              "size_budget_fraction": 0.5}})
+    budgeted = run(["dvc", "repro"], project)
+    assert ran_stages(budgeted.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
+    metrics = metrics_after(project)
+    chosen = metrics["quantization"]["weight_bits"]
+    sizes = json.loads((project / "data" / "sensitivity.json").read_text())["num_weights"]
+    assert sum(math.ceil(sizes[layer] * bits / 8) for layer, bits in chosen.items()) <= sum(sizes.values()) // 2
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
 
     set_params(project, {"train": {"epochs": 2}})
@@ -103,7 +117,7 @@ def test_a_misspelled_section_fails_repro_and_exp_run_even_when_no_stage_would_r
     run(["dvc", "repro"], project)  # everything up to date first
     params = project / "params.yaml"
     original = params.read_text()
-    message = "trian: unknown section; allowed sections: download, train, profile, quantize_weights, evaluate"
+    message = "trian: unknown section; allowed sections: download, train, profile, sensitivity, quantize_weights, evaluate"
     try:
         params.write_text(original + "trian:\n  epochs: 5\n")
         result = run(["dvc", "repro"], project, check=False)

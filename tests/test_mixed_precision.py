@@ -11,13 +11,35 @@ import torch
 from pipeline.graph import capture
 from pipeline.models import build_model
 from pipeline.quant.build import quantize_model_weights
-from pipeline.quant.mixed_precision import allocate_bits, layer_sensitivity, packed_weight_bytes, sqnr_db
+from pipeline.quant.mixed_precision import (
+    CurvePoint,
+    allocate_bits,
+    curve_json,
+    curve_rows,
+    heat_map_rows,
+    layer_sensitivity,
+    layer_sizes,
+    noise_by_layer,
+    packed_model_bytes,
+    packed_weight_bytes,
+    sensitivity_table,
+    size_accuracy_curve,
+    sqnr_db,
+    table_json,
+    weight_quantized_accuracy,
+)
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
 
 
 def test_packed_bytes_round_up_to_whole_bytes():
     assert [packed_weight_bytes(10, bits) for bits in (2, 3, 4, 8)] == [3, 4, 5, 10]
     assert packed_weight_bytes(0, 4) == 0
+
+
+def test_a_models_packed_size_sums_its_layers_at_one_width_or_each_ones_own():
+    num_weights = {"a": 10, "b": 6}
+    assert packed_model_bytes(num_weights, 8) == 16
+    assert packed_model_bytes(num_weights, {"a": 3, "b": 4}) == 4 + 3  # ceil(30 / 8) + 24 / 8
 
 
 def test_sqnr_is_signal_power_over_noise_in_decibels():
@@ -91,3 +113,63 @@ def test_sensitivity_grows_as_bits_shrink_and_is_measured_per_layer():
         assert by_bits[2]["noise"] > by_bits[4]["noise"] > by_bits[8]["noise"] > 0, layer
         assert by_bits[2]["sqnr_db"] < by_bits[4]["sqnr_db"] < by_bits[8]["sqnr_db"]
         assert all(0.0 <= entry["accuracy"] <= 100.0 for entry in by_bits.values())
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """The seed's LeNet (untrained) on 64 random images: the graph, the images, and its sensitivity at 2, 4 and 8 bits."""
+    graph = capture(build_model("net", seed=0).eval())
+    generator = torch.Generator().manual_seed(2)
+    images = normalize(torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=generator), SEED_MEAN, SEED_STD)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    table = layer_sensitivity(graph, images, labels, (2, 4, 8), "minmax", "per_channel", progress=False)
+    return graph, images, labels, table
+
+
+def test_the_curve_puts_each_mixed_allocation_within_the_uniform_size_with_no_more_predicted_noise(measured):
+    graph, images, labels, table = measured
+    noise = noise_by_layer(table)
+    num_weights = layer_sizes(graph)
+    curve = size_accuracy_curve(graph, images, labels, noise, (8, 4), "minmax", "per_channel")
+    assert [(point.series, point.width) for point in curve] == [("uniform", 8), ("mixed", 8), ("uniform", 4), ("mixed", 4)]
+    for uniform, mixed in zip(curve[::2], curve[1::2]):
+        assert uniform.bits == dict.fromkeys(num_weights, uniform.width)
+        assert uniform.packed_bytes == packed_model_bytes(num_weights, uniform.width)
+        assert mixed.packed_bytes == packed_model_bytes(num_weights, mixed.bits) <= uniform.packed_bytes  # the budget holds
+        assert set(mixed.bits.values()) <= {2, 4, 8}
+        assert sum(noise[layer][bits] for layer, bits in mixed.bits.items()) <= sum(
+            noise[layer][uniform.width] for layer in num_weights)
+        assert mixed.accuracy == weight_quantized_accuracy(graph, images, labels, mixed.bits, "minmax", "per_channel")
+    assert curve[1].bits == dict.fromkeys(num_weights, 8)  # with room for every layer at 8 bits, the quietest
+
+
+def test_with_no_layer_quantized_the_accuracy_is_the_float_models(measured):
+    graph, images, labels, _ = measured
+    with torch.no_grad():
+        predictions = build_model("net", seed=0).eval()(images).argmax(1)
+    expected = 100.0 * float((predictions == labels).double().mean())
+    assert weight_quantized_accuracy(graph, images, labels, {}) == pytest.approx(expected)
+
+
+def test_the_json_table_keeps_the_noise_and_writes_an_infinite_sqnr_as_null():
+    table = {"conv1": {2: {"accuracy": 50.0, "noise": 0.5, "sqnr_db": 3.0}, 8: {"accuracy": 60.0, "noise": 0.0,
+                                                                                 "sqnr_db": math.inf}}}
+    written = table_json(table)
+    assert written == {"conv1": {"2": {"accuracy": 50.0, "noise": 0.5, "sqnr_db": 3.0},
+                                 "8": {"accuracy": 60.0, "noise": 0.0, "sqnr_db": None}}}
+    assert noise_by_layer(written) == noise_by_layer(table) == {"conv1": {2: 0.5, 8: 0.0}}
+    assert heat_map_rows(table, 61.0) == [
+        {"layer": "conv1", "bits": 2, "sqnr_db": 3.0, "accuracy": 50.0, "accuracy_drop": 11.0},
+        {"layer": "conv1", "bits": 8, "sqnr_db": None, "accuracy": 60.0, "accuracy_drop": 1.0},
+    ]
+    text = sensitivity_table(table, {"conv1": 450}, 61.0)
+    assert "float 61.00%" in text and "2 bits" in text and "8 bits" in text
+    assert text.splitlines()[-1].split() == ["conv1", "450", "50.00", "/", "3.0", "60.00", "/", "inf"]
+
+
+def test_curve_rows_and_json_name_each_point_by_series_and_width():
+    points = [CurvePoint("uniform", 4, 8, 50.0, {"a": 4, "b": 4}), CurvePoint("mixed", 4, 7, 52.5, {"a": 8, "b": 2})]
+    assert curve_rows(points)[1] == {"series": "mixed", "width": 4, "packed_bytes": 7, "accuracy": 52.5,
+                                     "bits": "a:8 b:2"}
+    assert curve_json(points) == {"uniform": {"4": {"packed_bytes": 8, "accuracy": 50.0, "bits": {"a": 4, "b": 4}}},
+                                  "mixed": {"4": {"packed_bytes": 7, "accuracy": 52.5, "bits": {"a": 8, "b": 2}}}}

@@ -67,13 +67,13 @@ def test_missing_sections_take_defaults():
         ({"train": {"batch_size": True}}, "train.batch_size: value True has the wrong type; expected int"),
         ({"train": {"momentum": 1.5}}, "train.momentum: value 1.5 is out of range; allowed: <= 1.0"),
         ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: model, epochs,"),
-        ({"trian": {}}, "trian: unknown section; allowed sections: download, train, profile, quantize_weights, evaluate"),
+        ({"trian": {}}, "trian: unknown section; allowed sections: download, train, profile, sensitivity, quantize_weights, evaluate"),
         ({"profile": {"calibrator": "kl"}}, "profile.calibrator: value 'kl' is not allowed; allowed: seed, minmax, percentile, mse, entropy"),
         ({"profile": {"percentile": {"percent": 0}}}, "profile.percentile.percent: value 0.0 is out of range; allowed: > 0.0"),
         ({"profile": {"percentile": 99.9}}, "profile.percentile: expected a mapping of keys to values (keys: percent), got 99.9"),
         ({"profile": {"mse": {"num_candidates": 0}}}, "profile.mse.num_candidates: value 0 is out of range; allowed: >= 1"),
         ({"profile": {"entropy": {"bins": 64}}}, "profile.entropy.bins: unknown key; allowed keys: num_quantized_bins"),
-        ({"quantize_weights": {"k": 2.5}}, "quantize_weights.k: unknown key; allowed keys: bits, calibrator, granularity, sigma, mse, rounding, adaround, bias_correction, calibration"),
+        ({"quantize_weights": {"k": 2.5}}, "quantize_weights.k: unknown key; allowed keys: bits, size_budget_bytes, size_budget_fraction, calibrator, granularity, sigma, mse, rounding, adaround, bias_correction, calibration"),
         ({"quantize_weights": {"sigma": {"k": 0}}}, "quantize_weights.sigma.k: value 0.0 is out of range; allowed: > 0.0"),
         ({"quantize_weights": {"rounding": "stochastic"}},
          "quantize_weights.rounding: value 'stochastic' is not allowed; allowed: nearest, adaround"),
@@ -98,6 +98,26 @@ def test_missing_sections_take_defaults():
         ({"profile": {"seed": -1}}, "profile.seed: value -1 is out of range; allowed: >= 0"),
         ({"download": {"source": ""}}, "download.source: value '' is empty; allowed: a non-empty string"),
         ({"download": {"source": "  "}}, "download.source: value '  ' is empty; allowed: a non-empty string"),
+        ({"sensitivity": {"bits": [2, 9]}}, "sensitivity.bits[1]: value 9 is out of range; allowed: <= 8"),
+        ({"sensitivity": {"bits": [2, 4.5]}}, "sensitivity.bits[1]: value 4.5 has the wrong type; expected int"),
+        ({"sensitivity": {"bits": [4]}}, "sensitivity.bits: value [4] is not allowed; expected a list of at least 2 integers"),
+        ({"sensitivity": {"bits": 4}}, "sensitivity.bits: value 4 is not allowed; expected a list of at least 2 integers"),
+        ({"sensitivity": {"bits": [4, 2, 4]}}, "sensitivity.bits: value [4, 2, 4] repeats a value; allowed: distinct integers"),
+        ({"sensitivity": {"num_samples": 0}}, "sensitivity.num_samples: value 0 is out of range; allowed: >= 1"),
+        ({"quantize_weights": {"size_budget_bytes": 0}}, "quantize_weights.size_budget_bytes: value 0 is out of range; allowed: >= 1"),
+        ({"quantize_weights": {"size_budget_fraction": 0}},
+         "quantize_weights.size_budget_fraction: value 0.0 is out of range; allowed: > 0.0"),
+        ({"quantize_weights": {"size_budget_fraction": 1.5}},
+         "quantize_weights.size_budget_fraction: value 1.5 is out of range; allowed: <= 1.0"),
+        ({"quantize_weights": {"size_budget_fraction": 0.5, "size_budget_bytes": 1000}},
+         "quantize_weights.size_budget_fraction: value 0.5 is set together with quantize_weights.size_budget_bytes 1000; "
+         "allowed: one of them"),
+        ({"quantize_weights": {"size_budget_bytes": 1000, "bits": {"conv1": 4}}},
+         "quantize_weights.size_budget_bytes: value 1000 chooses each layer's bits among sensitivity.bits, so "
+         "quantize_weights.bits must stay 8; got {'conv1': 4}"),
+        ({"quantize_weights": {"size_budget_fraction": 0.5, "bits": 4}},
+         "quantize_weights.size_budget_fraction: value 0.5 chooses each layer's bits among sensitivity.bits, so "
+         "quantize_weights.bits must stay 8; got 4"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, message):
@@ -115,6 +135,17 @@ def test_the_chosen_calibrator_gets_its_own_settings_and_no_stage_branches():
     assert parse_params({}).quantize_weights.calibrator_settings == SigmaSettings(3.0)
     adaround = parse_params({"quantize_weights": {"rounding": "adaround", "adaround": {"iterations": 50}}}).quantize_weights
     assert (adaround.rounding, adaround.adaround) == ("adaround", AdaRoundSettings(iterations=50))
+
+
+def test_sensitivity_widths_are_a_sorted_list_and_a_budget_is_bytes_or_a_fraction_of_the_int8_size():
+    params = parse_params({"sensitivity": {"bits": [8, 2, 5]}, "quantize_weights": {"size_budget_fraction": 0.5}})
+    assert params.sensitivity.bits == (2, 5, 8)
+    assert params.quantize_weights.size_budget_key == "size_budget_fraction"
+    assert params.quantize_weights.size_budget(1001) == 500  # rounded down: the budget is never exceeded
+    by_bytes = parse_params({"quantize_weights": {"size_budget_bytes": 700}}).quantize_weights
+    assert (by_bytes.size_budget_key, by_bytes.size_budget(1001)) == ("size_budget_bytes", 700)
+    default = parse_params({}).quantize_weights
+    assert (default.size_budget_key, default.size_budget(1001)) == (None, None)
 
 
 def test_weight_bits_may_name_a_width_per_layer():

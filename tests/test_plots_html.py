@@ -22,7 +22,15 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.plots import read_training_curves, write_plots
+from pipeline.plots import read_training_curves, write_plots, write_sensitivity_plots
+from pipeline.quant.mixed_precision import (
+    layer_sensitivity,
+    noise_by_layer,
+    size_accuracy_curve,
+    weight_quantized_accuracy,
+)
+from pipeline.quant.settings import SigmaSettings
+from pipeline.train import SEED_MEAN, SEED_STD, normalize
 from tests.project_copy import PROJECT_ROOT, run
 from tests.test_plots import CSVS, synthetic_artifacts
 
@@ -61,10 +69,17 @@ def vega_plots(plots: list) -> list:
 
 
 def write_revision(repo: Path, images: torch.Tensor, granularity: str) -> None:
+    """The plot stage's and the sensitivity stage's plot data of one revision."""
     artifacts = synthetic_artifacts(repo / "data", images, "net", granularity)
     meta = {"bits": 8, "calibrator": "sigma", "options": {"k": 3.0}, "granularity": granularity}
+    plots = repo / "data" / "plots"
     write_plots(artifacts["graph"], artifacts["quantized"], meta, artifacts["profile"], artifacts["metrics"],
-                read_training_curves(repo / "data" / "training"), repo / "data" / "plots")
+                read_training_curves(repo / "data" / "training"), plots)
+    graph, labels = artifacts["graph"], torch.arange(len(images)) % 10
+    x = normalize(images, SEED_MEAN, SEED_STD)
+    table = layer_sensitivity(graph, x, labels, [2, 4, 8], "sigma", granularity, SigmaSettings(3.0), progress=False)
+    curve = size_accuracy_curve(graph, x, labels, noise_by_layer(table), [8, 4], "sigma", granularity, SigmaSettings(3.0))
+    write_sensitivity_plots(table, curve, weight_quantized_accuracy(graph, x, labels, {}), plots)
 
 
 def chromium(page: Path, *args: str) -> str:

@@ -13,12 +13,16 @@ The choice is exact for that model: a multiple-choice knapsack solved by dynamic
 over bytes (``allocate_bits``), not a greedy approximation. The noise is measured, not the
 accuracy, because on a few thousand held-out images one layer's accuracy change is mostly
 sampling noise while its logit error is not.
+
+Size-accuracy curve (``size_accuracy_curve``): the held-out accuracy of every layer at one
+width against the packed bytes, and of the allocation at that same packed size, weights
+only (activations float, round to nearest), so the two series differ in the bits alone.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +31,7 @@ from torch import Tensor
 from pipeline.graph import FloatGraph, run_float
 from pipeline.progress import progress_bar
 from pipeline.quant.build import quantize_layer_weights
-from pipeline.quant.ranges import dequantize
+from pipeline.quant.ranges import dequantize, layer_bits
 
 FORWARD_BATCH = 500  # held-out images per forward pass
 
@@ -35,6 +39,16 @@ FORWARD_BATCH = 500  # held-out images per forward pass
 def packed_weight_bytes(num_weights: int, bits: int) -> int:
     """Bytes of ``num_weights`` weights of ``bits`` bits each, packed without padding between them."""
     return math.ceil(num_weights * bits / 8)
+
+
+def layer_sizes(graph: FloatGraph) -> dict[str, int]:
+    """The number of weights of each quantized layer, in graph order."""
+    return {node.name: node.weight.numel() for node in graph.layers()}
+
+
+def packed_model_bytes(num_weights: Mapping[str, int], bits: int | Mapping[str, int]) -> int:
+    """Bytes of every layer's weights packed at its width (one width, or one per layer)."""
+    return sum(packed_weight_bytes(count, layer_bits(bits, layer)) for layer, count in num_weights.items())
 
 
 def sqnr_db(signal: Tensor, noise_power: float) -> float:
@@ -47,6 +61,31 @@ def sqnr_db(signal: Tensor, noise_power: float) -> float:
 @torch.no_grad()
 def _logits(graph: FloatGraph, x: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
     return torch.cat([run_float(graph, x[s : s + FORWARD_BATCH], weights) for s in range(0, len(x), FORWARD_BATCH)])
+
+
+def _accuracy(logits: Tensor, labels: Tensor) -> float:
+    return 100.0 * float((logits.argmax(1) == labels).to(torch.float64).mean())
+
+
+def _fake_quantized(weight: Tensor, bits: int, calibrator: str, granularity: str, calibrator_settings: Any) -> Tensor:
+    """``weight`` quantized to ``bits`` and back to float32: the values the integer model computes with."""
+    q_weight, weight_scale = quantize_layer_weights(weight, bits, calibrator, granularity, calibrator_settings)
+    return dequantize(q_weight, weight_scale, axis=0).to(torch.float32)
+
+
+def weight_quantized_accuracy(
+    graph: FloatGraph,
+    x_normalized: Tensor,
+    labels: Tensor,
+    bits: Mapping[str, int],
+    calibrator: str = "sigma",
+    granularity: str = "per_tensor",
+    calibrator_settings: Any = None,
+) -> float:
+    """Accuracy (%) with the weights of the layers in ``bits`` quantized to their widths, the rest and activations float."""
+    weights = {node.name: _fake_quantized(node.weight, bits[node.name], calibrator, granularity, calibrator_settings)
+               for node in graph.layers() if node.name in bits}
+    return _accuracy(_logits(graph, x_normalized, weights), labels)
 
 
 def layer_sensitivity(
@@ -68,12 +107,10 @@ def layer_sensitivity(
     table: dict[str, dict[int, dict[str, float]]] = {}
     pairs = [(node, bits) for node in graph.layers() for bits in bits_choices]
     for node, bits in progress_bar(pairs, "sensitivity", progress):
-        q_weight, weight_scale = quantize_layer_weights(node.weight, bits, calibrator, granularity, calibrator_settings)
-        weight = dequantize(q_weight, weight_scale, axis=0).to(torch.float32)
+        weight = _fake_quantized(node.weight, bits, calibrator, granularity, calibrator_settings)
         logits = _logits(graph, x_normalized, {node.name: weight})
         noise = float((logits.to(torch.float64) - float_logits.to(torch.float64)).pow(2).mean())
-        accuracy = 100.0 * float((logits.argmax(1) == labels).to(torch.float64).mean())
-        table.setdefault(node.name, {})[bits] = {"accuracy": accuracy, "noise": noise,
+        table.setdefault(node.name, {})[bits] = {"accuracy": _accuracy(logits, labels), "noise": noise,
                                                  "sqnr_db": sqnr_db(float_logits, noise)}
     return table
 
@@ -121,4 +158,97 @@ def allocate_bits(
     return {layer: chosen[layer] for layer in layers}
 
 
-__all__ = ["allocate_bits", "layer_sensitivity", "packed_weight_bytes", "sqnr_db"]
+def noise_by_layer(table: Mapping[str, Mapping[Any, Mapping[str, float]]]) -> dict[str, dict[int, float]]:
+    """The output noise alone, ``{layer: {bits: noise}}``, what ``allocate_bits`` minimizes, of ``layer_sensitivity``'s
+    table or of ``table_json``'s (bits as strings)."""
+    return {layer: {int(bits): entry["noise"] for bits, entry in by_bits.items()} for layer, by_bits in table.items()}
+
+
+def table_json(table: Mapping[str, Mapping[int, Mapping[str, float]]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``layer_sensitivity``'s table for a JSON file: the bits as string keys, an infinite SQNR (no noise) as null."""
+    return {layer: {str(bits): {**entry, "sqnr_db": _finite_or_none(entry["sqnr_db"])} for bits, entry in by_bits.items()}
+            for layer, by_bits in table.items()}
+
+
+class CurvePoint(NamedTuple):
+    """One point of the size-accuracy curve: a series' weight bits, their packed size and held-out accuracy."""
+
+    series: str  # "uniform" (every layer at ``width``) or "mixed" (allocated at the uniform one's packed size)
+    width: int  # the uniform width whose packed size this point has (mixed: at most)
+    packed_bytes: int
+    accuracy: float  # percent, weights quantized, activations float
+    bits: dict[str, int]
+
+
+def size_accuracy_curve(
+    graph: FloatGraph,
+    x_normalized: Tensor,
+    labels: Tensor,
+    noise: Mapping[str, Mapping[int, float]],
+    widths: Sequence[int],
+    calibrator: str = "sigma",
+    granularity: str = "per_tensor",
+    calibrator_settings: Any = None,
+) -> list[CurvePoint]:
+    """For each of ``widths``: every layer at that width, and ``allocate_bits``' choice at the same packed size.
+
+    ``noise`` is ``noise_by_layer`` of the sensitivity; its bits are the widths a layer may get.
+    """
+    num_weights = layer_sizes(graph)
+    measured: dict[tuple[int, ...], float] = {}  # by allocation: mixed often equals uniform (at the widest always)
+    points = []
+    for width in widths:
+        budget = packed_model_bytes(num_weights, width)
+        for series, bits in (("uniform", dict.fromkeys(num_weights, width)), ("mixed", allocate_bits(num_weights, noise, budget))):
+            key = tuple(bits.values())
+            if key not in measured:
+                measured[key] = weight_quantized_accuracy(graph, x_normalized, labels, bits, calibrator, granularity,
+                                                          calibrator_settings)
+            points.append(CurvePoint(series, width, packed_model_bytes(num_weights, bits), measured[key], bits))
+    return points
+
+
+def curve_json(points: Sequence[CurvePoint]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The curve for a JSON file: ``{series: {width: {"packed_bytes", "accuracy", "bits"}}}``."""
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for point in points:
+        result.setdefault(point.series, {})[str(point.width)] = {
+            "packed_bytes": point.packed_bytes, "accuracy": point.accuracy, "bits": point.bits}
+    return result
+
+
+def sensitivity_table(table: Mapping[str, Mapping[int, Mapping[str, float]]], num_weights: Mapping[str, int],
+                      float_accuracy: float) -> str:
+    """The sensitivity as a text table, a row per layer, a column per width: "accuracy % / SQNR dB"."""
+    widths = list(next(iter(table.values())))
+    lines = [f"held-out accuracy (%) / output SQNR (dB) with only that layer's weights quantized; "
+             f"float {float_accuracy:.2f}%",
+             f"{'layer':<10} {'weights':>9}" + "".join(f"{f'{bits} bits':>16}" for bits in widths)]
+    for layer, by_bits in table.items():
+        cells = "".join(f"{by_bits[bits]['accuracy']:>8.2f} / {by_bits[bits]['sqnr_db']:>5.1f}" for bits in widths)
+        lines.append(f"{layer:<10} {num_weights[layer]:>9,}{cells}")
+    return "\n".join(lines)
+
+
+def heat_map_rows(table: Mapping[str, Mapping[int, Mapping[str, float]]], float_accuracy: float) -> list[dict[str, Any]]:
+    """One row per layer and width, in graph order: the data of the layers x bits heat maps (SQNR, accuracy)."""
+    return [{"layer": layer, "bits": bits, "sqnr_db": _finite_or_none(entry["sqnr_db"]),
+             "accuracy": entry["accuracy"], "accuracy_drop": float_accuracy - entry["accuracy"]}
+            for layer, by_bits in table.items() for bits, entry in by_bits.items()]
+
+
+def curve_rows(points: Sequence[CurvePoint]) -> list[dict[str, Any]]:
+    """One row per curve point: series, width, packed bytes, accuracy and the bits per layer (for the tooltip)."""
+    return [{"series": point.series, "width": point.width, "packed_bytes": point.packed_bytes,
+             "accuracy": point.accuracy, "bits": " ".join(f"{layer}:{bits}" for layer, bits in point.bits.items())}
+            for point in points]
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON and the plots have no infinity: an exact layer's SQNR (no noise at all) is None."""
+    return value if math.isfinite(value) else None
+
+
+__all__ = ["CurvePoint", "allocate_bits", "curve_json", "curve_rows", "heat_map_rows", "layer_sensitivity", "layer_sizes",
+           "noise_by_layer", "packed_model_bytes", "packed_weight_bytes", "sensitivity_table", "size_accuracy_curve",
+           "sqnr_db", "table_json", "weight_quantized_accuracy"]
