@@ -69,7 +69,7 @@ def measure(name: str, model: nn.Module, images: int, repeats: int) -> dict[str,
     stats = profile_activations(graph, calibration, SEED_MEAN, SEED_STD, 250, progress=False)
     ranges = {root: chosen["range"] for root, chosen in calibrate_ranges(stats, "seed").items()}
     integer_model = build_integer_model(graph, ranges, quantize_model_weights(graph))
-    for plan in (layer_plan(layer) for layer in integer_model.layers()):
+    for plan in (layer_plan(integer_model, layer) for layer in integer_model.layers()):
         print(f"  {name} {plan['layer']:<22} bound {plan['accumulator_bound']:>10,}  conv {plan['conv']}, "
               f"rescale {plan['rescale']}")
     x = normalize(_images(images, seed=2), SEED_MEAN, SEED_STD)

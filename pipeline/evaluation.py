@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from pipeline.graph import FloatGraph, float_parameter_count, run_float
-from pipeline.quant.engine import integer_tensor_outputs, quantize_input, run_integer, run_simulated
+from pipeline.quant.engine import integer_tensor_outputs, quantize_model_input, run_integer, run_simulated
 from pipeline.quant.ir import IntegerModel, parameter_bytes
 from pipeline.quant.ranges import dequantize
 from pipeline.train import normalized_batches
@@ -46,7 +46,7 @@ def engine_logits(
     ``progress=None`` shows a bar only when stderr is a terminal.
     """
     return torch.cat([
-        run_integer(integer_model, quantize_input(batch, integer_model.input_scale)).flatten(1)
+        run_integer(integer_model, quantize_model_input(integer_model, batch)).flatten(1)
         for batch in normalized_batches(images, mean, std, batch_size, "integer engine", progress)
     ])
 
@@ -95,7 +95,7 @@ def output_sqnr(graph: FloatGraph, integer_model: IntegerModel, x_normalized: Te
     outputs = {layer.output: layer.name for layer in integer_model.layers()}
     float_outputs: dict[str, Tensor] = {}
     run_float(graph, x_normalized, observe=lambda name, value: float_outputs.update({name: value}) if name in outputs else None)
-    integer_outputs = integer_tensor_outputs(integer_model, quantize_input(x_normalized, integer_model.input_scale))
+    integer_outputs = integer_tensor_outputs(integer_model, quantize_model_input(integer_model, x_normalized))
     return {
         name: sqnr_db(float_outputs[tensor], dequantize(integer_outputs[tensor], integer_model.tensors[tensor].scale))
         for tensor, name in outputs.items()

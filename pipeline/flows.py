@@ -3,7 +3,10 @@
 ``ptq_pipeline`` runs every stage of ``dvc.yaml`` in file order, one task per
 stage, each as ``dvc repro --single-item <stage>`` in a subprocess, and
 publishes the accuracy table as Prefect artifacts. ``ptq_sweep`` runs a grid of
-parameter overrides as ``dvc exp run --temp`` experiments side by side.
+parameter overrides as ``dvc exp run --temp`` experiments side by side, or, given
+a deployment of ``ptq_experiment``, one flow run per grid point on any worker of
+its pool: each run clones the git remote at the sweep's commit, pulls from the
+shared DVC remote what other runs already made, and pushes its experiment back.
 Prefect's own task caching is off everywhere: a second caching system beside
 DVC's would disagree with it.
 
@@ -23,6 +26,7 @@ for _name, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_name, _value)
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -33,6 +37,7 @@ import time  # noqa: E402
 from collections import deque  # noqa: E402
 from collections.abc import Callable, Iterable, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -40,6 +45,11 @@ import yaml  # noqa: E402
 from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.objects import FlowRun, StateType  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.events.actions import ChangeFlowRunState  # noqa: E402
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture  # noqa: E402
 from prefect.runtime import task_run  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
@@ -59,6 +69,24 @@ TABLE_PREFIXES = ("",)
 PIPELINE_TABLE_KEY = "ptq-accuracy"
 PIPELINE_DIFF_KEY = "ptq-metrics-diff"
 SWEEP_TABLE_KEY = "ptq-sweep"
+EXPERIMENT_OUTPUTS_KEY = "ptq-experiment-outputs"
+# The deployment of ptq_experiment in prefect.yaml, which a sweep on a pool submits its points to.
+EXPERIMENT_DEPLOYMENT = "ptq-experiment/experiment"
+# How a sweep tells each experiment run what to clone: prefect.yaml's git_clone step reads these
+# from the flow run's environment (its job variables), since a pull step cannot see flow parameters.
+GIT_URL_ENV = "PTQ_GIT_URL"
+GIT_COMMIT_ENV = "PTQ_GIT_COMMIT"
+SWEEP_TIMEOUT_SECONDS = 6 * 3600  # how long a sweep on a pool waits for all its runs, default
+# A machine that dies takes its worker along, and nothing is left to report the run's end: the server
+# marks such a run Crashed when its heartbeats stop (an automation the sweep installs). Prefect's
+# shortest heartbeat period, and the silence that means a dead machine: three missed heartbeats.
+HEARTBEAT_SECONDS = 30
+SILENCE_SECONDS = 3 * HEARTBEAT_SECONDS
+SILENT_RUNS_AUTOMATION = "ptq-experiment: crash runs whose heartbeats stopped"
+RUN_POLL_SECONDS = 5  # how often a sweep on a pool reads its runs' states
+# What an experiment run reports the SHA-256 of: the integer model and the C sources made from it.
+EXPERIMENT_OUTPUTS = ("data/integer_model.npz", "data/export/model.c", "data/export/model.h",
+                      "data/export/model_data.h")
 
 # What the sweep varies by default: weight bits x calibrator x granularity, 12 experiments.
 DEFAULT_CHOICES: dict[str, list[Any]] = {
@@ -271,7 +299,7 @@ def experiments_table(shown: list[dict[str, Any]], names: Iterable[str], param_k
             for rev in experiment.get("revs") or []:
                 if rev.get("name") in wanted and rev.get("data"):
                     data = rev["data"]
-                    params = flatten(data["params"].get("params.yaml", {}).get("data", {}))
+                    params = run_params(rev)
                     row: dict[str, Any] = {"experiment": rev["name"], "rev": data["rev"][:7]}
                     row.update({key: params.get(key) for key in param_keys})
                     for entry in data["metrics"].values():
@@ -322,15 +350,17 @@ def metrics_diff(project: str) -> str:
 
 def experiment_run_name() -> str:
     """Task run name of an experiment: its overrides, as `dvc exp run -S` takes them."""
-    overrides = task_run.parameters["overrides"]
-    return "dvc exp run " + " ".join(f"{key}={value}" for key, value in overrides.items())
+    return f"dvc exp run {point_label(task_run.parameters['overrides'])}"
 
 
 @task(cache_policy=NO_CACHE, task_run_name=experiment_run_name)
-def run_experiment(project: str, overrides: dict[str, Any]) -> str:
-    """Run one experiment in its own temporary copy of the workspace; returns its DVC name."""
-    # --temp: experiments run side by side, outside the workspace and its lock.
-    args = [DVC, "exp", "run", "--temp", *override_args(overrides)]
+def run_experiment(project: str, overrides: dict[str, Any], in_workspace: bool = False) -> str:
+    """Run one experiment in its own temporary copy of the workspace, or ``in_workspace``; returns its DVC name."""
+    # --temp: experiments run side by side, outside the workspace and its lock. A pool run has a clone
+    # of its own, so the workspace is free; --pull fetches from the DVC remote what other runs made:
+    # the outputs of unchanged stages and the run-cache entries (with their outputs) of changed ones
+    # (DVC keeps none for a stage with an uncached output that is not a metric or plot: train, export).
+    args = [DVC, "exp", "run", "--pull" if in_workspace else "--temp", *override_args(overrides)]
     finished = stream(args, Path(project))
     if finished.returncode != 0:
         raise failure(args, finished)
@@ -344,6 +374,197 @@ def run_experiment(project: str, overrides: dict[str, Any]) -> str:
 def read_experiments(project: str) -> list[dict[str, Any]]:
     """``dvc exp show --json``: the baseline commit and its experiments."""
     return json.loads(capture([DVC, "exp", "show", "--json"], Path(project)))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="dvc exp push {git_remote} {name}")
+def push_experiment(project: str, git_remote: str, name: str) -> None:
+    """Push an experiment: its git ref to the git remote, its outputs and run-cache entries to the DVC remote."""
+    # --run-cache: a later run whose stage has the same deps and params restores it instead of running it.
+    args = [DVC, "exp", "push", "--run-cache", git_remote, name]
+    finished = stream(args, Path(project))
+    if finished.returncode != 0:
+        raise failure(args, finished)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="dvc exp pull {git_remote}")
+def pull_experiments(project: str, git_remote: str) -> None:
+    """Fetch the experiments of HEAD from the git remote, refs only: ``dvc pull`` after ``dvc exp apply`` gets data."""
+    capture([DVC, "exp", "pull", "--no-cache", git_remote], Path(project))
+
+
+def git(args: list[str], project: Path) -> str:
+    """A git query's stdout, stripped; a failure raises with its stderr."""
+    return capture(["git", *args], project).strip()
+
+
+def params_with(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened params with the overrides applied, as ``dvc exp run -S`` applies them: an override replaces
+    the key and everything under it."""
+    kept = {key: value for key, value in base.items()
+            if not any(key == name or key.startswith(f"{name}.") for name in overrides)}
+    return {**kept, **flatten(overrides)}
+
+
+def run_params(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened params.yaml of a commit or experiment in ``dvc exp show --json``."""
+    return flatten(entry["data"]["params"].get("params.yaml", {}).get("data", {}))
+
+
+def experiments_of_points(shown: list[dict[str, Any]], commit: str,
+                          grid: Sequence[Mapping[str, Any]]) -> list[str | None]:
+    """For each grid point, the name of an experiment of ``commit`` (from ``dvc exp show --json``) whose params are
+    the commit's with the point's overrides, or None."""
+    baselines = [baseline for baseline in shown if baseline.get("data") and commit.startswith(baseline.get("rev") or "-")]
+    found: list[str | None] = [None] * len(grid)
+    for baseline in baselines:
+        base = run_params(baseline)
+        experiments = [(rev["name"], run_params(rev)) for experiment in baseline.get("experiments") or []
+                       for rev in experiment.get("revs") or [] if rev.get("name") and rev.get("data")]
+        for index, point in enumerate(grid):
+            wanted = params_with(base, point)
+            found[index] = found[index] or next((name for name, params in experiments if params == wanted), None)
+    return found
+
+
+def point_label(overrides: Mapping[str, Any]) -> str:
+    """A grid point as ``key=value`` pairs, as ``dvc exp run -S`` takes them."""
+    return " ".join(f"{key}={value}" for key, value in overrides.items()) or "(no overrides)"
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@flow(name="ptq-experiment", log_prints=True)
+def ptq_experiment(overrides: dict[str, Any], commit: str | None = None, project: str = ".",
+                   git_remote: str = "origin") -> dict[str, Any]:
+    """One sweep point in a checkout of its own: run it with what the DVC remote already holds, push it back,
+    and publish the SHA-256 of the integer model and C sources it made."""
+    root = Path(project).resolve()
+    head = git(["rev-parse", "HEAD"], root)
+    # The deployment's pull step checks out the sweep's commit; an experiment of any other would mix baselines.
+    if commit is not None and head != commit:
+        raise CommandFailed(f"checkout {root} is at commit {head}, not the sweep's commit {commit}: "
+                            f"the deployment's pull step must check out ${GIT_COMMIT_ENV}")
+    name = run_experiment(str(root), overrides, in_workspace=True)
+    push_experiment(str(root), git_remote, name)
+    outputs = {path: sha256_of(root / path) for path in EXPERIMENT_OUTPUTS}
+    create_table_artifact(table=[{"file": path, "sha256": digest} for path, digest in outputs.items()],
+                          key=EXPERIMENT_OUTPUTS_KEY, description=f"Outputs of experiment {name} at {head[:7]}")
+    print(f"Experiment {name} ({point_label(overrides)}) pushed to {git_remote}")
+    return {"experiment": name, "commit": head, "outputs": outputs}
+
+
+def silent_runs_automation() -> AutomationCore:
+    """A server automation: a run of ptq_experiment that sent no heartbeat and no final state for SILENCE_SECONDS
+    is marked Crashed."""
+    final = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return AutomationCore(
+        name=SILENT_RUNS_AUTOMATION,
+        description=f"A machine that runs ptq-experiment died: no heartbeat for {SILENCE_SECONDS} s",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            # Only this flow's runs send heartbeats this often; others keep Prefect's slower default.
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": ptq_experiment.name},
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *final},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=SILENCE_SECONDS),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"No heartbeat for {SILENCE_SECONDS} s: its machine or worker died")],
+    )
+
+
+def ensure_silent_runs_crash() -> None:
+    """Install the automation that crashes silent experiment runs, once per Prefect server."""
+    with get_client(sync_client=True) as client:
+        if not client.read_automations_by_name(SILENT_RUNS_AUTOMATION):
+            client.create_automation(silent_runs_automation())
+
+
+def wait_for_runs(ids: Sequence[Any], timeout_s: float) -> list[FlowRun]:
+    """The flow runs once all are final or ``timeout_s`` has passed, whichever comes first."""
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [client.read_flow_run(run_id) for run_id in ids]
+            if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() >= deadline:
+                return runs
+            time.sleep(RUN_POLL_SECONDS)
+
+
+def run_outcome(run: FlowRun, timeout_s: float) -> str:
+    """Where and how a flow run of a point ended, for the sweep's summary."""
+    worker = run.labels.get("prefect.worker.name", "no worker")
+    state = run.state.name if run.state is not None else "no state"
+    if run.state is None or not run.state.is_final():
+        return f"flow run {run.name} still {state} on {worker} after {timeout_s:.0f} s"
+    return f"flow run {run.name} {state} on {worker}"
+
+
+def sweep_on_pool(root: Path, grid: list[dict[str, Any]], deployment: str, git_remote: str,
+                  timeout_s: float) -> tuple[list[str], list[str]]:
+    """Each point without an experiment on the git remote as a flow run of ``deployment``; the experiment names
+    of the points that have one afterwards, and a line per point that failed."""
+    logger = get_run_logger()
+    commit = git(["rev-parse", "HEAD"], root)
+    url = git(["remote", "get-url", git_remote], root)
+    git(["fetch", "--quiet", git_remote], root)
+    if not git(["branch", "--remotes", "--contains", commit], root):
+        raise CommandFailed(f"commit {commit} is not on git remote {git_remote} ({url}), so no worker can clone it: "
+                            f"push it first (git push {git_remote} HEAD)")
+    if git(["status", "--porcelain", "--untracked-files=no"], root):
+        logger.warning("uncommitted changes in %s: experiments on the pool start from commit %s without them",
+                       root, commit[:7])
+
+    pull_experiments(str(root), git_remote)
+    done = experiments_of_points(read_experiments(str(root)), commit, grid)
+    todo = [point for point, name in zip(grid, done) if name is None]
+    for point, name in zip(grid, done):
+        if name is not None:
+            print(f"{point_label(point)}: experiment {name} is on the remote already, not run again")
+    # Each run clones the git remote at this commit: the pull step reads both from the run's environment.
+    env = {GIT_URL_ENV: url, GIT_COMMIT_ENV: commit, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
+    ensure_silent_runs_crash()
+    submitted = [run_deployment(name=deployment, parameters={"overrides": point, "commit": commit},
+                                job_variables={"env": env}, flow_run_name=point_label(point), timeout=0)
+                 for point in todo]
+    runs = wait_for_runs([run.id for run in submitted], timeout_s)
+    for point, run in zip(todo, runs):
+        print(f"{point_label(point)}: {run_outcome(run, timeout_s)}")
+
+    pull_experiments(str(root), git_remote)
+    found = experiments_of_points(read_experiments(str(root)), commit, grid)
+    found_by_point = dict(zip(map(point_label, grid), found))
+    failed: list[str] = []
+    for point, run in zip(todo, runs):
+        if run.state is None or not run.state.is_completed():
+            failed.append(f"{point_label(point)}: {run_outcome(run, timeout_s)}")
+        elif found_by_point[point_label(point)] is None:
+            failed.append(f"{point_label(point)}: {run_outcome(run, timeout_s)}, but no experiment with its params "
+                          f"reached {git_remote}")
+    return [name for name in found if name is not None], failed
+
+
+def sweep_here(root: Path, grid: list[dict[str, Any]], max_parallel: int) -> tuple[list[str], list[str]]:
+    """Each point as ``dvc exp run --temp`` in this checkout, ``max_parallel`` at a time; the experiment names of
+    those that succeeded, and a line per point that failed."""
+    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+        futures = [runner.submit(run_experiment, {"project": str(root), "overrides": overrides}) for overrides in grid]
+        for future in futures:
+            future.wait()
+    names = [future.result() for future in futures if future.state.is_completed()]
+    failed = [f"{point_label(overrides)}: {future.state.name}" for future, overrides in zip(futures, grid)
+              if not future.state.is_completed()]
+    return names, failed
 
 
 @flow(name="ptq-pipeline", log_prints=True)
@@ -367,30 +588,36 @@ def ptq_pipeline(project: str = ".", metric_prefixes: tuple[str, ...] = TABLE_PR
 
 @flow(name="ptq-sweep", log_prints=True)
 def ptq_sweep(project: str = ".", grid: list[dict[str, Any]] | None = None, max_parallel: int = 2,
-              metric_prefixes: tuple[str, ...] = TABLE_PREFIXES) -> list[dict[str, Any]]:
-    """Run one DVC experiment per override dict, ``max_parallel`` at a time, and publish their accuracy table.
+              metric_prefixes: tuple[str, ...] = TABLE_PREFIXES, deployment: str | None = None,
+              git_remote: str = "origin", timeout_s: float = SWEEP_TIMEOUT_SECONDS) -> list[dict[str, Any]]:
+    """Run one DVC experiment per override dict and publish their accuracy table.
 
-    Experiments start from HEAD plus the workspace's changes to tracked files: commit dvc.lock after a
-    pipeline run, or every experiment reproduces every stage that has no DVC run-cache entry.
+    Without ``deployment``: in this checkout, ``max_parallel`` at a time. Experiments start from HEAD plus
+    the workspace's changes to tracked files: commit dvc.lock after a pipeline run, or every experiment
+    reproduces every stage that has no DVC run-cache entry.
+
+    With ``deployment`` (of ``ptq_experiment``): each point that has no experiment on ``git_remote`` yet as a
+    flow run on any worker of the deployment's pool, from HEAD as pushed to ``git_remote``; waits up to
+    ``timeout_s`` for them, then fetches their experiments into this checkout.
     """
     if max_parallel < 1:
         raise ValueError(f"max_parallel: value {max_parallel} is out of range; allowed: >= 1")
-    root = str(Path(project).resolve())
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s: value {timeout_s} is out of range; allowed: > 0")
+    root = Path(project).resolve()
     grid = DEFAULT_GRID if grid is None else grid
-    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
-        futures = [runner.submit(run_experiment, {"project": root, "overrides": overrides}) for overrides in grid]
-        for future in futures:
-            future.wait()
     # Every experiment finishes before any failure is raised, so the table shows all that succeeded.
-    names = [future.result() for future in futures if future.state.is_completed()]
-    failed = [overrides for future, overrides in zip(futures, grid) if not future.state.is_completed()]
+    if deployment is None:
+        names, failed = sweep_here(root, grid, max_parallel)
+    else:
+        names, failed = sweep_on_pool(root, grid, deployment, git_remote, timeout_s)
 
     param_keys = list(dict.fromkeys(key for overrides in grid for key in overrides))
-    rows = experiments_table(read_experiments(root), names, param_keys, metric_prefixes)
+    rows = experiments_table(read_experiments(str(root)), names, param_keys, metric_prefixes)
     create_table_artifact(table=rows, key=SWEEP_TABLE_KEY, description=f"Accuracy per experiment in {root} (%)")
     print(f"Experiments in {root}:\n{format_table(rows)}")
     if failed:
-        raise CommandFailed(f"{len(failed)} of {len(grid)} experiments failed: {failed}")
+        raise CommandFailed(f"{len(failed)} of {len(grid)} experiments failed:\n" + "\n".join(failed))
     return rows
 
 
@@ -415,7 +642,15 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("-S", "--set", dest="settings", action="append", default=[], metavar="KEY=V1,V2",
                        help="a params.yaml key and its values; the grid is every combination "
                             f"(default: {' x '.join(DEFAULT_CHOICES)})")
-    sweep.add_argument("--max-parallel", type=int, default=2, help="experiments run at once (default: 2)")
+    sweep.add_argument("--max-parallel", type=int, default=2,
+                       help="experiments run at once in this checkout (default: 2); not used with --deployment")
+    sweep.add_argument("--deployment", metavar="FLOW/DEPLOYMENT",
+                       help="run each point as a flow run of this deployment of ptq_experiment on its work pool "
+                            f"(e.g. {EXPERIMENT_DEPLOYMENT}); needs a Prefect server (PREFECT_API_URL)")
+    sweep.add_argument("--git-remote", default="origin",
+                       help="with --deployment: the git remote the workers clone and push to (default: origin)")
+    sweep.add_argument("--timeout", type=float, default=SWEEP_TIMEOUT_SECONDS, metavar="SECONDS",
+                       help=f"with --deployment: how long to wait for all runs (default: {SWEEP_TIMEOUT_SECONDS})")
     args = parser.parse_args(argv)
 
     if args.command == "sweep":
@@ -423,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
             grid = product_grid(parse_choices(args.settings)) if args.settings else DEFAULT_GRID
         except argparse.ArgumentTypeError as error:
             parser.error(str(error))
-        state = ptq_sweep(project=args.project, grid=grid, max_parallel=args.max_parallel, return_state=True)
+        state = ptq_sweep(project=args.project, grid=grid, max_parallel=args.max_parallel,
+                          deployment=args.deployment, git_remote=args.git_remote, timeout_s=args.timeout,
+                          return_state=True)
     else:
         state = ptq_pipeline(project=args.project, return_state=True)
     return 0 if state.is_completed() else 1

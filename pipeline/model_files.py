@@ -1,7 +1,8 @@
 """The integer model and the quantized weights on disk: ``.npz`` arrays plus one JSON entry, no pickle.
 
 Format version 2 (the graph IR): the JSON ``meta`` entry holds the tensors' shapes, bits and
-scales and every node as ``{"type": "IntConv", field: value, ...}``; every torch tensor of a
+scales (and ``"signed": false`` for an unsigned tensor: a tensor without the key is signed, so files
+written before unsigned activations existed read as they were) and every node as ``{"type": "IntConv", field: value, ...}``; every torch tensor of a
 node is an array named ``node<index>.<field path>``. A version 1 file (the sequential form
 before the graph IR) is an error naming its version: rerun the quantize-biases stage.
 """
@@ -22,15 +23,34 @@ from pipeline.quant.ir import NODE_TYPES, IntegerModel, IntNode, Requantize, Ten
 
 FORMAT_NAME = "cifar10-ptq-integer-model"
 FORMAT_VERSION = 2
+SIGNED_INT8_ACTIVATIONS = "activations int8 [-128,127] S_a=range/127"
 SCHEME = (
     "r ~= S*q, symmetric, zero point 0; weights int8 [-127,127] S_w=range/127 (per tensor or per output "
-    "channel); activations int8 [-128,127] S_a=range/127; bias int32 round_half_even(b/(S_in*S_w)); "
+    "channel); " + SIGNED_INT8_ACTIVATIONS + "; bias int32 round_half_even(b/(S_in*S_w)); "
     "acc int32; every rescale M ~= multiplier*2^(shift-31), y=(x*multiplier + 2^(30-shift)) >> (31-shift) "
     "(round half up), then saturation; add: inputs << left_shift, each rescaled to the common grid, summed, "
     "rescaled; average pool: window sum rescaled by S_in/(S_out*area); concat: inputs rescaled to S_out; "
     "the logits are int32"
 )
 _VALUE_TYPES = {"Requantize": Requantize}
+
+
+def scheme(model: IntegerModel) -> str:
+    """``SCHEME`` with the model's activation format: the seed's text for signed int8 activations."""
+    activations = [info for name, info in model.tensors.items() if info.bits != 32]
+    if all(info.bits == 8 and info.signed for info in activations):
+        return SCHEME
+    bits = sorted({info.bits for info in activations})
+    text = (f"activations {'/'.join(map(str, bits))}-bit in int8/uint8 bytes, signed [-2^(b-1),2^(b-1)-1] "
+            "S_a=range/(2^(b-1)-1), or, for a tensor with \"signed\": false (non-negative by construction), "
+            "unsigned [0,2^b-1] S_a=range/(2^b-1)")
+    return SCHEME.replace(SIGNED_INT8_ACTIVATIONS, text)
+
+
+def _tensor_entry(info: TensorInfo) -> dict[str, Any]:
+    entry = {"shape": list(info.shape), "bits": info.bits, "scale": float(info.scale)}
+    # Only an unsigned tensor carries the key: a signed model's file stays as it was before the key existed.
+    return entry if info.signed else entry | {"signed": False}
 
 
 def _encode(value: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
@@ -73,15 +93,12 @@ def save_integer_model(model: IntegerModel, path: str | os.PathLike) -> None:
     header = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "scheme": SCHEME,
+        "scheme": scheme(model),
         "input": model.input,
         "output": model.output,
         "input_mean": model.input_mean,
         "input_std": model.input_std,
-        "tensors": {
-            name: {"shape": list(info.shape), "bits": info.bits, "scale": float(info.scale)}
-            for name, info in model.tensors.items()
-        },
+        "tensors": {name: _tensor_entry(info) for name, info in model.tensors.items()},
         "nodes": nodes,
     }
     arrays["meta"] = np.array(json.dumps(header))
@@ -104,7 +121,8 @@ def load_integer_model(path: str | os.PathLike) -> IntegerModel:
             node_type = NODE_TYPES[entry["type"]]
             nodes.append(node_type(**{key: _decode(value, archive) for key, value in entry.items() if key != "type"}))
     tensors = {
-        name: TensorInfo(tuple(info["shape"]), info["bits"], torch.tensor(info["scale"], dtype=torch.float64))
+        name: TensorInfo(tuple(info["shape"]), info["bits"], torch.tensor(info["scale"], dtype=torch.float64),
+                         info.get("signed", True))
         for name, info in header["tensors"].items()
     }
     return IntegerModel(header["input"], header["output"], tensors, nodes, header["input_mean"], header["input_std"])

@@ -16,6 +16,7 @@ from ruamel.yaml import YAML, YAMLError
 
 from pipeline.models import ModelSpecError, check_model_spec
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, Calibrator
+from pipeline.quant.ranges import ActivationFormat
 from pipeline.quant.settings import (
     AdaRoundSettings,
     CalibrationImages,
@@ -73,6 +74,10 @@ class ProfileParams:
     seed: int = dataclasses.field(default=0, metadata=bounds(0, MAX_SEED))  # picks the calibration subset
     batch_size: int = dataclasses.field(default=500, metadata=bounds(1))
     calibrator: str = dataclasses.field(default="seed", metadata=choice(*ACTIVATION_CALIBRATORS))
+    # Activation width (stored in one byte): signed [-2^(b-1), 2^(b-1)-1], S_a = range / (2^(b-1)-1).
+    activation_bits: int = dataclasses.field(default=8, metadata=bounds(4, 8))
+    # Full range [0, 2^b-1], S_a = range / (2^b-1), for tensors non-negative by construction (after a ReLU, ...).
+    unsigned_activations: bool = False
     # Each calibrator's settings, under its name; only the chosen calibrator's are used.
     percentile: PercentileSettings = dataclasses.field(default_factory=PercentileSettings)
     mse: HistogramMseSettings = dataclasses.field(default_factory=HistogramMseSettings)
@@ -81,6 +86,10 @@ class ProfileParams:
     @property
     def calibrator_settings(self) -> Any:
         return chosen_settings(self, ACTIVATION_CALIBRATORS)
+
+    @property
+    def activation_format(self) -> ActivationFormat:
+        return ActivationFormat(self.activation_bits, self.unsigned_activations)
 
 
 @dataclasses.dataclass(frozen=True)

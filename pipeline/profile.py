@@ -4,11 +4,13 @@ Observers (``pipeline.quant.observers``) record, in constant memory, the statist
 every scale group's observed tensors (``pipeline.quant.build.scale_groups``: the tensors
 a rescaling node reads) while the float model runs over a calibration subset; a
 calibrator (``pipeline.quant.calibrators``) then turns each group's statistics into a
-symmetric int8 range. The test split is never used here.
+symmetric range, which maps onto the qmax of the group's integer range
+(``pipeline.quant.build.group_ranges``: 127 for signed int8, 255 for a full-range unsigned
+8-bit group). The test split is never used here.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from pipeline.graph import FloatGraph, observe_original
 from pipeline.quant.build import scale_groups
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.observers import ActivationObserver
-from pipeline.quant.ranges import ACTIVATION_QMAX, scale_from_range
+from pipeline.quant.ranges import ActivationFormat, scale_from_range
 from pipeline.train import normalized_batches
 
 
@@ -63,18 +65,26 @@ def profile_activations(
 
 
 def calibrate_ranges(
-    group_stats: dict[str, dict[str, Any]], calibrator: str, settings: Any = None
-) -> dict[str, dict[str, float]]:
-    """Per scale group: the calibrated range, its int8 scale, and the share of observed values beyond the range.
+    group_stats: dict[str, dict[str, Any]],
+    calibrator: str,
+    settings: Any = None,
+    integer_ranges: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per scale group: the calibrated range, its integer range and scale, and the share of observed values
+    beyond the range.
 
-    ``settings`` are the calibrator's (``pipeline.quant.calibrators``), None for its defaults.
+    ``settings`` are the calibrator's (``pipeline.quant.calibrators``), None for its defaults;
+    ``integer_ranges`` each group's [qmin, qmax] (``build.group_ranges``), None for signed int8 everywhere.
     """
     calibrated = {}
     for name, stats in group_stats.items():
-        value_range = activation_range(stats, calibrator, settings)
+        qmin, qmax = ActivationFormat().range(signed=True) if integer_ranges is None else integer_ranges[name]
+        value_range = activation_range(stats, calibrator, settings, qmax)
         calibrated[name] = {
             "range": value_range,
-            "scale": scale_from_range(value_range, ACTIVATION_QMAX),
+            "qmin": qmin,
+            "qmax": qmax,
+            "scale": scale_from_range(value_range, qmax),
             "clipped_fraction": clipped_fraction(stats, value_range),
         }
     return calibrated

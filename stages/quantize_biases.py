@@ -8,24 +8,30 @@ from pipeline.graph import UnsupportedModelError, with_biases
 from pipeline.io import read_json
 from pipeline.model_files import load_corrected_biases, load_quantized_weights, save_integer_model
 from pipeline.quant.build import build_integer_model
+from pipeline.quant.ranges import ActivationFormat
 from stages.common import INTEGER_MODEL, PROFILE, QUANTIZED_WEIGHTS, load_trained_graph, start_stage
 
 
 def main() -> None:
     params = start_stage("quantize-biases")
     _, graph, checkpoint = load_trained_graph(params.train.model, "quantize-biases")
-    activation_ranges = {name: group["range"] for name, group in read_json(PROFILE)["activations"].items()}
+    profile = read_json(PROFILE)
+    activation_ranges = {name: group["range"] for name, group in profile["activations"].items()}
+    # The format the profile stage calibrated for (profile.activation_bits, profile.unsigned_activations).
+    activation_format = ActivationFormat(**profile["activation_format"])
     quantized_weights, _ = load_quantized_weights(QUANTIZED_WEIGHTS)
     graph = with_biases(graph, load_corrected_biases(QUANTIZED_WEIGHTS))  # bias correction's, where it ran
     try:
         integer_model = build_integer_model(
-            graph, activation_ranges, quantized_weights, input_mean=checkpoint["mean"], input_std=checkpoint["std"]
+            graph, activation_ranges, quantized_weights, input_mean=checkpoint["mean"], input_std=checkpoint["std"],
+            activation_format=activation_format,
         )
     except (OverflowError, UnsupportedModelError) as error:  # an int32 overflow is never clamped silently
         sys.exit(f"[quantize-biases] {error}")
     save_integer_model(integer_model, INTEGER_MODEL)
     for layer in integer_model.layers():
-        target = "to int32 logits" if integer_model.tensors[layer.output].bits == 32 else "to int8"
+        out = integer_model.tensors[layer.output]
+        target = "to int32 logits" if out.bits == 32 else f"to {'' if out.signed else 'u'}int{out.bits}"
         logging.info("%-6s bias int32 in [%d, %d], requantize %s", layer.name, int(layer.bias.min()),
                      int(layer.bias.max()), target)
 

@@ -1,7 +1,8 @@
 """Integer models of small graphs for the engine, C and ONNX tests: adds, depthwise, pools, concat, ReLU6.
 
 ``integer_model_of(module)`` captures a float module, calibrates it on random images and builds
-its integer model, so every test works from what the pipeline itself would produce.
+its integer model, so every test works from what the pipeline itself would produce, in any
+activation format (``FORMATS``: 8 or 4..7 bits, signed everywhere or unsigned where non-negative).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from torch import nn
 from pipeline.graph import capture
 from pipeline.models import build_model
 from pipeline.profile import calibrate_ranges, profile_activations
-from pipeline.quant.build import build_integer_model, quantize_model_weights
+from pipeline.quant.build import build_integer_model, group_ranges, quantize_model_weights
 from pipeline.quant.ir import IntegerModel
+from pipeline.quant.ranges import ActivationFormat
 from pipeline.train import SEED_MEAN, SEED_STD
 from tests.model_fixtures import randomize_batchnorm
 
@@ -79,7 +81,33 @@ class SharedReluToy(nn.Module):
         return self.fc(d.flatten(1))
 
 
-TOYS = {"residual": ResidualToy, "depthwise": DepthwiseToy, "shared-relu": SharedReluToy}
+class MixedSignToy(nn.Module):
+    """Unsigned and signed tensors meeting (with unsigned activations): a concat and an add of one of each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 8, 1)
+        self.conv4 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        positive = F.relu(self.conv1(x))
+        both = torch.cat([positive, self.conv2(x)], dim=1)  # unsigned and signed into a signed concat
+        y = self.conv3(both) + positive  # a signed add of a signed and an unsigned input
+        z = F.avg_pool2d(F.relu(self.conv4(y)), 2)  # unsigned average pool
+        return self.fc(z.flatten(1))
+
+
+TOYS = {"residual": ResidualToy, "depthwise": DepthwiseToy, "shared-relu": SharedReluToy, "mixed-sign": MixedSignToy}
+# Activation formats beyond the default signed int8, by a short name for test ids.
+FORMATS = {
+    "unsigned": ActivationFormat(8, unsigned=True),
+    "a4": ActivationFormat(4),
+    "unsigned-a4": ActivationFormat(4, unsigned=True),
+    "unsigned-a6": ActivationFormat(6, unsigned=True),
+}
 
 
 def random_uint8_images(count: int, seed: int) -> torch.Tensor:
@@ -89,24 +117,27 @@ def random_uint8_images(count: int, seed: int) -> torch.Tensor:
 
 def integer_model_of(
     module: nn.Module, granularity: str = "per_channel", calibrator: str = "minmax", seed: int = 0,
-    weight_calibrator: str = "minmax",
+    weight_calibrator: str = "minmax", activation_format: ActivationFormat = ActivationFormat(),
 ) -> IntegerModel:
     """Capture ``module`` (BatchNorm randomized), calibrate on random images, build its integer model."""
     torch.manual_seed(seed)
     randomize_batchnorm(module, seed)
     graph = capture(module.eval())
     stats = profile_activations(graph, random_uint8_images(48, seed), SEED_MEAN, SEED_STD, 24, progress=False)
-    ranges = {root: chosen["range"] for root, chosen in calibrate_ranges(stats, calibrator).items()}
+    calibrated = calibrate_ranges(stats, calibrator, integer_ranges=group_ranges(graph, activation_format))
+    ranges = {root: chosen["range"] for root, chosen in calibrated.items()}
     weights = quantize_model_weights(graph, 8, weight_calibrator, granularity)
-    return build_integer_model(graph, ranges, weights, list(SEED_MEAN), list(SEED_STD))
+    return build_integer_model(graph, ranges, weights, list(SEED_MEAN), list(SEED_STD), activation_format)
 
 
-def toy_model(name: str, granularity: str = "per_channel", seed: int = 0) -> IntegerModel:
+def toy_model(name: str, granularity: str = "per_channel", seed: int = 0,
+              activation_format: ActivationFormat = ActivationFormat()) -> IntegerModel:
     torch.manual_seed(seed)
-    return integer_model_of(TOYS[name](), granularity, seed=seed)
+    return integer_model_of(TOYS[name](), granularity, seed=seed, activation_format=activation_format)
 
 
-def cifar_model(name: str, granularity: str = "per_tensor", seed: int = 0) -> IntegerModel:
+def cifar_model(name: str, granularity: str = "per_tensor", seed: int = 0,
+                activation_format: ActivationFormat = ActivationFormat()) -> IntegerModel:
     """A built-in model (``pipeline.models``) with seeded random weights, quantized."""
     return integer_model_of(build_model(name, seed=seed), granularity, calibrator="seed", seed=seed,
-                            weight_calibrator="sigma")
+                            weight_calibrator="sigma", activation_format=activation_format)

@@ -27,7 +27,7 @@ from pipeline.export.c_model import (
 from pipeline.export.plan import numel
 from pipeline.quant.ir import parameter_bytes
 from pipeline.quant.build import raw_accumulator_clamp
-from pipeline.quant.engine import quantize_input, run_integer
+from pipeline.quant.engine import integer_tensor_outputs, quantize_model_input, run_integer
 from pipeline.quant.integer_ops import (
     add_integers,
     apply_requantize,
@@ -49,7 +49,7 @@ from pipeline.quant.ir import (
     IntReshape,
     int_node_inputs,
 )
-from tests.integer_graphs import TOYS, cifar_model, toy_model
+from tests.integer_graphs import FORMATS, TOYS, cifar_model, toy_model
 from tests.test_export_plan import (
     IDENTITY_SHAPE,
     identity_accumulators,
@@ -65,13 +65,15 @@ SANITIZERS = ("-fsanitize=undefined,address", "-fno-sanitize-recover=all")
 
 
 @functools.cache
-def built(name: str, granularity: str) -> IntegerModel:
-    """A toy (``TOYS``) or built-in model, quantized once per test session (building costs seconds)."""
-    return toy_model(name, granularity) if name in TOYS else cifar_model(name, granularity)
+def built(name: str, granularity: str, form: str | None = None) -> IntegerModel:
+    """A toy (``TOYS``) or built-in model, quantized once per test session (building costs seconds), in
+    activation format ``FORMATS[form]`` (None: signed int8)."""
+    formats = {} if form is None else {"activation_format": FORMATS[form]}
+    return toy_model(name, granularity, **formats) if name in TOYS else cifar_model(name, granularity, **formats)
 
 
-def ties(name: str, granularity: str) -> Callable[[], IntegerModel]:
-    return lambda: with_power_of_two_multipliers(built(name, granularity))
+def ties(name: str, granularity: str, form: str | None = None) -> Callable[[], IntegerModel]:
+    return lambda: with_power_of_two_multipliers(built(name, granularity, form))
 
 
 # name -> model factory; each is compiled and compared with run_integer image by image
@@ -88,6 +90,12 @@ EXPORT_CASES: dict[str, Callable[[], IntegerModel]] = {
     "depthwise-ties": ties("depthwise", "per_tensor"),
     "shared-relu-ties": ties("shared-relu", "per_channel"),
     "net-ties": ties("net", "per_channel"),
+    # Unsigned activations (uint8 buffers) and 4..7-bit widths: every toy in every format.
+    **{f"{toy}-{form}": functools.partial(built, toy, "per_channel", form) for toy in TOYS for form in FORMATS},
+    "net-unsigned": lambda: built("net", "per_tensor", "unsigned"),
+    "net-unsigned-a4": lambda: built("net", "per_channel", "unsigned-a4"),
+    "residual-unsigned-ties": ties("residual", "per_channel", "unsigned"),
+    "mixed-sign-unsigned-ties": ties("mixed-sign", "per_tensor", "unsigned"),
 }
 # Building ResNet-20 and MobileNet (capture, calibration) takes 5-25 s each on two shared cores: slow tests.
 SLOW_CASES = {"resnet20-per-channel", "mobilenet-per-tensor"}
@@ -99,10 +107,10 @@ def cases(names) -> list:
 
 
 def int8_images(model: IntegerModel, count: int, seed: int) -> torch.Tensor:
-    """``count`` int8 inputs: one all -128, one all 127, the rest random and saturating at both ends."""
+    """``count`` int8 inputs: one all qmin (-128), one all qmax (127), the rest random and saturating at both ends."""
     shape = model.tensors[model.input].shape
-    x_int8 = quantize_input(random_images(count, shape, seed), model.input_scale)
-    x_int8[0], x_int8[-1] = -128, 127
+    x_int8 = quantize_model_input(model, random_images(count, shape, seed))
+    x_int8[0], x_int8[-1] = model.tensors[model.input].range
     return x_int8
 
 
@@ -185,6 +193,8 @@ def tie_count(acc: torch.Tensor, rq) -> int:
     ("residual-ties", {IntConv, IntAdd, IntAvgPool}),
     ("depthwise-ties", {IntConv, IntConcat, IntAvgPool}),
     ("net-ties", {IntConv}),
+    ("residual-unsigned-ties", {IntConv, IntAdd, IntAvgPool}),
+    ("mixed-sign-unsigned-ties", {IntConv, IntAdd, IntConcat, IntAvgPool}),
 ])
 def test_power_of_two_multipliers_make_ties_where_the_c_is_compared(case, kinds):
     # The C runs these models in test_c_logits_equal_the_engine_on_every_image; here: it meets ties there.
@@ -234,8 +244,19 @@ def sanitizers_work(tmp_path) -> bool:
     return built_ok and subprocess.run([str(tmp_path / "probe")], capture_output=True).returncode == 0
 
 
+@pytest.mark.parametrize("case", ["residual-unsigned", "mixed-sign-unsigned-a6", "depthwise-unsigned-a4", "net-unsigned"])
+def test_the_engine_is_its_integer_semantics_with_unsigned_and_narrow_activations(case):
+    """Every tensor of the engine (float fast paths proved with the uint8 bounds) equals the plain interpreter."""
+    model = EXPORT_CASES[case]()
+    x_int8 = int8_images(model, 8, seed=5)
+    expected = reference_values(model, x_int8)
+    for name, value in integer_tensor_outputs(model, x_int8).items():
+        assert torch.equal(value, expected[name]), name
+
+
 @needs_gcc
-@pytest.mark.parametrize("case", ["residual-per-channel", "depthwise-ties"])
+@pytest.mark.parametrize("case", ["residual-per-channel", "depthwise-ties", "mixed-sign-unsigned-ties",
+                                  "depthwise-unsigned-a4"])
 def test_c_has_no_undefined_behavior_or_out_of_bounds_access(case, tmp_path):
     # Padded windows clipped at the borders, grouped and depthwise channels, negative values floored,
     # every int8 extreme: UBSan and ASan stop the run at the first signed overflow, bad shift or
@@ -289,6 +310,21 @@ def test_the_toys_use_every_kernel():
         defined |= set(re.findall(r"^static \w+ (ptq_\w+)\(", generate_c(built(name, "per_channel")).source,
                                   flags=re.MULTILINE))
     assert set(KERNELS) <= defined
+
+
+def test_unsigned_tensors_live_in_uint8_buffers_with_kernels_for_their_types():
+    model = built("mixed-sign", "per_channel", "unsigned")
+    source = generate_c(model).source
+    defined = set(re.findall(r"^static \w+ (ptq_\w+)\(", source, flags=re.MULTILINE))
+    assert {"ptq_accumulate_row_u8", "ptq_conv_u8", "ptq_conv_u8_s32", "ptq_add_s8_u8_s8", "ptq_rescale_u8_s8",
+            "ptq_avgpool_u8_u8"} <= defined
+    run = source[source.index("void ptq_model_run"):]
+    assert "ptq_conv_u8(&conv1_op, input, (uint8_t *)(ptq_arena + " in run  # int8 image in, uint8 ReLU output
+    assert re.search(r"ptq_conv_u8_s32\(&fc_op, \(uint8_t \*\)ptq_arena\S*, logits\);", run)
+    assert "static int8_t ptq_arena[" in source and "static void ptq_avgpool_u8_u8(const ptq_pool *p, const " \
+        "ptq_rescale *r, const uint8_t *in, uint8_t *out)" in source
+    header = generate_c(built("residual", "per_channel", "a4")).header
+    assert "q = clamp(round_half_to_even(x_normalized / S_in), -8, 7)" in header  # a 4-bit input
 
 
 @needs_gcc

@@ -4,7 +4,8 @@ The models are ``tests.integer_graphs``' toys (residual adds, depthwise and grou
 ReLU6, concat, max / average pools, standalone clamps) and the built-in CIFAR models, quantized
 as the pipeline quantizes them, plus variants rebuilt with ``dataclasses.replace``: power-of-two
 multipliers (exact rounding ties), a zero multiplier, a ReLU on the raw logits, ReLU6 clamps below
-127 (the toys' ranges exceed 6), a concat whose inputs saturate differently, a clamp after a ReLU.
+127 (the toys' ranges exceed 6), a concat whose inputs saturate differently, a clamp after a ReLU;
+and every toy in the other activation formats (``FORMATS``: uint8 where non-negative, 4..7 bits).
 ResNet-20 and MobileNet take 5-7 s of CPU each to build: their tests are marked slow.
 """
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from pipeline.export.onnx_model import IR_VERSION, OPSET, build_onnx_model, onnx_predictions, save_onnx_model
-from pipeline.quant.engine import integer_tensor_outputs, quantize_input, run_integer
+from pipeline.quant.engine import integer_tensor_outputs, quantize_input, quantize_model_input, run_integer
 from pipeline.quant.integer_ops import conv_accumulators
 from pipeline.quant.ir import IntAdd, IntAvgPool, IntClamp, IntConcat, IntConv, IntegerModel, Requantize
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
-from tests.integer_graphs import TOYS, cifar_model, random_uint8_images, toy_model
+from tests.integer_graphs import FORMATS, TOYS, cifar_model, random_uint8_images, toy_model
 
 GRANULARITIES = ("per_tensor", "per_channel")
 INTEGER_OPS = {
@@ -33,13 +34,13 @@ INTEGER_OPS = {
 
 
 @functools.cache
-def toy(name: str, granularity: str) -> IntegerModel:
-    return toy_model(name, granularity)
+def toy(name: str, granularity: str, form: str | None = None) -> IntegerModel:
+    return toy_model(name, granularity, **({} if form is None else {"activation_format": FORMATS[form]}))
 
 
 @functools.cache
-def cifar(name: str, granularity: str) -> IntegerModel:
-    return cifar_model(name, granularity)
+def cifar(name: str, granularity: str, form: str | None = None) -> IntegerModel:
+    return cifar_model(name, granularity, **({} if form is None else {"activation_format": FORMATS[form]}))
 
 
 def images(count: int, seed: int, wide: float = 1.0) -> torch.Tensor:
@@ -48,7 +49,7 @@ def images(count: int, seed: int, wide: float = 1.0) -> torch.Tensor:
 
 
 def engine_logits(model: IntegerModel, x_normalized: torch.Tensor) -> torch.Tensor:
-    return run_integer(model, quantize_input(x_normalized, model.input_scale)).flatten(1)
+    return run_integer(model, quantize_model_input(model, x_normalized)).flatten(1)
 
 
 def onnx_logits(model: IntegerModel, style: str, x: torch.Tensor, tmp_path, batch_size: int = 1000):
@@ -66,11 +67,13 @@ def assert_bit_exact(model: IntegerModel, x: torch.Tensor, tmp_path, batch_size:
 
 
 def saturates(model: IntegerModel, x: torch.Tensor) -> bool:
-    """Whether the input and some hidden int8 tensor reach -128 or 127 on ``x``."""
-    x_int8 = quantize_input(x, model.input_scale)
+    """Whether the input and some hidden activation reach the ends of their ranges (int8: -128 or 127) on ``x``."""
+    x_int8 = quantize_model_input(model, x)
     hidden = integer_tensor_outputs(model, x_int8)
-    int8 = [value for name, value in hidden.items() if model.tensors[name].bits == 8]
-    return bool(((x_int8 == -128) | (x_int8 == 127)).any()) and any(bool((v.abs() >= 127).any()) for v in int8)
+    qmin, qmax = model.tensors[model.input].range
+    return bool(((x_int8 == qmin) | (x_int8 == qmax)).any()) and any(
+        bool((value >= model.tensors[name].range[1]).any()) for name, value in hidden.items()
+        if model.tensors[name].bits != 32)
 
 
 # ---------------------------------------------------------------- model variants
@@ -150,6 +153,41 @@ def test_integer_graph_is_bit_exact_on_net_and_bnnet(name, granularity, tmp_path
     x = torch.cat([images(16, seed=3), images(16, seed=4, wide=3.0)])
     assert saturates(model, x[16:])
     assert_bit_exact(model, x, tmp_path)
+
+
+@pytest.mark.parametrize("form", sorted(FORMATS))
+@pytest.mark.parametrize("name", [*TOYS, "net"])
+def test_integer_graph_is_bit_exact_with_unsigned_and_narrow_activations(name, form, tmp_path):
+    model = toy(name, "per_channel", form) if name in TOYS else cifar(name, "per_tensor", form)
+    x = torch.cat([images(16, seed=1), images(16, seed=2, wide=3.0)])
+    assert saturates(model, x[16:])
+    assert_bit_exact(model, x, tmp_path, batch_size=12)
+    with_ties = with_power_of_two_multipliers(model)
+    assert_bit_exact(with_ties, x, tmp_path)
+    unsigned = {name for name, info in model.tensors.items() if not info.signed}
+    onnx_model = build_onnx_model(model, "integer")
+    uint8_outputs = {node.output[0] for node in onnx_model.graph.node
+                     if node.op_type == "Cast" and node.attribute[0].i == TensorProto.UINT8}
+    assert bool(uint8_outputs) == bool(unsigned)  # each unsigned tensor is a uint8 ONNX value
+
+
+@pytest.mark.parametrize("form", ["unsigned", "unsigned-a4"])
+@pytest.mark.parametrize("name", [*TOYS, "net"])
+def test_qlinear_graph_with_uint8_activations_agrees_with_the_engine(name, form, tmp_path):
+    model = toy(name, "per_channel", form) if name in TOYS else cifar(name, "per_tensor", form)
+    x = torch.cat([images(100, seed=11), images(100, seed=12, wide=2.0)])
+    predictions, logits = onnx_logits(model, "qlinear", x, tmp_path)  # onnxruntime runs u8s8 QLinearConv
+    expected = engine_logits(model, x)
+    # measured: predictions agree on 99.5-100% of these images
+    assert float((predictions == expected.argmax(dim=1)).double().mean()) >= 0.95
+    graph = build_onnx_model(model, "qlinear").graph
+    zero_points = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    convs = [node for node in graph.node if node.op_type == "QLinearConv"]
+    x_types = {zero_points[node.input[2]].dtype for node in convs}
+    assert np.dtype(np.uint8) in x_types or name == "shared-relu"  # a uint8 input (zero point 0 or 128)
+    for node in convs:  # onnxruntime's QLinearConv reads and writes one type
+        assert zero_points[node.input[2]].dtype == zero_points[node.input[7]].dtype, node.name
+        assert int(zero_points[node.input[7]]) == 0
 
 
 DEEP_MODELS = [(name, granularity) for name in ("resnet20", "mobilenet") for granularity in GRANULARITIES]

@@ -221,14 +221,14 @@ def test_multipliers_and_shifts_must_be_in_range(net, residual, depthwise):
 
 def test_accumulators_that_can_overflow_int32_are_an_overflow_error(net, depthwise):
     fc3 = net.nodes[-1]
-    with pytest.raises(OverflowError, match=r"node 7 \('fc3', IntConv\): worst-case accumulator \d+ exceeds int32"):
+    with pytest.raises(OverflowError, match=r"node 7 \('fc3', IntConv\): worst-case accumulator \d+ for inputs in \[-128, 127\] exceeds int32"):
         check_deployable(with_node(net, "fc3", bias=torch.full_like(fc3.bias, 2**31 - 1)))
     # A depthwise layer sums over its own group only: 9 taps of 127 * 128 plus the bias.
     _, layer = node_named(depthwise, "depthwise")
     weight = torch.full_like(layer.weight, 127)
     check_deployable(with_node(depthwise, "depthwise", weight=weight,
                                bias=torch.full_like(layer.bias, 2**31 - 1 - 9 * 127 * 128)))
-    with pytest.raises(OverflowError, match=r"\('depthwise', IntConv\): worst-case accumulator 2147483648 exceeds"):
+    with pytest.raises(OverflowError, match=r"\('depthwise', IntConv\): worst-case accumulator 2147483648 for inputs in \[-128, 127\] exceeds"):
         check_deployable(with_node(depthwise, "depthwise", weight=weight,
                                    bias=torch.full_like(layer.bias, 2**31 - 9 * 127 * 128)))
 
@@ -254,7 +254,7 @@ def test_int32_belongs_to_the_logits_only(net):
         check_deployable(with_tensor(net, "pool1", bits=32))
     with pytest.raises(ValueError, match=r"node 4 \('flatten', IntReshape\) changes int8 to int32"):
         check_deployable(with_tensor(net, "flatten", bits=32))
-    with pytest.raises(ValueError, match=r"the input 'input_1' must be int8"):
+    with pytest.raises(ValueError, match=r"the input 'input_1' must be signed and at most 8 bits wide"):
         check_deployable(with_tensor(net, net.input, bits=32))
 
 

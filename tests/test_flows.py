@@ -6,6 +6,7 @@ slow deployment test (tests/test_prefect_deploy.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,20 +14,21 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 import yaml
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 from prefect.logging import disable_run_logger
 from prefect.logging.handlers import APILogWorker
-from prefect.states import Completed, Failed
+from prefect.states import Completed, Crashed, Failed, Running, Scheduled
 from prefect.testing.utilities import prefect_test_harness
 
 from pipeline import flows
-from tests.project_copy import PROJECT_ROOT, tiny_project_copy
+from tests.project_copy import PROJECT_ROOT, run, tiny_project_copy
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -103,6 +105,14 @@ EXP_SHOW = [
                                     exp_rev("surfy-huts", "253c78e15b50d182", 1, 10.0),
                                     exp_rev("older-one", "9999999999999999", 5, 50.0)]},
 ]
+
+
+def shown_with(commit: str, *experiments: dict[str, Any]) -> list[dict[str, Any]]:
+    """``dvc exp show --json`` of the workspace and one baseline commit (1 epoch, batch size 16) with these
+    experiments."""
+    data = {"rev": commit, "params": {"params.yaml": {"data": {"train": {"epochs": 1, "batch_size": 16}}}},
+            "metrics": {}}
+    return [EXP_SHOW[0], {**EXP_SHOW[1], "rev": commit, "data": data, "experiments": list(experiments)}]
 
 
 def test_stage_names_follow_dvc_yaml_file_order(tmp_path):
@@ -214,6 +224,25 @@ def test_run_experiment_passes_typed_overrides_and_returns_the_experiment_name(f
         "-S", 'quantize_weights.calibrator="mse"', "-S", "profile.seed=null"]
 
 
+def test_an_experiment_in_a_checkout_of_its_own_runs_in_the_workspace_and_pulls_what_others_made(fake_dvc, tmp_path):
+    fake_dvc.reply(stdout="Reproducing experiment 'ionic-rort'\nRan experiment(s): ionic-rort\n")
+    assert flows.run_experiment.fn(str(tmp_path), {"quantize_weights.bits": 4}, in_workspace=True) == "ionic-rort"
+    assert fake_dvc.calls()[0]["argv"] == ["exp", "run", "--pull", "-S", "quantize_weights.bits=4"]
+
+
+def test_push_experiment_sends_the_ref_its_outputs_and_its_run_cache_entries(fake_dvc, tmp_path):
+    flows.push_experiment.fn(str(tmp_path), "origin", "ionic-rort")
+    assert fake_dvc.calls()[0]["argv"] == ["exp", "push", "--run-cache", "origin", "ionic-rort"]
+    fake_dvc.reply(stderr="ERROR: failed to push 'ionic-rort' - permission denied\n", returncode=255)
+    with pytest.raises(flows.CommandFailed, match="permission denied"):
+        flows.push_experiment.fn(str(tmp_path), "origin", "ionic-rort")
+
+
+def test_pull_experiments_fetches_the_refs_of_heads_experiments_without_their_data(fake_dvc, tmp_path):
+    flows.pull_experiments.fn(str(tmp_path), "team")
+    assert fake_dvc.calls()[0]["argv"] == ["exp", "pull", "--no-cache", "team"]
+
+
 def test_a_failing_experiment_raises_with_its_stderr(fake_dvc, tmp_path):
     fake_dvc.reply(stderr="ERROR: Invalid `--set-param` value: Could not override 'train.nokey'.\n", returncode=255)
     with pytest.raises(flows.CommandFailed, match="Could not override 'train.nokey'"):
@@ -226,6 +255,24 @@ def test_experiments_table_has_one_row_per_swept_experiment_in_grid_order():
         {"experiment": "surfy-huts", "rev": "253c78e", "train.epochs": 1, "accuracy.fp32": 10.0},
         {"experiment": "vivid-jake", "rev": "32fe3d4", "train.epochs": 2, "accuracy.fp32": 20.0},
     ]
+
+
+def test_points_find_the_experiment_of_their_commit_with_the_commits_params_and_theirs():
+    commit = "c74ba3c6fe95" + "0" * 28  # exp show lists the baseline by a prefix of its commit
+    shown = shown_with(commit, exp_rev("vivid-jake", "3" * 16, 2, 20.0), exp_rev("surfy-huts", "2" * 16, 1, 10.0))
+    shown[1]["experiments"][1]["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["batch_size"] = 32
+    grid = [{"train.epochs": 2}, {"train.epochs": 1}, {"train.epochs": 1, "train.batch_size": 32}, {"train.epochs": 3}]
+    # epochs=1 alone is the baseline's batch size (16): surfy-huts, at 32, is another point.
+    assert flows.experiments_of_points(shown, commit, grid) == ["vivid-jake", None, "surfy-huts", None]
+    assert flows.experiments_of_points(shown, "f" * 40, grid) == [None] * 4  # another baseline's experiments
+
+
+def test_an_override_replaces_the_key_and_everything_under_it():
+    base = {"quantize_weights.bits": 8, "train.epochs": 1}
+    assert flows.params_with(base, {"quantize_weights.bits": {"conv1": 4, "fc1": 8}}) == {
+        "train.epochs": 1, "quantize_weights.bits.conv1": 4, "quantize_weights.bits.fc1": 8}
+    assert flows.params_with({"quantize_weights.bits.conv1": 4}, {"quantize_weights.bits": 6}) == {
+        "quantize_weights.bits": 6}
 
 
 def test_default_grid_is_every_bits_calibrator_granularity_combination():
@@ -248,11 +295,17 @@ def test_command_line_runs_the_pipeline_by_default_and_a_sweep_over_every_combin
     monkeypatch.setattr(flows, "ptq_sweep", lambda **kwargs: calls.append(("sweep", kwargs)) or Failed())
     assert flows.main(["--project", "/checkout"]) == 0
     assert flows.main(["sweep", "-S", "train.epochs=1,2", "-S", "evaluate.batch_size=100", "--max-parallel", "3"]) == 1
+    assert flows.main(["sweep", "-S", "train.epochs=1", "--deployment", "ptq-experiment/experiment",
+                       "--git-remote", "team", "--timeout", "60"]) == 1
+    local = {"deployment": None, "git_remote": "origin", "timeout_s": flows.SWEEP_TIMEOUT_SECONDS}
     assert calls == [
         ("pipeline", {"project": "/checkout", "return_state": True}),
         ("sweep", {"project": ".", "grid": [{"train.epochs": 1, "evaluate.batch_size": 100},
                                             {"train.epochs": 2, "evaluate.batch_size": 100}],
-                   "max_parallel": 3, "return_state": True}),
+                   "max_parallel": 3, **local, "return_state": True}),
+        ("sweep", {"project": ".", "grid": [{"train.epochs": 1}], "max_parallel": 2,
+                   "deployment": "ptq-experiment/experiment", "git_remote": "team", "timeout_s": 60.0,
+                   "return_state": True}),
     ]
     with pytest.raises(SystemExit):
         flows.main(["sweep", "-S", "train.epochs"])
@@ -352,7 +405,7 @@ def test_killing_the_flow_mid_stage_leaves_dvc_to_finish_and_its_lock_files_whol
     import threading
     import time
 
-    from tests.project_copy import run, set_params, tool_env
+    from tests.project_copy import set_params, tool_env
 
     project = tiny_project_copy(tmp_path)
     set_params(project, {"train": {"epochs": 60}})  # a few seconds of training: time to kill it mid-stage
@@ -391,3 +444,141 @@ def test_killing_the_flow_mid_stage_leaves_dvc_to_finish_and_its_lock_files_whol
     assert (project / "data/model.pt").exists()
     # The next run picks up where the killed one stopped.
     assert "Running stage 'train'" not in run(["dvc", "repro"], project).stdout
+
+
+# --- a sweep on a pool, through .fn(): Prefect's API faked, git real (a bare remote in tmp_path) ---
+
+
+@pytest.fixture
+def pushed_checkout(tmp_path) -> tuple[Path, Path, str]:
+    """A checkout with one commit pushed to a bare git remote: (checkout, remote, commit)."""
+    remote, checkout = tmp_path / "remote.git", tmp_path / "checkout"
+    run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(remote)], tmp_path)
+    run(["git", "init", "--quiet", "--initial-branch=main", str(checkout)], tmp_path)
+    (checkout / "params.yaml").write_text("train:\n  epochs: 1\n")
+    run(["git", "add", "params.yaml"], checkout)
+    run(["git", "commit", "--quiet", "-m", "baseline"], checkout)
+    run(["git", "remote", "add", "origin", str(remote)], checkout)
+    run(["git", "push", "--quiet", "origin", "main"], checkout)
+    return checkout, remote, run(["git", "rev-parse", "HEAD"], checkout).stdout.strip()
+
+
+
+
+class FakePool:
+    """Stands in for run_deployment and the wait: each submitted run ends in the state given for its point."""
+
+    def __init__(self, endings: dict[str, tuple[Any, str]]) -> None:
+        self.endings = endings  # point label: (final state, worker name)
+        self.submitted: list[dict[str, Any]] = []
+        self.created: list[FlowRun] = []
+
+    def run_deployment(self, **kwargs: Any) -> FlowRun:
+        self.submitted.append(kwargs)
+        self.created.append(FlowRun(flow_id=uuid4(), name=kwargs["flow_run_name"], state=Scheduled()))
+        return self.created[-1]
+
+    def wait_for_runs(self, ids: list[UUID], timeout_s: float) -> list[FlowRun]:
+        assert ids == [run.id for run in self.created]
+        return [run.model_copy(update={"state": self.endings[run.name][0],
+                                       "labels": {"prefect.worker.name": self.endings[run.name][1]}})
+                for run in self.created]
+
+
+def test_a_sweep_on_a_pool_submits_only_the_missing_points_and_names_the_one_that_failed(pushed_checkout, monkeypatch):
+    checkout, remote, commit = pushed_checkout
+    old, new = exp_rev("old-one", "1" * 16, 1, 10.0), exp_rev("new-one", "2" * 16, 2, 20.0)
+    shows = iter([shown_with(commit, old), shown_with(commit, old, new), shown_with(commit, old, new)])
+    monkeypatch.setattr(flows, "read_experiments", lambda project: next(shows))
+    pulls: list[str] = []
+    monkeypatch.setattr(flows, "pull_experiments", lambda project, git_remote: pulls.append(git_remote))
+    pool = FakePool({"train.epochs=2": (Completed(), "worker-a"), "train.epochs=3": (Crashed(), "worker-b")})
+    monkeypatch.setattr(flows, "run_deployment", pool.run_deployment)
+    monkeypatch.setattr(flows, "wait_for_runs", pool.wait_for_runs)
+    tables: list[dict[str, Any]] = []
+    monkeypatch.setattr(flows, "create_table_artifact", lambda **kwargs: tables.append(kwargs))
+    installed: list[bool] = []
+    monkeypatch.setattr(flows, "ensure_silent_runs_crash", lambda: installed.append(True))
+
+    grid = [{"train.epochs": 1}, {"train.epochs": 2}, {"train.epochs": 3}]
+    with disable_run_logger(), pytest.raises(flows.CommandFailed) as raised:
+        flows.ptq_sweep.fn(project=str(checkout), grid=grid, deployment=flows.EXPERIMENT_DEPLOYMENT, timeout_s=60)
+    assert str(raised.value) == "1 of 3 experiments failed:\ntrain.epochs=3: flow run train.epochs=3 Crashed on worker-b"
+    # Only the points without an experiment on the remote ran, each told what to clone.
+    assert [call["parameters"] for call in pool.submitted] == [
+        {"overrides": {"train.epochs": 2}, "commit": commit}, {"overrides": {"train.epochs": 3}, "commit": commit}]
+    for call in pool.submitted:
+        assert call["name"] == flows.EXPERIMENT_DEPLOYMENT
+        assert call["job_variables"] == {"env": {flows.GIT_URL_ENV: str(remote), flows.GIT_COMMIT_ENV: commit,
+                                                 "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}}
+        assert call["timeout"] == 0  # submitted, not awaited one by one
+    assert installed == [True]  # a run whose machine dies ends Crashed, not Running for ever
+    assert pulls == ["origin", "origin"]  # before, to skip what is done; after, to gather
+    [table] = tables
+    assert [row["experiment"] for row in table["table"]] == ["old-one", "new-one"]
+
+
+def test_a_sweep_on_a_pool_refuses_a_commit_the_workers_cannot_clone(pushed_checkout):
+    checkout, _, _ = pushed_checkout
+    (checkout / "params.yaml").write_text("train:\n  epochs: 2\n")
+    run(["git", "commit", "--quiet", "-am", "not pushed"], checkout)
+    with disable_run_logger(), pytest.raises(flows.CommandFailed, match=r"is not on git remote origin .*git push"):
+        flows.ptq_sweep.fn(project=str(checkout), grid=[{"train.epochs": 1}], deployment=flows.EXPERIMENT_DEPLOYMENT)
+
+
+def test_only_experiment_runs_whose_heartbeats_stop_are_crashed():
+    automation = flows.silent_runs_automation()
+    trigger = automation.trigger
+    assert trigger.match_related.model_dump() == {"prefect.resource.role": "flow",
+                                                  "prefect.resource.name": "ptq-experiment"}
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= trigger.expect
+    assert trigger.posture == "Proactive"
+    assert trigger.within.total_seconds() == flows.SILENCE_SECONDS > 2 * flows.HEARTBEAT_SECONDS
+    [action] = automation.actions
+    assert action.state == "CRASHED"
+
+
+def test_waiting_for_runs_gives_up_at_the_timeout_and_says_which_are_unfinished(monkeypatch):
+    running = FlowRun(flow_id=uuid4(), name="train.epochs=2", state=Running(), labels={"prefect.worker.name": "w1"})
+
+    class FakeClient:
+        def __enter__(self) -> FakeClient:
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            pass
+
+        def read_flow_run(self, run_id: UUID) -> FlowRun:
+            return running
+
+    monkeypatch.setattr(flows, "get_client", lambda sync_client: FakeClient())
+    monkeypatch.setattr(flows, "RUN_POLL_SECONDS", 0.01)
+    [run_now] = flows.wait_for_runs([running.id], timeout_s=0.05)
+    assert flows.run_outcome(run_now, 0.05) == "flow run train.epochs=2 still Running on w1 after 0 s"
+
+
+def test_an_experiment_run_refuses_a_checkout_at_another_commit(pushed_checkout, monkeypatch):
+    checkout, _, commit = pushed_checkout
+    monkeypatch.setattr(flows, "run_experiment", lambda *args, **kwargs: pytest.fail("ran in the wrong checkout"))
+    with disable_run_logger(), pytest.raises(flows.CommandFailed, match=f"not the sweep's commit {'0' * 40}"):
+        flows.ptq_experiment.fn({"train.epochs": 2}, commit="0" * 40, project=str(checkout))
+
+
+def test_an_experiment_run_pushes_its_experiment_and_reports_the_hashes_of_what_it_made(pushed_checkout, monkeypatch):
+    checkout, _, commit = pushed_checkout
+    for index, path in enumerate(flows.EXPERIMENT_OUTPUTS):
+        (checkout / path).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / path).write_bytes(bytes([index]) * 100)
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(flows, "run_experiment",
+                        lambda project, overrides, in_workspace: calls.append(("run", overrides, in_workspace))
+                        or "ionic-rort")
+    monkeypatch.setattr(flows, "push_experiment", lambda *args: calls.append(("push", *args)))
+    monkeypatch.setattr(flows, "create_table_artifact", lambda **kwargs: calls.append(("artifact", kwargs["key"])))
+    with disable_run_logger():
+        result = flows.ptq_experiment.fn({"train.epochs": 2}, commit=commit, project=str(checkout))
+    assert calls == [("run", {"train.epochs": 2}, True), ("push", str(checkout), "origin", "ionic-rort"),
+                     ("artifact", flows.EXPERIMENT_OUTPUTS_KEY)]
+    assert result["experiment"] == "ionic-rort" and result["commit"] == commit
+    assert result["outputs"]["data/export/model.c"] == hashlib.sha256(bytes([1]) * 100).hexdigest()

@@ -18,6 +18,7 @@ from pipeline.quant.calibrators import (
     PerTensor,
     abs_histogram,
     activation_range,
+    entropy_range,
     parse_granularity,
     weight_range,
 )
@@ -29,7 +30,7 @@ from pipeline.quant.settings import (
     WeightMseSettings,
 )
 from pipeline.graph import capture
-from pipeline.profile import profile_activations
+from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.observers import ActivationObserver
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
 
@@ -192,6 +193,34 @@ def test_entropy_keeps_a_gaussian_and_clips_far_outliers():
     assert activation_range(with_outliers, "entropy") < 10.0
 
 
+@pytest.mark.parametrize("calibrator", ["mse", "entropy"])
+def test_searching_calibrators_search_on_the_tensors_own_grid(calibrator):
+    """A post-ReLU tensor: half-normal values. Unsigned 8-bit (qmax 255) has twice the levels of signed
+    int8's 127, so rounding costs less and both searches keep more of the tail; 4 bits (qmax 7) clip far more."""
+    stats = observed_stats(gaussian(100_000, seed=8).abs())
+    signed = activation_range(stats, calibrator, qmax=127)
+    assert signed == activation_range(stats, calibrator)  # the default grid is signed int8's
+    unsigned, narrow = activation_range(stats, calibrator, qmax=255), activation_range(stats, calibrator, qmax=7)
+    assert unsigned >= signed > narrow  # entropy keeps (nearly) all of 1e5 gaussian samples at 127 already
+    assert unsigned > signed or calibrator == "entropy"
+
+
+def test_entropy_levels_follow_the_grid():
+    stats = observed_stats(gaussian(100_000, seed=9).abs())
+    # num_quantized_bins is given for qmax 127; qmax 255 doubles it, exactly as asking for 256 levels at 127
+    assert entropy_range(stats, 255, 128) == entropy_range(stats, 127, 256)
+    assert entropy_range(stats, 7, 128) == entropy_range(stats, 127, 8)
+
+
+def test_calibrated_ranges_map_onto_each_groups_qmax():
+    stats = {"a": observed_stats(gaussian(1000, seed=1).abs()), "b": observed_stats(gaussian(1000, seed=2))}
+    calibrated = calibrate_ranges(stats, "minmax", integer_ranges={"a": (0, 255), "b": (-8, 7)})
+    assert calibrated["a"]["scale"] == calibrated["a"]["range"] / 255 and calibrated["a"]["qmin"] == 0
+    assert calibrated["b"]["scale"] == calibrated["b"]["range"] / 7 and calibrated["b"]["qmin"] == -8
+    default = calibrate_ranges(stats, "minmax")
+    assert default["a"]["scale"] == default["a"]["range"] / 127 and default["a"]["qmax"] == 127
+
+
 def test_activation_calibrator_errors():
     stats = observed_stats(gaussian(100))
     with pytest.raises(ValueError, match=r"unknown activation calibrator 'kl'; allowed: \['entropy', 'minmax'"):
@@ -204,7 +233,7 @@ def test_activation_calibrator_errors():
 def test_each_calibrators_settings_are_its_range_functions_keyword_arguments(registry):
     """A settings field the function does not take (or the reverse) would fail only when that calibrator runs."""
     for name, entry in registry.items():
-        leading = 1 if registry is ACTIVATION_CALIBRATORS else 2  # stats, or (groups, qmax)
+        leading = 2  # (stats, qmax) or (groups, qmax)
         keywords = list(inspect.signature(entry.range).parameters)[leading:]
         assert [field.name for field in dataclasses.fields(entry.settings)] == keywords, name
 

@@ -2,37 +2,42 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.graph import capture, numel, run_float
-from pipeline.model_files import load_integer_model, save_integer_model
+from pipeline.model_files import SCHEME, load_integer_model, save_integer_model
 from pipeline.models import Net, build_model
 from pipeline.quant import engine
 from pipeline.quant.build import (
     build_integer_model,
+    group_ranges,
     quantize_bias,
     quantize_layer_weights,
     quantize_model_weights,
     scale_groups,
+    tensor_signedness,
 )
 from pipeline.quant.engine import (
     QuantizedNet,
     dequantize_logits,
     dequantized_weights,
     integer_tensor_outputs,
+    layer_plan,
     quantize_input,
+    quantize_model_input,
     run_integer,
     run_simulated,
     run_weight_only,
 )
 from pipeline.quant.fixed_point import requantize_reference
 from pipeline.quant.ir import IntConv
-from pipeline.quant.ranges import dequantize
+from pipeline.quant.ranges import ActivationFormat, accumulator_bound, check_accumulator, dequantize
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
-from tests.integer_graphs import TOYS, cifar_model, random_uint8_images, toy_model
+from tests.integer_graphs import FORMATS, TOYS, MixedSignToy, cifar_model, random_uint8_images, toy_model
 
 # ---------------------------------------------------------------- weights and biases
 
@@ -192,7 +197,7 @@ def test_a_grouped_conv_layer_matches_an_independent_int64_reference(groups):
         c = index[1]
         expected[index] = requantize_reference(int(acc[index]), int(multiplier[c]), int(shift[c]), -128, 127)
     values = {"x": x.to(torch.int64)}
-    prepared = engine._Layer.prepare(conv, x.device)
+    prepared = engine._Layer.prepare(conv, (-128, 127), x.device)
     assert engine._integer_node(conv, prepared, values).tolist() == expected.tolist()
 
 
@@ -201,7 +206,7 @@ def test_a_grouped_conv_layer_matches_an_independent_int64_reference(groups):
 def test_engine_agrees_with_its_float64_simulation_and_the_float_model(name, granularity):
     model = toy_model(name, granularity)
     x = normalize(random_uint8_images(64, seed=11), SEED_MEAN, SEED_STD)
-    logits = run_integer(model, quantize_input(x, model.input_scale))
+    logits = run_integer(model, quantize_model_input(model, x))
     assert logits.dtype == torch.int32
     simulated = run_simulated(model, x)
     assert (logits.argmax(1) == simulated.argmax(1)).double().mean() >= 0.95
@@ -209,15 +214,125 @@ def test_engine_agrees_with_its_float64_simulation_and_the_float_model(name, gra
     assert float((real - simulated).abs().max()) < 0.05 * float(simulated.abs().max())
 
 
-def test_every_tensor_of_the_engine_is_within_its_integer_type():
-    model = toy_model("depthwise", "per_channel")
-    x = normalize(random_uint8_images(16, seed=3), SEED_MEAN, SEED_STD)
-    outputs = integer_tensor_outputs(model, quantize_input(x, model.input_scale))
+@pytest.mark.parametrize("name", sorted(TOYS))
+@pytest.mark.parametrize("form", sorted(FORMATS))
+def test_engine_with_other_activation_formats_agrees_with_its_float64_simulation(name, form):
+    model = toy_model(name, "per_channel", activation_format=FORMATS[form])
+    x = normalize(random_uint8_images(64, seed=11), SEED_MEAN, SEED_STD)
+    logits = run_integer(model, quantize_model_input(model, x))
+    simulated = run_simulated(model, x)  # fake quantization at the same (unsigned, narrower) ranges
+    assert (logits.argmax(1) == simulated.argmax(1)).double().mean() >= 0.9
+    real = dequantize_logits(model, logits)
+    assert float((real - simulated).abs().max()) < 0.1 * float(simulated.abs().max())
+
+
+@pytest.mark.parametrize("form", [None, *sorted(FORMATS)])
+def test_every_tensor_of_the_engine_is_within_its_integer_type(form):
+    activation_format = ActivationFormat() if form is None else FORMATS[form]
+    model = toy_model("depthwise", "per_channel", activation_format=activation_format)
+    x = normalize(random_uint8_images(16, seed=3), SEED_MEAN, SEED_STD) * 2  # saturates
+    outputs = integer_tensor_outputs(model, quantize_model_input(model, x))
     for name, value in outputs.items():
-        bits = model.tensors[name].bits
-        assert -(2 ** (bits - 1)) <= int(value.min()) and int(value.max()) < 2 ** (bits - 1), name
+        qmin, qmax = model.tensors[name].range
+        assert qmin <= int(value.min()) and int(value.max()) <= qmax, name
+        if model.tensors[name].bits != 32:
+            assert model.tensors[name].bits == activation_format.bits
     clamp = next(node for node in model.nodes if type(node).__name__ == "IntClamp")
     assert int(outputs[clamp.output].min()) >= 0 and int(outputs[clamp.output].max()) <= clamp.clamp_max
+    if activation_format.unsigned:  # the unsigned tensors use their top half: beyond the signed qmax
+        unsigned = [name for name, info in model.tensors.items() if not info.signed]
+        assert any(int(outputs[name].max()) > 2 ** (activation_format.bits - 1) - 1 for name in unsigned)
+
+
+# ---------------------------------------------------------------- unsigned activations and narrower widths
+
+
+def test_tensors_non_negative_by_construction_are_unsigned_and_scale_groups_agree():
+    graph = capture(MixedSignToy().eval())
+    signed = tensor_signedness(graph, FORMATS["unsigned"])
+    assert all(tensor_signedness(graph, ActivationFormat()).values())  # the default: every tensor signed
+    unsigned = sorted(name for name, is_signed in signed.items() if not is_signed)
+    assert unsigned == ["avg_pool2d", "flatten", "relu", "relu_1"]  # after ReLUs, their pool and flatten
+    assert signed[graph.input] and signed["cat"] and signed["add"]  # the input; a concat and an add of both kinds
+    for group in scale_groups(graph).values():
+        assert len({signed[member] for member in group.members}) == 1, group
+    ranges = group_ranges(graph, ActivationFormat(4, unsigned=True))
+    assert ranges["relu"] == (0, 15) and ranges[graph.input] == (-8, 7) and ranges["cat"] == (-8, 7)
+    # A standalone ReLU of a signed tensor shares its input's (signed) group.
+    shared = capture(TOYS["shared-relu"]().eval())
+    assert all(tensor_signedness(shared, FORMATS["unsigned"]).values())
+
+
+def test_unsigned_tensors_map_their_range_onto_the_unsigned_qmax():
+    graph = capture(MixedSignToy().eval())
+    ranges = {root: 1.0 for root in scale_groups(graph)}
+    weights = quantize_model_weights(graph, 8, "minmax", "per_channel")
+    signed = build_integer_model(graph, ranges, weights)
+    unsigned = build_integer_model(graph, ranges, weights, activation_format=ActivationFormat(8, unsigned=True))
+    assert float(signed.tensors["relu"].scale) == 1 / 127 and float(unsigned.tensors["relu"].scale) == 1 / 255
+    assert (unsigned.tensors["relu"].range, unsigned.tensors["cat"].range) == ((0, 255), (-128, 127))
+    conv1 = unsigned.nodes[0]
+    assert (conv1.requantize.clamp_min, conv1.requantize.clamp_max) == (0, 255)  # the fused ReLU's clamp
+    cat = next(node for node in unsigned.nodes if node.name == "cat")
+    # Into the signed concat, the unsigned input is requantized (M = 255/127, saturating at 127) and the
+    # signed one of the same scale and range copied; with equal scales the unsigned one still needs M = 1.
+    unsigned_rq, signed_rq = cat.input_requantize
+    assert signed_rq is None and (unsigned_rq.clamp_min, unsigned_rq.clamp_max) == (-128, 127)
+    same_scale = build_integer_model(graph, ranges | {"relu": 255.0, "cat": 127.0}, weights,
+                                     activation_format=ActivationFormat(8, unsigned=True))
+    assert float(same_scale.tensors["relu"].scale) == float(same_scale.tensors["cat"].scale) == 1.0
+    rq = next(node for node in same_scale.nodes if node.name == "cat").input_requantize[0]
+    assert (int(rq.multiplier), int(rq.shift), rq.clamp_max) == (2**30, 1, 127)  # M = 1, saturating
+    narrow = build_integer_model(graph, ranges, weights, activation_format=ActivationFormat(4))
+    assert float(narrow.tensors["relu"].scale) == 1 / 7 and narrow.tensors["cat"].range == (-8, 7)
+    assert narrow.tensors[narrow.input].range == (-8, 7) and narrow.tensors[narrow.output].bits == 32
+
+
+def test_the_accumulator_bound_uses_the_input_range():
+    weight = torch.tensor([[3, -4], [0, 1]], dtype=torch.int8)
+    bias = torch.tensor([10, -2], dtype=torch.int32)
+    assert accumulator_bound(weight, bias, (-128, 127)).tolist() == [7 * 128 + 10, 128 + 2]
+    assert accumulator_bound(weight, bias, (0, 255)).tolist() == [7 * 255 + 10, 255 + 2]  # uint8: about double
+    assert accumulator_bound(weight, bias, (-8, 7)).tolist() == [7 * 8 + 10, 8 + 2]
+    # A bias that fits with int8 inputs overflows with uint8 ones.
+    big = torch.tensor([2**31 - 1 - 7 * 200, 0], dtype=torch.int32)
+    assert check_accumulator("layer", weight, big, (-128, 127)) == 2**31 - 1 - 7 * 200 + 7 * 128
+    with pytest.raises(OverflowError, match=r"layer: worst-case accumulator \d+ for inputs in \[0, 255\] exceeds"):
+        check_accumulator("layer", weight, big, (0, 255))
+
+
+def test_the_engine_proves_each_layer_exact_with_its_inputs_range():
+    signed = toy_model("residual", "per_channel")
+    unsigned = toy_model("residual", "per_channel", activation_format=FORMATS["unsigned"])
+    for layer in unsigned.layers():
+        plan = layer_plan(unsigned, layer)
+        assert plan["accumulator_bound"] == int(accumulator_bound(layer.weight, layer.bias,
+                                                                  unsigned.tensors[layer.input].range).max())
+    conv2 = next(layer for layer in unsigned.layers() if layer.name == "conv2")
+    assert not unsigned.tensors[conv2.input].signed
+    base = int(conv2.weight.to(torch.int64).abs().reshape(conv2.weight.shape[0], -1).sum(1).max())
+    assert layer_plan(unsigned, conv2)["accumulator_bound"] >= 255 * base > 128 * base
+    # An unsigned model whose bias leaves room for int8 inputs only: building refuses it, so does the engine.
+    bound = int(accumulator_bound(conv2.weight, torch.zeros_like(conv2.bias), (0, 255)).max())
+    too_big = dataclasses.replace(conv2, bias=torch.full_like(conv2.bias, 2**31 - 1 - bound // 2))
+    unsigned.nodes[unsigned.nodes.index(conv2)] = too_big
+    with pytest.raises(OverflowError, match=r"layer 'conv2': worst-case accumulator .* \[0, 255\] exceeds"):
+        run_integer(unsigned, torch.zeros(1, 3, 32, 32, dtype=torch.int8))
+    assert signed.tensors[conv2.input].signed
+
+
+def test_narrow_inputs_are_quantized_to_their_width_and_checked():
+    x = torch.tensor([0.25, 0.75, -0.25, 100.0, -100.0, 0.1])
+    assert quantize_input(x, 0.5, bits=4).tolist() == [0, 2, 0, 7, -8, 0]
+    model = toy_model("residual", "per_channel", activation_format=FORMATS["a4"])
+    with pytest.raises(ValueError, match=r"x_int8 holds values in \[-128, 127\], outside the input's range \[-8, 7\]"):
+        run_integer(model, torch.tensor([-128, 127], dtype=torch.int8).repeat(1, 3, 32, 16))
+
+
+@pytest.mark.parametrize(("bits", "unsigned"), [(3, False), (9, False), (8, "yes")])
+def test_activation_format_is_checked(bits, unsigned):
+    with pytest.raises(ValueError, match="allowed"):
+        ActivationFormat(bits, unsigned)
 
 
 def test_run_integer_requires_int8_input():
@@ -286,6 +401,22 @@ def test_save_load_round_trip(tmp_path):
             assert repr(a) == repr(b), field.name
     x_int8 = quantize_input(normalize(random_uint8_images(8, 1), SEED_MEAN, SEED_STD), model.input_scale)
     assert torch.equal(run_integer(loaded, x_int8), run_integer(model, x_int8))
+
+
+def test_unsigned_tensors_survive_save_and_load_and_signed_files_keep_their_form(tmp_path):
+    model = toy_model("mixed-sign", "per_channel", activation_format=FORMATS["unsigned-a6"])
+    save_integer_model(model, tmp_path / "unsigned.npz")
+    loaded = load_integer_model(tmp_path / "unsigned.npz")
+    assert {name: (info.bits, info.signed) for name, info in loaded.tensors.items()} == {
+        name: (info.bits, info.signed) for name, info in model.tensors.items()}
+    x_int8 = quantize_model_input(model, normalize(random_uint8_images(8, 1), SEED_MEAN, SEED_STD))
+    assert torch.equal(run_integer(loaded, x_int8), run_integer(model, x_int8))
+    meta = json.loads(str(np.load(tmp_path / "unsigned.npz")["meta"]))
+    assert "unsigned [0,2^b-1]" in meta["scheme"] and meta["tensors"]["relu"]["signed"] is False
+    # A signed int8 model's file has no "signed" key and the seed's scheme text: default files are unchanged.
+    save_integer_model(toy_model("mixed-sign", "per_channel"), tmp_path / "signed.npz")
+    meta = json.loads(str(np.load(tmp_path / "signed.npz")["meta"]))
+    assert meta["scheme"] == SCHEME and not any("signed" in info for info in meta["tensors"].values())
 
 
 def test_load_names_an_old_or_foreign_file_and_its_version(tmp_path):

@@ -12,7 +12,7 @@ from pipeline.export.c_build import c_footprint, c_logits, find_compiler
 from pipeline.export.c_model import C_FILES, write_c_sources
 from pipeline.export.onnx_model import onnx_predictions, save_onnx_model
 from pipeline.evaluation import percent_equal
-from pipeline.quant.engine import quantize_input, run_integer
+from pipeline.quant.engine import quantize_model_input, run_integer
 from pipeline.quant.ir import IntegerModel
 
 ONNX_FILES = {"qlinear": "model.onnx", "integer": "model_integer.onnx"}  # style -> file name
@@ -61,7 +61,7 @@ def export_agreement(
     for these images where the caller has them already, saves running it again.
     """
     directory = Path(directory)
-    x_int8 = quantize_input(x_normalized, model.input_scale)
+    x_int8 = quantize_model_input(model, x_normalized)
     if engine_logits is None:
         engine_logits = run_integer(model, x_int8).flatten(1)
     elif len(engine_logits) != len(x_int8):

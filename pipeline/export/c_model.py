@@ -27,7 +27,7 @@ arithmetic that cannot overflow or round differently:
   (``check_deployable`` keeps padding <= kernel / 2, so every window holds a real value);
 - average pool sums each window clipped to the map in int32 (zero padding adds 0 but counts
   in the area, which is inside the multiplier S_in / (S_out * area)), then requantizes;
-- add lifts each int8 input to q * 2^left_shift by a multiplication (never a shift of a
+- add lifts each input to q * 2^left_shift by a multiplication (never a shift of a
   negative value), requantizes it to the common grid (int32 saturation), sums the two in
   int32 and requantizes the sum to the output. The generator proves, from the multipliers,
   that neither q * 2^left_shift nor the sum can leave int32 (``_check_c_limits``);
@@ -35,7 +35,13 @@ arithmetic that cannot overflow or round differently:
   requantized to the output's scale, or copied where its Requantize is None;
 - a standalone ReLU / ReLU6 is a clamp; a flatten moves no data: its output is its input's bytes.
 
-Memory: the caller owns the input image and the logits. Every other int8 tensor lives in ONE
+Types: every activation is one byte, ``int8_t`` where signed and ``uint8_t`` where unsigned (full
+range [0, 2^b - 1], a tensor non-negative by construction: ``TensorInfo.signed``), 4..8-bit tensors
+in the same bytes; each kernel is generated for the types it reads and writes (``ptq_conv_s8``:
+int8 in and out, ``ptq_conv_u8``: int8 in, uint8 out, ``ptq_conv_u8_s32``: uint8 in, int32 out),
+and only those the model calls. Products and sums promote a byte to int32 either way.
+
+Memory: the caller owns the input image and the logits. Every other one-byte tensor lives in ONE
 static arena, ``ptq_arena``, at an offset planned by tensor liveness: a tensor is live from the
 node that writes it to the last node that reads it (a flatten's output is the same bytes as
 its input, so the flatten's readers extend the input's life). Two tensors whose lives overlap
@@ -76,10 +82,11 @@ from pipeline.quant.ir import (
     IntNode,
     IntReshape,
     Requantize,
+    TensorInfo,
     int_node_inputs,
     parameter_bytes,
 )
-from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN, INT32_MAX, INT32_MIN
+from pipeline.quant.ranges import INT32_MAX, INT32_MIN, largest_magnitude
 
 C_FILES = ("model.h", "model_data.h", "model.c")
 VALUES_PER_LINE = 16
@@ -161,9 +168,14 @@ class TensorStorage:
     arena: ArenaPlan
     input: str  # the model input's root: the caller's ``input``
     logits: str  # the int32 logits' root: the caller's ``logits``
+    unsigned: frozenset[str]  # the arena tensors stored as uint8_t (the arena itself is int8_t)
 
     def place(self, name: str, extra: int = 0) -> str:
-        """The C expression of a pointer to tensor ``name``, ``extra`` values in."""
+        """The C expression of a pointer to tensor ``name``, ``extra`` values in.
+
+        An unsigned tensor's pointer is the arena's bytes as ``uint8_t *``: C99 (6.5p7) lets a
+        value be accessed through the unsigned type of its signed type, and both are character types.
+        """
         root = self.root[name]
         if root == self.input:
             base, offset = "input", extra
@@ -171,11 +183,14 @@ class TensorStorage:
             base, offset = "logits", extra
         else:
             base, offset = ARENA, self.arena.offsets[root] + extra
-        return f"{base} + {offset}" if offset else base
+        pointer = f"{base} + {offset}" if offset else base
+        if root in self.unsigned:
+            return f"(uint8_t *)({pointer})" if offset else f"(uint8_t *){pointer}"
+        return pointer
 
 
 def tensor_storage(model: IntegerModel) -> TensorStorage:
-    """Every tensor's buffer, and the arena plan of the int8 activations (module docstring)."""
+    """Every tensor's buffer, and the arena plan of the one-byte activations (module docstring)."""
     root = {model.input: model.input}
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -196,7 +211,8 @@ def tensor_storage(model: IntegerModel) -> TensorStorage:
         for name, index in first.items()
         if name not in (model.input, logits)
     ]
-    return TensorStorage(root, plan_arena(lifetimes), model.input, logits)
+    unsigned = frozenset(name for name in first if not model.tensors[name].signed)
+    return TensorStorage(root, plan_arena(lifetimes), model.input, logits, unsigned)
 
 
 # ---------------------------------------------------------------- what the C kernels need beyond check_deployable
@@ -214,12 +230,12 @@ def _check_c_limits(model: IntegerModel) -> None:
     """Raise ``ValueError`` (``OverflowError`` for int32 overflow) where the C's int8/int32 types cannot hold a value.
 
     ``check_deployable`` covers the layers' accumulators; this covers the other int32
-    intermediates (add, average pool) and the saturation of every int8 output.
+    intermediates (add, average pool) and the saturation of every output within its own range.
     """
     for index, node in enumerate(model.nodes):
         where = f"node {index} ({node.name!r}, {type(node).__name__})"
-        out_bits = model.tensors[node.output].bits
-        low, high = (ACTIVATION_QMIN, ACTIVATION_QMAX) if out_bits == 8 else (INT32_MIN, INT32_MAX)
+        out = model.tensors[node.output]
+        low, high = out.range
         clamps: list[tuple[int, int]] = []
         if isinstance(node, IntConv) and node.requantize is not None:
             clamps.append((node.requantize.clamp_min, node.requantize.clamp_max))
@@ -230,8 +246,11 @@ def _check_c_limits(model: IntegerModel) -> None:
                                  "for int32")
             if any(not INT32_MIN <= rq.clamp_min <= rq.clamp_max <= INT32_MAX for rq in node.input_requantize):
                 raise ValueError(f"{where}: the inputs' saturation must lie in int32")
-            ranges = [_requantized_range(ACTIVATION_QMIN << node.left_shift, ACTIVATION_QMAX << node.left_shift, rq)
-                      for rq in node.input_requantize]
+            input_ranges = [model.tensors[name].range for name in node.inputs]
+            if any(qmax << node.left_shift > INT32_MAX for _, qmax in input_ranges):
+                raise OverflowError(f"{where}: an input lifted by 2^{node.left_shift} leaves int32")
+            ranges = [_requantized_range(qmin << node.left_shift, qmax << node.left_shift, rq)
+                      for (qmin, qmax), rq in zip(input_ranges, node.input_requantize, strict=True)]
             least, largest = sum(low_ for low_, _ in ranges), sum(high_ for _, high_ in ranges)
             if least < INT32_MIN or largest > INT32_MAX:
                 raise OverflowError(
@@ -240,7 +259,7 @@ def _check_c_limits(model: IntegerModel) -> None:
         elif isinstance(node, IntAvgPool):
             clamps.append((node.requantize.clamp_min, node.requantize.clamp_max))
             area = node.kernel[0] * node.kernel[1]
-            if -ACTIVATION_QMIN * area > INT32_MAX:
+            if largest_magnitude(model.tensors[node.input].range) * area > INT32_MAX:
                 raise OverflowError(f"{where}: a window of {area} values can sum beyond int32")
         elif isinstance(node, IntConcat):
             clamps += [(rq.clamp_min, rq.clamp_max) for rq in node.input_requantize if rq is not None]
@@ -250,7 +269,7 @@ def _check_c_limits(model: IntegerModel) -> None:
             if not low <= clamp_min <= clamp_max <= high:
                 raise ValueError(
                     f"{where} saturates to [{clamp_min}, {clamp_max}], which is not a range within its "
-                    f"int{out_bits} output [{low}, {high}]"
+                    f"{'' if out.signed else 'u'}int{out.bits} output [{low}, {high}]"
                 )
 
 
@@ -402,13 +421,14 @@ def _api_header(model: IntegerModel, static_ram: int, parameters: int) -> str:
         )
     else:
         layout = f"of shape {shape}, row-major:"
+    input_min, input_max = model.tensors[model.input].range
     normalization = (
         f"mean {model.input_mean}, std {model.input_std}" if model.input_mean is not None else "as in training"
     )
     return f"""/* model.h: the integer CIFAR-10 network. Generated by pipeline.export.c_model; do not edit.
  *
  * Input: one image as int8 {layout}
- *   q = clamp(round_half_to_even(x_normalized / S_in), -128, 127), S_in = {model.input_scale!r},
+ *   q = clamp(round_half_to_even(x_normalized / S_in), {input_min}, {input_max}), S_in = {model.input_scale!r},
  *   x_normalized = (pixel / 255 - mean[c]) / std[c] ({normalization})
  *   (pipeline.quant.engine.quantize_input).
  * Output: {output_size} int32 logits at scale {_scale_text(model.output_scale)};
@@ -489,50 +509,6 @@ typedef struct {
     int32_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w;
 } ptq_conv;
 
-/* bias + sum of weight * input over the windows of output row (oc, oy), into acc[0 .. out_w).
- * Output channel oc reads the group_in_c input channels of its group, oc / group_out_c.
- * Zero padding adds nothing, so each kernel tap visits only the outputs whose input lies in the
- * map. Every partial sum, in any order of the terms, is at most sum|w| * 128 + |bias| < 2^31
- * (checked by the generator): no int32 overflow. */
-static void ptq_accumulate_row(const ptq_conv *l, const int8_t *in, int32_t oc, int32_t oy, int32_t *acc)
-{
-    /* Locals, not l->...: acc is written in the inner loop and could alias *l as far as the compiler knows. */
-    const int32_t group_in_c = l->group_in_c, in_h = l->in_h, in_w = l->in_w, out_w = l->out_w;
-    const int32_t kernel_h = l->kernel_h, kernel_w = l->kernel_w, stride_w = l->stride_w;
-    const int32_t y0 = oy * l->stride_h - l->pad_h;
-    const int32_t ky_begin = y0 < 0 ? -y0 : 0;
-    const int32_t ky_end = in_h - y0 < kernel_h ? in_h - y0 : kernel_h;
-    const int8_t *weights = l->weight + oc * group_in_c * kernel_h * kernel_w;
-    const int8_t *group_in = in + (oc / l->group_out_c) * group_in_c * in_h * in_w;
-    const int32_t bias = l->bias[oc];
-    for (int32_t ox = 0; ox < out_w; ++ox) {
-        acc[ox] = bias;
-    }
-    for (int32_t kx = 0; kx < kernel_w; ++kx) {
-        /* Input column ox * stride_w + offset must lie in [0, in_w): ox in [ox_begin, ox_end). */
-        const int32_t offset = kx - l->pad_w;
-        const int32_t ox_begin = offset >= 0 ? 0 : (stride_w - 1 - offset) / stride_w;
-        const int32_t last = in_w - 1 - offset; /* the largest ox * stride_w allowed */
-        const int32_t ox_stop = last < 0 ? 0 : last / stride_w + 1;
-        const int32_t ox_end = ox_stop < out_w ? ox_stop : out_w;
-        for (int32_t ic = 0; ic < group_in_c; ++ic) {
-            for (int32_t ky = ky_begin; ky < ky_end; ++ky) {
-                const int32_t w = weights[(ic * kernel_h + ky) * kernel_w + kx];
-                const int8_t *row = group_in + (ic * in_h + y0 + ky) * in_w;
-                if (stride_w == 1) { /* the common case, a separate loop so the compiler can vectorize it */
-                    for (int32_t ox = ox_begin; ox < ox_end; ++ox) {
-                        acc[ox] += w * row[ox + offset];
-                    }
-                } else {
-                    for (int32_t ox = ox_begin; ox < ox_end; ++ox) {
-                        acc[ox] += w * row[ox * stride_w + offset];
-                    }
-                }
-            }
-        }
-    }
-}
-
 /* One output value from its accumulator: requantized and saturated, or the raw accumulator. */
 static int32_t ptq_output(const ptq_conv *l, int32_t acc, int32_t oc)
 {
@@ -544,34 +520,65 @@ static int32_t ptq_output(const ptq_conv *l, int32_t acc, int32_t oc)
 }
 """
 
-_CONV_S8 = """
-static void ptq_conv_s8(const ptq_conv *l, const int8_t *in, int8_t *out)
-{
-    int32_t acc[PTQ_ROW_MAX]; /* one output row of accumulators, on the stack */
-    for (int32_t oc = 0; oc < l->out_c; ++oc) {
-        for (int32_t oy = 0; oy < l->out_h; ++oy) {
-            ptq_accumulate_row(l, in, oc, oy, acc);
-            for (int32_t ox = 0; ox < l->out_w; ++ox) {
-                *out++ = (int8_t)ptq_output(l, acc[ox], oc); /* saturated to [out_min, out_max] within int8 */
-            }
-        }
-    }
-}
+_ACCUMULATE_ROW = """
+/* bias + sum of weight * input over the windows of output row (oc, oy), into acc[0 .. out_w), for
+ * {in_t} inputs. Output channel oc reads the group_in_c input channels of its group, oc / group_out_c.
+ * Zero padding adds nothing, so each kernel tap visits only the outputs whose input lies in the
+ * map. Every partial sum, in any order of the terms, is at most sum|w| * max|x| + |bias| < 2^31
+ * (max|x| from the input's range: 128 for int8, 255 for uint8; checked by the generator): no int32 overflow. */
+static void {name}(const ptq_conv *l, const {in_t} *in, int32_t oc, int32_t oy, int32_t *acc)
+{{
+    /* Locals, not l->...: acc is written in the inner loop and could alias *l as far as the compiler knows. */
+    const int32_t group_in_c = l->group_in_c, in_h = l->in_h, in_w = l->in_w, out_w = l->out_w;
+    const int32_t kernel_h = l->kernel_h, kernel_w = l->kernel_w, stride_w = l->stride_w;
+    const int32_t y0 = oy * l->stride_h - l->pad_h;
+    const int32_t ky_begin = y0 < 0 ? -y0 : 0;
+    const int32_t ky_end = in_h - y0 < kernel_h ? in_h - y0 : kernel_h;
+    const int8_t *weights = l->weight + oc * group_in_c * kernel_h * kernel_w;
+    const {in_t} *group_in = in + (oc / l->group_out_c) * group_in_c * in_h * in_w;
+    const int32_t bias = l->bias[oc];
+    for (int32_t ox = 0; ox < out_w; ++ox) {{
+        acc[ox] = bias;
+    }}
+    for (int32_t kx = 0; kx < kernel_w; ++kx) {{
+        /* Input column ox * stride_w + offset must lie in [0, in_w): ox in [ox_begin, ox_end). */
+        const int32_t offset = kx - l->pad_w;
+        const int32_t ox_begin = offset >= 0 ? 0 : (stride_w - 1 - offset) / stride_w;
+        const int32_t last = in_w - 1 - offset; /* the largest ox * stride_w allowed */
+        const int32_t ox_stop = last < 0 ? 0 : last / stride_w + 1;
+        const int32_t ox_end = ox_stop < out_w ? ox_stop : out_w;
+        for (int32_t ic = 0; ic < group_in_c; ++ic) {{
+            for (int32_t ky = ky_begin; ky < ky_end; ++ky) {{
+                const int32_t w = weights[(ic * kernel_h + ky) * kernel_w + kx];
+                const {in_t} *row = group_in + (ic * in_h + y0 + ky) * in_w;
+                if (stride_w == 1) {{ /* the common case, a separate loop so the compiler can vectorize it */
+                    for (int32_t ox = ox_begin; ox < ox_end; ++ox) {{
+                        acc[ox] += w * row[ox + offset];
+                    }}
+                }} else {{
+                    for (int32_t ox = ox_begin; ox < ox_end; ++ox) {{
+                        acc[ox] += w * row[ox * stride_w + offset];
+                    }}
+                }}
+            }}
+        }}
+    }}
+}}
 """
 
-_CONV_S32 = """
-static void ptq_conv_s32(const ptq_conv *l, const int8_t *in, int32_t *out)
-{
+_CONV_OUT = """
+static void {name}(const ptq_conv *l, const {in_t} *in, {out_t} *out)
+{{
     int32_t acc[PTQ_ROW_MAX]; /* one output row of accumulators, on the stack */
-    for (int32_t oc = 0; oc < l->out_c; ++oc) {
-        for (int32_t oy = 0; oy < l->out_h; ++oy) {
-            ptq_accumulate_row(l, in, oc, oy, acc);
-            for (int32_t ox = 0; ox < l->out_w; ++ox) {
-                *out++ = ptq_output(l, acc[ox], oc);
-            }
-        }
-    }
-}
+    for (int32_t oc = 0; oc < l->out_c; ++oc) {{
+        for (int32_t oy = 0; oy < l->out_h; ++oy) {{
+            {accumulate_row}(l, in, oc, oy, acc);
+            for (int32_t ox = 0; ox < l->out_w; ++ox) {{
+                *out++ = {store}; {store_comment}
+            }}
+        }}
+    }}
+}}
 """
 
 _POOL_TYPE = """
@@ -584,61 +591,61 @@ typedef struct {
 _MAXPOOL = """
 /* Max over each window clipped to the map: padding acts as -infinity, as in PyTorch.
  * Every window holds at least one input value (check_deployable: padding <= kernel / 2). */
-static void ptq_maxpool(const ptq_pool *p, const int8_t *in, int8_t *out)
-{
-    for (int32_t c = 0; c < p->channels; ++c) {
-        for (int32_t oy = 0; oy < p->out_h; ++oy) {
+static void {name}(const ptq_pool *p, const {t} *in, {t} *out)
+{{
+    for (int32_t c = 0; c < p->channels; ++c) {{
+        for (int32_t oy = 0; oy < p->out_h; ++oy) {{
             const int32_t y0 = oy * p->stride_h - p->pad_h;
             const int32_t y_begin = y0 < 0 ? 0 : y0;
             const int32_t y_end = y0 + p->kernel_h < p->in_h ? y0 + p->kernel_h : p->in_h;
-            for (int32_t ox = 0; ox < p->out_w; ++ox) {
+            for (int32_t ox = 0; ox < p->out_w; ++ox) {{
                 const int32_t x0 = ox * p->stride_w - p->pad_w;
                 const int32_t x_begin = x0 < 0 ? 0 : x0;
                 const int32_t x_end = x0 + p->kernel_w < p->in_w ? x0 + p->kernel_w : p->in_w;
-                int8_t best = INT8_MIN;
-                for (int32_t y = y_begin; y < y_end; ++y) {
-                    for (int32_t x = x_begin; x < x_end; ++x) {
-                        const int8_t value = in[(c * p->in_h + y) * p->in_w + x];
-                        if (value > best) {
+                {t} best = {t_min};
+                for (int32_t y = y_begin; y < y_end; ++y) {{
+                    for (int32_t x = x_begin; x < x_end; ++x) {{
+                        const {t} value = in[(c * p->in_h + y) * p->in_w + x];
+                        if (value > best) {{
                             best = value;
-                        }
-                    }
-                }
+                        }}
+                    }}
+                }}
                 *out++ = best;
-            }
-        }
-    }
-}
+            }}
+        }}
+    }}
+}}
 """
 
 _AVGPOOL = """
 /* The int32 sum of each window (zero padding adds 0; the area, padding included, is inside the
- * multiplier S_in / (S_out * area)), requantized. |sum| <= 128 * area < 2^31 (checked). */
-static void ptq_avgpool(const ptq_pool *p, const ptq_rescale *r, const int8_t *in, int8_t *out)
-{
-    for (int32_t c = 0; c < p->channels; ++c) {
-        for (int32_t oy = 0; oy < p->out_h; ++oy) {
+ * multiplier S_in / (S_out * area)), requantized. |sum| <= max|x| * area < 2^31 (checked). */
+static void {name}(const ptq_pool *p, const ptq_rescale *r, const {in_t} *in, {out_t} *out)
+{{
+    for (int32_t c = 0; c < p->channels; ++c) {{
+        for (int32_t oy = 0; oy < p->out_h; ++oy) {{
             const int32_t y0 = oy * p->stride_h - p->pad_h;
             const int32_t y_begin = y0 < 0 ? 0 : y0;
             const int32_t y_end = y0 + p->kernel_h < p->in_h ? y0 + p->kernel_h : p->in_h;
-            for (int32_t ox = 0; ox < p->out_w; ++ox) {
+            for (int32_t ox = 0; ox < p->out_w; ++ox) {{
                 const int32_t x0 = ox * p->stride_w - p->pad_w;
                 const int32_t x_begin = x0 < 0 ? 0 : x0;
                 const int32_t x_end = x0 + p->kernel_w < p->in_w ? x0 + p->kernel_w : p->in_w;
                 int32_t sum = 0;
-                for (int32_t y = y_begin; y < y_end; ++y) {
-                    for (int32_t x = x_begin; x < x_end; ++x) {
+                for (int32_t y = y_begin; y < y_end; ++y) {{
+                    for (int32_t x = x_begin; x < x_end; ++x) {{
                         sum += in[(c * p->in_h + y) * p->in_w + x];
-                    }
-                }
-                *out++ = (int8_t)ptq_requantize(sum, r->multiplier, r->shift, r->out_min, r->out_max);
-            }
-        }
-    }
-}
+                    }}
+                }}
+                *out++ = ({out_t})ptq_requantize(sum, r->multiplier, r->shift, r->out_min, r->out_max);
+            }}
+        }}
+    }}
+}}
 """
 
-_ADD = """
+_ADD_TYPE = """
 /* The integer residual add (TFLite's ADD): each input q becomes q * 2^left_shift (a product, never
  * a shift of a negative value), is requantized to the common grid, the two are summed in int32
  * and the sum requantized to the output. The generator checks |q * 2^left_shift| and the sum in int32. */
@@ -648,50 +655,118 @@ typedef struct {
     ptq_rescale a, b;    /* each input to the common grid, int32 saturation */
     ptq_rescale out;     /* the sum to the output scale, with the fused activation's clamp */
 } ptq_add_op;
+"""
 
-static void ptq_add(const ptq_add_op *p, const int8_t *a, const int8_t *b, int8_t *out)
-{
-    for (int32_t i = 0; i < p->size; ++i) {
+_ADD = """
+static void {name}(const ptq_add_op *p, const {a_t} *a, const {b_t} *b, {out_t} *out)
+{{
+    for (int32_t i = 0; i < p->size; ++i) {{
         const int32_t scaled_a = ptq_requantize(a[i] * p->left_factor, p->a.multiplier, p->a.shift,
                                                 p->a.out_min, p->a.out_max);
         const int32_t scaled_b = ptq_requantize(b[i] * p->left_factor, p->b.multiplier, p->b.shift,
                                                 p->b.out_min, p->b.out_max);
-        out[i] = (int8_t)ptq_requantize(scaled_a + scaled_b, p->out.multiplier, p->out.shift,
+        out[i] = ({out_t})ptq_requantize(scaled_a + scaled_b, p->out.multiplier, p->out.shift,
                                         p->out.out_min, p->out.out_max);
-    }
-}
+    }}
+}}
 """
 
 _COPY = """
-/* A concat input already at the output's scale: its values as they are. */
-static void ptq_copy_s8(const int8_t *in, int8_t *out, int32_t size)
-{
-    for (int32_t i = 0; i < size; ++i) {
+/* A concat input already at the output's scale and range: its values as they are. */
+static void {name}(const {t} *in, {t} *out, int32_t size)
+{{
+    for (int32_t i = 0; i < size; ++i) {{
         out[i] = in[i];
-    }
-}
+    }}
+}}
 """
 
 _RESCALE = """
 /* A concat input requantized to the output's scale. */
-static void ptq_rescale_s8(const ptq_rescale *r, const int8_t *in, int8_t *out, int32_t size)
-{
-    for (int32_t i = 0; i < size; ++i) {
-        out[i] = (int8_t)ptq_requantize(in[i], r->multiplier, r->shift, r->out_min, r->out_max);
-    }
-}
+static void {name}(const ptq_rescale *r, const {in_t} *in, {out_t} *out, int32_t size)
+{{
+    for (int32_t i = 0; i < size; ++i) {{
+        out[i] = ({out_t})ptq_requantize(in[i], r->multiplier, r->shift, r->out_min, r->out_max);
+    }}
+}}
 """
 
 _CLAMP = """
 /* A standalone ReLU / ReLU6: the integers clamped to [low, high] at an unchanged scale. */
-static void ptq_clamp_s8(const int8_t *in, int8_t *out, int32_t size, int32_t low, int32_t high)
-{
-    for (int32_t i = 0; i < size; ++i) {
+static void {name}(const {t} *in, {t} *out, int32_t size, int32_t low, int32_t high)
+{{
+    for (int32_t i = 0; i < size; ++i) {{
         const int32_t value = in[i];
-        out[i] = (int8_t)(value < low ? low : (value > high ? high : value));
-    }
-}
+        out[i] = ({t})(value < low ? low : (value > high ? high : value));
+    }}
+}}
 """
+
+C_TYPES = {"s8": "int8_t", "u8": "uint8_t", "s32": "int32_t"}
+TYPE_MIN = {"s8": "INT8_MIN", "u8": "0"}  # a max-pool's start: the least value of the type
+
+
+def type_tag(info: TensorInfo) -> str:
+    """The C storage of a tensor: "s8" (int8_t, 2..8-bit signed), "u8" (uint8_t, unsigned), "s32" (int32_t logits)."""
+    if info.bits == 32:
+        return "s32"
+    return "s8" if info.signed else "u8"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One generated static function: its name, its template and the C types it is made for."""
+
+    name: str
+    template: str
+    types: tuple[tuple[str, str], ...]  # (placeholder, tag) pairs
+
+    def text(self) -> str:
+        fields = {placeholder: C_TYPES[tag] for placeholder, tag in self.types}
+        if self.template is _MAXPOOL:
+            fields["t_min"] = TYPE_MIN[dict(self.types)["t"]]
+        if self.template is _CONV_OUT:
+            in_tag, out_tag = dict(self.types)["in_t"], dict(self.types)["out_t"]
+            fields["accumulate_row"] = _accumulate_row(in_tag).name
+            fields["store"] = ("ptq_output(l, acc[ox], oc)" if out_tag == "s32"
+                               else f"({C_TYPES[out_tag]})ptq_output(l, acc[ox], oc)")
+            fields["store_comment"] = ("" if out_tag == "s32"
+                                       else f"/* saturated to [out_min, out_max] within {C_TYPES[out_tag]} */")
+        return self.template.format(name=self.name, **fields).replace(" \n", "\n")
+
+
+def _accumulate_row(in_tag: str) -> Kernel:
+    return Kernel("ptq_accumulate_row" + ("" if in_tag == "s8" else f"_{in_tag}"), _ACCUMULATE_ROW,
+                  (("in_t", in_tag),))
+
+
+def _node_kernel(model: IntegerModel, node: IntNode, part: int = 0) -> Kernel | None:
+    """The kernel that runs ``node`` (for a concat: its input ``part``); None for a flatten.
+
+    Names: the int8 kernels keep their plain names (``ptq_conv_s8``: int8 in, int8 out); other
+    types name theirs (``ptq_conv_u8`` writes uint8, ``ptq_conv_u8_s32`` reads uint8, writes int32).
+    """
+    tags = [type_tag(model.tensors[name]) for name in int_node_inputs(node)]
+    out = type_tag(model.tensors[node.output])
+    if isinstance(node, IntConv):
+        return Kernel(f"ptq_conv_{'' if tags[0] == 's8' else tags[0] + '_'}{out}", _CONV_OUT,
+                      (("in_t", tags[0]), ("out_t", out)))
+    if isinstance(node, IntMaxPool):
+        return Kernel("ptq_maxpool" + ("" if out == "s8" else f"_{out}"), _MAXPOOL, (("t", out),))
+    if isinstance(node, IntAvgPool):
+        suffix = "" if (tags[0], out) == ("s8", "s8") else f"_{tags[0]}_{out}"
+        return Kernel("ptq_avgpool" + suffix, _AVGPOOL, (("in_t", tags[0]), ("out_t", out)))
+    if isinstance(node, IntAdd):
+        suffix = "" if (*tags, out) == ("s8", "s8", "s8") else f"_{tags[0]}_{tags[1]}_{out}"
+        return Kernel("ptq_add" + suffix, _ADD, (("a_t", tags[0]), ("b_t", tags[1]), ("out_t", out)))
+    if isinstance(node, IntClamp):
+        return Kernel(f"ptq_clamp_{out}", _CLAMP, (("t", out),))
+    if isinstance(node, IntConcat):
+        if node.input_requantize[part] is None:
+            return Kernel(f"ptq_copy_{out}", _COPY, (("t", out),))
+        suffix = "s8" if (tags[part], out) == ("s8", "s8") else f"{tags[part]}_{out}"
+        return Kernel(f"ptq_rescale_{suffix}", _RESCALE, (("in_t", tags[part]), ("out_t", out)))
+    return None
 
 
 # ---------------------------------------------------------------- model.c: node structs and calls
@@ -787,28 +862,29 @@ def _calls(model: IntegerModel, index: int, node: IntNode, name: str, storage: T
     comment = f"/* node {index} {_comment(node.name)}: {', '.join(map(str, shapes))} -> {out_shape} */"
     place = storage.place
     out = place(node.output)
+    kernel = _node_kernel(model, node)
     if isinstance(node, IntConv):
-        function = "ptq_conv_s32" if model.tensors[node.output].bits == 32 else "ptq_conv_s8"
-        return [f"{function}(&{name}_op, {place(node.input)}, {out}); {comment}"]
+        return [f"{kernel.name}(&{name}_op, {place(node.input)}, {out}); {comment}"]
     if isinstance(node, IntMaxPool):
-        return [f"ptq_maxpool(&{name}_op, {place(node.input)}, {out}); {comment}"]
+        return [f"{kernel.name}(&{name}_op, {place(node.input)}, {out}); {comment}"]
     if isinstance(node, IntAvgPool):
-        return [f"ptq_avgpool(&{name}_op, &{name}_rq, {place(node.input)}, {out}); {comment}"]
+        return [f"{kernel.name}(&{name}_op, &{name}_rq, {place(node.input)}, {out}); {comment}"]
     if isinstance(node, IntAdd):
-        return [f"ptq_add(&{name}_op, {place(node.inputs[0])}, {place(node.inputs[1])}, {out}); {comment}"]
+        return [f"{kernel.name}(&{name}_op, {place(node.inputs[0])}, {place(node.inputs[1])}, {out}); {comment}"]
     if isinstance(node, IntClamp):
         size = numel(out_shape)
-        return [f"ptq_clamp_s8({place(node.input)}, {out}, {size}, {node.clamp_min}, {node.clamp_max}); {comment}"]
+        return [f"{kernel.name}({place(node.input)}, {out}, {size}, {node.clamp_min}, {node.clamp_max}); {comment}"]
     if isinstance(node, IntConcat):
         lines = [comment]
         start = 0
         for part, (tensor, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True)):
             size = numel(model.tensors[tensor].shape)
             target = place(node.output, start)
+            function = _node_kernel(model, node, part).name
             if rq is None:
-                lines.append(f"ptq_copy_s8({place(tensor)}, {target}, {size});")
+                lines.append(f"{function}({place(tensor)}, {target}, {size});")
             else:
-                lines.append(f"ptq_rescale_s8(&{name}_rq{part}, {place(tensor)}, {target}, {size});")
+                lines.append(f"{function}(&{name}_rq{part}, {place(tensor)}, {target}, {size});")
             start += size
         return lines
     if isinstance(node, IntReshape):
@@ -819,7 +895,7 @@ def _calls(model: IntegerModel, index: int, node: IntNode, name: str, storage: T
 def _arena_comment(model: IntegerModel, storage: TensorStorage) -> str:
     plan = storage.arena
     lines = [
-        f"/* The activation arena: {plan.size} bytes for {len(plan.lifetimes)} int8 tensors of "
+        f"/* The activation arena: {plan.size} bytes for {len(plan.lifetimes)} one-byte tensors of "
         f"{plan.tensor_bytes()} bytes in all.",
         " * A tensor is live from the node that writes it to the last node that reads it (node indices",
         " * of ptq_model_run, a flatten's readers counting for its input); tensors live at the same",
@@ -839,6 +915,22 @@ def _arena_comment(model: IntegerModel, storage: TensorStorage) -> str:
     return "\n".join(lines) + "\n */\n"
 
 
+def _used_kernels(model: IntegerModel) -> list[Kernel]:
+    """Every kernel the nodes call, once each, a layer's row accumulator before it, in a fixed order."""
+    kernels: dict[str, Kernel] = {}
+    for node in model.nodes:
+        parts = range(len(node.inputs)) if isinstance(node, IntConcat) else range(1)
+        for kernel in (_node_kernel(model, node, part) for part in parts):
+            if kernel is None:
+                continue
+            if kernel.template is _CONV_OUT:
+                row = _accumulate_row(dict(kernel.types)["in_t"])
+                kernels.setdefault(row.name, row)
+            kernels.setdefault(kernel.name, kernel)
+    order = [_ACCUMULATE_ROW, _CONV_OUT, _MAXPOOL, _AVGPOOL, _ADD, _COPY, _RESCALE, _CLAMP]
+    return sorted(kernels.values(), key=lambda kernel: (order.index(kernel.template), kernel.name))
+
+
 def _source(model: IntegerModel, names: dict[str, str], storage: TensorStorage) -> str:
     types = {type(node) for node in model.nodes}
     convs = model.layers()
@@ -849,25 +941,11 @@ def _source(model: IntegerModel, names: dict[str, str], storage: TensorStorage) 
         parts.append(f"static int8_t {ARENA}[{storage.arena.size}];\n")
     parts += [_REQUANTIZE, f"\n#define PTQ_ROW_MAX {row_max} /* the widest layer output row: int32 accumulators "
                            "on the stack */\n", _CONV]
-    if any(model.tensors[layer.output].bits == 8 for layer in convs):
-        parts.append(_CONV_S8)
-    if any(model.tensors[layer.output].bits == 32 for layer in convs):
-        parts.append(_CONV_S32)
     if types & {IntMaxPool, IntAvgPool}:
         parts.append(_POOL_TYPE)
-    if IntMaxPool in types:
-        parts.append(_MAXPOOL)
-    if IntAvgPool in types:
-        parts.append(_AVGPOOL)
     if IntAdd in types:
-        parts.append(_ADD)
-    concat_inputs = [rq for node in model.nodes if isinstance(node, IntConcat) for rq in node.input_requantize]
-    if any(rq is None for rq in concat_inputs):
-        parts.append(_COPY)
-    if any(rq is not None for rq in concat_inputs):
-        parts.append(_RESCALE)
-    if IntClamp in types:
-        parts.append(_CLAMP)
+        parts.append(_ADD_TYPE)
+    parts += [kernel.text() for kernel in _used_kernels(model)]
     parts.append("\n")
     parts += [_node_structs(model, node, names[node.name]) for node in model.nodes]
     parts.append(

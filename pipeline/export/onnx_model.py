@@ -2,40 +2,43 @@
 
 Both graphs take the float32 normalized images "input" (N, C, H, W) and give
 the int32 "logits" (N, classes) of ``run_integer``, at the same scale. Every
-int8 tensor of the integer graph is an int8 ONNX value (zero point 0); a flat
+activation of the integer graph is an int8 ONNX value, or uint8 where it is unsigned
+(``TensorInfo.signed``; zero point 0 either way; 4..8-bit activations in the same types); a flat
 tensor (K,) is (N, K, 1, 1), so a linear layer is a 1x1 convolution (QLinearMatMul
 has no bias input) and a flatten moves no data (``pipeline.export.plan``). Two styles:
 
 - ``"integer"``: bit-exact with ``run_integer``, with integer ops only after
   the input. The input is quantized in float64 like ``quantize_input`` (Div,
-  Round half to even, Clip, Cast to int8). Every ``Requantize`` is
+  Round half to even, Clip to the input's range, Cast to int8). Every ``Requantize`` is
   ``fixed_point.requantize`` in int64: Mul by the multiplier, Add 2^(30 - shift),
   floor division by 2^(31 - shift) as (p - Mod(p, d)) / d (Div truncates toward
-  zero), Clip to the saturation, Cast. On top of it, node by node:
+  zero), Clip to the saturation, Cast to the output's type. On top of it, node by node:
 
   - conv2d / linear: ConvInteger (``group`` for grouped and depthwise) + the
     int32 bias, then the requantize (per tensor or per channel), or the raw
     int32 logits with ``build.raw_accumulator_clamp`` (Max 0 for a fused ReLU);
   - add: each input Cast to int64, Mul by 2^left_shift, requantized to the
-    common grid; the two summed; the sum requantized to int8;
+    common grid; the two summed; the sum requantized to the output;
   - average pool: the exact int32 window sums as a ConvInteger with an all-ones
     (C, 1, kh, kw) kernel and ``group`` C (zero padding adds 0), requantized;
   - concat: each input requantized to the output scale (as it is where its
     ``Requantize`` is None), Concat on channels;
-  - max pool (MaxPool on int8: every window holds a real value, see
-    ``check_deployable``), standalone ReLU / ReLU6 (Relu / Clip on int8) and
+  - max pool (MaxPool on int8/uint8: every window holds a real value, see
+    ``check_deployable``), standalone ReLU / ReLU6 (Relu / Clip on the codes) and
     flatten (Reshape) act on the integers as they are.
 
 - ``"qlinear"``: the standard quantized ONNX form other runtimes accelerate.
   QuantizeLinear on the input; QLinearConv for every hidden conv2d and linear
-  layer (``group`` included), its fused ReLU / ReLU6 as Relu / Clip on the int8
-  output; the last layer ConvInteger + int32 bias, then the engine's integer
+  layer (``group`` included; uint8 input or output with zero point 0 where unsigned,
+  int8 weights: onnxruntime's u8s8 kernels; a layer between int8 and uint8 reads its
+  input moved into the output's type, zero point +-128), its fused ReLU / ReLU6, or an activation
+  narrower than 8 bits, as Relu / Clip on the output codes; the last layer ConvInteger + int32 bias, then the engine's integer
   rescale when it has one (per-channel weights) or the raw clamp, exactly as in
   the integer style. Add, average pool and concat are in QDQ form:
   DequantizeLinear -> float Add / AveragePool / Concat -> QuantizeLinear, then
-  the ``Requantize`` saturation as Relu / Clip on the int8 result where it is
-  not the full int8 range (a fused ReLU after an add). MaxPool, Relu, Clip and
-  Reshape act on int8. It is NOT bit-exact with the engine:
+  the ``Requantize`` saturation as Relu / Clip on the result where it is
+  not the full range of its type (a fused ReLU after an add). MaxPool, Relu, Clip and
+  Reshape act on the codes. It is NOT bit-exact with the engine:
 
   1. QuantizeLinear divides in float32 by a float32 scale; the engine divides
      in float64 by the float64 input scale (both round half to even);
@@ -87,14 +90,29 @@ from pipeline.quant.ir import (
     IntNode,
     IntReshape,
     Requantize,
+    TensorInfo,
 )
-from pipeline.quant.ranges import ACTIVATION_QMAX, ACTIVATION_QMIN
+from pipeline.quant.ranges import int_range
 
 STYLES = ("qlinear", "integer")
 OPSET = 21
 IR_VERSION = 10  # the IR version of opset 21; onnxruntime >= 1.20 reads it
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-INT8_RANGE = (ACTIVATION_QMIN, ACTIVATION_QMAX)
+# One-byte activations: int8 where signed, uint8 where unsigned (zero point 0 either way); the logits int32.
+BYTE_TYPES = {True: (np.int8, TensorProto.INT8), False: (np.uint8, TensorProto.UINT8)}
+
+
+def _numpy_type(info: TensorInfo) -> type:
+    return BYTE_TYPES[info.signed][0]
+
+
+def _onnx_type(info: TensorInfo) -> int:
+    return TensorProto.INT32 if info.bits == 32 else BYTE_TYPES[info.signed][1]
+
+
+def _storage_range(info: TensorInfo) -> tuple[int, int]:
+    """The full range of the tensor's ONNX type (int8 or uint8), which QuantizeLinear saturates to."""
+    return int_range(8, signed=info.signed)
 
 
 class _Graph:
@@ -104,7 +122,7 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._shared: dict[tuple[str, str, bytes, tuple[int, ...]], str] = {}
-        self.relu_inputs: dict[str, str] = {}  # output -> input of each Relu on int8 (``_clamp_int8``)
+        self.relu_inputs: dict[str, str] = {}  # output -> input of each Relu on int8 (``_clamp_bytes``)
         self._count = 0
 
     def _name(self, hint: str) -> str:
@@ -150,7 +168,7 @@ def build_onnx_model(model: IntegerModel, style: str = "qlinear") -> onnx.ModelP
     if len(input_shape) != 3:
         raise ValueError(f"the input {model.input!r} must be one (C, H, W) image, got shape {input_shape}")
     graph = _Graph()
-    values = {model.input: _quantize_input(graph, model.input_scale, style)}
+    values = {model.input: _quantize_input(graph, model, style)}
     for node in model.nodes:
         if style == "integer":
             values[node.output] = _integer_node(graph, model, node, values)
@@ -213,16 +231,23 @@ def _scale(model: IntegerModel, name: str) -> float:
     return float(model.tensors[name].scale)
 
 
-def _quantize_input(graph: _Graph, input_scale: float, style: str) -> str:
+def _zero(graph: _Graph, info: TensorInfo) -> str:
+    """The zero point 0 in the tensor's type (QLinear and QDQ ops take the data's type)."""
+    return graph.shared("zero", np.array(0, _numpy_type(info)))
+
+
+def _quantize_input(graph: _Graph, model: IntegerModel, style: str) -> str:
+    info = model.tensors[model.input]
     if style == "qlinear":
-        scale = graph.constant("input_scale", np.array(input_scale, dtype=np.float32))
-        return graph.node("QuantizeLinear", [INPUT_NAME, scale, graph.shared("zero", np.array(0, np.int8))], "x_q")
+        scale = graph.constant("input_scale", np.array(model.input_scale, dtype=np.float32))
+        x = graph.node("QuantizeLinear", [INPUT_NAME, scale, _zero(graph, info)], "x_q")
+        return _clamp_bytes(graph, x, *info.range, "x_q", info)
     # quantize_input: float64 x / float64 scale, round half to even (ONNX Round), saturate.
     x = graph.node("Cast", [INPUT_NAME], "x64", to=TensorProto.DOUBLE)
-    x = graph.node("Div", [x, graph.constant("input_scale", np.array(input_scale, dtype=np.float64))], "x_div")
+    x = graph.node("Div", [x, graph.constant("input_scale", np.array(model.input_scale, dtype=np.float64))], "x_div")
     x = graph.node("Round", [x], "x_round")
-    bounds = [graph.constant("qmin", np.array(float(ACTIVATION_QMIN))),
-              graph.constant("qmax", np.array(float(ACTIVATION_QMAX)))]
+    qmin, qmax = info.range
+    bounds = [graph.constant("qmin", np.array(float(qmin))), graph.constant("qmax", np.array(float(qmax)))]
     x = graph.node("Clip", [x, *bounds], "x_clip")
     return graph.node("Cast", [x], "x_q", to=TensorProto.INT8)
 
@@ -242,24 +267,27 @@ def _conv_weight(node: IntConv) -> np.ndarray:
     return weight if weight.ndim == 4 else weight.reshape(weight.shape + (1, 1))
 
 
-def _clamp_int8(graph: _Graph, x: str, low: int, high: int, hint: str) -> str:
-    """The saturation [low, high] on int8 codes (zero point 0): nothing for the full range, Relu for [0, 127].
+def _clamp_bytes(graph: _Graph, x: str, low: int, high: int, hint: str, info: TensorInfo) -> str:
+    """The saturation [low, high] on one-byte codes of ``info``'s type (zero point 0): nothing for the type's full
+    range, Relu for [0, 127] on int8, else Clip (a narrower activation width, a ReLU6, any clamp on uint8).
 
     A clamp of a Relu's output is one Clip of the Relu's input (the Relu is pruned where nothing else
     reads it): onnxruntime's Relu -> Clip fusion fails on an int8 Clip ("Unexpected data type for Clip
     'min' input of 3", onnxruntime 1.32).
     """
+    type_min, type_max = _storage_range(info)
     if x in graph.relu_inputs:
-        if low <= 0 and high >= ACTIVATION_QMAX:
+        if low <= 0 and high >= type_max:
             return x
         x, low = graph.relu_inputs[x], max(low, 0)
-    if (low, high) == INT8_RANGE:
+    if (low, high) == (type_min, type_max):
         return x
-    if (low, high) == (0, ACTIVATION_QMAX):
+    if info.signed and (low, high) == (0, type_max):  # ONNX Relu has no uint8 form
         y = graph.node("Relu", [x], f"{hint}_relu")
         graph.relu_inputs[y] = x
         return y
-    bounds = [graph.shared("int8_bound", np.array(low, np.int8)), graph.shared("int8_bound", np.array(high, np.int8))]
+    dtype = _numpy_type(info)
+    bounds = [graph.shared("byte_bound", np.array(low, dtype)), graph.shared("byte_bound", np.array(high, dtype))]
     return graph.node("Clip", [x, *bounds], f"{hint}_clip")
 
 
@@ -292,27 +320,26 @@ def _requantize(graph: _Graph, x: str, rq: Requantize, hint: str, to: int | None
 
 
 def _integer_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) -> str:
-    """ConvInteger + int32 bias, then the engine's rescale: to int8, to int32 logits, or raw accumulators."""
+    """ConvInteger + int32 bias, then the engine's rescale: to int8/uint8, to int32 logits, or raw accumulators."""
     name = node.name
     weight = graph.constant(f"{name}_weight", _conv_weight(node))
     acc = graph.node("ConvInteger", [x, weight], name, **_conv_attributes(node))
     bias = graph.constant(f"{name}_bias", as_array(node.bias, np.int32).reshape(-1, 1, 1))
     acc = graph.node("Add", [acc, bias], f"{name}_acc")
     if node.requantize is not None:
-        to = TensorProto.INT8 if model.tensors[node.output].bits == 8 else TensorProto.INT32
-        return _requantize(graph, acc, node.requantize, name, to)
+        return _requantize(graph, acc, node.requantize, name, _onnx_type(model.tensors[node.output]))
     low, _ = raw_accumulator_clamp(node)  # the upper bound is int32's own
     if low == 0:
         return graph.node("Max", [acc, graph.shared("zero32", np.array(0, np.int32))], f"{name}_relu")
     return acc
 
 
-def _shape_free_node(graph: _Graph, node: IntNode, x: str) -> str | None:
-    """Max pool, standalone clamp and flatten: the same int8 ops in both styles (None for other nodes)."""
+def _shape_free_node(graph: _Graph, model: IntegerModel, node: IntNode, x: str) -> str | None:
+    """Max pool, standalone clamp and flatten: the same one-byte ops in both styles (None for other nodes)."""
     if isinstance(node, IntMaxPool):
         return graph.node("MaxPool", [x], node.name, **_window_attributes(node.kernel, node.stride, node.padding))
     if isinstance(node, IntClamp):
-        return _clamp_int8(graph, x, node.clamp_min, node.clamp_max, node.name)
+        return _clamp_bytes(graph, x, node.clamp_min, node.clamp_max, node.name, model.tensors[node.output])
     if isinstance(node, IntReshape):
         # (N, K, 1, 1): linear layers are 1x1 convolutions (module docstring)
         return graph.node("Reshape", [x, graph.shared("flat_shape", np.array([0, -1, 1, 1], np.int64))], node.name)
@@ -334,22 +361,23 @@ def _integer_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dic
             x = graph.node("Mul", [x, lifted], f"{hint}_lifted")
             summands.append(_requantize(graph, x, rq, hint, None, is_int64=True))
         total = graph.node("Add", summands, f"{node.name}_sum")
-        return _requantize(graph, total, node.output_requantize, node.name, TensorProto.INT8, is_int64=True)
+        return _requantize(graph, total, node.output_requantize, node.name, _onnx_type(model.tensors[node.output]),
+                           is_int64=True)
     if isinstance(node, IntAvgPool):
         channels = model.tensors[node.input].shape[0]
         ones = graph.constant(f"{node.name}_ones", np.ones((channels, 1, *node.kernel), np.int8))
         attributes = _window_attributes(node.kernel, node.stride, node.padding)
         sums = graph.node("ConvInteger", [values[node.input], ones], f"{node.name}_sums", group=channels,
                           **attributes)
-        return _requantize(graph, sums, node.requantize, node.name, TensorProto.INT8)
+        return _requantize(graph, sums, node.requantize, node.name, _onnx_type(model.tensors[node.output]))
     if isinstance(node, IntConcat):
         parts = [
             values[name] if rq is None
-            else _requantize(graph, values[name], rq, f"{node.name}_in{index}", TensorProto.INT8)
+            else _requantize(graph, values[name], rq, f"{node.name}_in{index}", _onnx_type(model.tensors[node.output]))
             for index, (name, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True))
         ]
         return graph.node("Concat", parts, node.name, axis=1)
-    result = _shape_free_node(graph, node, values[node.input])
+    result = _shape_free_node(graph, model, node, values[node.input])
     if result is None:
         raise TypeError(f"unknown integer node {node!r}")
     return result
@@ -376,36 +404,51 @@ def _check_scales_match_multipliers(model: IntegerModel, node: IntConv) -> None:
 
 
 def _qlinear_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) -> str:
-    """A hidden layer as QLinearConv (int8 out, float32 rescale, half to even), then its clamp on int8."""
+    """A hidden layer as QLinearConv (int8/uint8 out, float32 rescale, half to even), then its clamp on the codes."""
     _check_scales_match_multipliers(model, node)
     name = node.name
-    zero = graph.shared("zero", np.array(0, np.int8))
     weight_scale = _scalar_or_vector(node.weight_scale, np.float32)
+    x, x_zero = _retyped(graph, x, model.tensors[node.input], model.tensors[node.output].signed, name)
     inputs = [
         x,
         graph.constant(f"{name}_x_scale", np.array(_scale(model, node.input), dtype=np.float32)),
-        zero,
+        x_zero,
         graph.constant(f"{name}_weight", _conv_weight(node)),
         graph.constant(f"{name}_w_scale", weight_scale),
         graph.constant(f"{name}_w_zero", np.zeros(weight_scale.shape, np.int8)),
         graph.constant(f"{name}_y_scale", np.array(_scale(model, node.output), dtype=np.float32)),
-        zero,
+        _zero(graph, model.tensors[node.output]),
         graph.constant(f"{name}_bias", as_array(node.bias, np.int32)),
     ]
     y = graph.node("QLinearConv", inputs, name, **_conv_attributes(node))
-    # Zero point 0: Relu / Clip on the int8 codes is ReLU / ReLU6 on the real values, and with
+    # Zero point 0: Relu / Clip on the codes is ReLU / ReLU6 on the real values, and with
     # QLinearConv's saturation it is the engine's clamp.
-    return _clamp_int8(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, name)
+    return _clamp_bytes(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, name, model.tensors[node.output])
+
+
+def _retyped(graph: _Graph, x: str, info: TensorInfo, signed: bool, hint: str) -> tuple[str, str]:
+    """``x``'s codes in the type of ``signed`` and their zero point: onnxruntime's QLinearConv reads and writes one
+    type (s8 -> s8 or u8 -> u8), so a layer from int8 to uint8 (or back) first moves its input across.
+
+    int8 q becomes uint8 q + 128 at zero point 128, uint8 q becomes int8 q - 128 at zero point -128: the same
+    real values, exactly (DequantizeLinear and QuantizeLinear at scale 1 on small integers).
+    """
+    if info.signed == signed:
+        return x, _zero(graph, info)
+    one = graph.shared("one", np.array(1.0, np.float32))
+    real = graph.node("DequantizeLinear", [x, one, _zero(graph, info)], f"{hint}_x_codes")
+    zero = graph.shared("shifted_zero", np.array(-128, np.int8) if signed else np.array(128, np.uint8))
+    return graph.node("QuantizeLinear", [real, one, zero], f"{hint}_x_retyped"), zero
 
 
 def _dequantize(graph: _Graph, model: IntegerModel, name: str, x: str, hint: str) -> str:
     scale = graph.constant(f"{hint}_scale", np.array(_scale(model, name), dtype=np.float32))
-    return graph.node("DequantizeLinear", [x, scale, graph.shared("zero", np.array(0, np.int8))], f"{hint}_dq")
+    return graph.node("DequantizeLinear", [x, scale, _zero(graph, model.tensors[name])], f"{hint}_dq")
 
 
 def _quantize(graph: _Graph, model: IntegerModel, name: str, x: str, hint: str) -> str:
     scale = graph.constant(f"{hint}_scale", np.array(_scale(model, name), dtype=np.float32))
-    return graph.node("QuantizeLinear", [x, scale, graph.shared("zero", np.array(0, np.int8))], f"{hint}_q")
+    return graph.node("QuantizeLinear", [x, scale, _zero(graph, model.tensors[name])], f"{hint}_q")
 
 
 def _qlinear_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dict[str, str]) -> str:
@@ -418,16 +461,17 @@ def _qlinear_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dic
                 for index, name in enumerate(node.inputs)]
         y = _quantize(graph, model, node.output, graph.node("Add", real, node.name), f"{node.name}_out")
         rq = node.output_requantize
-        return _clamp_int8(graph, y, rq.clamp_min, rq.clamp_max, node.name)
+        return _clamp_bytes(graph, y, rq.clamp_min, rq.clamp_max, node.name, model.tensors[node.output])
     if isinstance(node, IntAvgPool):
         real = _dequantize(graph, model, node.input, values[node.input], f"{node.name}_in")
         attributes = _window_attributes(node.kernel, node.stride, node.padding)
         real = graph.node("AveragePool", [real], node.name, count_include_pad=1, **attributes)
         y = _quantize(graph, model, node.output, real, f"{node.name}_out")
-        return _clamp_int8(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, node.name)
+        return _clamp_bytes(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, node.name,
+                            model.tensors[node.output])
     if isinstance(node, IntConcat):
         return _qlinear_concat(graph, model, node, values)
-    result = _shape_free_node(graph, node, values[node.input])
+    result = _shape_free_node(graph, model, node, values[node.input])
     if result is None:
         raise TypeError(f"unknown integer node {node!r}")
     return result
@@ -435,21 +479,23 @@ def _qlinear_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dic
 
 def _qlinear_concat(graph: _Graph, model: IntegerModel, node: IntConcat, values: dict[str, str]) -> str:
     """DequantizeLinear each input -> Concat -> QuantizeLinear; per input when their saturations differ."""
-    clamps = [INT8_RANGE if rq is None else (rq.clamp_min, rq.clamp_max) for rq in node.input_requantize]
+    out = model.tensors[node.output]
+    # An input copied as it is has the output's range (check_deployable).
+    clamps = [out.range if rq is None else (rq.clamp_min, rq.clamp_max) for rq in node.input_requantize]
     if len(set(clamps)) == 1:
         real = [_dequantize(graph, model, name, values[name], f"{node.name}_in{index}")
                 for index, name in enumerate(node.inputs)]
         y = _quantize(graph, model, node.output, graph.node("Concat", real, node.name, axis=1), f"{node.name}_out")
-        return _clamp_int8(graph, y, *clamps[0], node.name)
+        return _clamp_bytes(graph, y, *clamps[0], node.name, out)
     # Each input saturates its own way (not what build_integer_model makes): quantize each to the
-    # output scale (as it is where the scales are equal), clamp it, and concatenate the int8 parts.
+    # output scale (as it is where the scales are equal), clamp it, and concatenate the one-byte parts.
     parts = []
     for index, (name, clamp) in enumerate(zip(node.inputs, clamps, strict=True)):
         hint = f"{node.name}_in{index}"
         x = values[name]
         if _scale(model, name) != _scale(model, node.output):
             x = _quantize(graph, model, node.output, _dequantize(graph, model, name, x, hint), f"{hint}_out")
-        parts.append(_clamp_int8(graph, x, *clamp, hint))
+        parts.append(_clamp_bytes(graph, x, *clamp, hint, out))
     return graph.node("Concat", parts, node.name, axis=1)
 
 

@@ -26,6 +26,7 @@ from pipeline.quant.ir import (
     IntNode,
     IntReshape,
     Requantize,
+    TensorInfo,
     int_node_inputs,
 )
 from pipeline.quant.ranges import check_accumulator
@@ -118,6 +119,10 @@ def _layer_shape(node: IntConv, shape: tuple[int, ...], where: str) -> tuple[int
     return (int(weight.shape[0]), *_window_shape(shape, kernel, node.stride, node.padding, where))
 
 
+def _type_name(info: TensorInfo) -> str:
+    return f"{'' if info.signed else 'u'}int{info.bits}"
+
+
 def check_deployable(model: IntegerModel) -> None:
     """Raise ``ValueError`` naming the node for anything the exporters do not implement.
 
@@ -126,8 +131,8 @@ def check_deployable(model: IntegerModel) -> None:
     exports accumulate in int32); only the logits are int32, and they are the model's output.
     """
     known = {model.input}
-    if model.tensors[model.input].bits != 8:
-        raise ValueError(f"the input {model.input!r} must be int8")
+    if model.tensors[model.input].bits > 8 or not model.tensors[model.input].signed:
+        raise ValueError(f"the input {model.input!r} must be signed and at most 8 bits wide (int8 storage)")
     for index, node in enumerate(model.nodes):
         where = _where(index, node)
         missing = [name for name in int_node_inputs(node) if name not in known]
@@ -139,13 +144,21 @@ def check_deployable(model: IntegerModel) -> None:
         if model.tensors[node.output].shape != expected:
             raise ValueError(f"{where} outputs {model.tensors[node.output].shape}, but its inputs give {expected}")
         bits = [model.tensors[name].bits for name in int_node_inputs(node)]
-        if any(b != 8 for b in bits) and not isinstance(node, IntReshape):
+        if any(b > 8 for b in bits) and not isinstance(node, IntReshape):
             raise ValueError(f"{where} reads int32 logits; only a flatten may follow the last layer")
+        if model.tensors[node.output].bits not in (*range(2, 9), 32):
+            raise ValueError(f"{where} writes int{model.tensors[node.output].bits}; the exporters store activations "
+                             "in one byte and the logits in int32")
         if isinstance(node, IntReshape) and model.tensors[node.output].bits != bits[0]:
             raise ValueError(f"{where} changes int{bits[0]} to int{model.tensors[node.output].bits}; a flatten moves "
                              "no data")
+        in_info, out_info = model.tensors[int_node_inputs(node)[0]], model.tensors[node.output]
+        if (isinstance(node, (IntReshape, IntMaxPool, IntClamp)) and out_info.bits <= 8
+                and (in_info.bits, in_info.signed) != (out_info.bits, out_info.signed)):
+            raise ValueError(f"{where} changes {_type_name(in_info)} to {_type_name(out_info)}; it moves the "
+                             "integers as they are")
         if isinstance(node, IntConv):
-            check_accumulator(where, node.weight, node.bias)
+            check_accumulator(where, node.weight, node.bias, in_info.range)
             if node.requantize is not None:
                 _check_requantize(node.requantize, int(node.weight.shape[0]), where)
             elif model.tensors[node.output].bits != 32:
@@ -156,9 +169,12 @@ def check_deployable(model: IntegerModel) -> None:
         elif isinstance(node, IntAvgPool):
             _check_requantize(node.requantize, 1, where)
         elif isinstance(node, IntConcat):
-            for rq in node.input_requantize:
+            for name, rq in zip(node.inputs, node.input_requantize, strict=True):
                 if rq is not None:
                     _check_requantize(rq, 1, where)
+                elif model.tensors[name].range != out_info.range:
+                    raise ValueError(f"{where} copies {name!r} ({_type_name(model.tensors[name])}) as it is into "
+                                     f"{_type_name(out_info)}; an input of another range needs a Requantize")
         elif not isinstance(node, (IntMaxPool, IntClamp, IntReshape)):
             raise ValueError(f"{where} is not supported by the exporters")
         known.add(node.output)

@@ -3,14 +3,18 @@
 The scheme (r ~= S * q, symmetric, zero point 0):
 
 - weights: int8 in [-127, 127], S_w = range / 127 (per tensor, or per output channel);
-- activations: int8 in [-128, 127], S_a = range / 127. Max-pool, flatten and a standalone
-  ReLU/ReLU6 keep their input's integers and scale, so the tensors they connect form one
-  *scale group* with one range, calibrated on the group's tensors that a rescaling node
-  (conv, linear, add, concat, average pool) reads (``scale_groups``);
+- activations: ``ActivationFormat.bits`` b wide, signed [-2^(b-1), 2^(b-1) - 1] with S_a = range / (2^(b-1) - 1)
+  (int8: [-128, 127], S_a = range / 127), or with ``ActivationFormat.unsigned`` the full unsigned range
+  [0, 2^b - 1], S_a = range / (2^b - 1), for the tensors non-negative by construction
+  (``tensor_signedness``). Max-pool, flatten and a standalone ReLU/ReLU6 keep their input's
+  integers and scale, so the tensors they connect form one *scale group* with one range and one
+  signedness, calibrated on the group's tensors that a rescaling node (conv, linear, add,
+  concat, average pool) reads (``scale_groups``);
 - biases: int32, q_b = round(b / (S_in * S_w)) (round half to even); a bias outside int32
   is an ``OverflowError`` naming the layer, never a clamp;
 - accumulators: int32; every layer is checked at build time so that
-  sum(|q_w|) * 128 + |q_b| < 2^31 for each output channel (``ranges.accumulator_bound``);
+  sum(|q_w|) * max|q_in| + |q_b| < 2^31 for each output channel, max|q_in| from the input's own range
+  (128 for int8, 255 for uint8: ``ranges.accumulator_bound``);
 - every rescaling is a fixed-point multiplier and shift (``fixed_point``), with the
   integer semantics of ``integer_ops``; a fused ReLU is the lower clamp 0, a fused ReLU6
   also the upper clamp round(6 / S_out);
@@ -58,11 +62,9 @@ from pipeline.quant.ir import (
     TensorInfo,
 )
 from pipeline.quant.ranges import (
-    ACTIVATION_BITS,
-    ACTIVATION_QMAX,
-    ACTIVATION_QMIN,
     INT32_MAX,
     INT32_MIN,
+    ActivationFormat,
     check_accumulator,
     check_bits,
     check_layer_bits,
@@ -81,7 +83,7 @@ SCALE_KEEPING_NODES = (MaxPool, Reshape, Activation)  # output integers and scal
 
 @dataclass(frozen=True)
 class ScaleGroup:
-    """Tensors sharing one int8 scale: ``root`` and what scale-keeping nodes make of it.
+    """Tensors sharing one scale and integer range: ``root`` and what scale-keeping nodes make of it.
 
     ``observed`` are the members whose statistics set the range: those read by a rescaling node
     (the root when none is). ``read_by`` names those rescaling nodes.
@@ -94,7 +96,7 @@ class ScaleGroup:
 
 
 def scale_groups(graph: FloatGraph) -> dict[str, ScaleGroup]:
-    """The int8 scale groups of ``graph`` by root name, in topological order (the logits are not one)."""
+    """The activation scale groups of ``graph`` by root name, in topological order (the logits are not one)."""
     group_of = {graph.input: graph.input}
     for node in graph.nodes:
         group_of[node.output] = group_of[node.input] if isinstance(node, SCALE_KEEPING_NODES) else node.output
@@ -109,6 +111,43 @@ def scale_groups(graph: FloatGraph) -> dict[str, ScaleGroup]:
         read_by = tuple(dict.fromkeys(r.name for m in members for r in readers[m] if isinstance(r, RESCALING_NODES)))
         groups[root] = ScaleGroup(root, members, observed or (root,), read_by)
     return groups
+
+
+def nonnegative_tensors(graph: FloatGraph) -> set[str]:
+    """The tensors of ``graph`` that are >= 0 by construction, whatever the input.
+
+    A ReLU or ReLU6 (fused into a conv, linear or add, or standalone) makes one; max-pool, average pool
+    and flatten keep it; a concat of such tensors is one. The input (a normalized image) is not.
+    """
+    nonnegative: set[str] = set()
+    for node in graph.nodes:
+        if isinstance(node, (Conv, Linear, Add, Activation)):
+            is_nonnegative = node.activation != "none"
+        elif isinstance(node, Concat):
+            is_nonnegative = all(name in nonnegative for name in node.inputs)
+        else:  # MaxPool, AvgPool, Reshape
+            is_nonnegative = node.input in nonnegative
+        if is_nonnegative:
+            nonnegative.add(node.output)
+    return nonnegative
+
+
+def tensor_signedness(graph: FloatGraph, activation_format: ActivationFormat) -> dict[str, bool]:
+    """Whether each activation tensor (the members of ``scale_groups``) is signed.
+
+    A scale group shares its integers, so it has one signedness: unsigned when the format asks for
+    unsigned activations and the group's root is non-negative by construction (then so is every
+    member: a max-pool, flatten or clamp of it). A standalone ReLU of a signed tensor stays signed,
+    in its input's group.
+    """
+    nonnegative = nonnegative_tensors(graph) if activation_format.unsigned else set()
+    return {member: root not in nonnegative for root, group in scale_groups(graph).items() for member in group.members}
+
+
+def group_ranges(graph: FloatGraph, activation_format: ActivationFormat) -> dict[str, tuple[int, int]]:
+    """The integer range [qmin, qmax] of every scale group, by root: what its calibrated range maps onto."""
+    signed = tensor_signedness(graph, activation_format)
+    return {root: activation_format.range(signed[root]) for root in scale_groups(graph)}
 
 
 # ---------------------------------------------------------------- weights and biases
@@ -207,11 +246,13 @@ def build_integer_model(
     quantized_weights: dict[str, tuple[Tensor, Tensor]],
     input_mean: list[float] | None = None,
     input_std: list[float] | None = None,
+    activation_format: ActivationFormat = ActivationFormat(),
 ) -> IntegerModel:
     """Quantize ``graph`` into an ``IntegerModel``.
 
-    ``activation_ranges[root]`` is the calibrated range of each scale group (``scale_groups``);
-    ``quantized_weights`` is ``quantize_model_weights``' result (the quantize-weights stage's output).
+    ``activation_ranges[root]`` is the calibrated range of each scale group (``scale_groups``), mapped
+    onto the group's qmax in ``activation_format`` (``group_ranges``); ``quantized_weights`` is
+    ``quantize_model_weights``' result (the quantize-weights stage's output).
     """
     logits_layer = check_output_layer(graph)
     groups = scale_groups(graph)
@@ -221,14 +262,15 @@ def build_integer_model(
     layers_missing = [node.name for node in graph.layers() if node.name not in quantized_weights]
     if layers_missing:
         raise ValueError(f"quantized_weights lacks layers {layers_missing}")
+    signed = tensor_signedness(graph, activation_format)
     tensors: dict[str, TensorInfo] = {}
     for root, group in groups.items():
         value = float(activation_ranges[root])
         if not 0 <= value < float("inf"):
             raise ValueError(f"activation_ranges[{root!r}] must be finite and >= 0, got {activation_ranges[root]!r}")
-        scale = _scalar(scale_from_range(value, ACTIVATION_QMAX))
+        scale = _scalar(scale_from_range(value, activation_format.range(signed[root])[1]))
         for member in group.members:
-            tensors[member] = TensorInfo(graph.shapes[member], ACTIVATION_BITS, scale)
+            tensors[member] = TensorInfo(graph.shapes[member], activation_format.bits, scale, signed[root])
     nodes: list[IntNode] = []
     for node in graph.nodes:
         if isinstance(node, (Conv, Linear)):
@@ -251,7 +293,7 @@ def _layer(node: Conv | Linear, tensors: dict[str, TensorInfo], quantized: tuple
     input_scale = float(tensors[node.input].scale)
     bias = node.bias if node.bias is not None else torch.zeros(q_weight.shape[0])
     q_bias = quantize_bias(bias, input_scale, weight_scale, node.name)
-    check_accumulator(f"layer {node.name!r}", q_weight, q_bias)
+    check_accumulator(f"layer {node.name!r}", q_weight, q_bias, tensors[node.input].range)
     accumulator_scale = input_scale * weight_scale
     is_conv = isinstance(node, Conv)
     geometry = (node.stride, node.padding, node.groups) if is_conv else ((1, 1), (0, 0), 1)
@@ -274,7 +316,7 @@ def _layer(node: Conv | Linear, tensors: dict[str, TensorInfo], quantized: tuple
         requantize = _requantization(accumulator_scale / logits_scale, clamp)
     else:
         output_scale = float(tensors[node.output].scale)
-        clamp = activation_clamp(node.activation, output_scale, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        clamp = activation_clamp(node.activation, output_scale, *tensors[node.output].range)
         requantize = _requantization(accumulator_scale / output_scale, clamp)
     layer = IntConv(node.name, "conv2d" if is_conv else "linear", node.input, node.output, q_weight, q_bias,
                     weight_scale, *geometry, node.activation, requantize)
@@ -295,24 +337,27 @@ def _other_node(node: Any, tensors: dict[str, TensorInfo]) -> IntNode:
         twice_max = 2 * max(scale_a, scale_b)
         common = twice_max / 2**ADD_LEFT_SHIFT
         input_rq = tuple(_requantization(s / twice_max, (INT32_MIN, INT32_MAX)) for s in (scale_a, scale_b))
-        clamp = activation_clamp(node.activation, scale_out, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        clamp = activation_clamp(node.activation, scale_out, *tensors[node.output].range)
         return IntAdd(node.name, node.inputs, node.output, ADD_LEFT_SHIFT, input_rq,
                       _requantization(common / scale_out, clamp), node.activation)
     if isinstance(node, AvgPool):
         area = node.kernel[0] * node.kernel[1]
-        rq = _requantization(scale(node.input) / (scale(node.output) * area), (ACTIVATION_QMIN, ACTIVATION_QMAX))
+        rq = _requantization(scale(node.input) / (scale(node.output) * area), tensors[node.output].range)
         return IntAvgPool(node.name, node.input, node.output, node.kernel, node.stride, node.padding, rq)
     if isinstance(node, Concat):
+        # Copied as it is only at the same scale AND range: a uint8 input copied into a signed output
+        # could exceed its qmax, so it is requantized by M = 1, which saturates.
+        output_range = tensors[node.output].range
         input_rq = tuple(
-            None if scale(name) == scale(node.output)
-            else _requantization(scale(name) / scale(node.output), (ACTIVATION_QMIN, ACTIVATION_QMAX))
+            None if scale(name) == scale(node.output) and tensors[name].range == output_range
+            else _requantization(scale(name) / scale(node.output), output_range)
             for name in node.inputs
         )
         return IntConcat(node.name, node.inputs, node.output, input_rq)
     if isinstance(node, MaxPool):
         return IntMaxPool(node.name, node.input, node.output, node.kernel, node.stride, node.padding)
     if isinstance(node, Activation):
-        low, high = activation_clamp(node.activation, scale(node.input), ACTIVATION_QMIN, ACTIVATION_QMAX)
+        low, high = activation_clamp(node.activation, scale(node.input), *tensors[node.input].range)
         return IntClamp(node.name, node.input, node.output, node.activation, low, high)
     if isinstance(node, Reshape):
         return IntReshape(node.name, node.input, node.output)
@@ -320,6 +365,7 @@ def _other_node(node: Any, tensors: dict[str, TensorInfo]) -> IntNode:
 
 
 __all__ = [
-    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "quantize_bias", "quantize_layer_weights",
-    "quantize_model_weights", "raw_accumulator_clamp", "scale_groups",
+    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "group_ranges", "nonnegative_tensors",
+    "quantize_bias", "quantize_layer_weights", "quantize_model_weights", "raw_accumulator_clamp", "scale_groups",
+    "tensor_signedness",
 ]

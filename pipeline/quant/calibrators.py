@@ -4,9 +4,11 @@ A range is the largest magnitude kept; the scale follows as range / qmax
 (``pipeline.quant.ranges.scale_from_range``).
 
 Activation calibrators, in ``ACTIVATION_CALIBRATORS``, map an observer's
-``stats()`` dict (``pipeline.quant.observers``) and their settings to a float
-range. They work on the histogram of |x|, folded from the observer's symmetric
-histogram of x, and treat the int8 grid as 127 steps on each side.
+``stats()`` dict (``pipeline.quant.observers``), the tensor's integer qmax and
+their settings to a float range. They work on the histogram of |x|, folded from
+the observer's symmetric histogram of x, and treat the grid as qmax steps from 0
+to the range: 127 for signed int8, 255 for an unsigned (non-negative) 8-bit
+tensor, 7 for signed 4-bit; the searching calibrators (mse, entropy) use it.
 
 Weight calibrators, in ``WEIGHT_CALIBRATORS``, map a float64 matrix of shape
 (groups, values) and the integer qmax to one range per group. ``weight_range``
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.quant.ranges import ACTIVATION_QMAX, dequantize, quantize, scale_from_range
+from pipeline.quant.ranges import ActivationFormat, dequantize, quantize, scale_from_range
 from pipeline.quant.settings import (
     EntropySettings,
     HistogramMseSettings,
@@ -111,17 +113,17 @@ def abs_histogram(stats: dict[str, Any]) -> tuple[np.ndarray, float]:
     return counts[half:] + counts[:half][::-1], bin_width
 
 
-def seed_range(stats: dict[str, Any]) -> float:
+def seed_range(stats: dict[str, Any], qmax: int) -> float:
     """The seed's rule: max(4 * std, max|x|). It never clips."""
     return max(4 * stats["std"], stats["abs_max"])
 
 
-def minmax_range(stats: dict[str, Any]) -> float:
+def minmax_range(stats: dict[str, Any], qmax: int) -> float:
     """max|x|: no clipping, coarsest steps."""
     return stats["abs_max"]
 
 
-def percentile_range(stats: dict[str, Any], percent: float) -> float:
+def percentile_range(stats: dict[str, Any], qmax: int, percent: float) -> float:
     """The ``percent``-th percentile of |x|, interpolated linearly inside its histogram bin."""
     counts, bin_width = abs_histogram(stats)
     if stats["abs_max"] == 0:
@@ -134,8 +136,8 @@ def percentile_range(stats: dict[str, Any], percent: float) -> float:
     return min((index + fraction) * bin_width, stats["abs_max"])
 
 
-def mse_range(stats: dict[str, Any], num_candidates: int, samples_per_bin: int) -> float:
-    """The range minimizing the expected squared int8 quantization error of |x|.
+def mse_range(stats: dict[str, Any], qmax: int, num_candidates: int, samples_per_bin: int) -> float:
+    """The range minimizing the expected squared quantization error of |x| on a grid of ``qmax`` steps.
 
     Each histogram bin's count is spread uniformly over the bin, sampled at
     ``samples_per_bin`` points; candidates are ``num_candidates`` ranges evenly
@@ -153,14 +155,22 @@ def mse_range(stats: dict[str, Any], num_candidates: int, samples_per_bin: int) 
     candidates = np.linspace(abs_max / num_candidates, abs_max, num_candidates)
     errors = []
     for candidate in candidates:
-        step = candidate / ACTIVATION_QMAX
-        snapped = np.clip(np.rint(points / step), 0, ACTIVATION_QMAX) * step
+        step = candidate / qmax
+        snapped = np.clip(np.rint(points / step), 0, qmax) * step
         errors.append(float(((points - snapped) ** 2).sum(axis=1) @ weights))
     return float(candidates[int(np.argmin(errors))])
 
 
-def entropy_range(stats: dict[str, Any], num_quantized_bins: int) -> float:
+# The grid ``num_quantized_bins`` is given for: signed int8's 128 levels of |x| (0..127), TensorRT's.
+ENTROPY_REFERENCE_LEVELS = ActivationFormat().range(signed=True)[1] + 1
+
+
+def entropy_range(stats: dict[str, Any], qmax: int, num_quantized_bins: int) -> float:
     """KL-divergence calibration as in TensorRT (in ONNX Runtime's and MXNet's form).
+
+    ``num_quantized_bins`` is the number of levels for signed int8 (qmax 127: TensorRT's 128);
+    another grid scales it by (qmax + 1) / 128, so an unsigned 8-bit tensor (qmax 255) gets twice
+    the levels and a signed 4-bit one (qmax 7) a sixteenth.
 
     For each candidate threshold (a bin edge, from ``num_quantized_bins`` bins
     up): P is the |x| histogram clipped there, its outliers added to the last
@@ -170,6 +180,7 @@ def entropy_range(stats: dict[str, Any], num_quantized_bins: int) -> float:
     threshold with the smallest KL(P || Q) wins (the largest one on ties). As
     in TensorRT, the zero bin, inflated by ReLU, takes its neighbour's count first.
     """
+    num_quantized_bins = max(1, num_quantized_bins * (qmax + 1) // ENTROPY_REFERENCE_LEVELS)
     counts, bin_width = abs_histogram(stats)
     abs_max = stats["abs_max"]
     if abs_max == 0:
@@ -222,11 +233,13 @@ ACTIVATION_CALIBRATORS: dict[str, Calibrator] = {
 }
 
 
-def activation_range(stats: dict[str, Any], calibrator: str, settings: Any = None) -> float:
-    """The clipping range of one layer's input from its observer statistics (``settings``: the calibrator's, or its defaults)."""
+def activation_range(stats: dict[str, Any], calibrator: str, settings: Any = None,
+                     qmax: int = ActivationFormat().range(signed=True)[1]) -> float:
+    """The clipping range of one layer's input from its observer statistics (``settings``: the calibrator's, or its
+    defaults), for a tensor whose range maps onto integer ``qmax`` (default: signed int8's 127)."""
     if stats.get("count", 0) <= 0:
         raise ValueError(f"stats must describe at least one observed value, got count {stats.get('count')!r}")
-    return float(_calibrate("activation", ACTIVATION_CALIBRATORS, calibrator, settings, stats))
+    return float(_calibrate("activation", ACTIVATION_CALIBRATORS, calibrator, settings, stats, qmax))
 
 
 # ---------------------------------------------------------------- weights

@@ -47,12 +47,12 @@ from pipeline.quant.ir import (
     int_node_inputs,
 )
 from pipeline.quant.ranges import (
-    ACTIVATION_QMAX,
-    ACTIVATION_QMIN,
     accumulator_bound,
     check_accumulator,
     dequantize,
     fake_quantize,
+    int_range,
+    largest_magnitude,
     quantize,
 )
 
@@ -81,9 +81,15 @@ def _in_passes(run: Callable[[Tensor], Tensor], x: Tensor, images: int) -> Tenso
     return torch.cat([run(batch) for batch in _passes(x, images)])
 
 
-def quantize_input(x_normalized: Tensor, input_scale: float) -> Tensor:
-    """The normalized float input as int8: round half to even, saturate to [-128, 127]."""
-    return quantize(x_normalized, input_scale, ACTIVATION_QMIN, ACTIVATION_QMAX).to(torch.int8)
+def quantize_input(x_normalized: Tensor, input_scale: float, bits: int = 8) -> Tensor:
+    """The normalized float input as int8: round half to even, saturate to the signed ``bits``-wide range
+    (``model.tensors[model.input].bits``; int8: [-128, 127]). The input is always signed."""
+    return quantize(x_normalized, input_scale, *int_range(bits)).to(torch.int8)
+
+
+def quantize_model_input(model: IntegerModel, x_normalized: Tensor) -> Tensor:
+    """``quantize_input`` at ``model``'s input scale and width: the int8 images its engine, C and ONNX take."""
+    return quantize_input(x_normalized, model.input_scale, model.tensors[model.input].bits)
 
 
 # ---------------------------------------------------------------- the integer engine
@@ -144,9 +150,9 @@ class _Layer:
     rescale: _Rescale | None
 
     @classmethod
-    def prepare(cls, node: IntConv, device: torch.device) -> _Layer:
-        bound = accumulator_bound(node.weight, node.bias)
-        check_accumulator(f"layer {node.name!r}", node.weight, node.bias)
+    def prepare(cls, node: IntConv, input_range: tuple[int, int], device: torch.device) -> _Layer:
+        bound = accumulator_bound(node.weight, node.bias, input_range)
+        check_accumulator(f"layer {node.name!r}", node.weight, node.bias, input_range)
         dtype = conv_dtype(int(bound.max()))
         rescale = None if node.requantize is None else _Rescale.prepare(node.requantize, bound)
         return cls(node, node.weight.to(device, dtype), node.bias.to(device, dtype), rescale)
@@ -163,10 +169,13 @@ class _Layer:
         return self.rescale(acc)
 
 
-def layer_plan(node: IntConv) -> dict[str, object]:
-    """How the engine computes ``node`` exactly: the accumulator bound, the conv's and the rescale's units."""
-    layer = _Layer.prepare(node, torch.device("cpu"))
-    plan: dict[str, object] = {"layer": node.name, "accumulator_bound": int(accumulator_bound(node.weight, node.bias).max()),
+def layer_plan(model: IntegerModel, node: IntConv) -> dict[str, object]:
+    """How the engine computes ``node`` exactly: the accumulator bound (for its input's range), the conv's and
+    the rescale's units."""
+    input_range = model.tensors[node.input].range
+    layer = _Layer.prepare(node, input_range, torch.device("cpu"))
+    bound = int(accumulator_bound(node.weight, node.bias, input_range).max())
+    plan: dict[str, object] = {"layer": node.name, "accumulator_bound": bound,
                                "conv": str(layer.weight.dtype).removeprefix("torch.")}
     if layer.rescale is None:
         plan["rescale"] = "none (int32 logits)"
@@ -176,21 +185,29 @@ def layer_plan(node: IntConv) -> dict[str, object]:
 
 
 def _prepare(model: IntegerModel, device: torch.device) -> list[object]:
-    """Per node, what the engine needs ready: layers' weights in their dtype, every rescale checked."""
-    largest_int8 = -ACTIVATION_QMIN
+    """Per node, what the engine needs ready: layers' weights in their dtype, every rescale checked.
+
+    The bounds come from each input's own range (``TensorInfo.range``): 128 for int8, 255 for uint8.
+    """
+
+    def largest(name: str) -> int:
+        return largest_magnitude(model.tensors[name].range)
+
     prepared: list[object] = []
     for node in model.nodes:
         if isinstance(node, IntConv):
-            prepared.append(_Layer.prepare(node, device))
+            prepared.append(_Layer.prepare(node, model.tensors[node.input].range, device))
         elif isinstance(node, IntAdd):
-            inputs = tuple(_Rescale.prepare(rq, largest_int8, node.left_shift) for rq in node.input_requantize)
-            # Each scaled input is at most 128 * 2^left_shift / 2 + 1 in magnitude (M_i <= 1/2).
-            prepared.append((inputs, _Rescale.prepare(node.output_requantize, 2 ** (node.left_shift + 8))))
+            inputs = tuple(_Rescale.prepare(rq, largest(name), node.left_shift)
+                           for rq, name in zip(node.input_requantize, node.inputs, strict=True))
+            # Each scaled input is at most |q| * 2^left_shift / 2 + 1 in magnitude (M_i <= 1/2).
+            total = sum(largest(name) for name in node.inputs) << max(node.left_shift - 1, 0)
+            prepared.append((inputs, _Rescale.prepare(node.output_requantize, total + 2)))
         elif isinstance(node, IntAvgPool):
-            prepared.append(_Rescale.prepare(node.requantize, largest_int8 * node.kernel[0] * node.kernel[1]))
+            prepared.append(_Rescale.prepare(node.requantize, largest(node.input) * node.kernel[0] * node.kernel[1]))
         elif isinstance(node, IntConcat):
-            prepared.append(tuple(None if rq is None else _Rescale.prepare(rq, largest_int8)
-                                  for rq in node.input_requantize))
+            prepared.append(tuple(None if rq is None else _Rescale.prepare(rq, largest(name))
+                                  for rq, name in zip(node.input_requantize, node.inputs, strict=True)))
         else:
             prepared.append(None)
     return prepared
@@ -252,6 +269,10 @@ def _integer_values(model: IntegerModel, prepared: list[object], x_int8: Tensor,
     """Every tensor of one pass (``keep``) or only the output, integer-valued, for int8 images."""
     if x_int8.dtype != torch.int8:
         raise TypeError(f"x_int8 must have dtype torch.int8, got {x_int8.dtype}; use quantize_input")
+    qmin, qmax = model.tensors[model.input].range
+    if x_int8.numel() and (int(x_int8.min()) < qmin or int(x_int8.max()) > qmax):
+        raise ValueError(f"x_int8 holds values in [{int(x_int8.min())}, {int(x_int8.max())}], outside the input's "
+                         f"range [{qmin}, {qmax}]; use quantize_model_input")
     values = {model.input: x_int8.to(torch.float32)}
     remaining = _last_reads(model)
     pooled = {} if keep else _pool_before_rescale(model)
@@ -333,7 +354,7 @@ def _simulated_node(model: IntegerModel, node: IntNode, values: dict[str, Tensor
         return _fake(y, tensors[node.output].scale, node.requantize)
     if isinstance(node, IntConcat):
         scale = tensors[node.output].scale
-        return torch.cat([_fake(values[name], scale, (ACTIVATION_QMIN, ACTIVATION_QMAX)) for name in node.inputs], 1)
+        return torch.cat([_fake(values[name], scale, tensors[node.output].range) for name in node.inputs], 1)
     if isinstance(node, IntMaxPool):
         return F.max_pool2d(values[node.input], node.kernel, node.stride, node.padding)
     if isinstance(node, IntClamp):
@@ -345,8 +366,8 @@ def run_simulated(model: IntegerModel, x_normalized: Tensor) -> Tensor:
     """Float64 logits of the float simulation of ``model`` (fake quantization, float scales)."""
 
     def one_pass(images: Tensor) -> Tensor:
-        values = {model.input: fake_quantize(images.to(torch.float64), model.input_scale, ACTIVATION_QMIN,
-                                             ACTIVATION_QMAX)}
+        values = {model.input: fake_quantize(images.to(torch.float64), model.input_scale,
+                                             *model.tensors[model.input].range)}
         for node in model.nodes:
             values[node.output] = _simulated_node(model, node, values)
         return values[model.output]
@@ -382,11 +403,11 @@ class QuantizedNet(torch.nn.Module):
         self.integer_model = integer_model
 
     def forward(self, x_normalized: Tensor) -> Tensor:
-        logits = run_integer(self.integer_model, quantize_input(x_normalized, self.integer_model.input_scale))
+        logits = run_integer(self.integer_model, quantize_model_input(self.integer_model, x_normalized))
         return dequantize_logits(self.integer_model, logits).to(torch.float32)
 
 
 __all__ = [
     "PASS_VALUES", "QuantizedNet", "pass_images", "dequantize_logits", "layer_plan", "dequantized_weights",
-    "integer_tensor_outputs", "quantize_input", "run_integer", "run_simulated", "run_weight_only",
+    "integer_tensor_outputs", "quantize_input", "quantize_model_input", "run_integer", "run_simulated", "run_weight_only",
 ]

@@ -1,13 +1,14 @@
-"""The integer graph: what an integer-only runtime executes, as typed nodes over named int8/int32 tensors.
+"""The integer graph: what an integer-only runtime executes, as typed nodes over named integer tensors.
 
 Every tensor has a ``TensorInfo``: its per-image shape, its integer type and its
-scale (r ~= scale * q, zero point 0). Nodes read and write tensors by name, in
+scale (r ~= scale * q, zero point 0), and its range (``TensorInfo.range``: signed, or unsigned
+where non-negative by construction). Nodes read and write tensors by name, in
 topological order. The integer semantics of each node type are in
 ``pipeline.quant.integer_ops``; the engine (``pipeline.quant.engine``), the C
 generator and both ONNX exporters (``pipeline.export``) implement exactly those.
 
-- ``IntConv``: conv2d (any groups) or linear, int8 in, int32 accumulator, then
-  ``Requantize`` to int8 (or to int32 logits with per-channel weights), or the
+- ``IntConv``: conv2d (any groups) or linear, 4..8-bit in, int32 accumulator, then
+  ``Requantize`` to the output's range (or to int32 logits with per-channel weights), or the
   raw int32 accumulator (``requantize is None``: the last layer, per tensor);
 - ``IntAdd``: both inputs rescaled to a common fine grid (left shift, then one
   multiplier each), summed, requantized to the output;
@@ -23,15 +24,26 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from pipeline.graph import ActivationKind
+from pipeline.quant.ranges import int_range
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One activation tensor: ``bits`` 8 (activations) or 32 (logits), signed, one scale (0-D float64)."""
+    """One tensor: ``bits`` 4..8 (activations, stored in one byte) or 32 (logits), one scale (0-D float64).
+
+    ``signed`` False: the unsigned full range [0, 2^bits - 1] of a tensor non-negative by construction
+    (``build.tensor_signedness``); the logits and the input are always signed.
+    """
 
     shape: tuple[int, ...]
     bits: int
     scale: Tensor
+    signed: bool = True
+
+    @property
+    def range(self) -> tuple[int, int]:
+        """[qmin, qmax]: every integer this tensor can hold (``ranges.int_range``, full range)."""
+        return int_range(self.bits, signed=self.signed)
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,7 @@ def int_node_inputs(node: IntNode) -> tuple[str, ...]:
 
 @dataclass
 class IntegerModel:
-    """An integer-only network: int8 input ``input`` at its scale, nodes in order, int32 logits ``output``.
+    """An integer-only network: signed input ``input`` at its scale, nodes in order, int32 logits ``output``.
 
     ``input_mean``/``input_std`` are the per-channel normalization applied to
     [0, 1] images before ``quantize_input``, recorded so the artifact is self-contained.

@@ -6,7 +6,10 @@ size of one integer step) as r ~= S * q. It is symmetric, with zero point 0, so
 
 - Weights: signed, narrow range [-(2^(b-1) - 1), 2^(b-1) - 1] (int8: [-127, 127]),
   S_w = range / qmax, so +range and -range are both representable.
-- Activations: signed int8 [-128, 127], S_a = range / 127.
+- Activations: ``activation_bits`` b (4..8, stored as int8/uint8 bytes) wide, signed [-2^(b-1), 2^(b-1) - 1]
+  with S_a = range / (2^(b-1) - 1), or, with full-range unsigned activations (``ActivationFormat.unsigned``)
+  for a tensor non-negative by construction (after a ReLU, ...: ``build.tensor_signedness``), unsigned
+  [0, 2^b - 1] with S_a = range / (2^b - 1): a post-ReLU int8 tensor then uses all 8 bits, not 7.
 - Biases: int32 at scale S_in * S_w (see ``pipeline.quant.model.quantize_bias``).
 
 ``quantize`` rounds half to even (``torch.round``, the same rule as
@@ -18,6 +21,7 @@ check of a bit width, ``accumulator_bound`` the one worst case of an int32 accum
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -80,32 +84,56 @@ def check_layer_bits(bits: int | Mapping[str, int], layers: Sequence[str]) -> No
                              f"the layers are {list(layers)}")
 
 
-# Activations are signed int8, full range [-128, 127]; scales use 127 steps each side.
-ACTIVATION_BITS = 8
-ACTIVATION_QMIN, ACTIVATION_QMAX = int_range(ACTIVATION_BITS)
 INT32_MIN, INT32_MAX = int_range(32)
+ACTIVATION_BITS_MIN = 4  # below 4 bits a requantized ReLU6 or residual keeps too few levels to be useful
 
 
-def accumulator_bound(q_weight: Tensor, q_bias: Tensor, input_qmin: int = ACTIVATION_QMIN,
-                      input_qmax: int = ACTIVATION_QMAX) -> Tensor:
-    """Per output channel, the largest |acc| any input in [input_qmin, input_qmax] can produce (int64, (out,)).
+@dataclass(frozen=True)
+class ActivationFormat:
+    """How activation tensors are stored: ``bits`` wide, signed, or unsigned where non-negative (``unsigned``).
 
-    acc = sum(q_w * q_x) + q_b, so |acc| <= sum(|q_w|) * max(|input_qmin|, |input_qmax|) + |q_b|. Grouped
-    and depthwise weights (out, in / groups, kh, kw) sum over their own group only.
+    The default is the seed's: signed int8 everywhere. Zero point 0 either way, so 0.0 stays exact.
     """
-    largest_input = max(abs(input_qmin), abs(input_qmax))
+
+    bits: int = 8
+    unsigned: bool = False  # full range [0, 2^bits - 1] for tensors non-negative by construction
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "activation bits (stored as int8/uint8)", low=ACTIVATION_BITS_MIN)
+        if not isinstance(self.unsigned, bool):
+            raise ValueError(f"unsigned activations: value {self.unsigned!r} is not allowed; allowed: true, false")
+
+    def range(self, signed: bool) -> tuple[int, int]:
+        """[qmin, qmax] of a tensor of this format: full range, signed or unsigned."""
+        return int_range(self.bits, signed=signed)
+
+
+def largest_magnitude(value_range: tuple[int, int]) -> int:
+    """max(|qmin|, |qmax|): the largest |q| of a tensor with integer range ``value_range``."""
+    return max(abs(value_range[0]), abs(value_range[1]))
+
+
+def accumulator_bound(q_weight: Tensor, q_bias: Tensor, input_range: tuple[int, int]) -> Tensor:
+    """Per output channel, the largest |acc| any input in ``input_range`` [qmin, qmax] can produce (int64, (out,)).
+
+    acc = sum(q_w * q_x) + q_b, so |acc| <= sum(|q_w|) * max(|qmin|, |qmax|) + |q_b|: an unsigned 8-bit
+    input (up to 255) doubles the signed int8 bound (128). Grouped and depthwise weights
+    (out, in / groups, kh, kw) sum over their own group only.
+    """
     weight_abs_sum = q_weight.to(torch.int64).abs().reshape(q_weight.shape[0], -1).sum(dim=1)
-    return weight_abs_sum * largest_input + q_bias.to(torch.int64).abs()
+    return weight_abs_sum * largest_magnitude(input_range) + q_bias.to(torch.int64).abs()
 
 
-def check_accumulator(where: str, q_weight: Tensor, q_bias: Tensor) -> int:
-    """The layer's worst-case |accumulator|; an ``OverflowError`` naming ``where`` when it exceeds int32.
+def check_accumulator(where: str, q_weight: Tensor, q_bias: Tensor, input_range: tuple[int, int]) -> int:
+    """The layer's worst-case |accumulator| for inputs in ``input_range``; an ``OverflowError`` naming ``where``
+    when it exceeds int32.
 
     int32 accumulators: a larger sum would overflow (undefined behavior in C).
     """
-    bound = int(accumulator_bound(q_weight, q_bias).max())
+    bound = int(accumulator_bound(q_weight, q_bias, input_range).max())
     if bound > INT32_MAX:
-        raise OverflowError(f"{where}: worst-case accumulator {bound} exceeds int32 max {INT32_MAX}")
+        raise OverflowError(f"{where}: worst-case accumulator {bound} for inputs in {list(input_range)} exceeds "
+                            f"int32 max {INT32_MAX}")
     return bound
 
 
