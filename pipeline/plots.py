@@ -347,7 +347,7 @@ def plot_activation_distribution(
     ``LAYER_FIGSIZE`` * ``FIGURE_DPI`` pixels.
     """
     stats = _stats_of(activations)
-    chosen = float(seed_range(stats) if clip_range is None else clip_range)
+    chosen = float(seed_range(stats, int_range(8)[1]) if clip_range is None else clip_range)
     if not 0 <= chosen < math.inf:
         raise ValueError(f"clip_range must be finite and >= 0, got {clip_range!r}")
     if isinstance(activations, (Mapping, ActivationObserver)):
