@@ -115,6 +115,9 @@ class QuantizeWeightsParams:
     # Each calibrator's settings, under its name; only the chosen calibrator's are used.
     sigma: SigmaSettings = dataclasses.field(default_factory=SigmaSettings)
     mse: WeightMseSettings = dataclasses.field(default_factory=WeightMseSettings)
+    # Cross-layer equalization (pipeline.quant.equalization) of the float graph before anything is quantized:
+    # every stage that reads the graph (profile included) uses the equalized one.
+    equalize: bool = False
     # nearest (round half to even, the seed's) or adaround (learned, pipeline.quant.adaround) at the calibrator's scales.
     rounding: str = dataclasses.field(default="nearest", metadata=choice("nearest", "adaround"))
     adaround: AdaRoundSettings = dataclasses.field(default_factory=AdaRoundSettings)  # adaround only

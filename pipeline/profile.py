@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.data import sample_indices
-from pipeline.graph import FloatGraph, observe_original
+from pipeline.graph import FloatGraph, observe_original, run_float
 from pipeline.quant.build import scale_groups
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.observers import ActivationObserver
@@ -56,8 +56,15 @@ def profile_activations(
         except ValueError as error:  # name the tensor: "observed tensor" alone says nothing of where
             raise ValueError(f"tensor {name!r}: {error}") from None
 
+    def observe_grouped(name: str, value: torch.Tensor) -> None:
+        if name in group_of:
+            observe(name, value)
+
     for batch in normalized_batches(images, mean, std, batch_size, "profile", progress):
-        observe_original(graph, batch, group_of, observe)
+        if graph.traced is None:  # an equalized graph: between its pairs, the trained model's tensors are not its own
+            run_float(graph, batch, observe=observe_grouped)
+        else:
+            observe_original(graph, batch, group_of, observe)
     return {
         root: observers[root].stats() | {"observed": list(group.observed), "read_by": list(group.read_by)}
         for root, group in groups.items()

@@ -13,6 +13,7 @@ from pipeline.graph import FloatGraph, UnsupportedModelError, capture
 from pipeline.io import load_checkpoint
 from pipeline.models import CheckpointError, restore_model
 from pipeline.params import Params, ParamsError, QuantizeWeightsParams, load_params
+from pipeline.quant.equalization import equalize as equalize_graph
 
 PARAMS_FILE = "params.yaml"
 
@@ -67,13 +68,23 @@ def capture_model(model: nn.Module, stage: str) -> FloatGraph:
         sys.exit(f"[{stage}] the model cannot be quantized: {error}")
 
 
-def load_trained_graph(expected_model: str, stage: str) -> tuple[nn.Module, FloatGraph, dict[str, Any]]:
-    """``load_trained_model`` and the trained model's float graph."""
+def load_trained_graph(
+    expected_model: str, stage: str, equalize: bool
+) -> tuple[nn.Module, FloatGraph, dict[str, Any]]:
+    """``load_trained_model`` and the trained model's float graph, cross-layer equalized when ``equalize``
+    (``quantize_weights.equalize``: every stage that reads the graph must see the same weights and tensors)."""
     model, checkpoint = load_trained_model(expected_model)
-    return model, capture_model(model, stage), checkpoint
+    graph = capture_model(model, stage)
+    if equalize:
+        equalized = equalize_graph(graph)
+        logging.info("cross-layer equalization: %d layer pairs (%s), %d sweeps%s", len(equalized.pairs),
+                     ", ".join(f"{pair.first}->{pair.second}" for pair in equalized.pairs) or "none",
+                     equalized.iterations, "" if equalized.converged else ", not converged")
+        graph = equalized.graph
+    return model, graph, checkpoint
 
 
 def measured_with(model: str, params: QuantizeWeightsParams) -> dict[str, Any]:
     """What the sensitivity depends on besides the images: a size budget may only use one measured the same way."""
-    return {"model": model, "calibrator": params.calibrator, "granularity": params.granularity,
+    return {"model": model, "equalize": params.equalize, "calibrator": params.calibrator, "granularity": params.granularity,
             "options": dataclasses.asdict(params.calibrator_settings)}

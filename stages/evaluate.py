@@ -48,7 +48,7 @@ def main() -> None:
     params = all_params.evaluate
     arrays = load_arrays(ARRAYS)
     images, labels = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)
-    model, graph, checkpoint = load_trained_graph(all_params.train.model, "evaluate")
+    model, graph, checkpoint = load_trained_graph(all_params.train.model, "evaluate", all_params.quantize_weights.equalize)
     mean, std = checkpoint["mean"], checkpoint["std"]
 
     fp32 = accuracy_report(predict(model, images, mean, std, params.batch_size), labels, arrays.class_names)

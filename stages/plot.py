@@ -24,7 +24,7 @@ from stages.common import (
 
 def main() -> None:
     params = start_stage("plot")  # no params section of its own; train.model checks the checkpoint
-    _, graph, _ = load_trained_graph(params.train.model, "plot")
+    _, graph, _ = load_trained_graph(params.train.model, "plot", params.quantize_weights.equalize)
     quantized_weights, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     metrics = read_json(METRICS)
     shares = write_plots(

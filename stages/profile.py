@@ -23,7 +23,7 @@ def main() -> None:
     all_params = start_stage("profile")
     params = all_params.profile
     train_images = load_arrays(ARRAYS).train_images
-    _, graph, checkpoint = load_trained_graph(all_params.train.model, "profile")
+    _, graph, checkpoint = load_trained_graph(all_params.train.model, "profile", all_params.quantize_weights.equalize)
     try:
         indices = calibration_indices(len(train_images), params.num_samples, params.seed)
     except ValueError as error:

@@ -14,7 +14,7 @@ from stages.common import INTEGER_MODEL, PROFILE, QUANTIZED_WEIGHTS, load_traine
 
 def main() -> None:
     params = start_stage("quantize-biases")
-    _, graph, checkpoint = load_trained_graph(params.train.model, "quantize-biases")
+    _, graph, checkpoint = load_trained_graph(params.train.model, "quantize-biases", params.quantize_weights.equalize)
     profile = read_json(PROFILE)
     activation_ranges = {name: group["range"] for name, group in profile["activations"].items()}
     # The format the profile stage calibrated for (profile.activation_bits, profile.unsigned_activations).

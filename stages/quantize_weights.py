@@ -38,7 +38,7 @@ from stages.common import (
 def main() -> None:
     all_params = start_stage("quantize-weights")
     params = all_params.quantize_weights
-    _, graph, checkpoint = load_trained_graph(all_params.train.model, "quantize-weights")
+    _, graph, checkpoint = load_trained_graph(all_params.train.model, "quantize-weights", params.equalize)
     settings = params.calibrator_settings
     num_weights = layer_sizes(graph)
     budget = params.size_budget(sum(num_weights.values()))

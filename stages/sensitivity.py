@@ -42,7 +42,7 @@ def main() -> None:
     all_params = start_stage("sensitivity")
     params, weights = all_params.sensitivity, all_params.quantize_weights
     arrays = load_arrays(ARRAYS)
-    _, graph, checkpoint = load_trained_graph(all_params.train.model, "sensitivity")
+    _, graph, checkpoint = load_trained_graph(all_params.train.model, "sensitivity", all_params.quantize_weights.equalize)
     try:
         indices = calibration_indices(len(arrays.train_images), params.num_samples, params.seed, "sensitivity.num_samples")
     except ValueError as error:

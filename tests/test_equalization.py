@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import FloatGraph, capture, observe_original, run_float
+from pipeline.graph import FloatGraph, capture, observe_original, run_float, tensor_values
 from pipeline.models import MODELS, build_model
+from pipeline.profile import profile_activations
 from pipeline.quant.build import quantize_layer_weights
 from pipeline.quant.equalization import (
     EqualizationPair,
@@ -21,6 +22,7 @@ from pipeline.quant.equalization import (
     pair_ranges,
 )
 from pipeline.quant.ranges import dequantize
+from pipeline.train import normalize
 from tests.integer_graphs import TOYS
 from tests.model_fixtures import randomize_batchnorm
 
@@ -276,6 +278,24 @@ def test_the_equalized_graph_refuses_the_unequalized_trace():
     graph = _graph(_model("net"))
     with pytest.raises(ValueError, match="run_float"):
         observe_original(equalize(graph).graph, _images(1), ["pool1"], lambda name, value: None)
+
+
+def test_profiling_the_equalized_graph_sees_its_own_tensors_between_the_pairs():
+    """The profile stage with quantize_weights.equalize: every scale group observed on the equalized graph, the
+    input's statistics unchanged, and a tensor between a pair's layers the unequalized one divided by s per channel."""
+    graph = _graph(_model("net"))
+    result = equalize(graph)
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    before, after = (profile_activations(g, images, mean, std, batch_size=4, progress=False)
+                     for g in (graph, result.graph))
+    assert list(after) == list(before) and all(stats["count"] > 0 for stats in after.values())
+    assert after[graph.input] == before[graph.input]
+    # pool1 (the group of conv1's output "relu1") lies between conv1 and conv2: ReLU and max pool commute with s.
+    unequalized = tensor_values(graph, normalize(images, mean, std), "pool1")
+    expected = (unequalized / result.scales[("conv1", "conv2")].float()[None, :, None, None]).abs().max()
+    assert after["relu1"]["abs_max"] == pytest.approx(float(expected), rel=1e-5)
+    assert after["relu1"]["abs_max"] != pytest.approx(before["relu1"]["abs_max"], rel=1e-3)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

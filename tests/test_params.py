@@ -73,7 +73,7 @@ def test_missing_sections_take_defaults():
         ({"profile": {"percentile": 99.9}}, "profile.percentile: expected a mapping of keys to values (keys: percent), got 99.9"),
         ({"profile": {"mse": {"num_candidates": 0}}}, "profile.mse.num_candidates: value 0 is out of range; allowed: >= 1"),
         ({"profile": {"entropy": {"bins": 64}}}, "profile.entropy.bins: unknown key; allowed keys: num_quantized_bins"),
-        ({"quantize_weights": {"k": 2.5}}, "quantize_weights.k: unknown key; allowed keys: bits, size_budget_bytes, size_budget_fraction, calibrator, granularity, sigma, mse, rounding, adaround, bias_correction, calibration"),
+        ({"quantize_weights": {"k": 2.5}}, "quantize_weights.k: unknown key; allowed keys: bits, size_budget_bytes, size_budget_fraction, calibrator, granularity, sigma, mse, equalize, rounding, adaround, bias_correction, calibration"),
         ({"quantize_weights": {"sigma": {"k": 0}}}, "quantize_weights.sigma.k: value 0.0 is out of range; allowed: > 0.0"),
         ({"quantize_weights": {"rounding": "stochastic"}},
          "quantize_weights.rounding: value 'stochastic' is not allowed; allowed: nearest, adaround"),

@@ -58,7 +58,7 @@ def run_quantize_weights(project: Path, monkeypatch: pytest.MonkeyPatch, **weigh
 def test_the_report_has_every_layer_at_every_width_and_the_curve(project):
     report = read_json(project / "data" / "sensitivity.json")
     assert (report["split"], report["num_samples"], report["num_weights"]) == ("train", 48, NET_WEIGHTS)
-    assert report["measured_with"] == {"model": "net", "calibrator": "sigma", "granularity": "per_tensor",
+    assert report["measured_with"] == {"model": "net", "equalize": False, "calibrator": "sigma", "granularity": "per_tensor",
                                        "options": {"k": 3.0}}
     assert list(report["layers"]) == list(NET_WEIGHTS)
     for by_bits in report["layers"].values():
