@@ -30,7 +30,19 @@ project's, [-(2^(b-1)-1), 2^(b-1)-1] (stored in int8): torch.ao FX and torchao P
 their per-channel min-max weight observer's quant_min/quant_max (quant_min -7 at 4 bits:
 with -8 torch.ao's convert stores 17 levels), ONNX Runtime only at 4 bits, with
 ``weight_type=QInt4`` (its only weight type below 8 bits; other widths print why not).
-Activations stay the peers' 8-bit defaults.
+
+``--activation-bits`` below 8 narrows activations: this project's to the signed range
+[-2^(b-1), 2^(b-1)-1] (``--unsigned-activations``: [0, 2^b-1] for tensors non-negative by
+construction, as ``profile.unsigned_activations``), each calibrator fitting its range to that
+qmax; the peers' to their own unsigned asymmetric [0, 2^b-1] (torch.ao FX and torchao PT2E:
+their histogram observers' quant_max; ONNX Runtime: ``activation_type=QUInt4``, at 4 bits only).
+``--unsigned-activations`` alone changes this project's rows only (the peers' activations are
+unsigned already).
+
+``--equalize`` adds the chosen setting on the cross-layer-equalized graph
+(``pipeline.quant.equalization``): its activations profiled again on the same calibration
+images (the tensors between equalized layers change), its weights quantized with the same
+calibrator and granularity.
 
 ``--adaround`` and ``--bias-correction`` add the weight methods that learn from images
 (``pipeline.quant.adaround`` and ``pipeline.quant.bias_correction``, params.yaml's defaults) to
@@ -73,7 +85,7 @@ setting of this project sorted by held-out accuracy.
     python -m benchmarks.ptq_compare [--checkpoint data/model.pt] [--data data/dataset.npz]
         [--profile data/profile.json] [--model NAME] [--bits 8] [--validation 5000]
         [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...] [--adaround] [--bias-correction]
-        [--mixed-precision [--sensitivity-images 1000]]
+        [--mixed-precision [--sensitivity-images 1000]] [--equalize] [--activation-bits 8] [--unsigned-activations]
 
 Run it after ``dvc repro`` (the defaults are the pipeline's artifacts). ``--model NAME``
 names the architecture of a checkpoint that is a bare state_dict (it is then normalized
@@ -105,16 +117,17 @@ from torch import Tensor, nn
 
 from pipeline.data import load_arrays, sample_indices
 from pipeline.evaluation import engine_predictions, percent_equal
-from pipeline.graph import capture, with_biases
+from pipeline.graph import FloatGraph, capture, with_biases
 from pipeline.io import load_checkpoint, read_json
 from pipeline.models import CheckpointError, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
-from pipeline.quant.build import build_integer_model, quantize_model_weights
+from pipeline.quant.build import build_integer_model, group_ranges, quantize_model_weights
+from pipeline.quant.equalization import equalize
 from pipeline.quant.mixed_precision import allocate_bits, layer_sensitivity, packed_weight_bytes
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, GRANULARITIES, WEIGHT_CALIBRATORS
-from pipeline.quant.ranges import int_range
+from pipeline.quant.ranges import ActivationFormat, int_range
 from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
 from pipeline.train import SEED_MEAN, SEED_STD, normalize, predict
 from stages.common import ARRAYS, CHECKPOINT, PROFILE
@@ -175,6 +188,8 @@ class Inputs:
     test: Tensor
     test_labels: Tensor
     threads: int
+    # This project's activation format (--activation-bits, --unsigned-activations); the peers' follow --activation-bits.
+    activation_format: ActivationFormat = ActivationFormat()
 
     def normalized(self, images: Tensor) -> Tensor:
         return normalize(images, self.mean, self.std)
@@ -242,10 +257,8 @@ def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool,
     stats = profile_activations(graph, inputs.calibration, inputs.mean, inputs.std, CALIBRATION_BATCH, progress=False)
     print(f"profiled {len(stats)} scale groups on {len(inputs.calibration)} calibration images "
           f"in {time.perf_counter() - started:.1f} s", flush=True)
-    ranges = {
-        a: {root: chosen["range"] for root, chosen in calibrate_ranges(stats, a).items()}
-        for a in dict.fromkeys(s.activation for s in settings)
-    }
+    ranges = {a: calibrated_ranges(graph, stats, a, inputs.activation_format)
+              for a in dict.fromkeys(s.activation for s in settings)}
     weights = {
         (w, g): quantize_model_weights(graph, bits, w, g)
         for w, g in dict.fromkeys((s.weight, s.granularity) for s in settings)
@@ -264,7 +277,7 @@ def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool,
         started = time.perf_counter()
         try:
             models[setting] = build_integer_model(graph, ranges[setting.activation], weights[(setting.weight, setting.granularity)],
-                                                  list(inputs.mean), list(inputs.std))
+                                                  list(inputs.mean), list(inputs.std), inputs.activation_format)
         except (OverflowError, ValueError) as error:
             result.error = f"{type(error).__name__}: {error}"
             print(f"  {setting.label()}: cannot be built: {result.error}", flush=True)
@@ -317,7 +330,7 @@ def run_learned(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits
                                                                      settings=adaround)[0]
         biases = corrected_biases(graph, weights[rounding], images, inputs.mean, inputs.std) if corrected else {}
         integer_model = build_integer_model(with_biases(graph, biases), ranges, weights[rounding],
-                                            list(inputs.mean), list(inputs.std))
+                                            list(inputs.mean), list(inputs.std), inputs.activation_format)
         label = " + ".join(([rounding] if rounding == "adaround" else []) + (["bias correction"] if corrected else []))
         result = results[label] = _measured(integer_model, setting, inputs, fp32_held_out, started)
         print(f"  {label} on {setting.label()} ({count} calibration images): held-out {result.held_out:.2f}%, "
@@ -341,13 +354,38 @@ def run_mixed_precision(inputs: Inputs, setting: Setting, ranges: dict[str, floa
     noise = {layer: {b: entry["noise"] for b, entry in by_bits.items()} for layer, by_bits in table.items()}
     chosen = allocate_bits(num_weights, noise, budget)
     weights = quantize_model_weights(graph, chosen, setting.weight, setting.granularity)
-    integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std))
+    integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std),
+                                        inputs.activation_format)
     result = _measured(integer_model, setting, inputs, fp32_held_out, started)
     used = sum(packed_weight_bytes(num_weights[layer], b) for layer, b in chosen.items())
     print(f"  mixed precision on {setting.label()}: {used:,} of {budget:,} packed weight bytes, bits "
           f"{' '.join(f'{layer}:{b}' for layer, b in chosen.items())}; held-out {result.held_out:.2f}%, "
           f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
     return result, chosen
+
+
+def calibrated_ranges(graph: FloatGraph, stats: dict[str, dict], calibrator: str,
+                      activation_format: ActivationFormat) -> dict[str, float]:
+    """Each scale group's range by ``calibrator`` (default options), onto the group's integer range in the format."""
+    calibrated = calibrate_ranges(stats, calibrator, None, group_ranges(graph, activation_format))
+    return {root: chosen["range"] for root, chosen in calibrated.items()}
+
+
+def run_equalized(inputs: Inputs, setting: Setting, bits: int, fp32_held_out: Tensor) -> tuple[Result, int]:
+    """``setting`` on the cross-layer-equalized graph (``pipeline.quant.equalization``), its activations profiled
+    again on the same calibration images (the tensors between equalized layers change): the Result, the pairs."""
+    started = time.perf_counter()
+    equalized = equalize(capture(inputs.model))
+    graph = equalized.graph
+    stats = profile_activations(graph, inputs.calibration, inputs.mean, inputs.std, CALIBRATION_BATCH, progress=False)
+    ranges = calibrated_ranges(graph, stats, setting.activation, inputs.activation_format)
+    weights = quantize_model_weights(graph, bits, setting.weight, setting.granularity)
+    integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std),
+                                        inputs.activation_format)
+    result = _measured(integer_model, setting, inputs, fp32_held_out, started)
+    print(f"  equalization ({len(equalized.pairs)} layer pairs) on {setting.label()}: held-out {result.held_out:.2f}%, "
+          f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
+    return result, len(equalized.pairs)
 
 
 def _measured(integer_model, setting: Setting, inputs: Inputs, fp32_held_out: Tensor, started: float) -> Result:
@@ -373,9 +411,10 @@ def rank(results: list[Result]) -> list[Result]:
 
 
 def fx_peer(inputs: Inputs, bits: int) -> list[Row]:
-    """torch.ao.quantization FX static PTQ with the x86 qconfig (its weight observer narrowed below 8 bits)."""
+    """torch.ao.quantization FX static PTQ with the x86 qconfig (its weight and activation observers narrowed below
+    8 bits)."""
     from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig, get_default_qconfig_mapping
-    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+    from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     started = time.perf_counter()
@@ -384,18 +423,24 @@ def fx_peer(inputs: Inputs, bits: int) -> list[Row]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
         mapping = get_default_qconfig_mapping("x86")
-        if bits < 8:
+        activation_bits = inputs.activation_format.bits
+        if bits < 8 or activation_bits < 8:
+            default = get_default_qconfig("x86")
             weight_min, weight_max = int_range(bits, narrow=True)
-            weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                                        quant_min=weight_min, quant_max=weight_max)
-            mapping = QConfigMapping().set_global(QConfig(activation=get_default_qconfig("x86").activation, weight=weight))
+            weight = default.weight if bits == 8 else PerChannelMinMaxObserver.with_args(
+                dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=weight_min, quant_max=weight_max)
+            # Its own histogram observer, unsigned (asymmetric) over the full 2^b levels.
+            activation = default.activation if activation_bits == 8 else HistogramObserver.with_args(
+                dtype=torch.quint8, quant_min=0, quant_max=2 ** activation_bits - 1, reduce_range=False)
+            mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
         prepared = prepare_fx(copy.deepcopy(inputs.model).eval(), mapping, (calibration[:1],))
         with torch.no_grad():
             for start in range(0, len(calibration), CALIBRATION_BATCH):
                 prepared(calibration[start : start + CALIBRATION_BATCH])
         quantized = convert_fx(prepared)
         predictions = batched_predictions(quantized, inputs.normalized(inputs.test))
-    label = "torch.ao FX static PTQ, x86 qconfig" + (f", weights {bits}-bit per-channel min-max" if bits < 8 else "")
+    label = "torch.ao FX static PTQ, x86 qconfig" + (f", weights {bits}-bit per-channel min-max" if bits < 8 else "") \
+        + (f", activations {activation_bits}-bit histogram" if activation_bits < 8 else "")
     return [Row(label, percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started)]
 
 
@@ -444,6 +489,9 @@ def onnxruntime_peer(inputs: Inputs, bits: int) -> list[Row]:
     """onnxruntime quantize_static, QDQ S8S8 (S4 weights at 4 bits), MinMax and Percentile, per-tensor and per-channel."""
     if bits not in (8, 4):
         raise ValueError(f"ONNX Runtime's weight types are 8 and 4 bits, not {bits}")
+    activation_bits = inputs.activation_format.bits
+    if activation_bits not in (8, 4):
+        raise ValueError(f"ONNX Runtime's activation types are 8 and 4 bits, not {activation_bits}")
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -488,13 +536,15 @@ def onnxruntime_peer(inputs: Inputs, bits: int) -> list[Row]:
             reader.set_range(0, len(reader))
             with _quiet():
                 quantize_static(str(prepared_path), str(output), reader, quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QInt8, per_channel=per_channel,
+                                activation_type=QuantType.QInt8 if activation_bits == 8 else QuantType.QUInt4,
+                                per_channel=per_channel,
                                 weight_type=QuantType.QInt8 if bits == 8 else QuantType.QInt4,
                                 calibrate_method=method, extra_options={"CalibStridedMinMax": stride})
             quantized = session(output)
             predictions = batched_predictions(lambda x: quantized.run(None, {input_name: x})[0], test_x)
             detail = "MinMax" if method == CalibrationMethod.MinMax else "Percentile 99.999"
-            rows.append(Row(f"ONNX Runtime QDQ {'S8S8' if bits == 8 else 'S8S4'}, {detail}, "
+            formats = f"{'S8' if activation_bits == 8 else 'U4'}{'S8' if bits == 8 else 'S4'}"
+            rows.append(Row(f"ONNX Runtime QDQ {formats}, {detail}, "
                             f"{'per-channel' if per_channel else 'per-tensor'}",
                             percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started))
         rows[0].note = note
@@ -522,6 +572,11 @@ def pt2e_peer(inputs: Inputs, bits: int) -> list[Row]:
             weight_min, weight_max = int_range(bits, narrow=True)
             config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=weight_min,
                                                                             quant_max=weight_max))
+        activation_bits = inputs.activation_format.bits
+        if activation_bits < 8:  # its unsigned (asymmetric) histogram-observed activations, over 2^b levels
+            narrowed = {key: dataclasses.replace(getattr(config, key), quant_max=2 ** activation_bits - 1)
+                        for key in ("input_activation", "output_activation")}
+            config = dataclasses.replace(config, **narrowed)
         quantizer = X86InductorQuantizer().set_global(config)
         prepared = prepare_pt2e(exported, quantizer)
         with torch.no_grad():
@@ -530,7 +585,8 @@ def pt2e_peer(inputs: Inputs, bits: int) -> list[Row]:
         converted = convert_pt2e(prepared)
         predictions = batched_predictions(converted, inputs.normalized(inputs.test))
     return [Row("torchao PT2E, X86InductorQuantizer (converted module, eager)"
-                + (f", weights {bits}-bit" if bits < 8 else ""),
+                + (f", weights {bits}-bit" if bits < 8 else "")
+                + (f", activations {activation_bits}-bit" if activation_bits < 8 else ""),
                 percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started,
                 note=f"torchao {torchao.__version__}")]
 
@@ -622,6 +678,12 @@ def main() -> None:
     parser.add_argument("--bias-correction", action="store_true", help="also the chosen setting with bias correction")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="also the chosen setting with per-layer bits at the packed size of uniform --bits")
+    parser.add_argument("--activation-bits", type=int, default=8, choices=range(4, 9), metavar="4..8",
+                        help="activation bits, for this project's settings and the peers' activations")
+    parser.add_argument("--unsigned-activations", action="store_true",
+                        help="this project's non-negative tensors use the full unsigned range [0, 2^bits - 1]")
+    parser.add_argument("--equalize", action="store_true",
+                        help="also the chosen setting on the cross-layer-equalized graph (activations profiled again)")
     parser.add_argument("--sensitivity-images", type=int, default=1000,
                         help="held-out images that measure each layer's sensitivity (--mixed-precision)")
     args = parser.parse_args()
@@ -641,7 +703,7 @@ def main() -> None:
         held_out=torch.from_numpy(arrays.train_images[held_out]),
         held_out_labels=torch.from_numpy(arrays.train_labels[held_out]).long(),
         test=torch.from_numpy(arrays.test_images), test_labels=torch.from_numpy(arrays.test_labels).long(),
-        threads=args.threads,
+        threads=args.threads, activation_format=ActivationFormat(args.activation_bits, args.unsigned_activations),
     )
     started = time.perf_counter()
     fp32_held_out = predict(model, inputs.held_out, mean, std)
@@ -654,7 +716,9 @@ def main() -> None:
           f"{len(inputs.test)} test; fp32 {fp32:.2f}% test, {fp32_held:.2f}% held-out\n", flush=True)
 
     settings = our_settings(args.activation_calibrators, args.weight_calibrators)
-    print(f"this project: {len(settings)} settings, {args.bits}-bit weights, through the integer engine", flush=True)
+    print(f"this project: {len(settings)} settings, {args.bits}-bit weights, {args.activation_bits}-bit "
+          f"{'unsigned (full-range) where non-negative' if args.unsigned_activations else 'signed'} activations, "
+          "through the integer engine", flush=True)
     started = time.perf_counter()
     results, ranges = run_ours(inputs, settings, args.bits, not args.reported_only, fp32_held_out)
     ours_seconds = time.perf_counter() - started
@@ -663,6 +727,7 @@ def main() -> None:
     methods = [name for name, on in (("adaround", args.adaround), ("bias correction", args.bias_correction)) if on]
     learned = run_learned(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits, fp32_held_out,
                           methods, AdaRoundSettings(), CalibrationImages()) if methods and ranked else {}
+    equalized = run_equalized(inputs, ranked[0].setting, args.bits, fp32_held_out) if args.equalize and ranked else None
     mixed = run_mixed_precision(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits,
                                 fp32_held_out, args.sensitivity_images) if args.mixed_precision and ranked else None
 
@@ -677,9 +742,13 @@ def main() -> None:
     for position, (label, result) in enumerate(learned.items(), 2):
         rows.insert(position, Row(f"this project, the chosen setting + {label}: {result.setting.label()}", result.test,
                                   result.held_out, result.seconds))
+    if equalized is not None:
+        result, pairs = equalized
+        rows.insert(2 + len(learned), Row(f"this project, the chosen setting + equalization: {result.setting.label()}",
+                                          result.test, result.held_out, result.seconds, f"{pairs} layer pairs"))
     if mixed is not None:
         result, chosen = mixed
-        rows.insert(2 + len(learned), Row(f"this project, the chosen setting, mixed precision at the uniform {args.bits}-bit "
+        rows.insert(2 + len(learned) + (equalized is not None), Row(f"this project, the chosen setting, mixed precision at the uniform {args.bits}-bit "
                                           f"size: {result.setting.label()}", result.test, result.held_out, result.seconds,
                                           "bits " + " ".join(f"{layer}:{b}" for layer, b in chosen.items())))
 

@@ -12,6 +12,7 @@ from benchmarks import ptq_compare
 from pipeline.data import CifarArrays, save_arrays
 from pipeline.io import save_checkpoint, write_json
 from pipeline.models import build_model
+from pipeline.quant.ranges import ActivationFormat
 from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
 from pipeline.train import SEED_MEAN, SEED_STD
 
@@ -65,3 +66,36 @@ def test_four_bit_run_with_the_fx_peer_prints_the_table(tiny_run, monkeypatch, c
     assert "could not run" not in out
     assert "this project, chosen on held-out: act minmax, w minmax" in out
     assert "this project, the chosen setting, mixed precision at the uniform 4-bit size: act minmax, w minmax" in out
+
+
+def test_four_bit_activations_with_equalization_reach_this_project_and_the_fx_peer(tiny_run, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [
+        "ptq_compare", "--checkpoint", str(tiny_run / "model.pt"), "--data", str(tiny_run / "dataset.npz"),
+        "--profile", str(tiny_run / "profile.json"), "--bits", "4", "--validation", "16", "--activation-bits", "4",
+        "--unsigned-activations", "--equalize", "--activation-calibrators", "minmax", "--weight-calibrators", "minmax",
+        "--skip", "onnxruntime", "pt2e",
+    ])
+    ptq_compare.main()
+    out = capsys.readouterr().out
+    assert "4-bit unsigned (full-range) where non-negative activations" in out
+    assert re.search(r"\| this project, the chosen setting \+ equalization: act minmax, w minmax per_\w+ +\| \d.*"
+                     r"\| 4 layer pairs \|", out)
+    assert re.search(r"\| torch\.ao FX static PTQ, x86 qconfig, weights 4-bit per-channel min-max, activations 4-bit "
+                     r"histogram +\| \d", out)
+    assert "could not run" not in out
+
+
+def test_the_activation_format_reaches_every_integer_model(tiny_run, monkeypatch):
+    inputs = _inputs(tiny_run)
+    inputs.activation_format = ActivationFormat(4, unsigned=True)
+    fp32_held_out = torch.zeros(len(inputs.held_out), dtype=torch.long)
+    setting = ptq_compare.Setting("minmax", "minmax", "per_tensor")
+    built, build = [], ptq_compare.build_integer_model
+    monkeypatch.setattr(ptq_compare, "build_integer_model", lambda *args, **kwargs: built.append(build(*args, **kwargs))
+                        or built[-1])
+    ptq_compare.run_ours(inputs, [setting], 4, True, fp32_held_out)
+    ptq_compare.run_equalized(inputs, setting, 4, fp32_held_out)
+    assert len(built) == 2
+    for model in built:
+        widths = {(tensor.bits, tensor.signed) for tensor in model.tensors.values() if tensor.bits != 32}
+        assert widths == {(4, True), (4, False)}  # the input signed, the post-ReLU tensors unsigned
