@@ -37,9 +37,8 @@ SETTINGS = ["quantize_weights.bits=8,4", "quantize_weights.calibrator=sigma,mse"
 GRID = flows.product_grid(flows.parse_choices(SETTINGS))
 CHECKPOINT_STAGES = {"download", "train", "profile"}
 # A fifth point on a checkpoint of its own (its worker is killed after training), then a sixth on the same
-# checkpoint, run after it: profile comes from the run-cache the fifth pushed. Train runs again: DVC keeps
-# no run-cache entry for a stage with an uncached output that is not a metric or plot (train's
-# data/training and data/train_metrics.json), but it makes the same model.pt, which profile reads.
+# checkpoint, run after it: train, sensitivity and profile come from the run-cache the fifth pushed (every
+# output of theirs is cached: DVC keeps no run-cache entry for a stage with a `cache: false` output).
 FIFTH_SETTINGS = ["train.epochs=2", "quantize_weights.bits=6"]
 SIXTH_SETTINGS = ["train.epochs=2", "quantize_weights.bits=4"]
 FIFTH, SIXTH = (flows.product_grid(flows.parse_choices(settings))[0] for settings in (FIFTH_SETTINGS, SIXTH_SETTINGS))
@@ -237,8 +236,9 @@ def test_a_sweep_runs_on_two_workers_that_share_only_the_remotes_and_survives_a_
         assert status == 0, f"{output[-6000:]}\n{pool.log('worker-a')}\n{pool.log('worker-b')}"
         [sixth] = experiment_runs(pool.api_url)[len(first) + 2:]
         sixth_logs = run_logs(pool.api_url, sixth.id)
-        assert "Stage 'profile' is cached - skipping run" in sixth_logs, ran_stages(sixth_logs)
-        assert not ran_stages(sixth_logs) & {"download", "profile"}
+        for stage in ("train", "sensitivity", "profile"):
+            assert f"Stage '{stage}' is cached - skipping run" in sixth_logs, ran_stages(sixth_logs)
+        assert not ran_stages(sixth_logs) & {"download", "train", "sensitivity", "profile"}
         assert "quantize-weights" in ran_stages(sixth_logs)
         print("every experiment run:", json.dumps(
             [f"{run.name}: {run.state.name} on {run.labels.get('prefect.worker.name')}"
