@@ -48,7 +48,9 @@ calibrator and granularity.
 (``pipeline.quant.adaround`` and ``pipeline.quant.bias_correction``, params.yaml's defaults) to
 the setting chosen on held-out images: the same weight calibrator, granularity and
 activation ranges, learning from ``quantize_weights.calibration.num_samples`` of the
-calibration images (a seeded subset). Each enabled method, and both together when both are
+calibration images (a seeded subset); ``--quantized-activations`` has AdaRound learn from inputs
+with the chosen setting's activations quantized (``quantize_weights.adaround.quantized_activations``).
+Each enabled method, and both together when both are
 given, is one more row with its held-out and test accuracy (the choice itself is made among
 the round-to-nearest settings).
 
@@ -84,7 +86,7 @@ setting of this project sorted by held-out accuracy.
 
     python -m benchmarks.ptq_compare [--checkpoint data/model.pt] [--data data/dataset.npz]
         [--profile data/profile.json] [--model NAME] [--bits 8] [--validation 5000]
-        [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...] [--adaround] [--bias-correction]
+        [--skip PEER ...] [--activation-calibrators ...] [--weight-calibrators ...] [--adaround [--quantized-activations]] [--bias-correction]
         [--mixed-precision [--sensitivity-images 1000]] [--equalize] [--activation-bits 8] [--unsigned-activations]
 
 Run it after ``dvc repro`` (the defaults are the pipeline's artifacts). ``--model NAME``
@@ -123,7 +125,7 @@ from pipeline.models import CheckpointError, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
-from pipeline.quant.build import build_integer_model, group_ranges, quantize_model_weights
+from pipeline.quant.build import activation_quantizer, build_integer_model, group_ranges, quantize_model_weights
 from pipeline.quant.equalization import equalize
 from pipeline.quant.mixed_precision import allocate_bits, layer_sensitivity, packed_weight_bytes
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, GRANULARITIES, WEIGHT_CALIBRATORS
@@ -325,13 +327,15 @@ def run_learned(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits
         started = time.perf_counter()
         if rounding not in weights:
             weights[rounding] = quantize_model_weights(graph, bits, setting.weight, setting.granularity) \
-                if rounding == "nearest" else adaround_model_weights(graph, images, inputs.mean, inputs.std, bits,
-                                                                     setting.weight, setting.granularity,
-                                                                     settings=adaround)[0]
+                if rounding == "nearest" else adaround_model_weights(
+                    graph, images, inputs.mean, inputs.std, bits, setting.weight, setting.granularity, settings=adaround,
+                    activations=activation_quantizer(graph, ranges, inputs.activation_format)
+                    if adaround.quantized_activations else None)[0]
         biases = corrected_biases(graph, weights[rounding], images, inputs.mean, inputs.std) if corrected else {}
         integer_model = build_integer_model(with_biases(graph, biases), ranges, weights[rounding],
                                             list(inputs.mean), list(inputs.std), inputs.activation_format)
-        label = " + ".join(([rounding] if rounding == "adaround" else []) + (["bias correction"] if corrected else []))
+        learned_rounding = "adaround (quantized activations)" if adaround.quantized_activations else "adaround"
+        label = " + ".join(([learned_rounding] if rounding == "adaround" else []) + (["bias correction"] if corrected else []))
         result = results[label] = _measured(integer_model, setting, inputs, fp32_held_out, started)
         print(f"  {label} on {setting.label()} ({count} calibration images): held-out {result.held_out:.2f}%, "
               f"test {result.test:.2f}% ({result.seconds:.0f} s)", flush=True)
@@ -675,6 +679,8 @@ def main() -> None:
                         "max-abs settings (the held-out ranking still runs every setting)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method")
     parser.add_argument("--adaround", action="store_true", help="also the chosen setting with AdaRound's learned rounding")
+    parser.add_argument("--quantized-activations", action="store_true",
+                        help="AdaRound learns from inputs with the chosen setting's activations quantized")
     parser.add_argument("--bias-correction", action="store_true", help="also the chosen setting with bias correction")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="also the chosen setting with per-layer bits at the packed size of uniform --bits")
@@ -726,7 +732,8 @@ def main() -> None:
     ranked = rank(results)
     methods = [name for name, on in (("adaround", args.adaround), ("bias correction", args.bias_correction)) if on]
     learned = run_learned(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits, fp32_held_out,
-                          methods, AdaRoundSettings(), CalibrationImages()) if methods and ranked else {}
+                          methods, AdaRoundSettings(quantized_activations=args.quantized_activations),
+                          CalibrationImages()) if methods and ranked else {}
     equalized = run_equalized(inputs, ranked[0].setting, args.bits, fp32_held_out) if args.equalize and ranked else None
     mixed = run_mixed_precision(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits,
                                 fp32_held_out, args.sensitivity_images) if args.mixed_precision and ranked else None

@@ -605,26 +605,32 @@ def run_float(
     x: Tensor,
     weights: Mapping[str, Tensor] | None = None,
     observe: Callable[[str, Tensor], None] | None = None,
+    activations: Callable[[str, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The graph's output for a batch ``x`` (N, C, H, W), in ``x``'s dtype.
 
     ``weights`` replaces layers' weights by name (the weight-only quantized model);
-    ``observe(tensor_name, value)`` sees every tensor as it is computed.
+    ``activations(tensor_name, value)`` replaces every tensor as it is computed (the input included), e.g. by its
+    quantized value (``pipeline.profile.activation_quantizer``); ``observe(tensor_name, value)`` then sees it.
     """
-    values = {graph.input: x}
+    values = {graph.input: x if activations is None else activations(graph.input, x)}
     if observe is not None:
-        observe(graph.input, x)
+        observe(graph.input, values[graph.input])
     for node in graph.nodes:
         values[node.output] = _float_node(node, values, x.dtype, weights or {})
+        if activations is not None:
+            values[node.output] = activations(node.output, values[node.output])
         if observe is not None:
             observe(node.output, values[node.output])
     return values[graph.output]
 
 
 def tensor_values(
-    graph: FloatGraph, x: Tensor, name: str, weights: Mapping[str, Tensor] | None = None, batch_size: int = 256
+    graph: FloatGraph, x: Tensor, name: str, weights: Mapping[str, Tensor] | None = None, batch_size: int = 256,
+    activations: Callable[[str, Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """The tensor ``name`` for every image of ``x`` (``weights`` as in ``run_float``), ``batch_size`` images a pass."""
+    """The tensor ``name`` for every image of ``x`` (``weights`` and ``activations`` as in ``run_float``),
+    ``batch_size`` images a pass."""
     parts = []
 
     def keep(tensor_name: str, value: Tensor) -> None:
@@ -633,7 +639,7 @@ def tensor_values(
 
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            run_float(graph, x[start : start + batch_size], weights, keep)
+            run_float(graph, x[start : start + batch_size], weights, keep, activations)
     return torch.cat(parts)
 
 

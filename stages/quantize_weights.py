@@ -4,18 +4,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 
 import torch
 
 from pipeline.data import load_arrays
-from pipeline.graph import folded_state_dict, with_biases
+from pipeline.graph import FloatGraph, folded_state_dict, with_biases
 from pipeline.io import read_json, save_checkpoint
 from pipeline.model_files import save_quantized_weights
 from pipeline.params import QuantizeWeightsParams
 from pipeline.profile import calibration_indices
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
-from pipeline.quant.build import quantize_model_weights
+from pipeline.quant.build import activation_quantizer, quantize_model_weights
 from pipeline.quant.engine import dequantized_weights
 from pipeline.quant.mixed_precision import (
     allocate_bits,
@@ -23,9 +24,10 @@ from pipeline.quant.mixed_precision import (
     noise_by_layer,
     packed_model_bytes,
 )
-from pipeline.quant.ranges import check_layer_bits, layer_bits
+from pipeline.quant.ranges import ActivationFormat, check_layer_bits, layer_bits
 from stages.common import (
     ARRAYS,
+    PROFILE,
     QUANTIZED_WEIGHTS,
     SENSITIVITY,
     WEIGHT_ONLY_CHECKPOINT,
@@ -60,6 +62,7 @@ def main() -> None:
         quantized, errors = adaround_model_weights(
             graph, images, checkpoint["mean"], checkpoint["std"], bits,
             params.calibrator, params.granularity, settings, params.adaround,
+            activations=_profiled_activations(graph) if params.adaround.quantized_activations else None,
         )
         meta |= {"adaround": dataclasses.asdict(params.adaround), "reconstruction_error": errors}
         for name, error in errors.items():
@@ -97,6 +100,13 @@ def _budget_bits(params: QuantizeWeightsParams, model: str, num_weights: dict[st
     logging.info("%s: %d bytes; bits chosen from %s: %s", key, budget, SENSITIVITY,
                  " ".join(f"{layer}:{width}" for layer, width in bits.items()))
     return bits
+
+
+def _profiled_activations(graph: FloatGraph) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The integer model's activation quantization from the profile stage's ranges and format, in float."""
+    profile = read_json(PROFILE)
+    ranges = {root: group["range"] for root, group in profile["activations"].items()}
+    return activation_quantizer(graph, ranges, ActivationFormat(**profile["activation_format"]))
 
 
 def _calibration_images(params: QuantizeWeightsParams) -> torch.Tensor:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.graph import Linear, capture
+from pipeline.graph import FloatGraph, Linear, capture, run_float
 from pipeline.models import build_model
+from pipeline.quant import adaround
 from pipeline.quant.adaround import (
     BETA_END,
     BETA_START,
@@ -17,9 +18,9 @@ from pipeline.quant.adaround import (
     rectified_sigmoid,
     rounding_regularizer,
 )
-from pipeline.quant.build import build_integer_model, quantize_model_weights
+from pipeline.quant.build import activation_quantizer, build_integer_model, quantize_model_weights
 from pipeline.quant.engine import quantize_input, run_integer
-from pipeline.quant.ranges import int_range, scale_from_range
+from pipeline.quant.ranges import ActivationFormat, int_range, scale_from_range
 from pipeline.quant.settings import AdaRoundSettings
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
 
@@ -94,3 +95,51 @@ def test_adaround_model_weights_is_the_nearest_artifact_with_other_integers():
     integer_model = build_integer_model(graph, ranges, learned, list(SEED_MEAN), list(SEED_STD))
     x_int8 = quantize_input(normalize(images[:4], SEED_MEAN, SEED_STD), integer_model.input_scale)
     assert run_integer(integer_model, x_int8).shape == (4, 10)
+
+
+NET_RANGES = {"input_1": 2.5, "relu1": 3.0, "relu2": 3.0, "relu3": 3.0, "relu4": 3.0}
+
+
+def _net_and_images(count: int = 32) -> tuple[FloatGraph, torch.Tensor]:
+    images = torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    return capture(build_model("net", seed=0).eval()), images
+
+
+@pytest.mark.parametrize("activation_format", [ActivationFormat(), ActivationFormat(4, unsigned=True)])
+def test_the_activation_quantizer_puts_every_group_member_on_the_integer_models_grid(activation_format):
+    graph, images = _net_and_images(8)
+    integer_model = build_integer_model(graph, NET_RANGES, quantize_model_weights(graph, 8, "minmax", "per_channel"),
+                                        list(SEED_MEAN), list(SEED_STD), activation_format)
+    seen = {}
+    run_float(graph, normalize(images, SEED_MEAN, SEED_STD).double(), observe=seen.__setitem__,
+              activations=activation_quantizer(graph, NET_RANGES, activation_format))
+    for name, value in seen.items():
+        info = integer_model.tensors[name]
+        if info.bits == 32:  # the logits are not snapped
+            continue
+        steps = value / info.scale
+        assert torch.allclose(steps, steps.round(), atol=1e-9), name
+        assert info.range[0] <= int(steps.round().min()) and int(steps.round().max()) <= info.range[1], name
+    assert len({float(integer_model.tensors[name].scale) for name in ("relu1", "pool1")}) == 1  # one group, one grid
+
+
+def test_adaround_learns_from_inputs_with_quantized_activations_when_given_them(monkeypatch):
+    graph, images = _net_and_images()
+    quantizer = activation_quantizer(graph, NET_RANGES, ActivationFormat(4, unsigned=True))
+    seen_inputs = {}
+    learn = adaround.learn_layer_rounding
+
+    def recording(node, scale, bits, inputs, targets, settings, progress):
+        seen_inputs[node.name] = (inputs, targets)
+        return learn(node, scale, bits, inputs, targets, settings, progress)
+
+    monkeypatch.setattr(adaround, "learn_layer_rounding", recording)
+    settings = AdaRoundSettings(iterations=20, batch_size=8, quantized_activations=True)
+    _, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, "minmax", "per_channel",
+                                       settings=settings, progress=False, activations=quantizer)
+    unsigned_4_bit_step = scale_from_range(3.0, 15)
+    inputs, targets = seen_inputs["fc1"]
+    assert len(torch.unique(inputs)) <= 16  # the input of fc1 holds 4-bit unsigned integers on one grid
+    assert torch.allclose(inputs / unsigned_4_bit_step, (inputs / unsigned_4_bit_step).round(), atol=1e-4)
+    assert len(torch.unique(targets)) > 16  # the targets stay the float outputs
+    assert set(errors) == {"conv1", "conv2", "fc1", "fc2", "fc3"}

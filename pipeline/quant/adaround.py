@@ -14,7 +14,9 @@ minimizes
 
 where x are the layer's float inputs and f(W x) its float output (fused ReLU included), and
 x_q the inputs the same images give when every earlier layer already has its learned integer
-weights (the paper's asymmetric reconstruction). The rounding term is off for the first
+weights (the paper's asymmetric reconstruction); with ``quantized_activations`` also with every
+activation quantized as in the integer model (BRECQ's and QDrop's inputs), so that the rounding
+makes up for activation quantization too, which matters at 4-bit activations. The rounding term is off for the first
 ``WARMUP`` share of the iterations, then beta is annealed from ``BETA_START`` to ``BETA_END``,
 which pushes every h(v) to 0 or 1. The result is hard: round up where v >= 0 (h(v) >= 1/2).
 
@@ -26,7 +28,7 @@ with a seed the run is deterministic on CPU.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,12 +158,15 @@ def adaround_model_weights(
     calibrator_settings: Any = None,
     settings: AdaRoundSettings | None = None,
     progress: bool | None = None,
+    activations: Callable[[str, Tensor], Tensor] | None = None,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, float]]]:
     """``quantize_model_weights``' result with learned rounding, and each layer's reconstruction errors
     (``{"nearest": ..., "adaround": ...}``, each on its inputs with the earlier layers learned).
 
     ``images`` are uint8 calibration images (N, 32, 32, 3) of the training split; the
     scales are the calibrator's (``quantize_model_weights`` with the same arguments).
+    ``activations`` (``build.activation_quantizer``) quantizes the activations of the inputs each layer
+    learns from, as the integer model will (``settings.quantized_activations``); the targets stay float.
     """
     settings = settings or AdaRoundSettings()
     nearest = quantize_model_weights(graph, bits, calibrator, granularity, calibrator_settings)
@@ -173,7 +178,7 @@ def adaround_model_weights(
         quantized_so_far = {
             name: dequantize(q_weight, scale).to(torch.float32) for name, (q_weight, scale) in learned.items()
         }
-        inputs = tensor_values(graph, x, node.input, quantized_so_far)
+        inputs = tensor_values(graph, x, node.input, quantized_so_far, activations=activations)
         targets = tensor_values(graph, x, node.output)
         rounding = learn_layer_rounding(node, weight_scale, layer_bits(bits, node.name), inputs, targets, settings,
                                         progress)

@@ -24,7 +24,7 @@ The scheme (r ~= S * q, symmetric, zero point 0):
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,7 @@ from pipeline.quant.ranges import (
     check_accumulator,
     check_bits,
     check_layer_bits,
+    fake_quantize,
     int_range,
     layer_bits,
     quantize,
@@ -148,6 +149,29 @@ def group_ranges(graph: FloatGraph, activation_format: ActivationFormat) -> dict
     """The integer range [qmin, qmax] of every scale group, by root: what its calibrated range maps onto."""
     signed = tensor_signedness(graph, activation_format)
     return {root: activation_format.range(signed[root]) for root in scale_groups(graph)}
+
+
+def activation_quantizer(
+    graph: FloatGraph, activation_ranges: Mapping[str, float], activation_format: ActivationFormat = ActivationFormat()
+) -> Callable[[str, Tensor], Tensor]:
+    """The integer model's activation quantization, in float, for ``run_float(activations=...)``.
+
+    Every member of a scale group is snapped to the group's grid (``fake_quantize``: the scale
+    ``build_integer_model`` gives it from ``activation_ranges[root]``, round half to even, clamped to
+    the group's [qmin, qmax]); the logits and any tensor outside the groups pass unchanged.
+    """
+    integer_ranges = group_ranges(graph, activation_format)
+    grids = {}
+    for root, group in scale_groups(graph).items():
+        qmin, qmax = integer_ranges[root]
+        scale = scale_from_range(float(activation_ranges[root]), qmax)
+        grids |= dict.fromkeys(group.members, (scale, qmin, qmax))
+
+    def quantized(name: str, value: Tensor) -> Tensor:
+        grid = grids.get(name)
+        return value if grid is None else fake_quantize(value, *grid)
+
+    return quantized
 
 
 # ---------------------------------------------------------------- weights and biases
@@ -365,7 +389,7 @@ def _other_node(node: Any, tensors: dict[str, TensorInfo]) -> IntNode:
 
 
 __all__ = [
-    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "build_integer_model", "group_ranges", "nonnegative_tensors",
+    "RESCALING_NODES", "ScaleGroup", "activation_clamp", "activation_quantizer", "build_integer_model", "group_ranges", "nonnegative_tensors",
     "quantize_bias", "quantize_layer_weights", "quantize_model_weights", "raw_accumulator_clamp", "scale_groups",
     "tensor_signedness",
 ]

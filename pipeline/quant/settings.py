@@ -66,3 +66,6 @@ class AdaRoundSettings(CheckedSettings):
     batch_size: int = field(default=32, metadata=bounds(1))  # images per step
     lr: float = field(default=0.01, metadata=bounds(0.0, low_open=True))  # Adam's learning rate on the logits
     regularizer: float = field(default=0.01, metadata=bounds(0.0, low_open=True))  # weight of the rounding term
+    # Learn from inputs whose activations are quantized as in the integer model (the profile's ranges and format),
+    # as BRECQ and QDrop do, so the rounding also makes up for activation quantization; False: float activations.
+    quantized_activations: bool = False
