@@ -38,7 +38,7 @@ from pipeline.quant.mixed_precision import CurvePoint, curve_rows, heat_map_rows
 from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import int_range, layer_bits
 from pipeline.quant.settings import SigmaSettings
-from pipeline.report import STAGES, bits_label, dataset_label, weight_methods
+from pipeline.report import STAGES, activations_label, bits_label, dataset_label, weight_methods
 from pipeline.train import CURVES
 
 FIGURE_DPI = 100  # pixels per inch: figure sizes below are in inches, PNGs are size * FIGURE_DPI pixels
@@ -580,7 +580,7 @@ def quantization_summary(metrics: Mapping[str, Any]) -> str:
     q = metrics["quantization"]
     methods = "".join(f", {method}" for method in weight_methods(q))
     return (f"{bits_label(q['weight_bits'])} weights ({q['weight_calibrator']}, {q['granularity']}{methods}), "
-            f"int8 activations ({q['activation_calibrator']})")
+            f"{activations_label(q)} activations ({q['activation_calibrator']})")
 
 
 def write_plots(

@@ -34,10 +34,17 @@ def bits_label(bits: int | Mapping[str, int]) -> str:
 def weight_methods(quantization: Mapping[str, Any]) -> list[str]:
     """The weight methods beyond round-to-nearest that metrics.json's ``quantization`` records, in the order they ran.
 
-    Metrics of revisions from before these keys existed were round-to-nearest, uncorrected.
+    Metrics of revisions from before these keys existed were unequalized, round-to-nearest, uncorrected.
     """
-    return (["adaround"] if quantization.get("weight_rounding") == "adaround" else []) + (
+    return (["equalized"] if quantization.get("equalize") else []) + (
+        ["adaround"] if quantization.get("weight_rounding") == "adaround" else []) + (
         ["bias-corrected"] if quantization.get("bias_correction") else [])
+
+
+def activations_label(quantization: Mapping[str, Any]) -> str:
+    """'int8', or 'int4/uint4' when non-negative tensors use the unsigned range (revisions from before: int8)."""
+    bits = quantization.get("activation_bits", 8)
+    return f"int{bits}/uint{bits}" if quantization.get("unsigned_activations") else f"int{bits}"
 
 
 def dataset_label(dataset: Mapping[str, str]) -> str:
@@ -56,7 +63,7 @@ def results_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "dataset": dataset_label(metrics["dataset"]),
         "weights": " ".join([bits_label(q["weight_bits"]), q["weight_calibrator"], q["granularity"], *weight_methods(q)]),
-        "activations": f"int8 {q['activation_calibrator']} ({q['calibration_images']} images)",
+        "activations": f"{activations_label(q)} {q['activation_calibrator']} ({q['calibration_images']} images)",
         **{f"{stage} (%)": accuracy[stage] for stage in STAGES},
         DELTA_COLUMN: round(accuracy["full_int8"] - accuracy["fp32"], 2),
     }

@@ -47,7 +47,8 @@ def main() -> None:
     bits = params.bits if budget is None else _budget_bits(params, all_params.train.model, num_weights, budget)
     # Narrower weights are still stored as int8 (here and in the integer model); packed is their size at their bits.
     meta = {"bits": bits, "calibrator": params.calibrator, "options": dataclasses.asdict(settings),
-            "granularity": params.granularity, "rounding": params.rounding, "bias_correction": params.bias_correction,
+            "granularity": params.granularity, "equalize": params.equalize, "rounding": params.rounding,
+            "bias_correction": params.bias_correction,
             "packed_weight_bytes": packed_model_bytes(num_weights, bits)}
     if budget is not None:
         meta["size_budget_bytes"] = budget

@@ -70,8 +70,22 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     assert metrics["quantization"]["bias_correction"] is True
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
 
-    # Mixed precision from the sensitivity stage at the uniform-W4 size: only quantize-weights and after re-run.
-    set_params(project, {"quantize_weights": {"rounding": "nearest", "bits": 8, "bias_correction": False,
+    # Cross-layer equalization with 4-bit full-range activations, AdaRound learning from them: the profile and the
+    # sensitivity read the equalized graph, so they re-run too; the proofs hold.
+    set_params(project, {"profile": {"activation_bits": 4, "unsigned_activations": True},
+                         "quantize_weights": {"equalize": True, "adaround": {"quantized_activations": True}}})
+    equalized = run(["dvc", "repro"], project)
+    assert ran_stages(equalized.stdout) == ALL_STAGES - {"download", "train"}
+    metrics = metrics_after(project)
+    assert metrics["quantization"]["equalize"] is True
+    assert (metrics["quantization"]["activation_bits"], metrics["quantization"]["unsigned_activations"]) == (4, True)
+    assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+
+    # Mixed precision from the sensitivity stage at the uniform-W4 size: profile and sensitivity come back from
+    # the run-cache (their params are those of a run before), quantize-weights and after re-run.
+    set_params(project, {"profile": {"activation_bits": 8, "unsigned_activations": False},
+                         "quantize_weights": {"rounding": "nearest", "bits": 8, "bias_correction": False,
+                                              "equalize": False, "adaround": {"quantized_activations": False},
                                               "size_budget_fraction": 0.5}})
     budgeted = run(["dvc", "repro"], project)
     assert ran_stages(budgeted.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}

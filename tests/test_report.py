@@ -93,3 +93,12 @@ def test_an_argument_that_is_not_a_file_is_read_at_that_git_revision(tmp_path, m
     assert "per_channel" in rows[0] and "per_tensor" in rows[1]
     assert main(["no-such-revision"]) == 1
     assert "'no-such-revision' is neither a file nor a git revision or DVC experiment" in capsys.readouterr().err
+
+
+def test_equalization_and_narrow_unsigned_activations_are_named_in_the_row():
+    run_metrics = metrics(60.0, 59.0, 58.0)
+    run_metrics["quantization"] |= {"equalize": True, "weight_rounding": "adaround", "activation_bits": 4,
+                                    "unsigned_activations": True}
+    row = results_table({"w4a4": run_metrics}).loc[0]
+    assert row["weights"] == "int8 sigma per_tensor equalized adaround"
+    assert row["activations"] == "int4/uint4 seed (2000 images)"
