@@ -58,7 +58,8 @@ the round-to-nearest settings).
 ``pipeline.quant.mixed_precision``: each layer's sensitivity (output noise with only that layer
 quantized, at 2, 3, 4, 6 and 8 bits) on the first ``--sensitivity-images`` held-out images, then
 the bits with the least summed noise whose packed weights fit the packed size of uniform
-``--bits`` weights (exact dynamic programming); the row names the bits it chose.
+``--bits`` weights (exact dynamic programming), refined against the noise of whole allocations
+measured on the same images (``choose_bits``); the row names the bits it chose.
 
 ``--skip fx onnxruntime pt2e`` leaves peers out; a peer that cannot run here (a missing
 package, an export or quantization error) prints why and the run goes on.
@@ -127,7 +128,7 @@ from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import activation_quantizer, build_integer_model, group_ranges, quantize_model_weights
 from pipeline.quant.equalization import equalize
-from pipeline.quant.mixed_precision import allocate_bits, layer_sensitivity, packed_weight_bytes
+from pipeline.quant.mixed_precision import choose_bits, layer_sensitivity, noise_by_layer, packed_weight_bytes
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, GRANULARITIES, WEIGHT_CALIBRATORS
 from pipeline.quant.ranges import ActivationFormat, int_range
 from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
@@ -355,8 +356,8 @@ def run_mixed_precision(inputs: Inputs, setting: Setting, ranges: dict[str, floa
                               SENSITIVITY_BITS, setting.weight, setting.granularity, progress=False)
     num_weights = {node.name: node.weight.numel() for node in graph.layers()}
     budget = sum(packed_weight_bytes(n, bits) for n in num_weights.values())
-    noise = {layer: {b: entry["noise"] for b, entry in by_bits.items()} for layer, by_bits in table.items()}
-    chosen = allocate_bits(num_weights, noise, budget)
+    chosen = choose_bits(graph, inputs.normalized(inputs.held_out[:count]), noise_by_layer(table), budget,
+                         setting.weight, setting.granularity, progress=False)
     weights = quantize_model_weights(graph, chosen, setting.weight, setting.granularity)
     integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std),
                                         inputs.activation_format)

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -12,14 +13,15 @@ from pipeline.data import load_arrays
 from pipeline.graph import FloatGraph, folded_state_dict, with_biases
 from pipeline.io import read_json, save_checkpoint
 from pipeline.model_files import save_quantized_weights
-from pipeline.params import QuantizeWeightsParams
+from pipeline.params import Params, QuantizeWeightsParams
 from pipeline.profile import calibration_indices
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import activation_quantizer, quantize_model_weights
 from pipeline.quant.engine import dequantized_weights
 from pipeline.quant.mixed_precision import (
-    allocate_bits,
+    choose_bits,
+    held_out_images,
     layer_sizes,
     noise_by_layer,
     packed_model_bytes,
@@ -44,7 +46,7 @@ def main() -> None:
     settings = params.calibrator_settings
     num_weights = layer_sizes(graph)
     budget = params.size_budget(sum(num_weights.values()))
-    bits = params.bits if budget is None else _budget_bits(params, all_params.train.model, num_weights, budget)
+    bits = params.bits if budget is None else _budget_bits(all_params, graph, checkpoint, budget)
     # Narrower weights are still stored as int8 (here and in the integer model); packed is their size at their bits.
     meta = {"bits": bits, "calibrator": params.calibrator, "options": dataclasses.asdict(settings),
             "granularity": params.granularity, "equalize": params.equalize, "rounding": params.rounding,
@@ -87,15 +89,21 @@ def main() -> None:
                  sum(num_weights.values()))
 
 
-def _budget_bits(params: QuantizeWeightsParams, model: str, num_weights: dict[str, int], budget: int) -> dict[str, int]:
-    """Each layer's bits that fit ``budget`` packed bytes with the least summed output noise of the sensitivity stage."""
+def _budget_bits(all_params: Params, graph: FloatGraph, checkpoint: dict[str, Any], budget: int) -> dict[str, int]:
+    """Each layer's bits within ``budget`` packed bytes: the sensitivity stage's noise, refined against the measured
+    noise of whole allocations on its held-out images (``choose_bits``)."""
+    params, model = all_params.quantize_weights, all_params.train.model
     key = f"quantize_weights.{params.size_budget_key} {getattr(params, params.size_budget_key)}"
     report = read_json(SENSITIVITY)
     if report["measured_with"] != measured_with(model, params):
         sys.exit(f"[quantize-weights] {key}: {SENSITIVITY} was measured with {report['measured_with']}, not with "
                  f"{measured_with(model, params)}: run the sensitivity stage first (dvc repro sensitivity)")
+    arrays = load_arrays(ARRAYS)
     try:
-        bits = allocate_bits(num_weights, noise_by_layer(report["layers"]), budget)
+        images, _ = held_out_images(arrays.train_images, arrays.train_labels, all_params.sensitivity.num_samples,
+                                    all_params.sensitivity.seed, checkpoint["mean"], checkpoint["std"])
+        bits = choose_bits(graph, images, noise_by_layer(report["layers"]), budget, params.calibrator,
+                           params.granularity, params.calibrator_settings)
     except ValueError as error:
         sys.exit(f"[quantize-weights] {key}: {error}")
     logging.info("%s: %d bytes; bits chosen from %s: %s", key, budget, SENSITIVITY,

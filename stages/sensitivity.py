@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 import sys
 
-import torch
-
 from pipeline.data import load_arrays
 from pipeline.io import write_json
 from pipeline.plots import write_sensitivity_plots
-from pipeline.profile import calibration_indices
 from pipeline.quant.mixed_precision import (
     curve_json,
+    held_out_images,
     layer_sensitivity,
     layer_sizes,
     noise_by_layer,
@@ -27,7 +25,6 @@ from pipeline.quant.mixed_precision import (
     table_json,
     weight_quantized_accuracy,
 )
-from pipeline.train import normalize
 from stages.common import (
     ARRAYS,
     PLOTS_DIR,
@@ -44,11 +41,10 @@ def main() -> None:
     arrays = load_arrays(ARRAYS)
     _, graph, checkpoint = load_trained_graph(all_params.train.model, "sensitivity", all_params.quantize_weights.equalize)
     try:
-        indices = calibration_indices(len(arrays.train_images), params.num_samples, params.seed, "sensitivity.num_samples")
+        images, labels = held_out_images(arrays.train_images, arrays.train_labels, params.num_samples, params.seed,
+                                         checkpoint["mean"], checkpoint["std"])
     except ValueError as error:
         sys.exit(f"[sensitivity] {error}")
-    images = normalize(torch.from_numpy(arrays.train_images[indices]), checkpoint["mean"], checkpoint["std"])
-    labels = torch.from_numpy(arrays.train_labels[indices]).long()
     quantizer = (weights.calibrator, weights.granularity, weights.calibrator_settings)
     float_accuracy = weight_quantized_accuracy(graph, images, labels, {})
     table = layer_sensitivity(graph, images, labels, params.bits, *quantizer)

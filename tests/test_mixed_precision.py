@@ -12,6 +12,8 @@ from pipeline.graph import capture
 from pipeline.models import build_model
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.mixed_precision import (
+    allocation_noise,
+    choose_bits,
     CurvePoint,
     allocate_bits,
     curve_json,
@@ -126,7 +128,7 @@ def measured():
     return graph, images, labels, table
 
 
-def test_the_curve_puts_each_mixed_allocation_within_the_uniform_size_with_no_more_predicted_noise(measured):
+def test_the_curve_puts_each_mixed_allocation_within_the_uniform_size_with_no_more_measured_noise(measured):
     graph, images, labels, table = measured
     noise = noise_by_layer(table)
     num_weights = layer_sizes(graph)
@@ -137,8 +139,8 @@ def test_the_curve_puts_each_mixed_allocation_within_the_uniform_size_with_no_mo
         assert uniform.packed_bytes == packed_model_bytes(num_weights, uniform.width)
         assert mixed.packed_bytes == packed_model_bytes(num_weights, mixed.bits) <= uniform.packed_bytes  # the budget holds
         assert set(mixed.bits.values()) <= {2, 4, 8}
-        assert sum(noise[layer][bits] for layer, bits in mixed.bits.items()) <= sum(
-            noise[layer][uniform.width] for layer in num_weights)
+        assert allocation_noise(graph, images, mixed.bits, "minmax", "per_channel") <= allocation_noise(
+            graph, images, uniform.bits, "minmax", "per_channel")  # measured, not predicted
         assert mixed.accuracy == weight_quantized_accuracy(graph, images, labels, mixed.bits, "minmax", "per_channel")
     assert curve[1].bits == dict.fromkeys(num_weights, 8)  # with room for every layer at 8 bits, the quietest
 
@@ -173,3 +175,33 @@ def test_curve_rows_and_json_name_each_point_by_series_and_width():
                                      "bits": "a:8 b:2"}
     assert curve_json(points) == {"uniform": {"4": {"packed_bytes": 8, "accuracy": 50.0, "bits": {"a": 4, "b": 4}}},
                                   "mixed": {"4": {"packed_bytes": 7, "accuracy": 52.5, "bits": {"a": 8, "b": 2}}}}
+
+
+def test_the_chosen_bits_fit_the_budget_and_measure_no_more_noise_than_the_prediction_or_uniform(measured):
+    graph, images, _, table = measured
+    noise = noise_by_layer(table)
+    num_weights = layer_sizes(graph)
+    budget = packed_model_bytes(num_weights, 4)
+    chosen = choose_bits(graph, images, noise, budget, "minmax", "per_channel", progress=False)
+    assert packed_model_bytes(num_weights, chosen) <= budget and set(chosen.values()) <= {2, 4, 8}
+    measured_noise = allocation_noise(graph, images, chosen, "minmax", "per_channel")
+    for other in (allocate_bits(num_weights, noise, budget), dict.fromkeys(num_weights, 4)):
+        assert measured_noise <= allocation_noise(graph, images, other, "minmax", "per_channel")
+    # Without refinement rounds: the better measured of the two starts.
+    start = choose_bits(graph, images, noise, budget, "minmax", "per_channel", rounds=0, progress=False)
+    assert start in (allocate_bits(num_weights, noise, budget), dict.fromkeys(num_weights, 4))
+
+
+def test_refinement_corrects_a_prediction_that_misses_how_layers_add_up(measured):
+    """A sensitivity table that lies (every layer says 2 bits cost nothing) makes the DP pick 2 bits wherever the
+    budget lets it; measuring whole allocations finds uniform 4 bits quieter and keeps it."""
+    graph, images, _, table = measured
+    lying = {layer: {2: 0.0, 4: 1.0, 8: 2.0} for layer in noise_by_layer(table)}
+    num_weights = layer_sizes(graph)
+    budget = packed_model_bytes(num_weights, 4)
+    assert set(allocate_bits(num_weights, lying, budget).values()) == {2}
+    chosen = choose_bits(graph, images, lying, budget, "minmax", "per_channel", progress=False)
+    assert allocation_noise(graph, images, chosen, "minmax", "per_channel") <= allocation_noise(
+        graph, images, dict.fromkeys(num_weights, 4), "minmax", "per_channel")
+    assert allocation_noise(graph, images, chosen, "minmax", "per_channel") < allocation_noise(
+        graph, images, allocate_bits(num_weights, lying, budget), "minmax", "per_channel")
