@@ -87,6 +87,13 @@ def _fake_quantized(weight: Tensor, bits: int, calibrator: str, granularity: str
     return dequantize(q_weight, weight_scale, axis=0).to(torch.float32)
 
 
+def _quantized_weights(graph: FloatGraph, bits: Mapping[str, int], calibrator: str, granularity: str,
+                       calibrator_settings: Any) -> dict[str, Tensor]:
+    """The layers in ``bits``, by name: their weights quantized to their widths and back to float32."""
+    return {node.name: _fake_quantized(node.weight, bits[node.name], calibrator, granularity, calibrator_settings)
+            for node in graph.layers() if node.name in bits}
+
+
 def output_noise(logits: Tensor, float_logits: Tensor) -> float:
     """The output noise of a quantized model: its logits' mean squared error against the float model's."""
     return float((logits.to(torch.float64) - float_logits.to(torch.float64)).pow(2).mean())
@@ -101,8 +108,7 @@ def allocation_noise(
     calibrator_settings: Any = None,
 ) -> float:
     """The measured ``output_noise`` with the layers in ``bits`` quantized to their widths (activations float)."""
-    weights = {node.name: _fake_quantized(node.weight, bits[node.name], calibrator, granularity, calibrator_settings)
-               for node in graph.layers() if node.name in bits}
+    weights = _quantized_weights(graph, bits, calibrator, granularity, calibrator_settings)
     return output_noise(_logits(graph, x_normalized, weights), _logits(graph, x_normalized, {}))
 
 
@@ -116,8 +122,7 @@ def weight_quantized_accuracy(
     calibrator_settings: Any = None,
 ) -> float:
     """Accuracy (%) with the weights of the layers in ``bits`` quantized to their widths, the rest and activations float."""
-    weights = {node.name: _fake_quantized(node.weight, bits[node.name], calibrator, granularity, calibrator_settings)
-               for node in graph.layers() if node.name in bits}
+    weights = _quantized_weights(graph, bits, calibrator, granularity, calibrator_settings)
     return _accuracy(_logits(graph, x_normalized, weights), labels)
 
 
