@@ -1,4 +1,4 @@
-"""Accuracy drop of this project's PTQ settings and of three other PTQ tools on one checkpoint, same calibration images.
+"""Accuracy drop of this project's PTQ settings and of four other PTQ tools on one checkpoint, same calibration images.
 
 One run takes one fp32 checkpoint and the calibration images the profile stage used
 (``--profile``'s ``indices``, from the TRAINING split), the same images for every method,
@@ -23,19 +23,25 @@ and measures on the 10,000 TEST images:
 - torchao PT2E: ``torch.export.export(...).module()``, ``prepare_pt2e`` with
   ``X86InductorQuantizer`` (its default static config), calibration, ``convert_pt2e``; the
   converted module runs in eager mode, i.e. as a reference model (quantize / dequantize
-  around float ops: the int8 numerics, not Inductor's int8 kernels).
+  around float ops: the int8 numerics, not Inductor's int8 kernels);
+- NNCF ``nncf.quantize`` with its defaults (min-max ranges, fast bias correction, per-channel
+  symmetric weights, unsigned activations after ReLU), target device ANY, every calibration image;
+  the quantized module runs its fake-quantize operations in PyTorch (the int8 numerics).
 
 ``--bits`` below 8 narrows the peers' weights too, to the same symmetric range as this
 project's, [-(2^(b-1)-1), 2^(b-1)-1] (stored in int8): torch.ao FX and torchao PT2E through
 their per-channel min-max weight observer's quant_min/quant_max (quant_min -7 at 4 bits:
 with -8 torch.ao's convert stores 17 levels), ONNX Runtime only at 4 bits, with
-``weight_type=QInt4`` (its only weight type below 8 bits; other widths print why not).
+``weight_type=QInt4`` (its only weight type below 8 bits; other widths print why not), NNCF only
+at 4 bits, through its NPU hardware config (its only one with 4-bit quantizers: symmetric
+weights over -8..7, one level more than this project's).
 
 ``--activation-bits`` below 8 narrows activations: this project's to the signed range
 [-2^(b-1), 2^(b-1)-1] (``--unsigned-activations``: [0, 2^b-1] for tensors non-negative by
 construction, as ``profile.unsigned_activations``), each calibrator fitting its range to that
 qmax; the peers' to their own unsigned asymmetric [0, 2^b-1] (torch.ao FX and torchao PT2E:
-their histogram observers' quant_max; ONNX Runtime: ``activation_type=QUInt4``, at 4 bits only).
+their histogram observers' quant_max; ONNX Runtime: ``activation_type=QUInt4``, at 4 bits only;
+NNCF: 4 bits only, its NPU config's symmetric quantizers, [0, 15] after ReLU).
 ``--unsigned-activations`` alone changes this project's rows only (the peers' activations are
 unsigned already).
 
@@ -61,7 +67,7 @@ the bits with the least summed noise whose packed weights fit the packed size of
 ``--bits`` weights (exact dynamic programming), refined against the noise of whole allocations
 measured on the same images (``choose_bits``); the row names the bits it chose.
 
-``--skip fx onnxruntime pt2e`` leaves peers out; a peer that cannot run here (a missing
+``--skip fx onnxruntime pt2e nncf`` leaves peers out; a peer that cannot run here (a missing
 package, an export or quantization error) prints why and the run goes on.
 
 "Chosen on held-out": ``--validation`` training images that are not calibration images
@@ -93,7 +99,7 @@ setting of this project sorted by held-out accuracy.
 Run it after ``dvc repro`` (the defaults are the pipeline's artifacts). ``--model NAME``
 names the architecture of a checkpoint that is a bare state_dict (it is then normalized
 with the seed's mean and std). The peers need the ``bench`` extra (``pip install -e
-'.[bench]'``: onnxscript, torchao).
+'.[bench]'``: onnxscript, torchao, nncf).
 """
 from __future__ import annotations
 
@@ -135,7 +141,7 @@ from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
 from pipeline.train import SEED_MEAN, SEED_STD, normalize, predict
 from stages.common import ARRAYS, CHECKPOINT, PROFILE
 
-PEERS = ("fx", "onnxruntime", "pt2e")
+PEERS = ("fx", "onnxruntime", "pt2e", "nncf")
 BATCH = 1000  # images per inference batch
 CALIBRATION_BATCH = 500  # images per calibration batch (the profile stage's default)
 ORT_CALIBRATION_CHUNK = 200  # images per onnxruntime calibration pass (it keeps a pass's every tensor in memory)
@@ -596,10 +602,53 @@ def pt2e_peer(inputs: Inputs, bits: int) -> list[Row]:
                 note=f"torchao {torchao.__version__}")]
 
 
+class _Module(nn.Module):
+    """The model one level down: NNCF adds a hook storage submodule, which an ``nn.Sequential`` would call as a layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+def nncf_peer(inputs: Inputs, bits: int) -> list[Row]:
+    """NNCF ``quantize`` with its defaults (min-max ranges, fast bias correction); 4-bit through its NPU hardware config."""
+    activation_bits = inputs.activation_format.bits
+    if bits not in (8, 4) or activation_bits not in (8, 4):
+        raise ValueError(f"NNCF's hardware configs quantize weights and activations to 8 or 4 bits, not weights {bits} "
+                         f"/ activations {activation_bits}")
+    with _quiet():
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+    started = time.perf_counter()
+    calibration = inputs.normalized(inputs.calibration)
+    batches = [calibration[s : s + CALIBRATION_BATCH] for s in range(0, len(calibration), CALIBRATION_BATCH)]
+    narrowed = {}
+    if bits == 4:  # the NPU config's only 4-bit weights: symmetric, -8..7 (narrow_range False)
+        narrowed["weights_quantization_params"] = QuantizationParameters(num_bits=4, narrow_range=False)
+    if activation_bits == 4:
+        narrowed["activations_quantization_params"] = QuantizationParameters(num_bits=4)
+    with _quiet(), torch.no_grad():
+        quantized = nncf.quantize(_Module(copy.deepcopy(inputs.model).eval()), nncf.Dataset(batches),
+                                  subset_size=len(batches),  # NNCF counts dataset items: here batches, so every image
+                                  target_device=nncf.TargetDevice.NPU if narrowed else nncf.TargetDevice.ANY,
+                                  advanced_parameters=AdvancedQuantizationParameters(**narrowed) if narrowed else None)
+        predictions = batched_predictions(quantized, inputs.normalized(inputs.test))
+    return [Row("NNCF quantize, defaults" + (f", weights {bits}-bit per-channel (-8..7)" if bits < 8 else "")
+                + (f", activations {activation_bits}-bit" if activation_bits < 8 else "")
+                + (", target NPU" if narrowed else ""),
+                percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started,
+                note=f"nncf {nncf.__version__}")]
+
+
 PEER_RUNS: dict[str, tuple[str, Callable[[Inputs, int], list[Row]]]] = {
     "fx": ("torch.ao FX static PTQ, x86 qconfig", fx_peer),
     "onnxruntime": ("ONNX Runtime quantize_static", onnxruntime_peer),
     "pt2e": ("torchao PT2E, X86InductorQuantizer", pt2e_peer),
+    "nncf": ("NNCF quantize", nncf_peer),
 }
 
 

@@ -1,4 +1,4 @@
-"""The PTQ comparison benchmark on tiny data: this project's settings, AdaRound, bias correction and the torch.ao peer."""
+"""The PTQ comparison benchmark on tiny data: this project's settings, AdaRound, bias correction, the torch.ao and NNCF peers."""
 from __future__ import annotations
 
 import re
@@ -57,7 +57,7 @@ def test_four_bit_run_with_the_fx_peer_prints_the_table(tiny_run, monkeypatch, c
     monkeypatch.setattr(sys, "argv", [
         "ptq_compare", "--checkpoint", str(tiny_run / "model.pt"), "--data", str(tiny_run / "dataset.npz"),
         "--profile", str(tiny_run / "profile.json"), "--bits", "4", "--validation", "16",
-        "--activation-calibrators", "minmax", "--weight-calibrators", "minmax", "--skip", "onnxruntime", "pt2e",
+        "--activation-calibrators", "minmax", "--weight-calibrators", "minmax", "--skip", "onnxruntime", "pt2e", "nncf",
         "--mixed-precision", "--sensitivity-images", "8",
     ])
     ptq_compare.main()
@@ -73,7 +73,7 @@ def test_four_bit_activations_with_equalization_reach_this_project_and_the_fx_pe
         "ptq_compare", "--checkpoint", str(tiny_run / "model.pt"), "--data", str(tiny_run / "dataset.npz"),
         "--profile", str(tiny_run / "profile.json"), "--bits", "4", "--validation", "16", "--activation-bits", "4",
         "--unsigned-activations", "--equalize", "--activation-calibrators", "minmax", "--weight-calibrators", "minmax",
-        "--skip", "onnxruntime", "pt2e",
+        "--skip", "onnxruntime", "pt2e", "nncf",
     ])
     ptq_compare.main()
     out = capsys.readouterr().out
@@ -99,3 +99,28 @@ def test_the_activation_format_reaches_every_integer_model(tiny_run, monkeypatch
     for model in built:
         widths = {(tensor.bits, tensor.signed) for tensor in model.tensors.values() if tensor.bits != 32}
         assert widths == {(4, True), (4, False)}  # the input signed, the post-ReLU tensors unsigned
+
+
+@pytest.mark.parametrize(("bits", "activation_bits"), [(3, 8), (8, 6)])
+def test_the_nncf_peer_names_the_widths_it_has(tiny_run, bits, activation_bits):
+    inputs = _inputs(tiny_run)
+    inputs.activation_format = ActivationFormat(activation_bits)
+    with pytest.raises(ValueError, match=rf"8 or 4 bits, not weights {bits} / activations {activation_bits}"):
+        ptq_compare.nncf_peer(inputs, bits)
+
+
+@pytest.mark.parametrize(("bits", "label"), [
+    ("8", r"NNCF quantize, defaults"),
+    ("4", r"NNCF quantize, defaults, weights 4-bit per-channel \(-8\.\.7\), activations 4-bit, target NPU"),
+])
+def test_a_run_with_the_nncf_peer_prints_its_row(tiny_run, monkeypatch, capsys, bits, label):
+    pytest.importorskip("nncf", reason="NNCF is in the bench extra only")
+    monkeypatch.setattr(sys, "argv", [
+        "ptq_compare", "--checkpoint", str(tiny_run / "model.pt"), "--data", str(tiny_run / "dataset.npz"),
+        "--profile", str(tiny_run / "profile.json"), "--bits", bits, "--activation-bits", bits, "--validation", "16",
+        "--activation-calibrators", "minmax", "--weight-calibrators", "minmax", "--skip", "fx", "onnxruntime", "pt2e",
+    ])
+    ptq_compare.main()
+    out = capsys.readouterr().out
+    assert re.search(rf"\| {label} +\| \d+\.\d\d \|.*\| nncf \d", out)
+    assert "could not run" not in out
