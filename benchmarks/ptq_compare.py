@@ -85,8 +85,11 @@ per-channel weights). Drop = fp32 test accuracy minus the method's test accuracy
 (negative: the int8 model scored higher).
 
 Noise: one accuracy on 10,000 test images has a binomial standard error of about 0.4-0.5
-points, so differences under about 0.3-0.5 points between methods are within noise (a
-different calibration subset reorders them); the held-out ranking is as noisy.
+points, but a drop compares two models on the same images, and only the images where exactly
+one of them is right move it: each drop is printed with that paired standard error
+(``pipeline.evaluation.paired_difference_error``), 0.1-0.4 points here. Two methods' drops
+are a measurable difference only well beyond their standard errors (a different calibration
+subset reorders close ones); the held-out ranking is as noisy.
 
 Prints a markdown table (fp32 on top; image counts, seconds per method), then every
 setting of this project sorted by held-out accuracy.
@@ -125,7 +128,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data import load_arrays, sample_indices
-from pipeline.evaluation import engine_predictions, percent_equal
+from pipeline.evaluation import engine_predictions, paired_difference_error, percent_equal
 from pipeline.graph import FloatGraph, capture, with_biases
 from pipeline.io import load_checkpoint, read_json
 from pipeline.models import CheckpointError, restore_model
@@ -173,6 +176,7 @@ class Result:
     seconds: float = 0.0
     same_as: Setting | None = None  # an earlier setting that built the same integer model
     error: str | None = None
+    test_predictions: Tensor | None = None
 
 
 @dataclass
@@ -182,6 +186,7 @@ class Row:
     held_out: float | None = None
     seconds: float | None = None
     note: str = ""
+    test_predictions: Tensor | None = None  # for the drop's paired standard error
 
 
 @dataclass
@@ -305,12 +310,12 @@ def run_ours(inputs: Inputs, settings: list[Setting], bits: int, test_all: bool,
         if result.same_as is not None:
             twin = results[result.same_as]
             if twin.test is None and twin.error is None:  # its twin was not a reported one: measure it here
-                twin.test = _test_accuracy(models[twin.setting], inputs)
-            result.test = twin.test
+                _score_test(twin, models[twin.setting], inputs)
+            result.test, result.test_predictions = twin.test, twin.test_predictions
             continue
         if result.test is None:
             started = time.perf_counter()
-            result.test = _test_accuracy(models[setting], inputs)
+            _score_test(result, models[setting], inputs)
             result.seconds += time.perf_counter() - started
     return list(results.values()), ranges
 
@@ -403,13 +408,16 @@ def _measured(integer_model, setting: Setting, inputs: Inputs, fp32_held_out: Te
     """``setting``'s Result for one integer model: held-out accuracy and fp32 agreement, test accuracy, seconds."""
     predictions = engine_predictions(integer_model, inputs.held_out, inputs.mean, inputs.std)
     result = Result(setting, held_out=percent_equal(predictions, inputs.held_out_labels),
-                    agreement=percent_equal(predictions, fp32_held_out), test=_test_accuracy(integer_model, inputs))
+                    agreement=percent_equal(predictions, fp32_held_out))
+    _score_test(result, integer_model, inputs)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _test_accuracy(integer_model, inputs: Inputs) -> float:
-    return percent_equal(engine_predictions(integer_model, inputs.test, inputs.mean, inputs.std), inputs.test_labels)
+def _score_test(result: Result, integer_model, inputs: Inputs) -> None:
+    """The integer model's predictions on the test images, and its test accuracy, into ``result``."""
+    result.test_predictions = engine_predictions(integer_model, inputs.test, inputs.mean, inputs.std)
+    result.test = percent_equal(result.test_predictions, inputs.test_labels)
 
 
 def rank(results: list[Result]) -> list[Result]:
@@ -419,6 +427,12 @@ def rank(results: list[Result]) -> list[Result]:
 
 
 # ---------------------------------------------------------------- peers
+
+
+def _peer_row(label: str, predictions: Tensor, inputs: Inputs, started: float, note: str = "") -> Row:
+    """A peer's row: its test accuracy and predictions, the seconds since ``started``."""
+    return Row(label, percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started, note=note,
+               test_predictions=predictions)
 
 
 def fx_peer(inputs: Inputs, bits: int) -> list[Row]:
@@ -452,7 +466,7 @@ def fx_peer(inputs: Inputs, bits: int) -> list[Row]:
         predictions = batched_predictions(quantized, inputs.normalized(inputs.test))
     label = "torch.ao FX static PTQ, x86 qconfig" + (f", weights {bits}-bit per-channel min-max" if bits < 8 else "") \
         + (f", activations {activation_bits}-bit histogram" if activation_bits < 8 else "")
-    return [Row(label, percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started)]
+    return [_peer_row(label, predictions, inputs, started)]
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: Path) -> str:
@@ -555,9 +569,8 @@ def onnxruntime_peer(inputs: Inputs, bits: int) -> list[Row]:
             predictions = batched_predictions(lambda x: quantized.run(None, {input_name: x})[0], test_x)
             detail = "MinMax" if method == CalibrationMethod.MinMax else "Percentile 99.999"
             formats = f"{'S8' if activation_bits == 8 else 'U4'}{'S8' if bits == 8 else 'S4'}"
-            rows.append(Row(f"ONNX Runtime QDQ {formats}, {detail}, "
-                            f"{'per-channel' if per_channel else 'per-tensor'}",
-                            percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started))
+            rows.append(_peer_row(f"ONNX Runtime QDQ {formats}, {detail}, {'per-channel' if per_channel else 'per-tensor'}",
+                                  predictions, inputs, started))
         rows[0].note = note
     return rows
 
@@ -595,11 +608,10 @@ def pt2e_peer(inputs: Inputs, bits: int) -> list[Row]:
                 prepared(calibration[start : start + CALIBRATION_BATCH])
         converted = convert_pt2e(prepared)
         predictions = batched_predictions(converted, inputs.normalized(inputs.test))
-    return [Row("torchao PT2E, X86InductorQuantizer (converted module, eager)"
-                + (f", weights {bits}-bit" if bits < 8 else "")
-                + (f", activations {activation_bits}-bit" if activation_bits < 8 else ""),
-                percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started,
-                note=f"torchao {torchao.__version__}")]
+    return [_peer_row("torchao PT2E, X86InductorQuantizer (converted module, eager)"
+                      + (f", weights {bits}-bit" if bits < 8 else "")
+                      + (f", activations {activation_bits}-bit" if activation_bits < 8 else ""),
+                      predictions, inputs, started, note=f"torchao {torchao.__version__}")]
 
 
 class _Module(nn.Module):
@@ -637,11 +649,10 @@ def nncf_peer(inputs: Inputs, bits: int) -> list[Row]:
                                   target_device=nncf.TargetDevice.NPU if narrowed else nncf.TargetDevice.ANY,
                                   advanced_parameters=AdvancedQuantizationParameters(**narrowed) if narrowed else None)
         predictions = batched_predictions(quantized, inputs.normalized(inputs.test))
-    return [Row("NNCF quantize, defaults" + (f", weights {bits}-bit per-channel (-8..7)" if bits < 8 else "")
-                + (f", activations {activation_bits}-bit" if activation_bits < 8 else "")
-                + (", target NPU" if narrowed else ""),
-                percent_equal(predictions, inputs.test_labels), seconds=time.perf_counter() - started,
-                note=f"nncf {nncf.__version__}")]
+    return [_peer_row("NNCF quantize, defaults" + (f", weights {bits}-bit per-channel (-8..7)" if bits < 8 else "")
+                      + (f", activations {activation_bits}-bit" if activation_bits < 8 else "")
+                      + (", target NPU" if narrowed else ""),
+                      predictions, inputs, started, note=f"nncf {nncf.__version__}")]
 
 
 PEER_RUNS: dict[str, tuple[str, Callable[[Inputs, int], list[Row]]]] = {
@@ -677,14 +688,18 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def print_table(rows: list[Row], fp32: float) -> None:
+def print_table(rows: list[Row], labels: Tensor) -> None:
+    """The rows under the first (fp32): test accuracy, drop from fp32 with its paired standard error, seconds."""
     width = max(len(row.method) for row in rows)
-    print(f"| {'method':<{width}} | test acc % | drop (points) | held-out acc % | seconds | note |")
-    print(f"| {'-' * width} | ---: | ---: | ---: | ---: | --- |")
+    fp32 = rows[0]
+    print(f"| {'method':<{width}} | test acc % | drop (points) | drop's s.e. | held-out acc % | seconds | note |")
+    print(f"| {'-' * width} | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
-        drop = None if row.test is None else fp32 - row.test
-        print(f"| {row.method:<{width}} | {_number(row.test)} | {_number(drop)} | {_number(row.held_out)} | "
-              f"{_number(row.seconds, 1)} | {row.note} |")
+        drop = None if row.test is None else fp32.test - row.test
+        error = None if row.test_predictions is None else paired_difference_error(
+            fp32.test_predictions == labels, row.test_predictions == labels)
+        print(f"| {row.method:<{width}} | {_number(row.test)} | {_number(drop)} | {_number(error)} | "
+              f"{_number(row.held_out)} | {_number(row.seconds, 1)} | {row.note} |")
 
 
 def print_settings(results: list[Result], fp32: float) -> None:
@@ -764,7 +779,8 @@ def main() -> None:
     started = time.perf_counter()
     fp32_held_out = predict(model, inputs.held_out, mean, std)
     fp32_held = percent_equal(fp32_held_out, inputs.held_out_labels)
-    fp32 = percent_equal(predict(model, inputs.test, mean, std), inputs.test_labels)
+    fp32_test = predict(model, inputs.test, mean, std)
+    fp32 = percent_equal(fp32_test, inputs.test_labels)
     fp32_seconds = time.perf_counter() - started
     print(f"checkpoint {args.checkpoint} ({name}); torch {torch.__version__}, {args.threads} thread(s)\n"
           f"images: {len(inputs.calibration)} calibration ({args.profile} indices, training split), "
@@ -788,26 +804,29 @@ def main() -> None:
     mixed = run_mixed_precision(inputs, ranked[0].setting, ranges[ranked[0].setting.activation], args.bits,
                                 fp32_held_out, args.sensitivity_images) if args.mixed_precision and ranked else None
 
-    rows = [Row("fp32 (PyTorch, eval mode)", fp32, fp32_held, fp32_seconds)]
+    rows = [Row("fp32 (PyTorch, eval mode)", fp32, fp32_held, fp32_seconds, test_predictions=fp32_test)]
     for label, result in ([(f"this project, chosen on held-out: {ranked[0].setting.label()}", ranked[0])] if ranked else []) + [
         (f"this project, defaults: {DEFAULT.label()}", by_setting[DEFAULT]),
         (f"this project, max-abs per-channel: {MAX_ABS.label()}", by_setting[MAX_ABS]),
     ]:
         seconds = result.seconds if result.same_as is None and result.error is None else None
         rows.append(Row(label, result.test, result.held_out, seconds,
-                        result.error or (f"same integer model as {result.same_as.label()}" if result.same_as else "")))
+                        result.error or (f"same integer model as {result.same_as.label()}" if result.same_as else ""),
+                        result.test_predictions))
     for position, (label, result) in enumerate(learned.items(), 2):
         rows.insert(position, Row(f"this project, the chosen setting + {label}: {result.setting.label()}", result.test,
-                                  result.held_out, result.seconds))
+                                  result.held_out, result.seconds, test_predictions=result.test_predictions))
     if equalized is not None:
         result, pairs = equalized
         rows.insert(2 + len(learned), Row(f"this project, the chosen setting + equalization: {result.setting.label()}",
-                                          result.test, result.held_out, result.seconds, f"{pairs} layer pairs"))
+                                          result.test, result.held_out, result.seconds, f"{pairs} layer pairs",
+                                          result.test_predictions))
     if mixed is not None:
         result, chosen = mixed
         rows.insert(2 + len(learned) + (equalized is not None), Row(f"this project, the chosen setting, mixed precision at the uniform {args.bits}-bit "
                                           f"size: {result.setting.label()}", result.test, result.held_out, result.seconds,
-                                          "bits " + " ".join(f"{layer}:{b}" for layer, b in chosen.items())))
+                                          "bits " + " ".join(f"{layer}:{b}" for layer, b in chosen.items()),
+                                          result.test_predictions))
 
     for peer in PEERS:
         if peer in args.skip:
@@ -826,10 +845,10 @@ def main() -> None:
     print(f"\nPTQ comparison, {args.checkpoint} ({name}): {len(inputs.calibration)} calibration images (training split, "
           f"the same for every method), {len(inputs.held_out)} held-out training images (this project's choice), "
           f"{len(inputs.test)} test images (every accuracy below); this project's {len(settings)} settings took "
-          f"{ours_seconds:.0f} s in all (profiling included); drop = fp32 test minus the method's test accuracy; differences "
-          "under ~0.3-0.5 points are within noise. Seconds: this project's = building one integer model + the engine on "
+          f"{ours_seconds:.0f} s in all (profiling included); drop = fp32 test minus the method's test accuracy, "
+          "with its paired standard error (from the test images where only one of the two is right). Seconds: this project's = building one integer model + the engine on "
           "the held-out and test images; a peer's = its calibration, conversion and test inference.\n")
-    print_table(rows, fp32)
+    print_table(rows, inputs.test_labels)
     print_settings(results, fp32)
     print(f"\ntotal {time.perf_counter() - run_started:.0f} s")
 

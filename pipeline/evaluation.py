@@ -22,6 +22,20 @@ def percent_equal(a: Tensor, b: Tensor) -> float:
     return round(100.0 * float((a == b).double().mean()), 2)
 
 
+def paired_difference_error(reference_correct: Tensor, correct: Tensor) -> float:
+    """Standard error, in points, of the accuracy difference of two models scored on the same images.
+
+    ``reference_correct`` and ``correct`` say per image whether each model was right. Only the images
+    where exactly one of them is right move the difference, so its standard error is
+    100 / n * sqrt(b + c - (b - c)^2 / n), with b and c the images only the reference and only the
+    other model got right: far below the two accuracies' own standard errors when the models mostly agree.
+    """
+    n = len(correct)
+    only_reference = int((reference_correct & ~correct).sum())
+    only_other = int((correct & ~reference_correct).sum())
+    return 100.0 / n * math.sqrt(max(only_reference + only_other - (only_reference - only_other) ** 2 / n, 0.0))
+
+
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
     """Signal-to-quantization-noise ratio 10 log10(sum(ref^2) / sum((ref - approx)^2)) in dB; inf when exact."""
     reference, approximation = reference.to(torch.float64), approximation.to(torch.float64)

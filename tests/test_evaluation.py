@@ -8,6 +8,7 @@ from pipeline.evaluation import (
     float_model_bytes,
     integer_model_bytes,
     output_sqnr,
+    paired_difference_error,
     percent_equal,
     simulated_predictions,
     sqnr_db,
@@ -105,3 +106,15 @@ def test_model_size_counts_the_multipliers_of_adds_and_pools():
                  for layer in model.layers())
     # two adds (three multiplier-shift pairs each) and one average pool (one pair)
     assert integer_model_bytes(model) == layers + 2 * 3 * 8 + 8
+
+
+def test_the_paired_difference_error_is_the_standard_error_of_the_per_image_differences():
+    generator = torch.Generator().manual_seed(0)
+    reference_correct = torch.rand(10_000, generator=generator) < 0.7
+    flipped = torch.rand(10_000, generator=generator) < 0.05  # the other model differs on about 5% of the images
+    correct = reference_correct ^ flipped
+    differences = reference_correct.double() - correct.double()
+    expected = 100.0 * float(differences.std(unbiased=False)) / math.sqrt(len(differences))
+    assert paired_difference_error(reference_correct, correct) == pytest.approx(expected, rel=1e-12)
+    assert 0.15 < expected < 0.3  # about 500 discordant images of 10,000: far below one accuracy's 0.46
+    assert paired_difference_error(reference_correct, reference_correct) == 0.0

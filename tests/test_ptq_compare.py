@@ -62,7 +62,9 @@ def test_four_bit_run_with_the_fx_peer_prints_the_table(tiny_run, monkeypatch, c
     ])
     ptq_compare.main()
     out = capsys.readouterr().out
-    assert re.search(r"\| torch\.ao FX static PTQ, x86 qconfig, weights 4-bit per-channel min-max +\| \d", out)
+    assert re.search(r"\| torch\.ao FX static PTQ, x86 qconfig, weights 4-bit per-channel min-max +\| \d+\.\d\d \| "
+                     r"-?\d+\.\d\d \| \d+\.\d\d \|", out)  # test accuracy, drop and the drop's standard error
+    assert re.search(r"\| fp32 \(PyTorch, eval mode\) +\| \d+\.\d\d \| 0\.00 \| 0\.00 \|", out)
     assert "could not run" not in out
     assert "this project, chosen on held-out: act minmax, w minmax" in out
     assert "this project, the chosen setting, mixed precision at the uniform 4-bit size: act minmax, w minmax" in out
