@@ -606,17 +606,24 @@ def run_float(
     weights: Mapping[str, Tensor] | None = None,
     observe: Callable[[str, Tensor], None] | None = None,
     activations: Callable[[str, Tensor], Tensor] | None = None,
+    computed: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """The graph's output for a batch ``x`` (N, C, H, W), in ``x``'s dtype.
 
     ``weights`` replaces layers' weights by name (the weight-only quantized model);
     ``activations(tensor_name, value)`` replaces every tensor as it is computed (the input included), e.g. by its
     quantized value (``pipeline.profile.activation_quantizer``); ``observe(tensor_name, value)`` then sees it.
+    ``computed`` holds tensors of an earlier pass on ``x`` whose nodes are not run again: the caller's promise that
+    they are what this pass would compute (the same weights up to them), so a pass that changes one layer's weight
+    can start at that layer.
     """
     values = {graph.input: x if activations is None else activations(graph.input, x)}
     if observe is not None:
         observe(graph.input, values[graph.input])
     for node in graph.nodes:
+        if computed is not None and node.output in computed:
+            values[node.output] = computed[node.output]
+            continue
         values[node.output] = _float_node(node, values, x.dtype, weights or {})
         if activations is not None:
             values[node.output] = activations(node.output, values[node.output])

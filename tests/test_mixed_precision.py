@@ -8,8 +8,10 @@ import random
 import pytest
 import torch
 
+from pipeline import graph as graph_module
 from pipeline.graph import capture
 from pipeline.models import build_model
+from pipeline.quant import mixed_precision
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.mixed_precision import (
     allocation_noise,
@@ -115,6 +117,24 @@ def test_sensitivity_grows_as_bits_shrink_and_is_measured_per_layer():
         assert by_bits[2]["noise"] > by_bits[4]["noise"] > by_bits[8]["noise"] > 0, layer
         assert by_bits[2]["sqnr_db"] < by_bits[4]["sqnr_db"] < by_bits[8]["sqnr_db"]
         assert all(0.0 <= entry["accuracy"] <= 100.0 for entry in by_bits.values())
+
+
+def test_passes_that_change_one_layer_start_there_and_give_the_full_passes_logits_exactly(monkeypatch):
+    monkeypatch.setattr(mixed_precision, "FORWARD_BATCH", 8)  # two batches, the last one partial
+    graph = capture(build_model("resnet20", seed=0).eval())  # residual adds read tensors from before a changed layer
+    images = normalize(torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(3)), SEED_MEAN, SEED_STD)
+    layers = list(graph.layers())
+    base = {node.name: node.weight.round() for node in layers[::3]}
+    variants = [(node.name, node.weight * 0.5) for node in (layers[0], layers[7], layers[8], layers[-1])]
+    calls = []
+    run_node = graph_module._float_node
+    monkeypatch.setattr(graph_module, "_float_node", lambda node, *args: calls.append(node.name) or run_node(node, *args))
+    each = mixed_precision._logits_with_each(graph, images, base, variants, "test", progress=False)
+    full_passes = 2 * (1 + len(variants)) * len(graph.nodes)  # two batches, the base pass and one per variant
+    assert len(calls) < full_passes - 2 * len(graph.nodes)  # the variants' passes skipped their layers' prefixes
+    for (layer, weight), logits in zip(variants, each):
+        assert torch.equal(logits, mixed_precision._logits(graph, images, {**base, layer: weight})), layer
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,29 @@ def _logits(graph: FloatGraph, x: Tensor, weights: Mapping[str, Tensor]) -> Tens
     return torch.cat([run_float(graph, x[s : s + FORWARD_BATCH], weights) for s in range(0, len(x), FORWARD_BATCH)])
 
 
+@torch.no_grad()
+def _logits_with_each(graph: FloatGraph, x: Tensor, base: Mapping[str, Tensor], variants: Sequence[tuple[str, Tensor]],
+                      desc: str, progress: bool | None) -> list[Tensor]:
+    """For each ``(layer, weight)`` of ``variants``, the logits with ``base``'s weights and that layer's weight in place.
+
+    The same logits as ``_logits`` with ``{**base, layer: weight}``, computed with less: per batch, one pass with
+    ``base`` keeps every tensor, and each variant's pass starts at its layer (the tensors before it are the same).
+    """
+    position = {node.name: index for index, node in enumerate(graph.nodes)}
+    parts: list[list[Tensor]] = [[] for _ in variants]
+    base_values: dict[str, Tensor] = {}
+    steps = [(start, index) for start in range(0, len(x), FORWARD_BATCH) for index in range(len(variants))]
+    for start, index in progress_bar(steps, desc, progress):
+        batch = x[start : start + FORWARD_BATCH]
+        if index == 0:
+            base_values = {}
+            run_float(graph, batch, base, observe=base_values.__setitem__)
+        layer, weight = variants[index]
+        before = {node.output: base_values[node.output] for node in graph.nodes[: position[layer]]}
+        parts[index].append(run_float(graph, batch, {**base, layer: weight}, computed=before))
+    return [torch.cat(logits) for logits in parts]
+
+
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return 100.0 * float((logits.argmax(1) == labels).to(torch.float64).mean())
 
@@ -143,12 +166,13 @@ def layer_sensitivity(
     """
     float_logits = _logits(graph, x_normalized, {})
     table: dict[str, dict[int, dict[str, float]]] = {}
-    pairs = [(node, bits) for node in graph.layers() for bits in bits_choices]
-    for node, bits in progress_bar(pairs, "sensitivity", progress):
-        weight = _fake_quantized(node.weight, bits, calibrator, granularity, calibrator_settings)
-        logits = _logits(graph, x_normalized, {node.name: weight})
+    pairs = [(node.name, bits) for node in graph.layers() for bits in bits_choices]
+    layers = {node.name: node for node in graph.layers()}
+    variants = [(name, _fake_quantized(layers[name].weight, bits, calibrator, granularity, calibrator_settings))
+                for name, bits in pairs]
+    for (name, bits), logits in zip(pairs, _logits_with_each(graph, x_normalized, {}, variants, "sensitivity", progress)):
         noise = output_noise(logits, float_logits)
-        table.setdefault(node.name, {})[bits] = {"accuracy": _accuracy(logits, labels), "noise": noise,
+        table.setdefault(name, {})[bits] = {"accuracy": _accuracy(logits, labels), "noise": noise,
                                                  "sqnr_db": sqnr_db(float_logits, noise)}
     return table
 
@@ -225,13 +249,15 @@ def choose_bits(
     layers = {node.name: node for node in graph.layers()}
     quantized: dict[tuple[str, int], Tensor] = {}
 
-    def measured(bits: Mapping[str, int]) -> float:
+    def weights(bits: Mapping[str, int]) -> dict[str, Tensor]:
         for key in bits.items():
             if key not in quantized:
                 quantized[key] = _fake_quantized(layers[key[0]].weight, key[1], calibrator, granularity,
                                                  calibrator_settings)
-        return output_noise(_logits(graph, x_normalized, {name: quantized[name, width] for name, width in bits.items()}),
-                            float_logits)
+        return {name: quantized[name, width] for name, width in bits.items()}
+
+    def measured(bits: Mapping[str, int]) -> float:
+        return output_noise(_logits(graph, x_normalized, weights(bits)), float_logits)
 
     starts = [allocate_bits(num_weights, noise, budget_bytes)]
     uniform = next((width for width in widths if packed_model_bytes(num_weights, width) <= budget_bytes), None)
@@ -241,9 +267,12 @@ def choose_bits(
     current_noise = min(start_noise)
     current = starts[start_noise.index(current_noise)]  # the first on a tie: the allocation
     for _ in range(rounds):
-        marginal: dict[str, dict[int, float]] = {name: {} for name in num_weights}
-        for name, width in progress_bar([(n, w) for n in num_weights for w in widths], "mixed precision", progress):
-            marginal[name][width] = 0.0 if width == current[name] else measured(current | {name: width}) - current_noise
+        marginal: dict[str, dict[int, float]] = {name: {current[name]: 0.0} for name in num_weights}
+        changes = [(name, width) for name in num_weights for width in widths if width != current[name]]
+        variants = [(name, weights({name: width})[name]) for name, width in changes]
+        for (name, width), logits in zip(changes, _logits_with_each(graph, x_normalized, weights(current), variants,
+                                                                     "mixed precision", progress)):
+            marginal[name][width] = output_noise(logits, float_logits) - current_noise
         candidate = allocate_bits(num_weights, marginal, budget_bytes)
         candidate_noise = measured(candidate)
         if candidate == current or candidate_noise >= current_noise:
