@@ -420,6 +420,14 @@ def _score_test(result: Result, integer_model, inputs: Inputs) -> None:
     result.test = percent_equal(result.test_predictions, inputs.test_labels)
 
 
+def _our_row(label: str, result: Result, note: str = "") -> Row:
+    """A row of this project: the Result's accuracies and predictions; no seconds for a failed build or a twin's."""
+    if result.error is not None or result.same_as is not None:
+        return Row(label, result.test, result.held_out, None,
+                   result.error or f"same integer model as {result.same_as.label()}", result.test_predictions)
+    return Row(label, result.test, result.held_out, result.seconds, note, result.test_predictions)
+
+
 def rank(results: list[Result]) -> list[Result]:
     """Settings that ran, best held-out accuracy first (ties: higher fp32 agreement, then listing order)."""
     ran = [r for r in results if r.held_out is not None]
@@ -809,24 +817,19 @@ def main() -> None:
         (f"this project, defaults: {DEFAULT.label()}", by_setting[DEFAULT]),
         (f"this project, max-abs per-channel: {MAX_ABS.label()}", by_setting[MAX_ABS]),
     ]:
-        seconds = result.seconds if result.same_as is None and result.error is None else None
-        rows.append(Row(label, result.test, result.held_out, seconds,
-                        result.error or (f"same integer model as {result.same_as.label()}" if result.same_as else ""),
-                        result.test_predictions))
+        rows.append(_our_row(label, result))
     for position, (label, result) in enumerate(learned.items(), 2):
-        rows.insert(position, Row(f"this project, the chosen setting + {label}: {result.setting.label()}", result.test,
-                                  result.held_out, result.seconds, test_predictions=result.test_predictions))
+        rows.insert(position, _our_row(f"this project, the chosen setting + {label}: {result.setting.label()}", result))
     if equalized is not None:
         result, pairs = equalized
-        rows.insert(2 + len(learned), Row(f"this project, the chosen setting + equalization: {result.setting.label()}",
-                                          result.test, result.held_out, result.seconds, f"{pairs} layer pairs",
-                                          result.test_predictions))
+        rows.insert(2 + len(learned), _our_row(f"this project, the chosen setting + equalization: {result.setting.label()}",
+                                               result, f"{pairs} layer pairs"))
     if mixed is not None:
         result, chosen = mixed
-        rows.insert(2 + len(learned) + (equalized is not None), Row(f"this project, the chosen setting, mixed precision at the uniform {args.bits}-bit "
-                                          f"size: {result.setting.label()}", result.test, result.held_out, result.seconds,
-                                          "bits " + " ".join(f"{layer}:{b}" for layer, b in chosen.items()),
-                                          result.test_predictions))
+        rows.insert(2 + len(learned) + (equalized is not None),
+                    _our_row(f"this project, the chosen setting, mixed precision at the uniform {args.bits}-bit size: "
+                             f"{result.setting.label()}", result,
+                             "bits " + " ".join(f"{layer}:{b}" for layer, b in chosen.items())))
 
     for peer in PEERS:
         if peer in args.skip:
@@ -846,8 +849,9 @@ def main() -> None:
           f"the same for every method), {len(inputs.held_out)} held-out training images (this project's choice), "
           f"{len(inputs.test)} test images (every accuracy below); this project's {len(settings)} settings took "
           f"{ours_seconds:.0f} s in all (profiling included); drop = fp32 test minus the method's test accuracy, "
-          "with its paired standard error (from the test images where only one of the two is right). Seconds: this project's = building one integer model + the engine on "
-          "the held-out and test images; a peer's = its calibration, conversion and test inference.\n")
+          "with its paired standard error (from the test images where only one of the two is right). Seconds: this "
+          "project's = building one integer model + the engine on the held-out and test images; a peer's = its "
+          "calibration, conversion and test inference.\n")
     print_table(rows, inputs.test_labels)
     print_settings(results, fp32)
     print(f"\ntotal {time.perf_counter() - run_started:.0f} s")

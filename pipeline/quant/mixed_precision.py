@@ -173,7 +173,7 @@ def layer_sensitivity(
     for (name, bits), logits in zip(pairs, _logits_with_each(graph, x_normalized, {}, variants, "sensitivity", progress)):
         noise = output_noise(logits, float_logits)
         table.setdefault(name, {})[bits] = {"accuracy": _accuracy(logits, labels), "noise": noise,
-                                                 "sqnr_db": sqnr_db(float_logits, noise)}
+                                            "sqnr_db": sqnr_db(float_logits, noise)}
     return table
 
 
