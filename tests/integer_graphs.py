@@ -100,7 +100,27 @@ class MixedSignToy(nn.Module):
         return self.fc(z.flatten(1))
 
 
-TOYS = {"residual": ResidualToy, "depthwise": DepthwiseToy, "shared-relu": SharedReluToy, "mixed-sign": MixedSignToy}
+class ReusedModulesToy(nn.Module):
+    """Modules called more than once: a max-pool module twice (the PyTorch tutorial's ``self.pool``), one ReLU module
+    three times, once after a residual add (torchvision's ``BasicBlock``), and a conv whose weights serve two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv1(x)))
+        y = self.relu(self.shared(x))
+        y = self.relu(self.shared(y) + x)
+        return self.fc(self.pool(y).flatten(1))
+
+
+TOYS = {"residual": ResidualToy, "depthwise": DepthwiseToy, "shared-relu": SharedReluToy, "mixed-sign": MixedSignToy,
+        "reused-modules": ReusedModulesToy}
 # Activation formats beyond the default signed int8, by a short name for test ids.
 FORMATS = {
     "unsigned": ActivationFormat(8, unsigned=True),
