@@ -1,4 +1,5 @@
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from pipeline.train import (
     EpochRecord,
     accuracy_report,
     augment,
+    batch_layout,
     normalize,
     normalized_batches,
     predict,
@@ -23,9 +25,10 @@ FAST = TrainParams(epochs=3, batch_size=16, lr=0.01, device="cpu", threads=1, se
 
 
 def test_normalize_maps_pixels_to_minus_one_one_channels_first():
-    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 2, 2, 3)
+    # Contiguous, as a dataset's images are (an expanded view would hide the strides normalize gives).
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).repeat(1, 2, 2, 3)
     x = normalize(images, (0.5,) * 3, (0.5,) * 3)
-    assert x.shape == (2, 3, 2, 2) and x.dtype == torch.float32
+    assert x.shape == (2, 3, 2, 2) and x.dtype == torch.float32 and x.is_contiguous()
     assert torch.equal(x[0], torch.full((3, 2, 2), -1.0)) and torch.equal(x[1], torch.full((3, 2, 2), 1.0))
 
 
@@ -51,6 +54,40 @@ def test_augment_is_a_padded_crop_and_maybe_a_flip_of_each_image():
 def _crop(image: torch.Tensor, top: int, left: int, flip: bool) -> torch.Tensor:
     crop = image[top : top + 32, left : left + 32]
     return crop.flip(1) if flip else crop
+
+
+class ConvThenView(torch.nn.Module):
+    """Ends as many hand-written models do: a conv output flattened with ``view``, which needs contiguous NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = torch.nn.Linear(4 * 15 * 15, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_model_that_views_a_conv_output_trains_and_predicts(synthetic_images):
+    images, labels = synthetic_images
+    one_step = dataclasses.replace(FAST, epochs=1, batch_size=len(labels))
+    history = train_model(ConvThenView(), images, labels, one_step, progress=False)
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0].loss))
+    assert predict(ConvThenView(), images, batch_size=16).shape == labels.shape
+
+
+def test_user_models_get_contiguous_nchw_batches_and_the_built_in_ones_channels_last():
+    class NetWithItsOwnForward(Net):
+        pass
+
+    assert [batch_layout(model) for model in (ConvThenView(), NetWithItsOwnForward())] == [torch.contiguous_format] * 2
+    built_in = ("net", "bnnet", "resnet20", "mobilenet")
+    assert {batch_layout(build_model(name)) for name in built_in} == {torch.channels_last}
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    channels_last = normalize(images, SEED_MEAN, SEED_STD, torch.channels_last)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(channels_last, normalize(images, SEED_MEAN, SEED_STD))
 
 
 def test_a_few_steps_reduce_the_loss(synthetic_images):
@@ -119,7 +156,7 @@ def test_train_curves_record_no_times_so_equal_runs_write_equal_files(tmp_path, 
     for folder, history in (("a", first), ("b", second)):
         with Live(folder, save_dvc_exp=False, dvcyaml=None, report=None) as live:
             for record in history:
-                epoch_logger(live)(record)
+                epoch_logger(live, len(history))(record)
     files = sorted(path.relative_to(tmp_path / "a") for path in (tmp_path / "a").rglob("*") if path.is_file())
     assert [str(path) for path in files] == ["metrics.json", "plots/metrics/accuracy.tsv", "plots/metrics/loss.tsv",
                                              "plots/metrics/lr.tsv"]
@@ -128,6 +165,21 @@ def test_train_curves_record_no_times_so_equal_runs_write_equal_files(tmp_path, 
     curves = read_training_curves(tmp_path / "a")
     assert curves.to_dict("list") == {"epoch": [1, 2], "loss": [1.5, 1.25], "accuracy": [40.0, 50.0],
                                       "lr": [0.001, 0.0005]}
+
+
+def test_each_epoch_logs_a_line_with_the_time_left(tmp_path, monkeypatch, caplog):
+    from dvclive import Live
+
+    from stages.train import epoch_logger
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO)
+    with Live("live", save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        log = epoch_logger(live, 4)
+        log(EpochRecord(epoch=1, loss=1.5, accuracy=40.0, lr=0.001, seconds=37.4))
+    line = caplog.messages[-1]
+    assert line.startswith("training: 1/4 epoch 1 done in 37.4 s, about ") and line.endswith(
+        " left (loss 1.5000, training accuracy 40.00%)")
 
 
 def test_on_epoch_sees_each_record_as_its_epoch_ends(synthetic_images):
@@ -152,19 +204,64 @@ def test_a_diverging_run_fails_naming_the_epoch_and_step(synthetic_images):
         train_model(Net(), images, labels, diverging, progress=False)
 
 
-def test_the_step_named_is_the_first_with_a_non_finite_loss(synthetic_images, monkeypatch):
-    images, labels = synthetic_images
+def make_the_loss_nan_from_call(first_nan_call: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cross-entropy from the ``first_nan_call``-th call on (counting from 1) is NaN."""
     calls = []
     real_loss = torch.nn.CrossEntropyLoss.forward
 
-    def loss_nan_from_step_3(self, logits, targets):
+    def loss(self, logits, targets):
         calls.append(1)
-        loss = real_loss(self, logits, targets)
-        return loss * float("nan") if len(calls) >= 3 else loss
+        value = real_loss(self, logits, targets)
+        return value * float("nan") if len(calls) >= first_nan_call else value
 
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", loss_nan_from_step_3)
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", loss)
+
+
+def test_the_step_named_is_the_first_with_a_non_finite_loss(synthetic_images, monkeypatch):
+    images, labels = synthetic_images
+    make_the_loss_nan_from_call(3, monkeypatch)
     with pytest.raises(DivergedError, match=r"at epoch 1, step 3 of 4;"):
         train_model(Net(), images, labels, FAST, progress=False)
+
+
+def test_a_divergence_summary_names_the_epochs_that_ran_and_where_the_loss_broke(synthetic_images, monkeypatch):
+    images, labels = synthetic_images
+    make_the_loss_nan_from_call(6, monkeypatch)  # 4 steps per epoch: epoch 2, step 2
+    with pytest.raises(DivergedError, match=r"at epoch 2, step 2 of 4;") as caught:
+        train_model(Net(), images, labels, FAST, progress=False)
+    assert caught.value.summary() == {"epochs_completed": 1,
+                                      "diverged": {"epoch": 2, "step": 2, "steps_per_epoch": 4}}
+
+
+def test_a_diverged_train_stage_fails_naming_train_lr_and_its_metrics_file_says_where(tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    import numpy as np
+
+    from pipeline.data import CLASS_NAMES, CifarArrays, save_arrays
+    from pipeline.io import read_json
+    from stages import train as train_stage
+    from tests.project_copy import PROJECT_ROOT, set_params
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (74, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 74, dtype=np.int64)
+    arrays = CifarArrays(images[:64], labels[:64], images[64:], labels[64:], CLASS_NAMES)
+    save_arrays(arrays, tmp_path / "data/dataset.npz")
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, {"train": {"model": "net", "lr": 1e6, "epochs": 2, "batch_size": 16, "device": "cpu"}})
+    monkeypatch.chdir(tmp_path)
+    threads_before = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match=r"^\[train\] training diverged: .* at epoch 1, step \d of 4; no "
+                                             r"checkpoint written. Lower train.lr \(now 1000000.0\)") as caught:
+            train_stage.main()
+    finally:
+        torch.set_num_threads(threads_before)  # the stage sets the process-wide thread count
+    step = int(re.search(r"step (\d) of 4", str(caught.value)).group(1))
+    assert read_json(tmp_path / "data/training/metrics.json") == {
+        "epochs_completed": 0, "diverged": {"epoch": 1, "step": step, "steps_per_epoch": 4}}
+    assert not (tmp_path / "data/model.pt").exists()
 
 
 @pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86-64 pins only")
