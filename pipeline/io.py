@@ -9,7 +9,9 @@ import contextlib
 import glob
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,34 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
         torch.save(checkpoint, file)
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file torch.load cannot read without running code: truncated, foreign, or a pickle that would run code."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``).
+
+    A file that cannot be loaded so is an UnreadableCheckpointError naming it, in one line: torch's own
+    message for a refused pickle tells the user to retry with ``weights_only=False``, which would run its code.
+    """
+    try:
+        with warnings.catch_warnings():
+            # A foreign pickle's protocol draws a UserWarning before the refusal; this pipeline's files never do.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # missing or unreadable: the OS's message names the file
+    except pickle.UnpicklingError as error:  # torch's weights-only unpickler refused what the file holds
+        detail = "; ".join(line.strip().rstrip(".") for line in str(error).splitlines()
+                           if line.strip() and "weights_only" not in line)  # what torch refused, not its advice
+        raise UnreadableCheckpointError(
+            f"{os.fspath(path)}: refused: it holds Python objects other than tensors and plain data, which could run "
+            f"code when loaded{f' ({detail})' if detail else ''}; rerun the train stage to rewrite it"
+        ) from None
+    except Exception as error:  # a truncated or foreign file fails in many ways (zip reader, unpickler, EOF)
+        first_sentence = str(error).split(". ")[0].strip()  # torch's zip reader goes on with generic advice
+        cause = f"{type(error).__name__}: {first_sentence}" if first_sentence else type(error).__name__
+        raise UnreadableCheckpointError(
+            f"{os.fspath(path)}: not a PyTorch checkpoint, or a truncated or corrupted one ({cause}); "
+            "rerun the train stage to rewrite it"
+        ) from None

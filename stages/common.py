@@ -10,8 +10,8 @@ from typing import Any
 from torch import nn
 
 from pipeline.graph import FloatGraph, UnsupportedModelError, capture
-from pipeline.io import load_checkpoint
-from pipeline.models import CheckpointError, restore_model
+from pipeline.io import UnreadableCheckpointError, load_checkpoint
+from pipeline.models import CheckpointError, ModelSpecError, restore_model
 from pipeline.params import Params, ParamsError, QuantizeWeightsParams, load_params
 from pipeline.quant.equalization import equalize as equalize_graph
 
@@ -49,15 +49,24 @@ def start_stage(name: str) -> Params:
 def load_trained_model(expected_model: str, path: Path = CHECKPOINT) -> tuple[nn.Module, dict[str, Any]]:
     """The float model of the train stage, in eval mode, and its checkpoint's metadata.
 
-    A checkpoint of another model than ``expected_model`` (the ``train.model`` param), or with
-    non-finite weights, ends the stage with an error naming the file and the tensors.
+    A file torch.load cannot read without running code, a checkpoint of another model than ``expected_model``
+    (the ``train.model`` param), one with non-finite weights, or a model factory that fails ends the stage with
+    one line naming the file and what is wrong.
     """
-    checkpoint = load_checkpoint(path)
     try:
+        checkpoint = load_checkpoint(path)
         model = restore_model(checkpoint, expected_model, str(path))
-    except CheckpointError as error:
+    except (UnreadableCheckpointError, CheckpointError, ModelSpecError) as error:
         sys.exit(f"error: {error}")
     return model.eval(), checkpoint
+
+
+def load_stage_checkpoint(path: Path) -> dict:
+    """A checkpoint an earlier stage wrote; one that cannot be read safely ends the stage in one line naming it."""
+    try:
+        return load_checkpoint(path)
+    except UnreadableCheckpointError as error:
+        sys.exit(f"error: {error}")
 
 
 def capture_model(model: nn.Module, stage: str) -> FloatGraph:

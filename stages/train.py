@@ -10,9 +10,10 @@ import torch
 from dvclive import Live
 
 from pipeline.data import load_arrays
-from pipeline.graph import UnsupportedModelError, check_output_layer
+from pipeline.graph import CIFAR10_INPUT_SHAPE, UnsupportedModelError, check_output_layer
 from pipeline.io import save_checkpoint, write_json
-from pipeline.models import ModelSpecError, build_model
+from pipeline.models import ModelSpecError, build_model, check_class_scores
+from pipeline.progress import progress_line
 from pipeline.train import CURVES, SEED_MEAN, SEED_STD, DivergedError, EpochRecord, resolve_device, train_model
 from stages import CPU_KERNEL_PINS
 from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, capture_model, start_stage
@@ -22,14 +23,19 @@ from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, captu
 # re-run the plot stage. Seconds go to train_metrics.json, which no stage depends on.
 
 
-def epoch_logger(live: Live) -> Callable[[EpochRecord], None]:
+def epoch_logger(live: Live, epochs: int) -> Callable[[EpochRecord], None]:
     """Log each epoch's record with dvclive as it ends, at step = epoch, so `dvc plots show` draws the
-    curves while training runs."""
+    curves while training runs; and a line with the time left, so that a log (DVC's captured output, CI, a
+    Prefect run) tells a long training from a hung one."""
+    started = time.perf_counter()
 
     def log(record: EpochRecord) -> None:
         live.step = record.epoch
         for name in CURVES:
             live.log_metric(name, getattr(record, name))
+        elapsed = time.perf_counter() - started
+        line = progress_line("training", record.epoch, epochs, elapsed, f"epoch {record.epoch}", record.seconds)
+        logging.info("%s (loss %.4f, training accuracy %.2f%%)", line, record.loss, record.accuracy)
 
     return log
 
@@ -40,6 +46,9 @@ def main() -> None:
     device = resolve_device(params.device)
     try:
         model = build_model(params.model, seed=params.seed)
+        # Before any training: one zero image must give one score per class of the dataset.
+        check_class_scores(model, params.model, torch.zeros(1, *CIFAR10_INPUT_SHAPE), len(arrays.class_names),
+                           str(ARRAYS))
     except ModelSpecError as error:
         sys.exit(f"[train] {error}")
     # Before any training: a model the quantizer cannot take fails here, naming the node.
@@ -54,9 +63,11 @@ def main() -> None:
         try:
             history = train_model(
                 model, torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels), params,
-                on_epoch=epoch_logger(live),
+                on_epoch=epoch_logger(live, params.epochs),
             )
         except DivergedError as error:
+            # Recorded, or the metrics file would read {} (or the last good epoch's figures, as if the run succeeded).
+            live.summary.update(error.summary())
             sys.exit(f"[train] {error}")
     seconds = time.perf_counter() - started
     checkpoint = {

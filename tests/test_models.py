@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import MODELS, BNNet, CheckpointError, ModelSpecError, Net, ResNet20, build_model, restore_model
+from pipeline.models import (
+    MODELS, BNNet, CheckpointError, ModelSpecError, Net, ResNet20, build_model, check_class_scores, restore_model,
+)
 
 
 def test_net_is_the_seed_architecture():
@@ -66,6 +68,25 @@ def test_a_factory_in_a_models_file_builds_with_the_seed(tmp_path, monkeypatch):
     assert isinstance(build_model("pipeline.models:Net"), Net)
     with pytest.raises(ModelSpecError, match=r"'models/mine.py' has no callable 'missing'"):
         build_model("models/mine.py:missing")
+
+
+def test_a_module_that_cannot_be_imported_is_one_line_naming_it():
+    with pytest.raises(ModelSpecError) as error:
+        build_model("pipeline.no_such_module:make")
+    assert str(error.value) == ("train.model 'pipeline.no_such_module:make': cannot import pipeline.no_such_module: "
+                                "ModuleNotFoundError: No module named 'pipeline.no_such_module'")
+
+
+def test_checking_the_class_scores_leaves_the_mode_and_the_batchnorm_statistics_as_they_were():
+    model = build_model("bnnet", seed=0)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    check_class_scores(model, "bnnet", torch.zeros(1, 3, 32, 32), 10, "data/dataset.npz")
+    assert model.training
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    with pytest.raises(ModelSpecError) as error:
+        check_class_scores(model, "bnnet", torch.zeros(1, 3, 32, 32), 3, "data/dataset.npz")
+    assert str(error.value) == ("train.model 'bnnet' outputs 10 classes per image; the dataset data/dataset.npz has "
+                                "3 classes: the model's last layer must have 3 outputs")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
