@@ -37,6 +37,9 @@ class ParamsError(ValueError):
 # Seeds feed torch.manual_seed and numpy's generators; torch takes at most an unsigned 64-bit value,
 # so a larger one would pass here and overflow in the stage.
 MAX_SEED = 2**64 - 1
+# Adam steps per layer: the AdaRound paper's 10000 are ample; the quantize-weights stage's time grows linearly with
+# them, so far more only makes it run for hours or days to no gain.
+MAX_ADAROUND_ITERATIONS = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +297,7 @@ def parse_params(raw: Any) -> Params:
             f"{train.optimizer!r} and {train.momentum}"
         )
     _check_size_budget(params.quantize_weights)
+    _check_adaround_iterations(params.quantize_weights)
     return params
 
 
@@ -309,6 +313,17 @@ def _check_size_budget(weights: QuantizeWeightsParams) -> None:
         raise ParamsError(
             f"quantize_weights.{key}: value {getattr(weights, key)} chooses each layer's bits among sensitivity.bits, "
             f"so quantize_weights.bits must stay 8; got {weights.bits!r}"
+        )
+
+
+def _check_adaround_iterations(weights: QuantizeWeightsParams) -> None:
+    """At most ``MAX_ADAROUND_ITERATIONS`` AdaRound steps per layer in params.yaml (``AdaRoundSettings`` itself takes
+    any positive count)."""
+    iterations = weights.adaround.iterations
+    if iterations > MAX_ADAROUND_ITERATIONS:
+        raise ParamsError(
+            f"quantize_weights.adaround.iterations: value {iterations} is out of range; allowed: "
+            f"1..{MAX_ADAROUND_ITERATIONS} (Adam steps per layer; the AdaRound paper's 10000 are ample)"
         )
 
 

@@ -10,6 +10,7 @@ symmetric range, which maps onto the qmax of the group's integer range
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,8 +22,10 @@ from pipeline.graph import FloatGraph, observe_original, run_float
 from pipeline.quant.build import scale_groups
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.observers import ActivationObserver
-from pipeline.quant.ranges import ActivationFormat, scale_from_range
+from pipeline.quant.ranges import ZERO_RANGE_SCALE, ActivationFormat, scale_from_range
 from pipeline.train import normalized_batches
+
+logger = logging.getLogger(__name__)
 
 
 def calibration_indices(num_train: int, num_samples: int, seed: int, key: str = "profile.num_samples") -> np.ndarray:
@@ -87,6 +90,8 @@ def calibrate_ranges(
     for name, stats in group_stats.items():
         qmin, qmax = ActivationFormat().range(signed=True) if integer_ranges is None else integer_ranges[name]
         value_range = activation_range(stats, calibrator, settings, qmax)
+        if value_range == 0:
+            logger.warning(_zero_range_warning(name))
         calibrated[name] = {
             "range": value_range,
             "qmin": qmin,
@@ -95,6 +100,13 @@ def calibrate_ranges(
             "clipped_fraction": clipped_fraction(stats, value_range),
         }
     return calibrated
+
+
+def _zero_range_warning(name: str) -> str:
+    """What a calibration range of 0 for scale group ``name`` means. Every calibrator's range is 0 only when every
+    observed value is 0 (the searching ones try ranges in (0, max|x|] only)."""
+    return (f"activation {name!r}: calibration range 0 (every calibration value is 0): scale {ZERO_RANGE_SCALE} used, "
+            "so it quantizes to 0; a layer that never activates on the calibration images?")
 
 
 def clipped_fraction(stats: dict[str, Any], clip_range: float) -> float:

@@ -18,6 +18,7 @@ from pipeline.profile import calibration_indices
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import activation_quantizer, quantize_model_weights
+from pipeline.quant.calibrators import weight_range
 from pipeline.quant.engine import dequantized_weights
 from pipeline.quant.mixed_precision import (
     choose_bits,
@@ -26,7 +27,7 @@ from pipeline.quant.mixed_precision import (
     noise_by_layer,
     packed_model_bytes,
 )
-from pipeline.quant.ranges import ActivationFormat, check_layer_bits, layer_bits
+from pipeline.quant.ranges import ZERO_RANGE_SCALE, ActivationFormat, check_layer_bits, layer_bits
 from stages.common import (
     ARRAYS,
     PROFILE,
@@ -38,13 +39,23 @@ from stages.common import (
     start_stage,
 )
 
+# How the log names the rounding each layer kept (``adaround_model_weights``' "kept").
+KEPT_ROUNDING = {"adaround": "learned rounding", "nearest": "round-to-nearest"}
+
 
 def main() -> None:
     all_params = start_stage("quantize-weights")
     params = all_params.quantize_weights
     _, graph, checkpoint = load_trained_graph(all_params.train.model, "quantize-weights", params.equalize)
-    settings = params.calibrator_settings
     num_weights = layer_sizes(graph)
+    # Before any work: the packed size, the budget and every quantizer read each layer's bits.
+    try:
+        check_layer_bits(params.bits, list(num_weights))
+    except ValueError as error:
+        sys.exit(f"[quantize-weights] quantize_weights.bits: {error}")
+    for warning in _zero_range_warnings(graph, params.granularity):
+        logging.warning(warning)
+    settings = params.calibrator_settings
     budget = params.size_budget(sum(num_weights.values()))
     bits = params.bits if budget is None else _budget_bits(all_params, graph, checkpoint, budget)
     # Narrower weights are still stored as int8 (here and in the integer model); packed is their size at their bits.
@@ -54,10 +65,6 @@ def main() -> None:
             "packed_weight_bytes": packed_model_bytes(num_weights, bits)}
     if budget is not None:
         meta["size_budget_bytes"] = budget
-    try:
-        check_layer_bits(bits, list(num_weights))
-    except ValueError as error:
-        sys.exit(f"[quantize-weights] quantize_weights.bits: {error}")
     images = _calibration_images(params) if params.rounding == "adaround" or params.bias_correction else None
     if params.rounding == "nearest":
         quantized = quantize_model_weights(graph, bits, params.calibrator, params.granularity, settings)
@@ -69,8 +76,8 @@ def main() -> None:
         )
         meta |= {"adaround": dataclasses.asdict(params.adaround), "reconstruction_error": errors}
         for name, error in errors.items():
-            logging.info("%-6s reconstruction error: nearest %.4g, adaround %.4g", name, error["nearest"],
-                         error["adaround"])
+            logging.info("%-6s reconstruction error: nearest %.4g, adaround %.4g: kept %s", name, error["nearest"],
+                         error["adaround"], KEPT_ROUNDING[error["kept"]])
     biases = corrected_biases(graph, quantized, images, checkpoint["mean"], checkpoint["std"]) if params.bias_correction else {}
     if images is not None:
         meta["calibration"] = dataclasses.asdict(params.calibration)
@@ -87,6 +94,26 @@ def main() -> None:
                      f"{float(scale):.3e}" if scale.ndim == 0 else f"{len(scale)} per-channel")
     logging.info("weights: %d bytes packed at their bits, %d stored as int8", meta["packed_weight_bytes"],
                  sum(num_weights.values()))
+
+
+def _zero_range_warnings(graph: FloatGraph, granularity: str) -> list[str]:
+    """A warning for each layer with a weight calibration range of 0, per tensor or in some output channels: it gets
+    scale ZERO_RANGE_SCALE there (exact, as all its weights there are 0: a dead layer, or pruned channels).
+
+    Every weight calibrator's range is 0 exactly where max|w| is (sigma: mean and std 0; mse: r * max|w|), so
+    ``minmax`` finds them without the chosen calibrator's search.
+    """
+    warnings = []
+    for node in graph.layers():
+        zero = weight_range(node.weight, 1, "minmax", granularity) == 0  # minmax ignores qmax (1)
+        if bool(zero.all()):
+            warnings.append(f"{node.name}: weight calibration range 0 (its weights are all 0): scale {ZERO_RANGE_SCALE} "
+                            "used")
+        elif bool(zero.any()):
+            channels = ", ".join(str(index) for index in zero.nonzero().flatten().tolist())
+            warnings.append(f"{node.name}: weight calibration range 0 in output channels {channels} of {len(zero)} "
+                            f"(their weights are all 0): scale {ZERO_RANGE_SCALE} used for them")
+    return warnings
 
 
 def _budget_bits(all_params: Params, graph: FloatGraph, checkpoint: dict[str, Any], budget: int) -> dict[str, int]:

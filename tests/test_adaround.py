@@ -105,6 +105,20 @@ def _net_and_images(count: int = 32) -> tuple[FloatGraph, torch.Tensor]:
     return capture(build_model("net", seed=0).eval()), images
 
 
+def test_a_layer_keeps_round_to_nearest_where_its_learned_rounding_reconstructs_worse():
+    graph, images = _net_and_images()
+    settings = AdaRoundSettings(iterations=1, lr=10.0, batch_size=8)  # one huge Adam step: a poor rounding
+    learned, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, "minmax", "per_channel",
+                                             settings=settings, progress=False)
+    nearest = quantize_model_weights(graph, 4, "minmax", "per_channel")
+    worse = [name for name, error in errors.items() if error["adaround"] > error["nearest"]]
+    assert worse and len(worse) < len(errors)  # both cases occur
+    assert {name: error["kept"] for name, error in errors.items()} == {
+        name: "nearest" if name in worse else "adaround" for name in errors}
+    for name in worse:
+        assert torch.equal(learned[name][0], nearest[name][0])  # exactly round-to-nearest's weights
+
+
 @pytest.mark.parametrize("activation_format", [ActivationFormat(), ActivationFormat(4, unsigned=True)])
 def test_the_activation_quantizer_puts_every_group_member_on_the_integer_models_grid(activation_format):
     graph, images = _net_and_images(8)

@@ -14,6 +14,7 @@ from pipeline.models import build_model
 from pipeline.quant import mixed_precision
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.mixed_precision import (
+    DP_CELLS,
     allocation_noise,
     choose_bits,
     CurvePoint,
@@ -79,6 +80,23 @@ def test_allocation_is_the_least_noise_that_fits_as_brute_force_finds(seed):
     assert sum(noise[layer][bits] for layer, bits in chosen.items()) == pytest.approx(_brute_force(num_weights, noise, budget))
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_model_of_millions_of_weights_fits_its_budget_in_bounded_tables(seed):
+    # ResNet-18-sized layers: the DP counts bytes in cells of ceil(budget / DP_CELLS) (one byte a cell took
+    # 1.8 GB and minutes); the allocation still fits and, on these spreads of noise, is the brute-force optimum.
+    rng = random.Random(seed)
+    num_weights = {f"layer{i}": rng.randint(100_000, 5_000_000) for i in range(4)}
+    noise = {layer: dict(zip((2, 3, 4, 8), sorted((rng.random() for _ in range(4)), reverse=True)))
+             for layer in num_weights}
+    smallest = sum(packed_weight_bytes(n, 2) for n in num_weights.values())
+    largest = sum(packed_weight_bytes(n, 8) for n in num_weights.values())
+    budget = rng.randint(smallest + largest // 100, largest)
+    assert budget > DP_CELLS
+    chosen = allocate_bits(num_weights, noise, budget)
+    assert sum(packed_weight_bytes(num_weights[layer], bits) for layer, bits in chosen.items()) <= budget
+    assert sum(noise[layer][bits] for layer, bits in chosen.items()) == pytest.approx(_brute_force(num_weights, noise, budget))
+
+
 def test_a_large_budget_keeps_every_layer_at_its_quietest_bits():
     noise = {"a": {4: 2.0, 8: 0.1}, "b": {4: 1.0, 8: 0.5}}
     assert allocate_bits({"a": 10, "b": 10}, noise, 10**6) == {"a": 8, "b": 8}
@@ -100,8 +118,12 @@ def test_per_layer_bits_quantize_each_layer_to_its_width():
     quantized = quantize_model_weights(graph, bits, "minmax", "per_channel")
     for name, (q_weight, _) in quantized.items():
         assert int(q_weight.abs().max()) == 2 ** (bits[name] - 1) - 1  # minmax: the largest weight hits qmax
-    with pytest.raises(ValueError, match=r"missing layers \['fc3'\], unknown layers \['fc9'\]"):
+    with pytest.raises(ValueError, match=r"^weight bits per layer: missing layers fc3, unknown layers fc9; allowed: one "
+                                         r"width for every layer, or one for each of the model's layers conv1, conv2, "
+                                         r"fc1, fc2, fc3$"):
         quantize_model_weights(graph, {**{name: 4 for name in names[:-1]}, "fc9": 4})
+    with pytest.raises(ValueError, match=r"^weight bits per layer: missing layers fc1, fc2, fc3; allowed: one width"):
+        quantize_model_weights(graph, {"conv1": 8, "conv2": 4})  # no "unknown layers []"
 
 
 def test_sensitivity_grows_as_bits_shrink_and_is_measured_per_layer():

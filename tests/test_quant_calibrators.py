@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import math
 
 import pytest
@@ -32,6 +33,7 @@ from pipeline.quant.settings import (
 from pipeline.graph import capture
 from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.observers import ActivationObserver
+from pipeline.quant.ranges import ZERO_RANGE_SCALE
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
 
 
@@ -219,6 +221,16 @@ def test_calibrated_ranges_map_onto_each_groups_qmax():
     assert calibrated["b"]["scale"] == calibrated["b"]["range"] / 7 and calibrated["b"]["qmin"] == -8
     default = calibrate_ranges(stats, "minmax")
     assert default["a"]["scale"] == default["a"]["range"] / 127 and default["a"]["qmax"] == 127
+
+
+def test_a_group_whose_calibration_range_is_zero_is_named_in_a_warning(caplog):
+    stats = {"relu1": observed_stats(gaussian(1000).abs()), "relu2": observed_stats(torch.zeros(1000))}
+    with caplog.at_level(logging.WARNING):
+        calibrated = calibrate_ranges(stats, "percentile")
+    assert calibrated["relu2"]["scale"] == ZERO_RANGE_SCALE
+    assert [record.getMessage() for record in caplog.records] == [
+        "activation 'relu2': calibration range 0 (every calibration value is 0): scale 1.0 used, so it quantizes "
+        "to 0; a layer that never activates on the calibration images?"]
 
 
 def test_activation_calibrator_errors():

@@ -13,12 +13,17 @@ minimizes
     || f(W x) - f(W_soft x_q) ||^2 + regularizer * sum(1 - |2 h(v) - 1|^beta)
 
 where x are the layer's float inputs and f(W x) its float output (fused ReLU included), and
-x_q the inputs the same images give when every earlier layer already has its learned integer
+x_q the inputs the same images give when every earlier layer already has its chosen integer
 weights (the paper's asymmetric reconstruction); with ``quantized_activations`` also with every
 activation quantized as in the integer model (BRECQ's and QDrop's inputs), so that the rounding
 makes up for activation quantization too, which matters at 4-bit activations. The rounding term is off for the first
 ``WARMUP`` share of the iterations, then beta is annealed from ``BETA_START`` to ``BETA_END``,
 which pushes every h(v) to 0 or 1. The result is hard: round up where v >= 0 (h(v) >= 1/2).
+
+A learned rounding is kept only where it reconstructs the layer's output at least as well as
+round-to-nearest on the same inputs (it minimizes a regularized soft surrogate on mini-batches and,
+with few iterations or a large learning rate, or at 2 bits, can end worse); otherwise the layer
+keeps round-to-nearest, and the errors say which was kept.
 
 Scales are those of the weight calibrator (AdaRound chooses only the rounding), so the
 result is the same artifact as round-to-nearest: int weights and scales per layer, and the
@@ -36,9 +41,9 @@ import torch
 from torch import Tensor
 
 from pipeline.graph import Conv, FloatGraph, Linear, run_layer, tensor_values
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_items
 from pipeline.quant.build import quantize_model_weights
-from pipeline.quant.ranges import dequantize, int_range, layer_bits
+from pipeline.quant.ranges import dequantize, int_range, layer_bits, quantize
 from pipeline.quant.settings import AdaRoundSettings
 from pipeline.train import normalize
 
@@ -98,6 +103,11 @@ class LayerRounding:
     nearest_error: float  # reconstruction error of round-to-nearest on all the inputs
     learned_error: float  # ... of the learned integers
 
+    @property
+    def kept(self) -> str:
+        """The rounding to keep: "adaround" unless round-to-nearest reconstructs better, then "nearest"."""
+        return "adaround" if self.learned_error <= self.nearest_error else "nearest"
+
 
 def _broadcast(scale: Tensor, ndim: int) -> Tensor:
     return scale.reshape(-1, *([1] * (ndim - 1))) if scale.ndim == 1 else scale
@@ -124,7 +134,7 @@ def learn_layer_rounding(
     logits = initial_logits(weight_over_scale - weight_floor).requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    for step in progress_bar(range(settings.iterations), f"adaround {node.name}", progress):
+    for step in progress_items(range(settings.iterations), f"adaround {node.name}", progress, every_item=False):
         batch = torch.randint(len(inputs), (min(settings.batch_size, len(inputs)),), generator=generator)
         soft = rectified_sigmoid(logits)
         output = run_layer(node, inputs[batch], (weight_floor + soft).clamp(qmin, qmax) * scale)
@@ -136,7 +146,7 @@ def learn_layer_rounding(
         loss.backward()
         optimizer.step()
     learned = hard_rounding(weight_floor, logits.detach(), qmin, qmax)
-    nearest = torch.round(weight_over_scale).clamp(qmin, qmax)
+    nearest = quantize(node.weight.detach(), weight_scale, qmin, qmax)  # exactly quantize_layer_weights' integers
     with torch.no_grad():
         nearest_error, learned_error = (
             float(reconstruction_error(run_layer(node, inputs, q.to(torch.float32) * scale), targets))
@@ -159,9 +169,10 @@ def adaround_model_weights(
     settings: AdaRoundSettings | None = None,
     progress: bool | None = None,
     activations: Callable[[str, Tensor], Tensor] | None = None,
-) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, float]]]:
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, float | str]]]:
     """``quantize_model_weights``' result with learned rounding, and each layer's reconstruction errors
-    (``{"nearest": ..., "adaround": ...}``, each on its inputs with the earlier layers learned).
+    (``{"nearest": ..., "adaround": ..., "kept": "adaround" or "nearest"}``, each on its inputs with the earlier
+    layers' kept weights): a layer keeps round-to-nearest where that reconstructs better (``LayerRounding.kept``).
 
     ``images`` are uint8 calibration images (N, 32, 32, 3) of the training split; the
     scales are the calibrator's (``quantize_model_weights`` with the same arguments).
@@ -171,20 +182,22 @@ def adaround_model_weights(
     settings = settings or AdaRoundSettings()
     nearest = quantize_model_weights(graph, bits, calibrator, granularity, calibrator_settings)
     x = normalize(images, mean, std)
-    learned: dict[str, tuple[Tensor, Tensor]] = {}
-    errors: dict[str, dict[str, float]] = {}
-    for node in graph.layers():
-        _, weight_scale = nearest[node.name]
+    kept: dict[str, tuple[Tensor, Tensor]] = {}
+    errors: dict[str, dict[str, float | str]] = {}
+    for node in progress_items(graph.layers(), "adaround", progress, name=lambda layer: layer.name):
+        nearest_weight, weight_scale = nearest[node.name]
         quantized_so_far = {
-            name: dequantize(q_weight, scale).to(torch.float32) for name, (q_weight, scale) in learned.items()
+            name: dequantize(q_weight, scale).to(torch.float32) for name, (q_weight, scale) in kept.items()
         }
         inputs = tensor_values(graph, x, node.input, quantized_so_far, activations=activations)
         targets = tensor_values(graph, x, node.output)
         rounding = learn_layer_rounding(node, weight_scale, layer_bits(bits, node.name), inputs, targets, settings,
                                         progress)
-        learned[node.name] = (rounding.q_weight.to(torch.int8), weight_scale)
-        errors[node.name] = {"nearest": rounding.nearest_error, "adaround": rounding.learned_error}
-    return learned, errors
+        kept_weight = rounding.q_weight.to(torch.int8) if rounding.kept == "adaround" else nearest_weight
+        kept[node.name] = (kept_weight, weight_scale)
+        errors[node.name] = {"nearest": rounding.nearest_error, "adaround": rounding.learned_error,
+                             "kept": rounding.kept}
+    return kept, errors
 
 
 __all__ = [

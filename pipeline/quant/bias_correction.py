@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from pipeline.graph import Conv, FloatGraph, Linear, folded_state_dict, run_layer, tensor_values, with_weights
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_items
 from pipeline.quant.engine import dequantized_weights
 from pipeline.train import normalize
 
@@ -60,7 +60,7 @@ def corrected_biases(
     dequantized = dequantized_weights(quantized_weights)
     state = folded_state_dict(graph, dequantized)
     biases: dict[str, Tensor] = {}
-    for node in progress_bar(graph.layers(), "bias correction", progress):
+    for node in progress_items(graph.layers(), "bias correction", progress, name=lambda layer: layer.name):
         inputs = tensor_values(with_weights(graph, state), x, node.input)
         shift = output_shift(node, inputs, dequantized[node.name] - node.weight.detach())
         float_bias = node.bias.detach() if node.bias is not None else torch.zeros(len(shift))

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pipeline.graph import FloatGraph, run_float
 from pipeline.profile import calibration_indices
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_items
 from pipeline.quant.build import quantize_layer_weights
 from pipeline.quant.ranges import dequantize, layer_bits
 from pipeline.train import normalize
@@ -89,7 +89,7 @@ def _logits_with_each(graph: FloatGraph, x: Tensor, base: Mapping[str, Tensor], 
     parts: list[list[Tensor]] = [[] for _ in variants]
     base_values: dict[str, Tensor] = {}
     steps = [(start, index) for start in range(0, len(x), FORWARD_BATCH) for index in range(len(variants))]
-    for start, index in progress_bar(steps, desc, progress):
+    for start, index in progress_items(steps, desc, progress, every_item=False):
         batch = x[start : start + FORWARD_BATCH]
         if index == 0:
             base_values = {}
@@ -177,15 +177,20 @@ def layer_sensitivity(
     return table
 
 
+DP_CELLS = 1 << 20  # most entries of allocate_bits' tables per layer (8 MB of float64)
+
+
 def allocate_bits(
     num_weights: Mapping[str, int], noise: Mapping[str, Mapping[int, float]], budget_bytes: int
 ) -> dict[str, int]:
     """Bits per layer whose packed weights fit ``budget_bytes`` with the least summed ``noise``.
 
     ``noise[layer][bits]`` is the predicted output noise of that layer at those bits (the
-    candidates are its keys). Exact: dynamic programming over the bytes used, layer by layer;
-    among allocations of equal noise, the fewest bytes. A budget below the smallest size the candidates allow is a ValueError
-    naming that size.
+    candidates are its keys). Dynamic programming over the bytes used, layer by layer; among allocations of equal
+    noise, the fewest bytes. Exact for budgets up to ``DP_CELLS`` bytes; above (ResNet-18's 11 MB), bytes are counted in
+    cells of ceil(budget / DP_CELLS) bytes, each layer's size rounded up, so the allocation still fits the budget and
+    the tables stay ~1 M entries a layer (not one per byte: 1.8 GB and minutes for 11 MB). A budget below the smallest
+    size the candidates allow is a ValueError naming that size.
     """
     layers = list(num_weights)
     choices = {layer: sorted(noise[layer], reverse=True) for layer in layers}
@@ -193,16 +198,25 @@ def allocate_bits(
     if budget_bytes < smallest:
         raise ValueError(f"size budget {budget_bytes} bytes is below the smallest size possible, {smallest} bytes "
                          f"(every layer at its fewest bits, {', '.join(f'{l} {min(choices[l])}' for l in layers)})")
-    budget = min(budget_bytes, sum(packed_weight_bytes(num_weights[l], max(choices[l])) for l in layers))
-    # best[b] = least noise of the layers so far in exactly b bytes (inf: impossible)
+    budget_bytes = min(budget_bytes, sum(packed_weight_bytes(num_weights[l], max(choices[l])) for l in layers))
+    cell = -(-budget_bytes // DP_CELLS)  # bytes per DP cell: 1 (exact) up to DP_CELLS bytes
+
+    def cells(layer: str, bits: int) -> int:
+        return -(-packed_weight_bytes(num_weights[layer], bits) // cell)
+
+    budget = budget_bytes // cell
+    if sum(cells(layer, min(choices[layer])) for layer in layers) > budget:
+        # Only within one cell per layer of the smallest size (cell > 1): the fewest bits everywhere, which fits.
+        return {layer: min(choices[layer]) for layer in layers}
+    # best[c] = least noise of the layers so far in exactly c cells (inf: impossible)
     best = np.full(budget + 1, np.inf)
     best[0] = 0.0
     picks = []
     for layer in layers:
         new = np.full(budget + 1, np.inf)
-        pick = np.full(budget + 1, -1, dtype=np.int64)
+        pick = np.full(budget + 1, -1, dtype=np.int8)  # index into choices[layer]
         for index, bits in enumerate(choices[layer]):
-            size = packed_weight_bytes(num_weights[layer], bits)
+            size = cells(layer, bits)
             if size > budget:
                 continue
             candidate = np.full(budget + 1, np.inf)
@@ -211,12 +225,12 @@ def allocate_bits(
             new[better], pick[better] = candidate[better], index
         best = new
         picks.append(pick)
-    used = int(np.argmin(best))  # the first minimum: the fewest bytes among equal noise
+    used = int(np.argmin(best))  # the first minimum: the fewest cells among equal noise
     chosen: dict[str, int] = {}
     for layer, pick in zip(reversed(layers), reversed(picks)):
         bits = choices[layer][int(pick[used])]
         chosen[layer] = bits
-        used -= packed_weight_bytes(num_weights[layer], bits)
+        used -= cells(layer, bits)
     return {layer: chosen[layer] for layer in layers}
 
 
@@ -312,15 +326,17 @@ def size_accuracy_curve(
     calibrator: str = "sigma",
     granularity: str = "per_tensor",
     calibrator_settings: Any = None,
+    progress: bool | None = None,
 ) -> list[CurvePoint]:
     """For each of ``widths``: every layer at that width, and ``choose_bits``' choice at the same packed size.
 
-    ``noise`` is ``noise_by_layer`` of the sensitivity; its bits are the widths a layer may get.
+    ``noise`` is ``noise_by_layer`` of the sensitivity; its bits are the widths a layer may get. ``progress`` shows
+    the widths done (``progress_items``), not each allocation's refinement.
     """
     num_weights = layer_sizes(graph)
     measured: dict[tuple[int, ...], float] = {}  # by allocation: mixed often equals uniform (at the widest always)
     points = []
-    for width in widths:
+    for width in progress_items(widths, "size-accuracy curve", progress, name=lambda width: f"{width}-bit size"):
         budget = packed_model_bytes(num_weights, width)
         mixed = choose_bits(graph, x_normalized, noise, budget, calibrator, granularity, calibrator_settings,
                             progress=False)

@@ -75,13 +75,17 @@ def layer_bits(bits: int | Mapping[str, int], layer: str) -> int:
 
 
 def check_layer_bits(bits: int | Mapping[str, int], layers: Sequence[str]) -> None:
-    """A ValueError unless ``bits`` is one width or names exactly ``layers`` (mixed precision)."""
-    if isinstance(bits, Mapping):
-        missing = [layer for layer in layers if layer not in bits]
-        unknown = sorted(set(bits) - set(layers))
-        if missing or unknown:
-            raise ValueError(f"weight bits per layer: missing layers {missing}, unknown layers {unknown}; "
-                             f"the layers are {list(layers)}")
+    """A ValueError unless ``bits`` is one width or names exactly ``layers`` (mixed precision), naming the layers
+    it leaves out and those it names that the model lacks (only what there is of each) and the model's layers."""
+    if not isinstance(bits, Mapping):
+        return
+    missing = [layer for layer in layers if layer not in bits]
+    unknown = sorted(set(bits) - set(layers))
+    problems = [f"{what} layers {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown))
+                if names]
+    if problems:
+        raise ValueError(f"weight bits per layer: {', '.join(problems)}; allowed: one width for every layer, or one "
+                         f"for each of the model's layers {', '.join(layers)}")
 
 
 INT32_MIN, INT32_MAX = int_range(32)
