@@ -6,7 +6,9 @@ publishes the accuracy table as Prefect artifacts. ``ptq_sweep`` runs a grid of
 parameter overrides as ``dvc exp run --temp`` experiments side by side, or, given
 a deployment of ``ptq_experiment``, one flow run per grid point on any worker of
 its pool: each run clones the git remote at the sweep's commit, pulls from the
-shared DVC remote what other runs already made, and pushes its experiment back.
+shared DVC remote what other runs already made, and pushes its experiment back: its
+outputs to the DVC remote first, its git ref last, and a point counts as done only
+when both are there.
 Prefect's own task caching is off everywhere: a second caching system beside
 DVC's would disagree with it.
 
@@ -30,6 +32,7 @@ import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -376,14 +379,38 @@ def read_experiments(project: str) -> list[dict[str, Any]]:
     return json.loads(capture([DVC, "exp", "show", "--json"], Path(project)))
 
 
+def default_dvc_remote(config_listing: str) -> tuple[str, str] | None:
+    """The default DVC remote's (name, url) from ``dvc config --list`` (``key=value`` lines); None when none is set."""
+    settings = dict(line.split("=", 1) for line in config_listing.splitlines() if "=" in line)
+    name = settings.get("core.remote")
+    return None if name is None else (name, settings.get(f"remote.{name}.url", "(no url set)"))
+
+
 @task(cache_policy=NO_CACHE, task_run_name="dvc exp push {git_remote} {name}")
 def push_experiment(project: str, git_remote: str, name: str) -> None:
-    """Push an experiment: its git ref to the git remote, its outputs and run-cache entries to the DVC remote."""
-    # --run-cache: a later run whose stage has the same deps and params restores it instead of running it.
-    args = [DVC, "exp", "push", "--run-cache", git_remote, name]
-    finished = stream(args, Path(project))
+    """Push the experiment just run in this workspace: its outputs and run-cache entries to the default DVC remote,
+    then, only once they are all there, its git ref to ``git_remote``."""
+    root = Path(project)
+    remote = default_dvc_remote(capture([DVC, "config", "--list"], root))
+    if remote is None:
+        raise CommandFailed(f"experiment {name}: no default DVC remote in {root} (core.remote in .dvc/config), so "
+                            "neither its outputs nor its git ref were pushed: set one with "
+                            "`dvc remote add --default NAME URL` and commit .dvc/config")
+    remote_name, remote_url = remote
+    # Data first, git ref last: a ref on the git remote is what tells a sweep a point is done. `dvc exp push`
+    # pushes the ref before the data, so a DVC remote that refused writes left a ref whose outputs no one
+    # could pull. The workspace holds the experiment's results (`dvc exp run` without --temp), so `dvc push`
+    # sends its outputs; --run-cache: a later run whose stage has the same deps and params restores it.
+    data_args = [DVC, "push", "--run-cache", "--remote", remote_name]
+    finished = stream(data_args, root)
     if finished.returncode != 0:
-        raise failure(args, finished)
+        raise CommandFailed(f"experiment {name}: DVC remote {remote_name} ({remote_url}) refused its outputs, so its "
+                            f"git ref was not pushed to {git_remote} and a rerun of the sweep runs the point again; "
+                            f"{failure(data_args, finished)}")
+    ref_args = [DVC, "exp", "push", "--no-cache", git_remote, name]
+    finished = stream(ref_args, root)
+    if finished.returncode != 0:
+        raise failure(ref_args, finished)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="dvc exp pull {git_remote}")
@@ -410,20 +437,61 @@ def run_params(entry: Mapping[str, Any]) -> dict[str, Any]:
     return flatten(entry["data"]["params"].get("params.yaml", {}).get("data", {}))
 
 
-def experiments_of_points(shown: list[dict[str, Any]], commit: str,
-                          grid: Sequence[Mapping[str, Any]]) -> list[str | None]:
-    """For each grid point, the name of an experiment of ``commit`` (from ``dvc exp show --json``) whose params are
-    the commit's with the point's overrides, or None."""
+def matching_experiments(shown: list[dict[str, Any]], commit: str,
+                         grid: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """For each grid point, ``{name: commit}`` of every experiment of ``commit`` (from ``dvc exp show --json``) whose
+    params are the commit's with the point's overrides, in ``dvc exp show`` order."""
     baselines = [baseline for baseline in shown if baseline.get("data") and commit.startswith(baseline.get("rev") or "-")]
-    found: list[str | None] = [None] * len(grid)
+    found: list[dict[str, str]] = [{} for _ in grid]
     for baseline in baselines:
         base = run_params(baseline)
-        experiments = [(rev["name"], run_params(rev)) for experiment in baseline.get("experiments") or []
+        experiments = [(rev["name"], rev["data"]["rev"], run_params(rev))
+                       for experiment in baseline.get("experiments") or []
                        for rev in experiment.get("revs") or [] if rev.get("name") and rev.get("data")]
-        for index, point in enumerate(grid):
+        for point, matches in zip(grid, found):
             wanted = params_with(base, point)
-            found[index] = found[index] or next((name for name, params in experiments if params == wanted), None)
+            matches.update((name, rev) for name, rev, params in experiments if params == wanted)
     return found
+
+
+@task(cache_policy=NO_CACHE, task_run_name="dvc status --cloud {rev}")
+def outputs_missing_from_remote(project: str, rev: str) -> list[str]:
+    """The cached outputs of commit ``rev`` (an experiment's) that the default DVC remote lacks.
+
+    ``dvc status --cloud`` in a throwaway clone checked out at ``rev``: it reads the remote without downloading
+    anything and leaves the checkout's workspace alone.
+    """
+    root = Path(project)
+    with tempfile.TemporaryDirectory(prefix="exp-status-") as folder:
+        clone = Path(folder) / "clone"
+        # --shared: the clone reads this checkout's git objects in place, experiment commits included.
+        git(["clone", "--quiet", "--shared", "--no-checkout", str(root), str(clone)], root)
+        git(["-c", "advice.detachedHead=false", "checkout", "--quiet", rev], clone)
+        local_config = root / ".dvc" / "config.local"
+        if local_config.exists():  # the remote or its credentials, when set with `dvc remote modify --local`
+            shutil.copy2(local_config, clone / ".dvc" / "config.local")
+        status = json.loads(capture([DVC, "status", "--cloud", "--json"], clone))
+    # Per output: "deleted" when on the remote only (this clone's cache is empty), "new" when in the local cache
+    # only (a cache.dir from config.local), "missing" when on neither; an output in both is left out.
+    return sorted(path for path, state in status.items() if state in ("new", "missing"))
+
+
+def experiments_done(root: Path, commit: str, grid: Sequence[Mapping[str, Any]], git_remote: str) -> list[str | None]:
+    """For each grid point, an experiment of ``commit`` with its params whose outputs are all on the DVC remote, or
+    None. Its ref on the git remote is not enough: a push cut short after the ref leaves outputs no one can pull."""
+    done: list[str | None] = []
+    for point, matches in zip(grid, matching_experiments(read_experiments(str(root)), commit, grid)):
+        found = None
+        for name, rev in matches.items():
+            missing = outputs_missing_from_remote(str(root), rev)
+            if not missing:
+                found = name
+                break
+            print(f"{point_label(point)}: experiment {name} is on git remote {git_remote}, but its outputs "
+                  f"{' '.join(missing)} are not on the DVC remote: not counted as done "
+                  f"(`dvc exp remove --git-remote {git_remote} {name}` removes it)")
+        done.append(found)
+    return done
 
 
 def point_label(overrides: Mapping[str, Any]) -> str:
@@ -512,8 +580,8 @@ def run_outcome(run: FlowRun, timeout_s: float) -> str:
 
 def sweep_on_pool(root: Path, grid: list[dict[str, Any]], deployment: str, git_remote: str,
                   timeout_s: float) -> tuple[list[str], list[str]]:
-    """Each point without an experiment on the git remote as a flow run of ``deployment``; the experiment names
-    of the points that have one afterwards, and a line per point that failed."""
+    """Each point without an experiment on the git remote whose outputs are on the DVC remote, as a flow run of
+    ``deployment``; the experiment names of the points that have one afterwards, and a line per point that failed."""
     logger = get_run_logger()
     commit = git(["rev-parse", "HEAD"], root)
     url = git(["remote", "get-url", git_remote], root)
@@ -526,11 +594,11 @@ def sweep_on_pool(root: Path, grid: list[dict[str, Any]], deployment: str, git_r
                        root, commit[:7])
 
     pull_experiments(str(root), git_remote)
-    done = experiments_of_points(read_experiments(str(root)), commit, grid)
+    done = experiments_done(root, commit, grid, git_remote)
     todo = [point for point, name in zip(grid, done) if name is None]
     for point, name in zip(grid, done):
         if name is not None:
-            print(f"{point_label(point)}: experiment {name} is on the remote already, not run again")
+            print(f"{point_label(point)}: experiment {name} is on the remotes already, not run again")
     # Each run clones the git remote at this commit: the pull step reads both from the run's environment.
     env = {GIT_URL_ENV: url, GIT_COMMIT_ENV: commit, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
     ensure_silent_runs_crash()
@@ -542,7 +610,9 @@ def sweep_on_pool(root: Path, grid: list[dict[str, Any]], deployment: str, git_r
         print(f"{point_label(point)}: {run_outcome(run, timeout_s)}")
 
     pull_experiments(str(root), git_remote)
-    found = experiments_of_points(read_experiments(str(root)), commit, grid)
+    # A point done before stays done: only the points just run are looked up again.
+    ran = iter(experiments_done(root, commit, todo, git_remote))
+    found = [name if name is not None else next(ran) for name in done]
     found_by_point = dict(zip(map(point_label, grid), found))
     failed: list[str] = []
     for point, run in zip(todo, runs):
@@ -550,7 +620,7 @@ def sweep_on_pool(root: Path, grid: list[dict[str, Any]], deployment: str, git_r
             failed.append(f"{point_label(point)}: {run_outcome(run, timeout_s)}")
         elif found_by_point[point_label(point)] is None:
             failed.append(f"{point_label(point)}: {run_outcome(run, timeout_s)}, but no experiment with its params "
-                          f"reached {git_remote}")
+                          f"reached {git_remote} with its outputs on the DVC remote")
     return [name for name in found if name is not None], failed
 
 
@@ -596,9 +666,9 @@ def ptq_sweep(project: str = ".", grid: list[dict[str, Any]] | None = None, max_
     the workspace's changes to tracked files: commit dvc.lock after a pipeline run, or every experiment
     reproduces every stage that has no DVC run-cache entry.
 
-    With ``deployment`` (of ``ptq_experiment``): each point that has no experiment on ``git_remote`` yet as a
-    flow run on any worker of the deployment's pool, from HEAD as pushed to ``git_remote``; waits up to
-    ``timeout_s`` for them, then fetches their experiments into this checkout.
+    With ``deployment`` (of ``ptq_experiment``): each point that has no experiment on ``git_remote`` yet, with
+    its outputs on the DVC remote, as a flow run on any worker of the deployment's pool, from HEAD as pushed to
+    ``git_remote``; waits up to ``timeout_s`` for them, then fetches their experiments into this checkout.
     """
     if max_parallel < 1:
         raise ValueError(f"max_parallel: value {max_parallel} is out of range; allowed: >= 1")

@@ -12,6 +12,8 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -28,7 +30,7 @@ from prefect.states import Completed, Crashed, Failed, Running, Scheduled
 from prefect.testing.utilities import prefect_test_harness
 
 from pipeline import flows
-from tests.project_copy import PROJECT_ROOT, run, tiny_project_copy
+from tests.project_copy import PROJECT_ROOT, run, tiny_project_copy, tool_env
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -230,12 +232,29 @@ def test_an_experiment_in_a_checkout_of_its_own_runs_in_the_workspace_and_pulls_
     assert fake_dvc.calls()[0]["argv"] == ["exp", "run", "--pull", "-S", "quantize_weights.bits=4"]
 
 
-def test_push_experiment_sends_the_ref_its_outputs_and_its_run_cache_entries(fake_dvc, tmp_path):
+def test_push_experiment_sends_its_outputs_and_run_cache_entries_first_and_its_git_ref_last(fake_dvc, tmp_path):
+    fake_dvc.reply(stdout="remote.shared.url=/mnt/team/dvc\ncore.remote=shared\n")
     flows.push_experiment.fn(str(tmp_path), "origin", "ionic-rort")
-    assert fake_dvc.calls()[0]["argv"] == ["exp", "push", "--run-cache", "origin", "ionic-rort"]
-    fake_dvc.reply(stderr="ERROR: failed to push 'ionic-rort' - permission denied\n", returncode=255)
-    with pytest.raises(flows.CommandFailed, match="permission denied"):
+    assert [call["argv"] for call in fake_dvc.calls()] == [
+        ["config", "--list"], ["push", "--run-cache", "--remote", "shared"],
+        ["exp", "push", "--no-cache", "origin", "ionic-rort"]]
+
+
+def test_push_experiment_without_a_default_dvc_remote_pushes_nothing_and_says_how_to_set_one(fake_dvc, tmp_path):
+    fake_dvc.reply(stdout="remote.shared.url=/mnt/team/dvc\n")
+    with pytest.raises(flows.CommandFailed) as raised:
         flows.push_experiment.fn(str(tmp_path), "origin", "ionic-rort")
+    assert str(raised.value) == (
+        f"experiment ionic-rort: no default DVC remote in {tmp_path} (core.remote in .dvc/config), so neither its "
+        "outputs nor its git ref were pushed: set one with `dvc remote add --default NAME URL` and commit .dvc/config")
+    assert [call["argv"] for call in fake_dvc.calls()] == [["config", "--list"]]
+
+
+def test_the_default_dvc_remote_is_read_from_dvc_config_list():
+    listing = "remote.a.url=s3://bucket/dvc\nremote.shared.url=/mnt/team/dvc store\ncore.remote=shared\n"
+    assert flows.default_dvc_remote(listing) == ("shared", "/mnt/team/dvc store")
+    assert flows.default_dvc_remote("core.remote=gone\n") == ("gone", "(no url set)")
+    assert flows.default_dvc_remote("remote.a.url=s3://bucket/dvc\n") is None
 
 
 def test_pull_experiments_fetches_the_refs_of_heads_experiments_without_their_data(fake_dvc, tmp_path):
@@ -263,8 +282,12 @@ def test_points_find_the_experiment_of_their_commit_with_the_commits_params_and_
     shown[1]["experiments"][1]["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["batch_size"] = 32
     grid = [{"train.epochs": 2}, {"train.epochs": 1}, {"train.epochs": 1, "train.batch_size": 32}, {"train.epochs": 3}]
     # epochs=1 alone is the baseline's batch size (16): surfy-huts, at 32, is another point.
-    assert flows.experiments_of_points(shown, commit, grid) == ["vivid-jake", None, "surfy-huts", None]
-    assert flows.experiments_of_points(shown, "f" * 40, grid) == [None] * 4  # another baseline's experiments
+    assert flows.matching_experiments(shown, commit, grid) == [
+        {"vivid-jake": "3" * 16}, {}, {"surfy-huts": "2" * 16}, {}]
+    assert flows.matching_experiments(shown, "f" * 40, grid) == [{}] * 4  # another baseline's experiments
+    # A point run twice (the first run's outputs never reached the DVC remote): both, in `dvc exp show` order.
+    again = shown_with(commit, exp_rev("vivid-jake", "3" * 16, 2, 20.0), exp_rev("older-run", "4" * 16, 2, 20.0))
+    assert flows.matching_experiments(again, commit, grid[:1]) == [{"vivid-jake": "3" * 16, "older-run": "4" * 16}]
 
 
 def test_an_override_replaces_the_key_and_everything_under_it():
@@ -492,6 +515,8 @@ def test_a_sweep_on_a_pool_submits_only_the_missing_points_and_names_the_one_tha
     monkeypatch.setattr(flows, "read_experiments", lambda project: next(shows))
     pulls: list[str] = []
     monkeypatch.setattr(flows, "pull_experiments", lambda project, git_remote: pulls.append(git_remote))
+    checked: list[str] = []
+    monkeypatch.setattr(flows, "outputs_missing_from_remote", lambda project, rev: checked.append(rev) or [])
     pool = FakePool({"train.epochs=2": (Completed(), "worker-a"), "train.epochs=3": (Crashed(), "worker-b")})
     monkeypatch.setattr(flows, "run_deployment", pool.run_deployment)
     monkeypatch.setattr(flows, "wait_for_runs", pool.wait_for_runs)
@@ -514,6 +539,7 @@ def test_a_sweep_on_a_pool_submits_only_the_missing_points_and_names_the_one_tha
         assert call["timeout"] == 0  # submitted, not awaited one by one
     assert installed == [True]  # a run whose machine dies ends Crashed, not Running for ever
     assert pulls == ["origin", "origin"]  # before, to skip what is done; after, to gather
+    assert checked == ["1" * 16, "2" * 16]  # each experiment's outputs on the DVC remote, once
     [table] = tables
     assert [row["experiment"] for row in table["table"]] == ["old-one", "new-one"]
 
@@ -582,3 +608,150 @@ def test_an_experiment_run_pushes_its_experiment_and_reports_the_hashes_of_what_
                      ("artifact", flows.EXPERIMENT_OUTPUTS_KEY)]
     assert result["experiment"] == "ionic-rort" and result["commit"] == commit
     assert result["outputs"]["data/export/model.c"] == hashlib.sha256(bytes([1]) * 100).hexdigest()
+
+
+# --- pushing an experiment, and counting a point done: real git and DVC on a one-stage pipeline in tmp_path ---
+
+TINY_PIPELINE = """\
+stages:
+  train:
+    cmd: cp params.yaml model.txt
+    params: [train.epochs]
+    outs: [model.txt]
+"""
+
+
+@dataclass(frozen=True)
+class SharedRemotes:
+    """A user's checkout whose baseline commit is on a bare git remote, with a local DVC remote as its default."""
+
+    checkout: Path
+    git_remote: Path
+    dvc_storage: Path  # the DVC remote's directory
+
+
+@pytest.fixture
+def shared_remotes(tmp_path, monkeypatch) -> SharedRemotes:
+    for name, value in tool_env().items():
+        if name.startswith("GIT_"):  # the identity of DVC's experiment commits in flows' own subprocesses
+            monkeypatch.setenv(name, value)
+    git_remote, checkout, dvc_storage = tmp_path / "remote.git", tmp_path / "checkout", tmp_path / "mount" / "dvc"
+    run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(git_remote)], tmp_path)
+    run(["git", "init", "--quiet", "--initial-branch=main", str(checkout)], tmp_path)
+    run(["dvc", "init", "--quiet"], checkout)
+    (checkout / "params.yaml").write_text("train:\n  epochs: 1\n")
+    (checkout / "dvc.yaml").write_text(TINY_PIPELINE)
+    dvc_storage.mkdir(parents=True)
+    run(["dvc", "remote", "add", "--default", "shared", str(dvc_storage)], checkout)
+    run(["git", "add", "--all"], checkout)
+    run(["git", "commit", "--quiet", "-m", "baseline"], checkout)
+    run(["git", "remote", "add", "origin", str(git_remote)], checkout)
+    run(["git", "push", "--quiet", "origin", "main"], checkout)
+    return SharedRemotes(checkout, git_remote, dvc_storage)
+
+
+@contextmanager
+def refusing_writes(storage: Path) -> Iterator[None]:
+    """A DVC remote directory that refuses every write (and read) while inside, as a share gone from its mount point:
+    a file stands where its parent directory was. Tests run as root, whom a chmod'ed directory does not stop."""
+    mount = storage.parent
+    unmounted = mount.with_name(f"{mount.name}-unmounted")
+    mount.rename(unmounted)
+    mount.write_text("not a directory\n")
+    try:
+        yield
+    finally:
+        mount.unlink()
+        unmounted.rename(mount)
+
+
+def worker_clone(remotes: SharedRemotes, name: str) -> Path:
+    """A fresh clone of the git remote, as a pool worker's run starts from."""
+    clone = remotes.checkout.parent / name
+    run(["git", "clone", "--quiet", str(remotes.git_remote), str(clone)], remotes.checkout.parent)
+    return clone
+
+
+def experiment_refs(git_remote: Path) -> list[str]:
+    """The names of the experiments on a git remote."""
+    listing = run(["git", "ls-remote", str(git_remote), "refs/exps/*"], git_remote).stdout
+    return [line.rsplit("/", 1)[1] for line in listing.splitlines()]
+
+
+def test_an_experiment_whose_outputs_the_dvc_remote_refuses_never_reaches_the_git_remote(shared_remotes):
+    remotes = shared_remotes
+    worker = worker_clone(remotes, "worker")
+    with disable_run_logger():
+        name = flows.run_experiment.fn(str(worker), {"train.epochs": 2}, in_workspace=True)
+        with refusing_writes(remotes.dvc_storage), pytest.raises(flows.CommandFailed) as raised:
+            flows.push_experiment.fn(str(worker), "origin", name)
+        message = str(raised.value)
+        assert message.startswith(
+            f"experiment {name}: DVC remote shared ({remotes.dvc_storage}) refused its outputs, so its git ref was not "
+            f"pushed to origin and a rerun of the sweep runs the point again; "
+            f"dvc push --run-cache --remote shared failed (exit 255); last stderr lines:\n"), message
+        assert f"[Errno 20] Not a directory: '{remotes.dvc_storage}" in message
+        assert experiment_refs(remotes.git_remote) == []
+
+        flows.push_experiment.fn(str(worker), "origin", name)  # the remote writable again
+    assert experiment_refs(remotes.git_remote) == [name]
+
+
+class CloningPool:
+    """Stands in for run_deployment and the wait: each submitted point runs at once as ptq_experiment runs it, in a
+    fresh clone of the git remote, and its flow run ends Completed."""
+
+    def __init__(self, remotes: SharedRemotes) -> None:
+        self.remotes = remotes
+        self.ran: list[tuple[dict[str, Any], str]] = []  # (overrides, experiment name)
+        self.created: list[FlowRun] = []
+
+    def run_deployment(self, **kwargs: Any) -> FlowRun:
+        clone = worker_clone(self.remotes, f"run-{len(self.created)}")
+        overrides = kwargs["parameters"]["overrides"]
+        name = flows.run_experiment.fn(str(clone), overrides, in_workspace=True)
+        flows.push_experiment.fn(str(clone), "origin", name)
+        self.ran.append((overrides, name))
+        self.created.append(FlowRun(flow_id=uuid4(), name=kwargs["flow_run_name"], state=Completed(),
+                                    labels={"prefect.worker.name": "worker-a"}))
+        return self.created[-1]
+
+    def wait_for_runs(self, ids: list[UUID], timeout_s: float) -> list[FlowRun]:
+        assert ids == [run.id for run in self.created]
+        return self.created
+
+
+def test_a_sweep_runs_again_a_point_whose_experiment_reached_the_git_remote_without_its_outputs(
+        shared_remotes, monkeypatch, capsys):
+    remotes = shared_remotes
+    worker = worker_clone(remotes, "worker")
+    half_pushed = run(["dvc", "exp", "run", "-S", "train.epochs=2"], worker).stdout.split("'")[1]
+    # What `dvc exp push --run-cache` does when the DVC remote refuses writes: the git ref first, then a failure.
+    with refusing_writes(remotes.dvc_storage):
+        pushed = run(["dvc", "exp", "push", "--run-cache", "origin", half_pushed], worker, check=False)
+    assert pushed.returncode != 0 and "failed to push cache" in pushed.stderr
+    assert experiment_refs(remotes.git_remote) == [half_pushed]
+
+    pool = CloningPool(remotes)
+    monkeypatch.setattr(flows, "run_deployment", pool.run_deployment)
+    monkeypatch.setattr(flows, "wait_for_runs", pool.wait_for_runs)
+    monkeypatch.setattr(flows, "ensure_silent_runs_crash", lambda: None)
+    tables: list[dict[str, Any]] = []
+    monkeypatch.setattr(flows, "create_table_artifact", lambda **kwargs: tables.append(kwargs))
+    for name in ("read_experiments", "pull_experiments", "outputs_missing_from_remote"):  # run here, not via the API
+        monkeypatch.setattr(flows, name, getattr(flows, name).fn)
+    with disable_run_logger():
+        flows.ptq_sweep.fn(project=str(remotes.checkout), grid=[{"train.epochs": 2}],
+                           deployment=flows.EXPERIMENT_DEPLOYMENT, timeout_s=60)
+    [(overrides, rerun)] = pool.ran
+    assert overrides == {"train.epochs": 2}
+    assert (f"train.epochs=2: experiment {half_pushed} is on git remote origin, but its outputs model.txt are not on "
+            f"the DVC remote: not counted as done (`dvc exp remove --git-remote origin {half_pushed}` removes it)"
+            ) in capsys.readouterr().out
+    [table] = tables
+    assert [row["experiment"] for row in table["table"]] == [rerun]
+    # The rerun's experiment is restorable anywhere: a fresh clone pulls it with its outputs and applies it.
+    fresh = worker_clone(remotes, "fresh")
+    run(["dvc", "exp", "pull", "origin", rerun], fresh)
+    run(["dvc", "exp", "apply", rerun], fresh)
+    assert yaml.safe_load((fresh / "model.txt").read_text()) == {"train": {"epochs": 2}}

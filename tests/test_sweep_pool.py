@@ -183,7 +183,7 @@ def test_a_sweep_runs_on_two_workers_that_share_only_the_remotes_and_survives_a_
 
         # 2. The user's checkout has every experiment of the sweep, with metrics.
         shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-        names = flows.experiments_of_points(shown, commit, GRID)
+        names = [next(iter(found), None) for found in flows.matching_experiments(shown, commit, GRID)]
         assert None not in names, names
         rows = flows.experiments_table(shown, names, ["quantize_weights.bits"], flows.TABLE_PREFIXES)
         assert [row["experiment"] for row in rows] == names
@@ -251,7 +251,7 @@ def test_a_sweep_runs_on_two_workers_that_share_only_the_remotes_and_survives_a_
     run(["dvc", "exp", "pull", "origin"], fresh)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], fresh).stdout)
     every_point = [*GRID, FIFTH, SIXTH]
-    fresh_names = flows.experiments_of_points(shown, commit, every_point)
+    fresh_names = [next(iter(found), None) for found in flows.matching_experiments(shown, commit, every_point)]
     assert fresh_names[:len(GRID)] == names and None not in fresh_names, fresh_names
     rows = flows.experiments_table(shown, fresh_names, ["quantize_weights.bits"], flows.TABLE_PREFIXES)
     assert len(rows) == len(every_point) and all("fp32" in row for row in rows), rows
