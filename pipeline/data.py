@@ -7,12 +7,14 @@ Sources:
   (``.tar``, ``.tar.gz``, ``.tgz``) laid out ``[top/]train|test/<class>/<image>``,
   or to a folder with that layout.
 
-An archive is verified before any of its contents is parsed: against the
+A local source is verified before any of its contents is parsed: against the
 ``sha256`` given by the caller, else against a ``SHA256SUMS`` file beside it,
-else (official layout only) against the official md5. Archives are read as a
-stream, never extracted, and members that are links or that would escape the
-archive root are rejected. Nothing is ever unpickled. A folder source may use
-symlinks to files and folders inside it, never outside it.
+else (an archive in the official layout only) against the official md5. A
+folder's hash is its tree sha256 (``TREE_SHA256``), so that it can be pinned
+like an archive's. Archives are read as a stream, never extracted, and members
+that are links or that would escape the archive root are rejected. Nothing is
+ever unpickled. A folder source may use symlinks to files and folders inside
+it, never outside it.
 
 The classes must be CIFAR-10's ten (``CLASS_NAMES``), and images must have 8-bit
 samples, so that decoding to uint8 RGB is exact. The manifest records a sha256 of
@@ -72,9 +74,14 @@ IMAGE_MODES = ("RGB", "L", "P", "RGBA", "LA")
 
 _HASH_CHUNK = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# A folder's hash: the sha256 of `sha256sum --zero`'s listing of the files it is decoded from (the
+# non-hidden ones, links followed), in byte order of their paths relative to it. That is what
+# `find -L . -type f -not -path '*/.*' -printf '%P\0' | LC_ALL=C sort -z | xargs -0 sha256sum -z | sha256sum`
+# prints inside the folder, so a user can pin a folder with standard tools, as an archive.
+TREE_SHA256 = "sha256-tree"
 _FIX_HINT = (
-    "Point the download.source param at the right file, or set download.sha256 "
-    "to the hash of the file you trust."
+    "Point the download.source param at the right file or folder, or set download.sha256 "
+    "to the hash of the one you trust."
 )
 
 
@@ -127,9 +134,7 @@ def acquire(
         return _acquire_archive(_download_official(Path(download_dir)), source, expected_sha256, progress)
     path = Path(source)
     if path.is_dir():
-        if expected_sha256 is not None:
-            logger.warning("%s is a folder: download.sha256 only applies to an archive and is ignored.", path)
-        return _acquire_folder(path, source, progress)
+        return _acquire_folder(path, source, expected_sha256, progress)
     if path.is_file():
         return _acquire_archive(path, source, expected_sha256, progress)
     raise DataError(
@@ -204,9 +209,12 @@ def _acquire_archive(
     return arrays, _manifest(source, fmt, checksum, arrays)
 
 
-def _acquire_folder(root: Path, source: str, progress: bool | None) -> tuple[CifarArrays, dict]:
-    arrays, fmt = _decode_entries(_folder_entries(root), str(root), progress)
-    checksum = {"algorithm": None, "value": None, "verified": False}  # folders are not checksummed
+def _acquire_folder(
+    root: Path, source: str, expected_sha256: str | None, progress: bool | None
+) -> tuple[CifarArrays, dict]:
+    entries = _folder_entries(root)
+    checksum = _verify_folder(root, entries, expected_sha256)
+    arrays, fmt = _decode_entries(entries, str(root), progress)
     return arrays, _manifest(source, fmt, checksum, arrays)
 
 
@@ -266,25 +274,53 @@ def _parse_sha256(value: str, origin: str) -> str:
 
 def _verify_archive(path: Path, expected_sha256: str | None) -> dict:
     """Check the archive against the strongest expectation available; return the manifest's checksum."""
-    origin = "the download.sha256 param"
-    if expected_sha256 is None:
-        expected_sha256 = _sha256_from_sums_file(path)
-        origin = str(path.parent / "SHA256SUMS")
+    expected_sha256, origin = _pinned_sha256(path, expected_sha256)
     if expected_sha256 is not None:
-        _check_hash(path, "sha256", expected_sha256, origin)
+        _check_digest(path, "sha256", expected_sha256, _file_hash(path, "sha256"), origin)
         return {"algorithm": "sha256", "value": expected_sha256, "verified": True}
     if _first_file_is_official(path):
         origin = f"the official CIFAR-10 archive, {OFFICIAL_SIZE} bytes; this file has {path.stat().st_size}"
-        _check_hash(path, "md5", OFFICIAL_MD5, origin)
+        _check_digest(path, "md5", OFFICIAL_MD5, _file_hash(path, "md5"), origin)
         return {"algorithm": "md5", "value": OFFICIAL_MD5, "verified": True}
-    actual = _file_hash(path, "sha256")
+    return _unverified(path, "sha256", _file_hash(path, "sha256"))
+
+
+def _verify_folder(root: Path, entries: list[_Entry], expected_sha256: str | None) -> dict:
+    """Check the folder's tree sha256 as :func:`_verify_archive` checks an archive's sha256."""
+    actual = _tree_sha256(entries)
+    expected_sha256, origin = _pinned_sha256(root, expected_sha256)
+    if expected_sha256 is None:
+        return _unverified(root, TREE_SHA256, actual)
+    _check_digest(root, TREE_SHA256, expected_sha256, actual, origin)
+    return {"algorithm": TREE_SHA256, "value": expected_sha256, "verified": True}
+
+
+def _tree_sha256(entries: list[_Entry]) -> str:
+    """The folder's ``TREE_SHA256``: NUL ends each listing line, so no file name can fake another line."""
+    # surrogateescape gives back the bytes of a file name that is not UTF-8, as sha256sum prints them.
+    listing = sorted(
+        ("/".join(entry.parts).encode("utf-8", "surrogateescape"), hashlib.sha256(entry.data).hexdigest().encode())
+        for entry in entries
+    )
+    return hashlib.sha256(b"".join(b"%s  %s\0" % (file_hash, path) for path, file_hash in listing)).hexdigest()
+
+
+def _pinned_sha256(path: Path, expected_sha256: str | None) -> tuple[str | None, str]:
+    """The sha256 ``path`` must have and where it comes from: the download.sha256 param, else SHA256SUMS beside it."""
+    if expected_sha256 is not None:
+        return expected_sha256, "the download.sha256 param"
+    return _sha256_from_sums_file(path), str(path.parent / "SHA256SUMS")
+
+
+def _unverified(path: Path, algorithm: str, actual: str) -> dict:
     logger.warning(
         "%s has no checksum to verify against (no download.sha256, no SHA256SUMS beside it); "
-        "using it unverified. Its sha256 is %s: set download.sha256 to it to pin this file.",
+        "using it unverified. Its %s is %s: set download.sha256 to it to pin it.",
         path,
+        algorithm,
         actual,
     )
-    return {"algorithm": "sha256", "value": actual, "verified": False}
+    return {"algorithm": algorithm, "value": actual, "verified": False}
 
 
 def _sha256_from_sums_file(path: Path) -> str | None:
@@ -300,12 +336,15 @@ def _sha256_from_sums_file(path: Path) -> str | None:
     return None
 
 
-def _check_hash(path: Path, algorithm: str, expected: str, origin: str) -> None:
-    actual = _file_hash(path, algorithm)
+def _check_digest(path: Path, algorithm: str, expected: str, actual: str, origin: str) -> None:
     if actual != expected:
+        cause = (
+            "A file of the folder changed, was added or was removed, or it is not the expected folder."
+            if path.is_dir()
+            else "The file is corrupted or not the expected one."
+        )
         raise DataError(
-            f"{path}: {algorithm} mismatch: expected {expected} (from {origin}), got {actual}. "
-            f"The file is corrupted or not the expected one. {_FIX_HINT}"
+            f"{path}: {algorithm} mismatch: expected {expected} (from {origin}), got {actual}. {cause} {_FIX_HINT}"
         )
     logger.info("%s: %s verified (%s)", path, algorithm, expected)
 

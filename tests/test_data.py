@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import struct
+import subprocess
 import tarfile
 import urllib.error
 import zlib
@@ -485,6 +486,85 @@ def test_sha256_param_wins_over_sha256sums(folder_archive: Path) -> None:
     sha256 = sha256_of(folder_archive)
     _, manifest = acquire(str(folder_archive), Path("unused"), sha256=sha256, progress=False)
     assert manifest["checksum"]["verified"] is True
+
+
+def sha256sum_listing_digest(root: Path) -> str:
+    """A folder's tree sha256 as data.TREE_SHA256 defines it, computed here independently: the sha256 of
+    `sha256sum --zero`'s listing of its non-hidden files, in byte order of their relative paths."""
+    files = sorted(
+        path.relative_to(root).as_posix().encode()
+        for path in root.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+    file_hashes = [hashlib.sha256((root / name.decode()).read_bytes()).hexdigest().encode() for name in files]
+    listing = b"".join(file_hash + b"  " + name + b"\0" for file_hash, name in zip(file_hashes, files))
+    return hashlib.sha256(listing).hexdigest()
+
+
+def test_folder_is_verified_against_the_sha256_param_as_its_tree_sha256(
+    tmp_path: Path, folder_images: dict[str, bytes]
+) -> None:
+    root = write_folder(tmp_path / "folder", folder_images)
+    (root / "train" / ".DS_Store").write_bytes(b"litter")  # hidden files are neither decoded nor hashed
+    digest = sha256sum_listing_digest(root)
+    _, manifest = acquire(str(root), Path("unused"), sha256=digest.upper(), progress=False)
+    assert manifest["checksum"] == {"algorithm": "sha256-tree", "value": digest, "verified": True}
+
+
+def test_folder_tree_sha256_is_what_sha256sum_prints_for_its_listing(
+    tmp_path: Path, folder_images: dict[str, bytes]
+) -> None:
+    if not all(shutil.which(tool) for tool in ("find", "sort", "xargs", "sha256sum")):
+        pytest.skip("needs GNU find, sort, xargs and sha256sum")
+    root = write_folder(tmp_path / "folder", {**folder_images, "train/cat/.hidden.png": b"x"})
+    (root / "train" / "cat" / "linked.png").symlink_to(root / "train" / "dog" / "0.png")  # links are followed
+    # The command of data.TREE_SHA256's comment and the README, word for word.
+    command = ("find -L . -type f -not -path '*/.*' -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum -z "
+               "| sha256sum")
+    printed = subprocess.run(["sh", "-c", command], cwd=root, check=True, capture_output=True, text=True).stdout
+    _, manifest = acquire(str(root), Path("unused"), progress=False)
+    assert printed.split()[0] == manifest["checksum"]["value"] == sha256sum_listing_digest(root)
+
+
+def test_folder_sha256_param_mismatch_names_the_folder_and_both_digests(
+    tmp_path: Path, folder_images: dict[str, bytes]
+) -> None:
+    root = write_folder(tmp_path / "folder", folder_images)
+    pinned = sha256sum_listing_digest(root)
+    (root / "test" / "cat" / "0.png").write_bytes(folder_images["train/cat/0.png"])  # one image replaced
+    with pytest.raises(DataError) as error:
+        acquire(str(root), Path("unused"), sha256=pinned, progress=False)
+    assert str(error.value) == (
+        f"{root}: sha256-tree mismatch: expected {pinned} (from the download.sha256 param), "
+        f"got {sha256sum_listing_digest(root)}. A file of the folder changed, was added or was removed, or it is "
+        "not the expected folder. Point the download.source param at the right file or folder, or set "
+        "download.sha256 to the hash of the one you trust."
+    )
+
+
+def test_sha256sums_beside_the_folder_is_checked(tmp_path: Path, folder_images: dict[str, bytes]) -> None:
+    root = write_folder(tmp_path / "folder", folder_images)
+    (tmp_path / "SHA256SUMS").write_text(f"{'f' * 64}  folder\n")
+    with pytest.raises(DataError, match=f"{root}: sha256-tree mismatch: expected {'f' * 64} "
+                                        f"\\(from {tmp_path / 'SHA256SUMS'}\\)"):
+        acquire(str(root), Path("unused"), progress=False)
+    (tmp_path / "SHA256SUMS").write_text(f"{sha256sum_listing_digest(root)}  folder\n")
+    _, manifest = acquire(str(root), Path("unused"), progress=False)
+    assert manifest["checksum"]["verified"] is True
+
+
+def test_folder_without_a_pinned_digest_is_used_unverified_and_its_digest_logged(
+    tmp_path: Path, folder_images: dict[str, bytes], caplog
+) -> None:
+    root = write_folder(tmp_path / "folder", folder_images)
+    digest = sha256sum_listing_digest(root)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        _, manifest = acquire(str(root), Path("unused"), progress=False)
+    assert manifest["checksum"] == {"algorithm": "sha256-tree", "value": digest, "verified": False}
+    assert caplog.messages == [
+        f"{root} has no checksum to verify against (no download.sha256, no SHA256SUMS beside it); using it "
+        f"unverified. Its sha256-tree is {digest}: set download.sha256 to it to pin it."
+    ]
 
 
 # --------------------------------------------------------------------------- damaged archives

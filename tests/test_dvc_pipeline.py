@@ -5,9 +5,13 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
-from tests.project_copy import run, set_params, tiny_project_copy
+from pipeline.params import DownloadParams
+from tests.project_copy import PROJECT_ROOT, run, set_params, tiny_project_copy
 
 ALL_STAGES = {"check-params", "download", "train", "profile", "sensitivity", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
@@ -27,14 +31,12 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     first = run(["dvc", "repro"], project)
     assert ran_stages(first.stdout) == ALL_STAGES
     metrics = json.loads((project / "data/metrics.json").read_text())
-    assert set(metrics["accuracy"]) == {
-        "fp32", "weights_int8", "full_int8", "simulated_int8", "onnx_int8", "onnx_integer_int8", "c_int8"
-    }
+    assert set(metrics["accuracy"]) == {"fp32", "weights_only", "integer", "simulated", "onnx_qlinear", "onnx_integer", "c"}
     assert all(0.0 <= value <= 100.0 for value in metrics["accuracy"].values())
     assert metrics["agreement"]["engine_vs_simulated"] >= 90.0
     # The exported C and integer ONNX models compute the engine's logits exactly.
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
-    assert metrics["accuracy"]["c_int8"] == metrics["accuracy"]["full_int8"]
+    assert metrics["accuracy"]["c"] == metrics["accuracy"]["integer"]
     profile = json.loads((project / "data/profile.json").read_text())
     assert profile["split"] == "train" and len(profile["indices"]) == 40
     assert metrics["test_images"] == 30
@@ -102,8 +104,8 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     shown = run(["dvc", "metrics", "show"], project).stdout
     assert max(map(len, shown.splitlines())) <= 120, shown  # the accuracy table, readable in a terminal
     header = shown.splitlines()[0].split()
-    assert header == ["Path", "c_int8", "c_mismatches", "drop", "fp32", "full_int8", "int8_bytes", "onnx_int8",
-                      "weights_int8"]
+    assert header == ["Path", "c", "c_mismatches", "drop", "fp32", "integer", "onnx_qlinear", "packed_bytes",
+                      "weights_only"]
     accuracy = json.loads((project / "data/accuracy.json").read_text())
     assert accuracy["fp32"] == metrics_after(project)["accuracy"]["fp32"]
     # The details stay tracked, one command away.
@@ -142,6 +144,37 @@ def test_a_misspelled_section_fails_repro_and_exp_run_even_when_no_stage_would_r
         assert result.returncode != 0 and message in result.stdout + result.stderr
     finally:
         params.write_text(original)
+
+
+DOWNLOAD_DEPS = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["download"]["deps"]
+
+
+def test_the_download_stage_depends_on_its_source():
+    # DVC re-runs a stage only for a changed dep or param: the source's files must be a dep (the slow test below).
+    assert "${download.source}" in DOWNLOAD_DEPS
+
+
+def test_the_default_download_source_resolves_as_a_dependency():
+    # DVC fails a stage whose dep is missing, so the keyword `official` must name a file of the project too.
+    assert (PROJECT_ROOT / DownloadParams().source).is_file()
+
+
+# Four real DVC runs (two of the download stage): about 40 s on a loaded 2-core machine, so CI runs it with `slow`.
+@pytest.mark.slow
+def test_a_changed_file_of_a_local_folder_source_reruns_download(tmp_path):
+    project = tiny_project_copy(tmp_path)
+    source = tmp_path / "tiny-cifar"
+    assert ran_stages(run(["dvc", "repro", "download"], project).stdout) == {"download"}
+    before = json.loads((project / "data/dataset_manifest.json").read_text())
+    assert ran_stages(run(["dvc", "repro", "download"], project).stdout) == set()
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(source / "train" / "cat" / "0000.png")
+    status = run(["dvc", "status", "download"], project).stdout
+    assert re.search(rf"modified: +{re.escape(str(source))}$", status, re.MULTILINE), status
+    assert ran_stages(run(["dvc", "repro", "download"], project).stdout) == {"download"}
+    after = json.loads((project / "data/dataset_manifest.json").read_text())
+    assert after["checksum"]["value"] != before["checksum"]["value"]
+    assert after["decoded_sha256"]["train_images"] != before["decoded_sha256"]["train_images"]
 
 
 USER_MODEL = '''import torch.nn.functional as F

@@ -1,5 +1,5 @@
 import dataclasses
-import subprocess
+import sys
 
 import pytest
 
@@ -21,7 +21,7 @@ from pipeline.quant.settings import (
     SigmaSettings,
     WeightMseSettings,
 )
-from tests.project_copy import PROJECT_ROOT
+from tests.project_copy import CLASSES, PROJECT_ROOT, copy_project, run, set_params, write_image_folder
 
 
 def test_params_file_is_valid_and_is_the_seed_recipe():
@@ -32,14 +32,22 @@ def test_params_file_is_valid_and_is_the_seed_recipe():
     assert (train.lr, train.momentum, train.augment, train.schedule) == (0.001, 0.9, False, "constant")
 
 
-def test_the_committed_download_source_is_the_official_archive(tmp_path):
-    # What a fresh clone gets (git's copy, not the workspace's, which the offline step may point at a mirror).
-    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    if committed.returncode != 0:
-        pytest.skip(f"not a git checkout with a commit: {committed.stderr.strip()}")
-    (tmp_path / "params.yaml").write_text(committed.stdout)
-    assert load_params(tmp_path / "params.yaml").download.source == "official"
+def test_the_default_download_source_is_the_official_archive():
     assert DownloadParams().source == "official"
+    # This repository's own params.yaml ships with it too; .ci/run checks that before its offline step, since a
+    # user's clone may commit another source (the next test).
+    assert "grep -qx '  source: official' params.yaml" in (PROJECT_ROOT / ".ci/run").read_text()
+
+
+def test_a_committed_local_download_source_passes_the_params_tests(tmp_path):
+    project = copy_project(tmp_path / "project")
+    set_params(project, {"download": {"source": str(write_image_folder(tmp_path / "images", CLASSES, {"test": 1}))}})
+    run(["git", "commit", "--quiet", "-am", "my own data source"], project)
+    # Exactly the two tests that read params.yaml and the default source (not this one, which would recurse).
+    selected = [f"tests/test_params.py::{name}" for name in (
+        "test_params_file_is_valid_and_is_the_seed_recipe", "test_the_default_download_source_is_the_official_archive")]
+    result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selected], project, check=False)
+    assert result.returncode == 0, result.stdout[-3000:]
 
 
 def test_missing_sections_take_defaults():
@@ -79,6 +87,9 @@ def test_missing_sections_take_defaults():
          "quantize_weights.rounding: value 'stochastic' is not allowed; allowed: nearest, adaround"),
         ({"quantize_weights": {"adaround": {"iterations": 0}}},
          "quantize_weights.adaround.iterations: value 0 is out of range; allowed: >= 1"),
+        ({"quantize_weights": {"adaround": {"iterations": 1000000000}}},
+         "quantize_weights.adaround.iterations: value 1000000000 is out of range; allowed: 1..100000 (Adam steps per "
+         "layer; the AdaRound paper's 10000 are ample)"),
         ({"quantize_weights": {"adaround": {"lr": 0}}}, "quantize_weights.adaround.lr: value 0.0 is out of range; allowed: > 0.0"),
         ({"quantize_weights": {"mse": {"num_candidates": 1.5}}},
          "quantize_weights.mse.num_candidates: value 1.5 has the wrong type; expected int"),
