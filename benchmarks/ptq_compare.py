@@ -5,7 +5,7 @@ One run takes one fp32 checkpoint and the calibration images the profile stage u
 and measures on the 10,000 TEST images:
 
 - fp32: the PyTorch model in eval mode;
-- this project, through the integer engine (``engine_predictions``, i.e. ``full_int8``):
+- this project, through the integer engine (``engine_predictions``, i.e. metrics.json's ``accuracy.integer``):
   every activation calibrator (seed, minmax, percentile 99.99, mse, entropy) x weight
   calibrator (sigma k=3, minmax, mse) x granularity (per_tensor, per_channel), 30 settings,
   ``--bits`` weight bits, each calibrator with its default options (those of params.yaml);

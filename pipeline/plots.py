@@ -38,7 +38,7 @@ from pipeline.quant.mixed_precision import CurvePoint, curve_rows, heat_map_rows
 from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import int_range, layer_bits
 from pipeline.quant.settings import SigmaSettings
-from pipeline.report import STAGES, activations_label, bits_label, dataset_label, weight_methods
+from pipeline.report import STAGES, activations_label, bits_label, dataset_label, stage_accuracies, weight_methods
 from pipeline.train import CURVES
 
 FIGURE_DPI = 100  # pixels per inch: figure sizes below are in inches, PNGs are size * FIGURE_DPI pixels
@@ -55,7 +55,7 @@ KEPT_COLOR = "#4c72b0"
 CLIPPED_COLOR = "#dd4444"
 RANGE_COLOR = "#222222"
 OUTPUT_COLOR = "#55a868"
-STAGE_COLORS = (KEPT_COLOR, "#8172b3", OUTPUT_COLOR)  # fp32, weights_int8, full_int8
+STAGE_COLORS = (KEPT_COLOR, "#8172b3", OUTPUT_COLOR)  # fp32, weights_only, integer
 
 # File names written into the plots folder by ``write_plots``; dvc.yaml names the same paths.
 WEIGHTS_PNG = "weights.png"
@@ -425,16 +425,20 @@ def plot_activation_distributions(
     return _saved(figure, path)
 
 
+def accuracy_bar_names(quantization: Mapping[str, Any]) -> list[str]:
+    """Each stage's bar name, on two lines, with the widths metrics.json's ``quantization`` records: weight_bits,
+    activation_bits and unsigned_activations (int8 when absent, as in revisions from before them)."""
+    weights = f"{bits_label(quantization['weight_bits'])} weights"
+    return ["fp32", f"{weights},\nfloat activations", f"{weights},\n{activations_label(quantization)} activations"]
+
+
 def plot_accuracy(
-    accuracy: Mapping[str, float], weight_bits: int | Mapping[str, int], subtitle: str, path: str | Path | None = None
+    accuracy: Mapping[str, float], quantization: Mapping[str, Any], subtitle: str, path: str | Path | None = None
 ) -> Figure:
-    """Bar chart of test accuracy per stage (``STAGES``), each bar labeled with its value and its drop from fp32."""
-    missing = [stage for stage in STAGES if stage not in accuracy]
-    if missing:
-        raise ValueError(f"accuracy lacks stages {missing}; it has {sorted(accuracy)}")
-    values = [float(accuracy[stage]) for stage in STAGES]
-    weights = bits_label(weight_bits)
-    names = ["fp32", f"{weights} weights,\nfloat activations", f"{weights} weights,\nint8 activations"]
+    """Bar chart of test accuracy per stage (``STAGES``), each bar labeled with its value and its drop from fp32,
+    and named with the widths in ``quantization`` (``accuracy_bar_names``)."""
+    values = [float(value) for value in stage_accuracies(accuracy).values()]
+    names = accuracy_bar_names(quantization)
     figure = _new_figure((6.4, 4.6))
     axes = figure.add_subplot()
     bars = axes.bar(names, values, color=STAGE_COLORS, width=0.6)
@@ -501,7 +505,8 @@ def plot_training_curves(curves: pd.DataFrame, path: str | Path | None = None) -
 
 
 def accuracy_rows(accuracy: Mapping[str, float]) -> pd.DataFrame:
-    return pd.DataFrame({"stage": list(STAGES), "accuracy": [accuracy[stage] for stage in STAGES]})
+    """One row per stage, named by its key (no width): `dvc plots diff` lines up runs of different bits."""
+    return pd.DataFrame({"stage": list(STAGES), "accuracy": list(stage_accuracies(accuracy).values())})
 
 
 def sqnr_rows(sqnr_db: Mapping[str, Mapping[str, float | None]]) -> pd.DataFrame:
@@ -583,6 +588,20 @@ def quantization_summary(metrics: Mapping[str, Any]) -> str:
             f"{activations_label(q)} activations ({q['activation_calibrator']})")
 
 
+def weights_title(weight_meta: Mapping[str, Any]) -> str:
+    """The weights figure's title from data/weights_int8.npz's meta: the widths, calibrator, options, granularity."""
+    options = ", ".join(f"{key}={value}" for key, value in weight_meta.get("options", {}).items())
+    return (f"Float weights (BatchNorm folded) and their {bits_label(weight_meta['bits'])} clipping ranges: "
+            f"{weight_meta['calibrator']}{f' ({options})' if options else ''}, {weight_meta['granularity']}")
+
+
+def activations_title(profile: Mapping[str, Any], quantization: Mapping[str, Any]) -> str:
+    """The activations figure's title from data/profile.json and the widths metrics.json's ``quantization`` records."""
+    return (f"Activations (one panel per scale group) on {profile['num_samples']} {profile['split']}-split "
+            f"calibration images and their {activations_label(quantization)} ranges: "
+            f"{profile['calibrator']} calibrator")
+
+
 def write_plots(
     graph: FloatGraph,
     quantized_weights: Mapping[str, tuple[Tensor, Tensor]],
@@ -602,16 +621,12 @@ def write_plots(
     out = Path(out_dir)
     weights = layer_weights(graph, quantized_weights, weight_meta["bits"])
     profile_layers = profile["activations"]
-    options = ", ".join(f"{key}={value}" for key, value in weight_meta.get("options", {}).items())
-    weight_title = (f"Float weights (BatchNorm folded) and their int{weight_meta['bits']} clipping ranges: "
-                    f"{weight_meta['calibrator']}{f' ({options})' if options else ''}, {weight_meta['granularity']}")
-    _, weight_shares = plot_weight_distributions(weights, weight_title, out / WEIGHTS_PNG)
-    activation_title = (f"Activations (one panel per scale group) on {profile['num_samples']} {profile['split']}-split "
-                        f"calibration images and their int8 ranges: {profile['calibrator']} calibrator")
-    plot_activation_distributions(profile_layers, activation_title, out / ACTIVATIONS_PNG)
+    _, weight_shares = plot_weight_distributions(weights, weights_title(weight_meta), out / WEIGHTS_PNG)
+    plot_activation_distributions(profile_layers, activations_title(profile, metrics["quantization"]),
+                                  out / ACTIVATIONS_PNG)
     subtitle = (f"CIFAR-10 {dataset_label(metrics['dataset'])}, {metrics['test_images']:,} test images\n"
                 f"{quantization_summary(metrics)}")
-    plot_accuracy(metrics["accuracy"], metrics["quantization"]["weight_bits"], subtitle, out / ACCURACY_PNG)
+    plot_accuracy(metrics["accuracy"], metrics["quantization"], subtitle, out / ACCURACY_PNG)
     plot_sqnr(metrics["sqnr_db"], out / SQNR_PNG)
     plot_training_curves(curves, out / TRAINING_PNG)
     _write_csv(accuracy_rows(metrics["accuracy"]), out / ACCURACY_CSV)

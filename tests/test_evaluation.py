@@ -7,6 +7,7 @@ from pipeline.evaluation import (
     engine_predictions,
     float_model_bytes,
     integer_model_bytes,
+    packed_integer_model_bytes,
     output_sqnr,
     paired_difference_error,
     percent_equal,
@@ -19,6 +20,7 @@ from pipeline.models import Net, build_model
 from pipeline.profile import calibrate_ranges, calibration_indices, clipped_fraction, profile_activations
 from pipeline.quant.build import build_integer_model, quantize_model_weights, scale_groups
 from pipeline.quant.engine import QuantizedNet
+from pipeline.quant.mixed_precision import packed_model_bytes
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
 from tests.integer_graphs import toy_model
 
@@ -90,14 +92,15 @@ def test_accuracy_table_is_the_short_flat_row_dvc_metrics_show_prints():
     from pipeline.evaluation import accuracy_table
 
     metrics = {
-        "accuracy": {"fp32": 53.23, "weights_int8": 53.26, "full_int8": 53.34, "simulated_int8": 53.34,
-                     "c_int8": 53.34, "onnx_int8": 53.3, "onnx_integer_int8": 53.34},
+        "accuracy": {"fp32": 53.23, "weights_only": 53.26, "integer": 53.34, "simulated": 53.34,
+                     "c": 53.34, "onnx_qlinear": 53.3, "onnx_integer": 53.34},
         "mismatches": {"c_logits": 0, "onnx_integer_logits": 0, "onnx_qlinear_logits": 0},
-        "size_bytes": {"fp32": 248024, "int8": 62746},
+        "size_bytes": {"fp32": 248024, "stored": 62746, "packed": 31998},
         "sqnr_db": {"weights": {"conv1": 40.0}},
+        "quantization": {"weight_bits": 4, "activation_bits": 8},
     }
-    assert accuracy_table(metrics) == {"fp32": 53.23, "weights_int8": 53.26, "full_int8": 53.34, "c_int8": 53.34,
-                                       "onnx_int8": 53.3, "drop": -0.11, "c_mismatches": 0, "int8_bytes": 62746}
+    assert accuracy_table(metrics) == {"fp32": 53.23, "weights_only": 53.26, "integer": 53.34, "c": 53.34,
+                                       "onnx_qlinear": 53.3, "drop": -0.11, "c_mismatches": 0, "packed_bytes": 31998}
 
 
 def test_model_size_counts_the_multipliers_of_adds_and_pools():
@@ -106,6 +109,17 @@ def test_model_size_counts_the_multipliers_of_adds_and_pools():
                  for layer in model.layers())
     # two adds (three multiplier-shift pairs each) and one average pool (one pair)
     assert integer_model_bytes(model) == layers + 2 * 3 * 8 + 8
+
+
+def test_the_packed_size_counts_each_layers_weights_at_its_bits_and_the_rest_as_stored():
+    model = toy_model("residual", "per_tensor")
+    weights = {layer.name: layer.weight.numel() for layer in model.layers()}
+    bits = {name: (2, 3, 5)[index % 3] for index, name in enumerate(weights)}
+    packed_weights = sum(math.ceil(count * bits[name] / 8) for name, count in weights.items())
+    stored = integer_model_bytes(model)
+    assert packed_integer_model_bytes(model, packed_model_bytes(weights, bits)) == (
+        stored - sum(weights.values()) + packed_weights)
+    assert packed_integer_model_bytes(model, packed_model_bytes(weights, 8)) == stored  # int8: one byte each
 
 
 def test_the_paired_difference_error_is_the_standard_error_of_the_per_image_differences():

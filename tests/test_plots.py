@@ -18,12 +18,16 @@ from pipeline.plots import (
     FIGURE_DPI,
     LAYER_FIGSIZE,
     MAX_DISPLAY_BINS,
+    accuracy_bar_names,
     activation_stats,
+    activations_title,
     display_histogram,
     layer_weights,
+    plot_accuracy,
     plot_activation_distribution,
     plot_weight_distribution,
     weight_clip_ranges,
+    weights_title,
 )
 from pipeline.profile import calibrate_ranges, clipped_fraction, profile_activations
 from pipeline.quant.build import quantize_model_weights
@@ -141,15 +145,16 @@ def write_training_log(folder: Path, curves: dict[str, list[float]]) -> None:
 
 
 def synthetic_artifacts(
-    data: Path, images: torch.Tensor, model_name: str = "net", granularity: str = "per_tensor"
+    data: Path, images: torch.Tensor, model_name: str = "net", granularity: str = "per_tensor", weight_bits: int = 8,
+    activation_bits: int = 8,
 ) -> dict:
-    """Write the plot stage's inputs under ``data``: checkpoint, int8 weights, profile, metrics, curves."""
+    """Write the plot stage's inputs under ``data``: checkpoint, quantized weights, profile, metrics, curves."""
     model = build_model(model_name, seed=0).eval()
     save_checkpoint(data / "model.pt", {"model": model_name, "state_dict": model.state_dict(),
                                         "mean": list(SEED_MEAN), "std": list(SEED_STD)})
     graph = capture(model)
-    quantized = quantize_model_weights(graph, 8, "sigma", granularity, SigmaSettings(3.0))
-    save_quantized_weights(quantized, {"bits": 8, "calibrator": "sigma", "options": {"k": 3.0},
+    quantized = quantize_model_weights(graph, weight_bits, "sigma", granularity, SigmaSettings(3.0))
+    save_quantized_weights(quantized, {"bits": weight_bits, "calibrator": "sigma", "options": {"k": 3.0},
                                        "granularity": granularity}, data / "weights_int8.npz")
     stats = profile_activations(graph, images, SEED_MEAN, SEED_STD, batch_size=32, progress=False)
     calibrated = calibrate_ranges(stats, "percentile", PercentileSettings(99.0))  # clips: the red part is drawn
@@ -158,11 +163,11 @@ def synthetic_artifacts(
     write_json(data / "profile.json", profile)
     names = list(quantized)
     metrics = {
-        "accuracy": {"fp32": 61.25, "weights_int8": 60.5, "full_int8": 59.75, "simulated_int8": 59.75},
+        "accuracy": {"fp32": 61.25, "weights_only": 60.5, "integer": 59.75, "simulated": 59.75},
         "sqnr_db": {"weights": {name: 30.0 + index for index, name in enumerate(names)},
                     "outputs": {name: None if index == 0 else 20.0 for index, name in enumerate(names)}},
-        "quantization": {"weight_bits": 8, "weight_calibrator": "sigma", "granularity": granularity,
-                         "weight_rounding": "nearest", "bias_correction": False,
+        "quantization": {"weight_bits": weight_bits, "weight_calibrator": "sigma", "granularity": granularity,
+                         "weight_rounding": "nearest", "bias_correction": False, "activation_bits": activation_bits,
                          "activation_calibrator": "percentile", "calibration_images": len(images)},
         "test_images": 30,
         "dataset": {"source": "/somewhere/tiny-cifar.tar.gz", "format": "image-folder"},
@@ -172,8 +177,12 @@ def synthetic_artifacts(
     return {"model": model, "graph": graph, "quantized": quantized, "profile": profile, "metrics": metrics}
 
 
-def test_plot_stage_writes_every_figure_plot_data_and_the_results_table(tmp_path, monkeypatch, synthetic_images):
-    synthetic_artifacts(tmp_path / "data", synthetic_images[0])
+@pytest.mark.parametrize("weight_bits, activation_bits", [(8, 8), (2, 4)])
+def test_plot_stage_writes_every_figure_plot_data_and_the_results_table(
+    tmp_path, monkeypatch, synthetic_images, weight_bits, activation_bits
+):
+    synthetic_artifacts(tmp_path / "data", synthetic_images[0], weight_bits=weight_bits,
+                        activation_bits=activation_bits)
     shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     from stages import plot as plot_stage
@@ -186,7 +195,8 @@ def test_plot_stage_writes_every_figure_plot_data_and_the_results_table(tmp_path
         width, height = png_size(plots / name)
         assert width >= 600 and height >= 350, name
     accuracy = pd.read_csv(plots / "accuracy.csv")
-    assert accuracy.to_dict("list") == {"stage": ["fp32", "weights_int8", "full_int8"],
+    # Keyed by what ran, not by the width: `dvc plots diff` lines up runs of different bits.
+    assert accuracy.to_dict("list") == {"stage": ["fp32", "weights_only", "integer"],
                                         "accuracy": [61.25, 60.5, 59.75]}
     sqnr = pd.read_csv(plots / "sqnr.csv")
     assert sqnr["layer"].tolist() == ["conv1", "conv2", "fc1", "fc2", "fc3"]
@@ -199,7 +209,27 @@ def test_plot_stage_writes_every_figure_plot_data_and_the_results_table(tmp_path
         assert list(histogram.columns) == ["layer", "value", "density", "clip_range"]
         assert histogram["layer"].unique().tolist() == expected
     results = (tmp_path / "data" / "results.md").read_text()
-    assert "| workspace | tiny-cifar.tar.gz (image-folder) | int8 sigma per_tensor |" in results
+    assert f"| workspace | tiny-cifar.tar.gz (image-folder) | int{weight_bits} sigma per_tensor |" in results
+    titles = [cell.strip() for cell in results.splitlines()[0].split("|")[5:-1]]
+    integer = f"W{weight_bits}A{activation_bits} integer"
+    assert titles == ["fp32 (%)", f"W{weight_bits} weights only (%)", f"{integer} (%)", f"{integer} - fp32 (pts)"]
+
+
+def test_accuracy_bars_and_titles_name_the_widths_that_ran():
+    quantization = {"weight_bits": 2, "activation_bits": 4, "unsigned_activations": False}
+    names = ["fp32", "int2 weights,\nfloat activations", "int2 weights,\nint4 activations"]
+    assert accuracy_bar_names(quantization) == names
+    figure = plot_accuracy({"fp32": 61.25, "weights_only": 40.5, "integer": 30.0}, quantization, "W2A4")
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == names
+    assert accuracy_bar_names({"weight_bits": {"conv1": 8, "fc1": 3}, "activation_bits": 6,
+                               "unsigned_activations": True})[2] == "int3-8 per layer weights,\nint6/uint6 activations"
+    meta = {"bits": 2, "calibrator": "sigma", "options": {"k": 3.0}, "granularity": "per_channel"}
+    assert weights_title(meta) == ("Float weights (BatchNorm folded) and their int2 clipping ranges: "
+                                   "sigma (k=3.0), per_channel")
+    profile = {"num_samples": 500, "split": "train", "calibrator": "mse"}
+    assert activations_title(profile, quantization) == (
+        "Activations (one panel per scale group) on 500 train-split calibration images and their int4 ranges: "
+        "mse calibrator")
 
 
 def test_layer_weights_are_the_batchnorm_folded_weights_with_one_range_per_channel():
