@@ -2,10 +2,14 @@
 
 Both graphs take the float32 normalized images "input" (N, C, H, W) and give
 the int32 "logits" (N, classes) of ``run_integer``, at the same scale. Every
-activation of the integer graph is an int8 ONNX value, or uint8 where it is unsigned
-(``TensorInfo.signed``; zero point 0 either way; 4..8-bit activations in the same types); a flat
-tensor (K,) is (N, K, 1, 1), so a linear layer is a 1x1 convolution (QLinearMatMul
-has no bias input) and a flatten moves no data (``pipeline.export.plan``). Two styles:
+activation is one byte (4..8-bit activations in the same types): a signed code q is the
+int8 q at zero point 0; an unsigned one (``TensorInfo.signed`` False, q in [0, 2^bits - 1])
+is the uint8 q at zero point 0 in the integer style and the int8 q - 128 at zero point -128
+in the QLinear style (below: onnxruntime's uint8 x int8 QLinearConv saturates on some x86
+CPUs), the same real values either way. A flat tensor (K,) is (N, K, 1, 1), so a linear
+layer is a 1x1 convolution (QLinearMatMul has no bias input) and a flatten moves no data
+(``pipeline.export.plan``). docs/onnx_runtimes.md says on which runtimes and CPUs each
+style is exact (the kernels named below are onnxruntime 1.32's). Two styles:
 
 - ``"integer"``: bit-exact with ``run_integer``, with integer ops only after
   the input. The input is quantized in float64 like ``quantize_input`` (Div,
@@ -27,13 +31,18 @@ has no bias input) and a flatten moves no data (``pipeline.export.plan``). Two s
     ``check_deployable``), standalone ReLU / ReLU6 (Relu / Clip on the codes) and
     flatten (Reshape) act on the integers as they are.
 
+  ConvInteger reads uint8 activations with int8 weights: onnxruntime's int8 x uint8 GEMM,
+  which sums the products in int32 on every x86 CPU (VPMADDUBSW's int16 pairs are only in
+  its uint8 x int8 kernels).
+
 - ``"qlinear"``: the standard quantized ONNX form other runtimes accelerate.
   QuantizeLinear on the input; QLinearConv for every hidden conv2d and linear
-  layer (``group`` included; uint8 input or output with zero point 0 where unsigned,
-  int8 weights: onnxruntime's u8s8 kernels; a layer between int8 and uint8 reads its
-  input moved into the output's type, zero point +-128), its fused ReLU / ReLU6, or an activation
-  narrower than 8 bits, as Relu / Clip on the output codes; the last layer ConvInteger + int32 bias, then the engine's integer
-  rescale when it has one (per-channel weights) or the raw clamp, exactly as in
+  layer (``group`` included; int8 input, weights and output: onnxruntime's s8s8 kernels, which sum
+  the products in int32 on every x86 CPU; its u8s8 kernels sum pairs of them in saturating
+  int16 on AVX2 and AVX-512 without VNNI, so a uint8 activation up to 255 would be wrong there),
+  its fused ReLU / ReLU6, or an activation narrower than 8 bits, as Relu / Clip on the output codes;
+  the last layer ConvInteger + int32 bias (its input zero point -128 after an unsigned tensor), then the
+  engine's integer rescale when it has one (per-channel weights) or the raw clamp, exactly as in
   the integer style. Add, average pool and concat are in QDQ form:
   DequantizeLinear -> float Add / AveragePool / Concat -> QuantizeLinear, then
   the ``Requantize`` saturation as Relu / Clip on the result where it is
@@ -65,6 +74,7 @@ Accumulators are int32 in both styles; ``check_deployable`` checks that none can
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,33 +102,48 @@ from pipeline.quant.ir import (
     Requantize,
     TensorInfo,
 )
-from pipeline.quant.ranges import int_range
 
 STYLES = ("qlinear", "integer")
 OPSET = 21
 IR_VERSION = 10  # the IR version of opset 21; onnxruntime >= 1.20 reads it
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-# One-byte activations: int8 where signed, uint8 where unsigned (zero point 0 either way); the logits int32.
-BYTE_TYPES = {True: (np.int8, TensorProto.INT8), False: (np.uint8, TensorProto.UINT8)}
 
 
-def _numpy_type(info: TensorInfo) -> type:
-    return BYTE_TYPES[info.signed][0]
+@dataclass(frozen=True)
+class _Storage:
+    """How a one-byte activation's code q is an ONNX value: q + ``zero_point`` in ``dtype``."""
+
+    dtype: type  # np.int8 or np.uint8
+    zero_point: int
+
+    @property
+    def onnx_type(self) -> int:
+        return helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """The codes the type holds: its full range less the zero point (what QuantizeLinear saturates to)."""
+        info = np.iinfo(self.dtype)
+        return int(info.min) - self.zero_point, int(info.max) - self.zero_point
 
 
-def _onnx_type(info: TensorInfo) -> int:
-    return TensorProto.INT32 if info.bits == 32 else BYTE_TYPES[info.signed][1]
+def _storage(info: TensorInfo, style: str) -> _Storage:
+    """int8 for a signed code; for an unsigned one uint8 in the integer style, int8 at zero point -128 in the
+    QLinear style (module docstring: onnxruntime's uint8 x int8 QLinearConv saturates on some x86 CPUs)."""
+    if info.signed:
+        return _Storage(np.int8, 0)
+    return _Storage(np.uint8, 0) if style == "integer" else _Storage(np.int8, -128)
 
 
-def _storage_range(info: TensorInfo) -> tuple[int, int]:
-    """The full range of the tensor's ONNX type (int8 or uint8), which QuantizeLinear saturates to."""
-    return int_range(8, signed=info.signed)
+def _onnx_type(info: TensorInfo, style: str) -> int:
+    return TensorProto.INT32 if info.bits == 32 else _storage(info, style).onnx_type
 
 
 class _Graph:
     """Nodes and initializers being collected, with unique value names; shared constants made once."""
 
-    def __init__(self) -> None:
+    def __init__(self, style: str) -> None:
+        self.style = style  # how activations are stored (``_storage``)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._shared: dict[tuple[str, str, bytes, tuple[int, ...]], str] = {}
@@ -167,7 +192,7 @@ def build_onnx_model(model: IntegerModel, style: str = "qlinear") -> onnx.ModelP
     input_shape = model.tensors[model.input].shape
     if len(input_shape) != 3:
         raise ValueError(f"the input {model.input!r} must be one (C, H, W) image, got shape {input_shape}")
-    graph = _Graph()
+    graph = _Graph(style)
     values = {model.input: _quantize_input(graph, model, style)}
     for node in model.nodes:
         if style == "integer":
@@ -232,8 +257,9 @@ def _scale(model: IntegerModel, name: str) -> float:
 
 
 def _zero(graph: _Graph, info: TensorInfo) -> str:
-    """The zero point 0 in the tensor's type (QLinear and QDQ ops take the data's type)."""
-    return graph.shared("zero", np.array(0, _numpy_type(info)))
+    """The tensor's zero point in its ONNX type (QLinear and QDQ ops take the data's type)."""
+    storage = _storage(info, graph.style)
+    return graph.shared("zero", np.array(storage.zero_point, storage.dtype))
 
 
 def _quantize_input(graph: _Graph, model: IntegerModel, style: str) -> str:
@@ -268,26 +294,27 @@ def _conv_weight(node: IntConv) -> np.ndarray:
 
 
 def _clamp_bytes(graph: _Graph, x: str, low: int, high: int, hint: str, info: TensorInfo) -> str:
-    """The saturation [low, high] on one-byte codes of ``info``'s type (zero point 0): nothing for the type's full
-    range, Relu for [0, 127] on int8, else Clip (a narrower activation width, a ReLU6, any clamp on uint8).
+    """The saturation [low, high] of ``info``'s codes on their one-byte values: nothing for all the codes the type
+    holds, Relu for [0, 127] on int8 at zero point 0, else Clip at low and high plus the zero point (a narrower
+    activation width, a ReLU6, any clamp of an unsigned tensor).
 
     A clamp of a Relu's output is one Clip of the Relu's input (the Relu is pruned where nothing else
     reads it): onnxruntime's Relu -> Clip fusion fails on an int8 Clip ("Unexpected data type for Clip
     'min' input of 3", onnxruntime 1.32).
     """
-    type_min, type_max = _storage_range(info)
+    storage = _storage(info, graph.style)
+    type_min, type_max = storage.code_range
     if x in graph.relu_inputs:
         if low <= 0 and high >= type_max:
             return x
         x, low = graph.relu_inputs[x], max(low, 0)
     if (low, high) == (type_min, type_max):
         return x
-    if info.signed and (low, high) == (0, type_max):  # ONNX Relu has no uint8 form
+    if storage == _Storage(np.int8, 0) and (low, high) == (0, type_max):  # ONNX Relu has no uint8 form
         y = graph.node("Relu", [x], f"{hint}_relu")
         graph.relu_inputs[y] = x
         return y
-    dtype = _numpy_type(info)
-    bounds = [graph.shared("byte_bound", np.array(low, dtype)), graph.shared("byte_bound", np.array(high, dtype))]
+    bounds = [graph.shared("byte_bound", np.array(code + storage.zero_point, storage.dtype)) for code in (low, high)]
     return graph.node("Clip", [x, *bounds], f"{hint}_clip")
 
 
@@ -322,12 +349,14 @@ def _requantize(graph: _Graph, x: str, rq: Requantize, hint: str, to: int | None
 def _integer_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) -> str:
     """ConvInteger + int32 bias, then the engine's rescale: to int8/uint8, to int32 logits, or raw accumulators."""
     name = node.name
-    weight = graph.constant(f"{name}_weight", _conv_weight(node))
-    acc = graph.node("ConvInteger", [x, weight], name, **_conv_attributes(node))
+    inputs = [x, graph.constant(f"{name}_weight", _conv_weight(node))]
+    if _storage(model.tensors[node.input], graph.style).zero_point != 0:
+        inputs.append(_zero(graph, model.tensors[node.input]))
+    acc = graph.node("ConvInteger", inputs, name, **_conv_attributes(node))
     bias = graph.constant(f"{name}_bias", as_array(node.bias, np.int32).reshape(-1, 1, 1))
     acc = graph.node("Add", [acc, bias], f"{name}_acc")
     if node.requantize is not None:
-        return _requantize(graph, acc, node.requantize, name, _onnx_type(model.tensors[node.output]))
+        return _requantize(graph, acc, node.requantize, name, _onnx_type(model.tensors[node.output], graph.style))
     low, _ = raw_accumulator_clamp(node)  # the upper bound is int32's own
     if low == 0:
         return graph.node("Max", [acc, graph.shared("zero32", np.array(0, np.int32))], f"{name}_relu")
@@ -350,6 +379,7 @@ def _shape_free_node(graph: _Graph, model: IntegerModel, node: IntNode, x: str) 
 
 
 def _integer_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dict[str, str]) -> str:
+    output_type = _onnx_type(model.tensors[node.output], graph.style)
     if isinstance(node, IntConv):
         return _integer_layer(graph, model, node, values[node.input])
     if isinstance(node, IntAdd):
@@ -361,19 +391,18 @@ def _integer_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dic
             x = graph.node("Mul", [x, lifted], f"{hint}_lifted")
             summands.append(_requantize(graph, x, rq, hint, None, is_int64=True))
         total = graph.node("Add", summands, f"{node.name}_sum")
-        return _requantize(graph, total, node.output_requantize, node.name, _onnx_type(model.tensors[node.output]),
-                           is_int64=True)
+        return _requantize(graph, total, node.output_requantize, node.name, output_type, is_int64=True)
     if isinstance(node, IntAvgPool):
         channels = model.tensors[node.input].shape[0]
         ones = graph.constant(f"{node.name}_ones", np.ones((channels, 1, *node.kernel), np.int8))
         attributes = _window_attributes(node.kernel, node.stride, node.padding)
         sums = graph.node("ConvInteger", [values[node.input], ones], f"{node.name}_sums", group=channels,
                           **attributes)
-        return _requantize(graph, sums, node.requantize, node.name, _onnx_type(model.tensors[node.output]))
+        return _requantize(graph, sums, node.requantize, node.name, output_type)
     if isinstance(node, IntConcat):
         parts = [
             values[name] if rq is None
-            else _requantize(graph, values[name], rq, f"{node.name}_in{index}", _onnx_type(model.tensors[node.output]))
+            else _requantize(graph, values[name], rq, f"{node.name}_in{index}", output_type)
             for index, (name, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True))
         ]
         return graph.node("Concat", parts, node.name, axis=1)
@@ -408,11 +437,10 @@ def _qlinear_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) ->
     _check_scales_match_multipliers(model, node)
     name = node.name
     weight_scale = _scalar_or_vector(node.weight_scale, np.float32)
-    x, x_zero = _retyped(graph, x, model.tensors[node.input], model.tensors[node.output].signed, name)
     inputs = [
         x,
         graph.constant(f"{name}_x_scale", np.array(_scale(model, node.input), dtype=np.float32)),
-        x_zero,
+        _zero(graph, model.tensors[node.input]),
         graph.constant(f"{name}_weight", _conv_weight(node)),
         graph.constant(f"{name}_w_scale", weight_scale),
         graph.constant(f"{name}_w_zero", np.zeros(weight_scale.shape, np.int8)),
@@ -421,24 +449,9 @@ def _qlinear_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) ->
         graph.constant(f"{name}_bias", as_array(node.bias, np.int32)),
     ]
     y = graph.node("QLinearConv", inputs, name, **_conv_attributes(node))
-    # Zero point 0: Relu / Clip on the codes is ReLU / ReLU6 on the real values, and with
+    # Relu / Clip on the codes (shifted by the zero point) is ReLU / ReLU6 on the real values, and with
     # QLinearConv's saturation it is the engine's clamp.
     return _clamp_bytes(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, name, model.tensors[node.output])
-
-
-def _retyped(graph: _Graph, x: str, info: TensorInfo, signed: bool, hint: str) -> tuple[str, str]:
-    """``x``'s codes in the type of ``signed`` and their zero point: onnxruntime's QLinearConv reads and writes one
-    type (s8 -> s8 or u8 -> u8), so a layer from int8 to uint8 (or back) first moves its input across.
-
-    int8 q becomes uint8 q + 128 at zero point 128, uint8 q becomes int8 q - 128 at zero point -128: the same
-    real values, exactly (DequantizeLinear and QuantizeLinear at scale 1 on small integers).
-    """
-    if info.signed == signed:
-        return x, _zero(graph, info)
-    one = graph.shared("one", np.array(1.0, np.float32))
-    real = graph.node("DequantizeLinear", [x, one, _zero(graph, info)], f"{hint}_x_codes")
-    zero = graph.shared("shifted_zero", np.array(-128, np.int8) if signed else np.array(128, np.uint8))
-    return graph.node("QuantizeLinear", [real, one, zero], f"{hint}_x_retyped"), zero
 
 
 def _dequantize(graph: _Graph, model: IntegerModel, name: str, x: str, hint: str) -> str:
@@ -493,7 +506,9 @@ def _qlinear_concat(graph: _Graph, model: IntegerModel, node: IntConcat, values:
     for index, (name, clamp) in enumerate(zip(node.inputs, clamps, strict=True)):
         hint = f"{node.name}_in{index}"
         x = values[name]
-        if _scale(model, name) != _scale(model, node.output):
+        # the bytes are the output's where scale and storage (type, zero point) are
+        same_bytes = _storage(model.tensors[name], graph.style) == _storage(out, graph.style)
+        if _scale(model, name) != _scale(model, node.output) or not same_bytes:
             x = _quantize(graph, model, node.output, _dequantize(graph, model, name, x, hint), f"{hint}_out")
         parts.append(_clamp_bytes(graph, x, *clamp, hint, out))
     return graph.node("Concat", parts, node.name, axis=1)
