@@ -74,3 +74,20 @@ def test_ci_uses_the_readmes_offline_step_word_for_word():
                         if line.startswith("sed -i") and "source:" in line)
     for script in (".ci/run", ".ci/e2e-mirror.sh"):
         assert offline_step in (README.parent / script).read_text().splitlines(), script
+
+
+def test_the_readme_speaks_of_the_project_alone_with_the_metric_names_it_writes():
+    import json
+
+    text = README.read_text()
+    # No design notes or issues outside the repository: a newcomer has neither.
+    assert "DESIGN.md" not in text and "STYLE.md" not in text
+    assert not re.search(r"\bthe issue\b", text, re.IGNORECASE)
+    # Every `section.key` of data/metrics.json the README names is a key the evaluate stage writes.
+    metrics = json.loads((README.parent / "data/metrics.json").read_text())
+    named = set(re.findall(r"`(accuracy|mismatches|size_bytes|agreement)\.(\w+)`", text))
+    assert named, "the README names no metrics.json key"
+    assert {f"{section}.{key}" for section, key in named if key not in metrics[section]} == set()
+    accuracy_keys = json.loads((README.parent / "data/accuracy.json").read_text())
+    header = next(line for line in text.splitlines() if line.startswith("Path ") and "c_mismatches" in line)
+    assert header.split()[1:] == sorted(accuracy_keys)
