@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.models import MODELS
 from pipeline.params import TrainParams
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_items
 
 # The seed's normalization: per channel (x / 255 - 0.5) / 0.5, i.e. pixels to [-1, 1].
 SEED_MEAN = (0.5, 0.5, 0.5)
@@ -127,7 +127,7 @@ def normalized_batches(
     A progress bar labelled ``desc`` counts the batches; ``progress=None`` shows it only when
     stderr is a terminal.
     """
-    for start in progress_bar(range(0, len(images), batch_size), desc, progress):
+    for start in progress_items(range(0, len(images), batch_size), desc, progress, every_item=False):
         yield normalize(images[start : start + batch_size].to(device), mean, std, memory_format)
 
 
@@ -202,7 +202,7 @@ def train_model(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # -1: every loss so far finite
-        for step in progress_bar(range(steps_per_epoch), f"epoch {epoch}/{params.epochs}", progress):
+        for step in progress_items(range(steps_per_epoch), f"epoch {epoch}/{params.epochs}", progress, every_item=False):
             batch_index = order[step * params.batch_size : (step + 1) * params.batch_size]
             # index_select, not images[batch_index]: the same rows, at a quarter of advanced indexing's cost.
             batch = images.index_select(0, batch_index)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_items
 
 # Strict C99: the sources must build warning-free on any conforming compiler.
 C_FLAGS = ("-std=c99", "-pedantic", "-Wall", "-Wextra", "-Wconversion", "-Werror")
@@ -147,8 +147,9 @@ def c_logits(
         workers = max(1, min(processes or os.cpu_count() or 1, len(chunks)))
         with ThreadPoolExecutor(workers) as pool:
             # map yields in chunk order, so the logits come back in image order.
-            parts = list(progress_bar(pool.map(run_chunk, range(len(chunks))), "C model", progress,
-                                      total=len(chunks), unit="chunk"))
+            # progress_items times each chunk as the next result is awaited (a bar, or a log line every 30 s).
+            shown = progress_items(range(len(chunks)), "C model", progress, every_item=False)
+            parts = [part for _, part in zip(shown, pool.map(run_chunk, range(len(chunks))))]
     return torch.from_numpy(np.concatenate(parts).reshape(count, output_size))
 
 

@@ -87,7 +87,7 @@ from torch import Tensor
 
 from pipeline.export.plan import as_array, channel_values, check_deployable, numel
 from pipeline.io import atomic_path
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_items
 from pipeline.quant.build import raw_accumulator_clamp
 from pipeline.quant.ir import (
     IntAdd,
@@ -544,7 +544,8 @@ def onnx_predictions(
     session = onnx_session(onnx_path)
     batches = [
         session.run([OUTPUT_NAME], {INPUT_NAME: images[start : start + batch_size]})[0]
-        for start in progress_bar(range(0, len(images), batch_size), f"ONNX {Path(onnx_path).name}", progress)
+        for start in progress_items(range(0, len(images), batch_size), f"ONNX {Path(onnx_path).name}", progress,
+                                    every_item=False)
     ]
     logits = torch.from_numpy(np.concatenate(batches))
     return logits.argmax(dim=1), logits
