@@ -134,7 +134,7 @@ def packed_integer_model_bytes(integer_model: IntegerModel, packed_weight_bytes:
     (``pipeline.quant.mixed_precision.packed_model_bytes``: each layer ceil(weights x bits / 8)).
     """
     stored_weight_bytes = sum(layer.weight.numel() for layer in integer_model.layers())
-    return parameter_bytes(integer_model) - stored_weight_bytes + packed_weight_bytes
+    return integer_model_bytes(integer_model) - stored_weight_bytes + packed_weight_bytes
 
 
 def accuracy_table(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:

@@ -53,15 +53,15 @@ def load_trained_model(expected_model: str, path: Path = CHECKPOINT) -> tuple[nn
     (the ``train.model`` param), one with non-finite weights, or a model factory that fails ends the stage with
     one line naming the file and what is wrong.
     """
+    checkpoint = load_stage_checkpoint(path)
     try:
-        checkpoint = load_checkpoint(path)
         model = restore_model(checkpoint, expected_model, str(path))
-    except (UnreadableCheckpointError, CheckpointError, ModelSpecError) as error:
+    except (CheckpointError, ModelSpecError) as error:
         sys.exit(f"error: {error}")
     return model.eval(), checkpoint
 
 
-def load_stage_checkpoint(path: Path) -> dict:
+def load_stage_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint an earlier stage wrote; one that cannot be read safely ends the stage in one line naming it."""
     try:
         return load_checkpoint(path)
