@@ -17,8 +17,6 @@ the engine is at least as fast). Speed does not depend on the image values.
 """
 from __future__ import annotations
 
-import stages  # noqa: F401, I001  (first: importing stages pins the CPU kernels before torch loads, as in the pipeline)
-
 import argparse
 import copy
 import time
@@ -27,7 +25,8 @@ import warnings
 import torch
 from torch import nn
 
-from pipeline.graph import capture
+import stages  # noqa: F401, I001  (first: importing stages pins the CPU kernels before torch loads, as in the pipeline)
+from pipeline.graph.capture import capture
 from pipeline.io import load_checkpoint
 from pipeline.models import build_model, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations

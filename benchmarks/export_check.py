@@ -23,7 +23,12 @@ from pathlib import Path
 import torch
 
 from pipeline.data import load_arrays, sample_indices
-from pipeline.export import c_footprint, export_agreement, export_integer_model, find_compiler
+from pipeline.export import (
+    c_footprint,
+    export_agreement,
+    export_integer_model,
+    find_compiler,
+)
 from pipeline.model_files import load_integer_model
 from pipeline.train import normalize
 from stages.common import ARRAYS, INTEGER_MODEL

@@ -106,8 +106,6 @@ with the seed's mean and std). The peers need the ``bench`` extra (``pip install
 """
 from __future__ import annotations
 
-import stages  # noqa: F401, I001  (first: importing stages pins the CPU kernels before torch loads, as in the pipeline)
-
 import argparse
 import contextlib
 import copy
@@ -127,18 +125,38 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import stages  # noqa: F401, I001  (first: importing stages pins the CPU kernels before torch loads, as in the pipeline)
 from pipeline.data import load_arrays, sample_indices
-from pipeline.evaluation import engine_predictions, paired_difference_error, percent_equal
-from pipeline.graph import FloatGraph, capture, with_biases
+from pipeline.evaluation import (
+    engine_predictions,
+    paired_difference_error,
+    percent_equal,
+)
+from pipeline.graph.capture import capture
+from pipeline.graph.nodes import FloatGraph, with_biases
 from pipeline.io import load_checkpoint, read_json
 from pipeline.models import CheckpointError, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
-from pipeline.quant.build import activation_quantizer, build_integer_model, group_ranges, quantize_model_weights
+from pipeline.quant.build import (
+    activation_quantizer,
+    build_integer_model,
+    group_ranges,
+    quantize_model_weights,
+)
+from pipeline.quant.calibrators import (
+    ACTIVATION_CALIBRATORS,
+    GRANULARITIES,
+    WEIGHT_CALIBRATORS,
+)
 from pipeline.quant.equalization import equalize
-from pipeline.quant.mixed_precision import choose_bits, layer_sensitivity, noise_by_layer, packed_weight_bytes
-from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, GRANULARITIES, WEIGHT_CALIBRATORS
+from pipeline.quant.mixed_precision import (
+    choose_bits,
+    layer_sensitivity,
+    noise_by_layer,
+    packed_weight_bytes,
+)
 from pipeline.quant.ranges import ActivationFormat, int_range
 from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
 from pipeline.train import SEED_MEAN, SEED_STD, normalize, predict
@@ -446,8 +464,16 @@ def _peer_row(label: str, predictions: Tensor, inputs: Inputs, started: float, n
 def fx_peer(inputs: Inputs, bits: int) -> list[Row]:
     """torch.ao.quantization FX static PTQ with the x86 qconfig (its weight and activation observers narrowed below
     8 bits)."""
-    from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig, get_default_qconfig_mapping
-    from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
+    from torch.ao.quantization import (
+        QConfig,
+        QConfigMapping,
+        get_default_qconfig,
+        get_default_qconfig_mapping,
+    )
+    from torch.ao.quantization.observer import (
+        HistogramObserver,
+        PerChannelMinMaxObserver,
+    )
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     started = time.perf_counter()
@@ -526,7 +552,13 @@ def onnxruntime_peer(inputs: Inputs, bits: int) -> list[Row]:
     if activation_bits not in (8, 4):
         raise ValueError(f"ONNX Runtime's activation types are 8 and 4 bits, not {activation_bits}")
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     CalibrationDataReader.register(_CalibrationReader)
@@ -641,7 +673,10 @@ def nncf_peer(inputs: Inputs, bits: int) -> list[Row]:
                          f"/ activations {activation_bits}")
     with _quiet():
         import nncf
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+        from nncf.quantization.advanced_parameters import (
+            AdvancedQuantizationParameters,
+            QuantizationParameters,
+        )
 
     started = time.perf_counter()
     calibration = inputs.normalized(inputs.calibration)

@@ -13,12 +13,16 @@ Seed name -> what it is now:
 - ``QuantizedNet(integer_model)``: ``pipeline.quant.engine``; ``forward`` runs the integer engine.
 """
 from pipeline.data import load_arrays
-from pipeline.graph import capture
+from pipeline.graph.capture import capture
 from pipeline.models import Net
 from pipeline.params import TrainParams
 from pipeline.plots import plot_activation_distribution, plot_weight_distribution
 from pipeline.profile import calibrate_ranges, profile_activations
-from pipeline.quant.build import build_integer_model, quantize_layer_weights, quantize_model_weights
+from pipeline.quant.build import (
+    build_integer_model,
+    quantize_layer_weights,
+    quantize_model_weights,
+)
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.engine import QuantizedNet
 from pipeline.train import SEED_MEAN, SEED_STD, normalize, test_model, train_model

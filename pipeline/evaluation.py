@@ -8,8 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.graph import FloatGraph, float_parameter_count, run_float
-from pipeline.quant.engine import integer_tensor_outputs, quantize_model_input, run_integer, run_simulated
+from pipeline.graph.nodes import FloatGraph, float_parameter_count
+from pipeline.graph.run import run_float
+from pipeline.quant.engine import (
+    integer_tensor_outputs,
+    quantize_model_input,
+    run_integer,
+    run_simulated,
+)
 from pipeline.quant.ir import IntegerModel, parameter_bytes
 from pipeline.quant.ranges import dequantize
 from pipeline.train import normalized_batches

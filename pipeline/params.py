@@ -15,7 +15,11 @@ from typing import Any
 from ruamel.yaml import YAML, YAMLError
 
 from pipeline.models import ModelSpecError, check_model_spec
-from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS, Calibrator
+from pipeline.quant.calibrators import (
+    ACTIVATION_CALIBRATORS,
+    WEIGHT_CALIBRATORS,
+    Calibrator,
+)
 from pipeline.quant.ranges import ActivationFormat
 from pipeline.quant.settings import (
     AdaRoundSettings,

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 from torch import Tensor
 
-from pipeline.graph import FloatGraph
+from pipeline.graph.nodes import FloatGraph
 from pipeline.io import atomic_path
 from pipeline.profile import clipped_fraction
 from pipeline.quant.calibrators import seed_range, weight_range
@@ -38,7 +38,14 @@ from pipeline.quant.mixed_precision import CurvePoint, curve_rows, heat_map_rows
 from pipeline.quant.observers import ActivationObserver
 from pipeline.quant.ranges import int_range, layer_bits
 from pipeline.quant.settings import SigmaSettings
-from pipeline.report import STAGES, activations_label, bits_label, dataset_label, stage_accuracies, weight_methods
+from pipeline.report import (
+    STAGES,
+    activations_label,
+    bits_label,
+    dataset_label,
+    stage_accuracies,
+    weight_methods,
+)
 from pipeline.train import CURVES
 
 FIGURE_DPI = 100  # pixels per inch: figure sizes below are in inches, PNGs are size * FIGURE_DPI pixels

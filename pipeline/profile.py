@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from pipeline.data import sample_indices
-from pipeline.graph import FloatGraph, observe_original, run_float
+from pipeline.graph.capture import observe_original
+from pipeline.graph.nodes import FloatGraph
+from pipeline.graph.run import run_float
 from pipeline.quant.build import scale_groups
 from pipeline.quant.calibrators import activation_range
 from pipeline.quant.observers import ActivationObserver

@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.graph import FloatGraph, UnsupportedModelError, capture
+from pipeline.graph.capture import capture
+from pipeline.graph.nodes import FloatGraph, UnsupportedModelError
 from pipeline.io import UnreadableCheckpointError, load_checkpoint
 from pipeline.models import CheckpointError, ModelSpecError, restore_model
 from pipeline.params import Params, ParamsError, QuantizeWeightsParams, load_params

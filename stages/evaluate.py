@@ -19,7 +19,8 @@ from pipeline.evaluation import (
     weight_sqnr,
 )
 from pipeline.export.artifacts import export_agreement
-from pipeline.graph import GraphModel, with_weights
+from pipeline.graph.nodes import with_weights
+from pipeline.graph.run import GraphModel
 from pipeline.io import read_json, write_json
 from pipeline.model_files import load_integer_model, load_quantized_weights
 from pipeline.train import accuracy_report, normalize, predict
@@ -37,6 +38,7 @@ from stages.common import (
     load_trained_graph,
     start_stage,
 )
+
 SQNR_IMAGES = 1000  # test images for the per-layer output SQNR, a seeded random subset
 
 

@@ -4,12 +4,22 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipeline.graph import UnsupportedModelError, with_biases
+from pipeline.graph.nodes import UnsupportedModelError, with_biases
 from pipeline.io import read_json
-from pipeline.model_files import load_corrected_biases, load_quantized_weights, save_integer_model
+from pipeline.model_files import (
+    load_corrected_biases,
+    load_quantized_weights,
+    save_integer_model,
+)
 from pipeline.quant.build import build_integer_model
 from pipeline.quant.ranges import ActivationFormat
-from stages.common import INTEGER_MODEL, PROFILE, QUANTIZED_WEIGHTS, load_trained_graph, start_stage
+from stages.common import (
+    INTEGER_MODEL,
+    PROFILE,
+    QUANTIZED_WEIGHTS,
+    load_trained_graph,
+    start_stage,
+)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.data import load_arrays
-from pipeline.graph import FloatGraph, folded_state_dict, with_biases
+from pipeline.graph.nodes import FloatGraph, folded_state_dict, with_biases
 from pipeline.io import read_json, save_checkpoint
 from pipeline.model_files import save_quantized_weights
 from pipeline.params import Params, QuantizeWeightsParams
@@ -27,7 +27,12 @@ from pipeline.quant.mixed_precision import (
     noise_by_layer,
     packed_model_bytes,
 )
-from pipeline.quant.ranges import ZERO_RANGE_SCALE, ActivationFormat, check_layer_bits, layer_bits
+from pipeline.quant.ranges import (
+    ZERO_RANGE_SCALE,
+    ActivationFormat,
+    check_layer_bits,
+    layer_bits,
+)
 from stages.common import (
     ARRAYS,
     PROFILE,

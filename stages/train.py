@@ -6,17 +6,37 @@ import os
 import sys
 import time
 from collections.abc import Callable
+
 import torch
 from dvclive import Live
 
 from pipeline.data import load_arrays
-from pipeline.graph import CIFAR10_INPUT_SHAPE, UnsupportedModelError, check_output_layer
+from pipeline.graph.nodes import (
+    CIFAR10_INPUT_SHAPE,
+    UnsupportedModelError,
+    check_output_layer,
+)
 from pipeline.io import save_checkpoint, write_json
 from pipeline.models import ModelSpecError, build_model, check_class_scores
 from pipeline.progress import progress_line
-from pipeline.train import CURVES, SEED_MEAN, SEED_STD, DivergedError, EpochRecord, resolve_device, train_model
+from pipeline.train import (
+    CURVES,
+    SEED_MEAN,
+    SEED_STD,
+    DivergedError,
+    EpochRecord,
+    resolve_device,
+    train_model,
+)
 from stages import CPU_KERNEL_PINS
-from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, capture_model, start_stage
+from stages.common import (
+    ARRAYS,
+    CHECKPOINT,
+    TRAIN_METRICS,
+    TRAINING_LOG,
+    capture_model,
+    start_stage,
+)
 
 # The curves record what training computed, not how long it took (CURVES; dvclive writes no timestamps
 # unless asked), so a forced retrain that reproduces the weights writes the same files and does not

@@ -10,10 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import capture
+from pipeline.graph.capture import capture
 from pipeline.models import build_model
 from pipeline.profile import calibrate_ranges, profile_activations
-from pipeline.quant.build import build_integer_model, group_ranges, quantize_model_weights
+from pipeline.quant.build import (
+    build_integer_model,
+    group_ranges,
+    quantize_model_weights,
+)
 from pipeline.quant.ir import IntegerModel
 from pipeline.quant.ranges import ActivationFormat
 from pipeline.train import SEED_MEAN, SEED_STD

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.graph import FloatGraph, Linear, capture, run_float
+from pipeline.graph.capture import capture
+from pipeline.graph.nodes import FloatGraph, Linear
+from pipeline.graph.run import run_float
 from pipeline.models import build_model
 from pipeline.quant import adaround
 from pipeline.quant.adaround import (
@@ -18,7 +20,11 @@ from pipeline.quant.adaround import (
     rectified_sigmoid,
     rounding_regularizer,
 )
-from pipeline.quant.build import activation_quantizer, build_integer_model, quantize_model_weights
+from pipeline.quant.build import (
+    activation_quantizer,
+    build_integer_model,
+    quantize_model_weights,
+)
 from pipeline.quant.engine import quantize_input, run_integer
 from pipeline.quant.ranges import ActivationFormat, int_range, scale_from_range
 from pipeline.quant.settings import AdaRoundSettings

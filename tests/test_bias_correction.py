@@ -7,8 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.graph import capture, folded_state_dict, tensor_values, with_biases, with_weights
-from pipeline.model_files import load_corrected_biases, load_quantized_weights, save_quantized_weights
+from pipeline.graph.capture import capture
+from pipeline.graph.nodes import folded_state_dict, with_biases, with_weights
+from pipeline.graph.run import tensor_values
+from pipeline.model_files import (
+    load_corrected_biases,
+    load_quantized_weights,
+    save_quantized_weights,
+)
 from pipeline.models import build_model
 from pipeline.quant.bias_correction import corrected_biases, output_shift
 from pipeline.quant.build import build_integer_model, quantize_model_weights

@@ -25,13 +25,13 @@ NOT_RUN_BY_STAGE = {
     # stages/common.py imports build_model for the stages after train.
     # stages/common.py imports the graph capture and equalization for the stages after train.
     "download": {"pipeline/models.py", "pipeline/quant/calibrators.py", "pipeline/quant/ranges.py",
-                 "pipeline/quant/settings.py", "pipeline/graph.py", "pipeline/quant/equalization.py"},
+                 "pipeline/quant/settings.py", "pipeline/graph/capture.py", "pipeline/graph/nodes.py", "pipeline/graph/rewrite.py", "pipeline/graph/run.py", "pipeline/quant/equalization.py"},
     # check-params only validates; stages/common.py imports pipeline.io for the other stages' checkpoints.
     "check-params": {"pipeline/io.py", "pipeline/models.py", "pipeline/quant/calibrators.py",
-                     "pipeline/quant/ranges.py", "pipeline/graph.py", "pipeline/quant/equalization.py"},
+                     "pipeline/quant/ranges.py", "pipeline/graph/capture.py", "pipeline/graph/nodes.py", "pipeline/graph/rewrite.py", "pipeline/graph/run.py", "pipeline/quant/equalization.py"},
     # train captures the untrained model only to refuse, before training, one the quantizer cannot take.
     "train": {"pipeline/quant/calibrators.py", "pipeline/quant/ranges.py", "pipeline/quant/settings.py",
-              "pipeline/graph.py", "pipeline/quant/equalization.py"},
+              "pipeline/graph/capture.py", "pipeline/graph/nodes.py", "pipeline/graph/rewrite.py", "pipeline/graph/run.py", "pipeline/quant/equalization.py"},
     # pipeline.export.artifacts imports them for export_agreement, which the evaluate stage runs.
     "export": {"pipeline/evaluation.py", "pipeline/train.py", "pipeline/quant/equalization.py"},
 }

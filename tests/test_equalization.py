@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import FloatGraph, capture, observe_original, run_float, tensor_values
+from pipeline.graph.capture import capture, observe_original
+from pipeline.graph.nodes import FloatGraph
+from pipeline.graph.run import run_float, tensor_values
 from pipeline.models import MODELS, build_model
 from pipeline.profile import profile_activations
 from pipeline.quant.build import quantize_layer_weights

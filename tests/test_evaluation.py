@@ -7,18 +7,27 @@ from pipeline.evaluation import (
     engine_predictions,
     float_model_bytes,
     integer_model_bytes,
-    packed_integer_model_bytes,
     output_sqnr,
+    packed_integer_model_bytes,
     paired_difference_error,
     percent_equal,
     simulated_predictions,
     sqnr_db,
     weight_sqnr,
 )
-from pipeline.graph import capture
+from pipeline.graph.capture import capture
 from pipeline.models import Net, build_model
-from pipeline.profile import calibrate_ranges, calibration_indices, clipped_fraction, profile_activations
-from pipeline.quant.build import build_integer_model, quantize_model_weights, scale_groups
+from pipeline.profile import (
+    calibrate_ranges,
+    calibration_indices,
+    clipped_fraction,
+    profile_activations,
+)
+from pipeline.quant.build import (
+    build_integer_model,
+    quantize_model_weights,
+    scale_groups,
+)
 from pipeline.quant.engine import QuantizedNet
 from pipeline.quant.mixed_precision import packed_model_bytes
 from pipeline.train import SEED_MEAN, SEED_STD, normalize

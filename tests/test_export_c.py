@@ -25,9 +25,12 @@ from pipeline.export.c_model import (
     write_c_sources,
 )
 from pipeline.export.plan import numel
-from pipeline.quant.ir import parameter_bytes
 from pipeline.quant.build import raw_accumulator_clamp
-from pipeline.quant.engine import integer_tensor_outputs, quantize_model_input, run_integer
+from pipeline.quant.engine import (
+    integer_tensor_outputs,
+    quantize_model_input,
+    run_integer,
+)
 from pipeline.quant.integer_ops import (
     add_integers,
     apply_requantize,
@@ -48,6 +51,7 @@ from pipeline.quant.ir import (
     IntMaxPool,
     IntReshape,
     int_node_inputs,
+    parameter_bytes,
 )
 from tests.integer_graphs import FORMATS, TOYS, cifar_model, toy_model
 from tests.test_export_plan import (

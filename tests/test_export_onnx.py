@@ -22,12 +22,37 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from pipeline.export.onnx_model import IR_VERSION, OPSET, build_onnx_model, onnx_predictions, save_onnx_model
-from pipeline.quant.engine import integer_tensor_outputs, quantize_input, quantize_model_input, run_integer
+from pipeline.export.onnx_model import (
+    IR_VERSION,
+    OPSET,
+    build_onnx_model,
+    onnx_predictions,
+    save_onnx_model,
+)
+from pipeline.quant.engine import (
+    integer_tensor_outputs,
+    quantize_input,
+    quantize_model_input,
+    run_integer,
+)
 from pipeline.quant.integer_ops import conv_accumulators
-from pipeline.quant.ir import IntAdd, IntAvgPool, IntClamp, IntConcat, IntConv, IntegerModel, Requantize
+from pipeline.quant.ir import (
+    IntAdd,
+    IntAvgPool,
+    IntClamp,
+    IntConcat,
+    IntConv,
+    IntegerModel,
+    Requantize,
+)
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
-from tests.integer_graphs import FORMATS, TOYS, cifar_model, random_uint8_images, toy_model
+from tests.integer_graphs import (
+    FORMATS,
+    TOYS,
+    cifar_model,
+    random_uint8_images,
+    toy_model,
+)
 
 GRANULARITIES = ("per_tensor", "per_channel")
 INTEGER_OPS = {

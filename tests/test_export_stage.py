@@ -10,8 +10,8 @@ from pipeline.export.artifacts import ONNX_FILES, export_agreement, export_integ
 from pipeline.export.c_build import find_compiler
 from pipeline.export.c_model import C_FILES
 from pipeline.io import read_json
-from pipeline.quant.engine import quantize_input, run_integer
 from pipeline.model_files import save_integer_model
+from pipeline.quant.engine import quantize_input, run_integer
 from tests.test_export_plan import cifar_model, random_images
 
 REPO = Path(__file__).resolve().parents[1]

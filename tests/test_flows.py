@@ -22,8 +22,13 @@ import pytest
 import yaml
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 from prefect.logging import disable_run_logger
 from prefect.logging.handlers import APILogWorker
 from prefect.states import Completed, Crashed, Failed, Running, Scheduled

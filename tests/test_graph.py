@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import (
+from pipeline.graph.capture import capture
+from pipeline.graph.nodes import (
     Activation,
     Add,
     AvgPool,
@@ -16,11 +17,10 @@ from pipeline.graph import (
     MaxPool,
     Reshape,
     UnsupportedModelError,
-    capture,
     folded_state_dict,
-    run_float,
     with_weights,
 )
+from pipeline.graph.run import run_float
 from pipeline.models import MODELS, build_model
 from tests.integer_graphs import TOYS
 from tests.model_fixtures import randomize_batchnorm

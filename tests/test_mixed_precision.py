@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from pipeline import graph as graph_module
-from pipeline.graph import capture
+from pipeline.graph.capture import capture
 from pipeline.models import build_model
 from pipeline.quant import mixed_precision
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.mixed_precision import (
     DP_CELLS,
-    allocation_noise,
-    choose_bits,
     CurvePoint,
     allocate_bits,
+    allocation_noise,
+    choose_bits,
     curve_json,
     curve_rows,
     heat_map_rows,

@@ -3,7 +3,15 @@ import torch
 from torch import nn
 
 from pipeline.models import (
-    MODELS, BNNet, CheckpointError, ModelSpecError, Net, ResNet20, build_model, check_class_scores, restore_model,
+    MODELS,
+    BNNet,
+    CheckpointError,
+    ModelSpecError,
+    Net,
+    ResNet20,
+    build_model,
+    check_class_scores,
+    restore_model,
 )
 
 

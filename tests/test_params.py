@@ -21,7 +21,14 @@ from pipeline.quant.settings import (
     SigmaSettings,
     WeightMseSettings,
 )
-from tests.project_copy import CLASSES, PROJECT_ROOT, copy_project, run, set_params, write_image_folder
+from tests.project_copy import (
+    CLASSES,
+    PROJECT_ROOT,
+    copy_project,
+    run,
+    set_params,
+    write_image_folder,
+)
 
 
 def test_params_file_is_valid_and_is_the_seed_recipe():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.graph import capture
+from pipeline.graph.capture import capture
 from pipeline.io import save_checkpoint, write_json
 from pipeline.model_files import save_quantized_weights
 from pipeline.models import build_model
@@ -31,8 +31,8 @@ from pipeline.plots import (
 )
 from pipeline.profile import calibrate_ranges, clipped_fraction, profile_activations
 from pipeline.quant.build import quantize_model_weights
-from pipeline.quant.settings import PercentileSettings, SigmaSettings
 from pipeline.quant.observers import ActivationObserver
+from pipeline.quant.settings import PercentileSettings, SigmaSettings
 from pipeline.train import SEED_MEAN, SEED_STD
 from tests.project_copy import PROJECT_ROOT
 

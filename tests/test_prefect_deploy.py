@@ -11,8 +11,13 @@ import pytest
 import yaml
 
 from pipeline import flows
-from tests.project_copy import PROJECT_ROOT, run, set_params, tool_env
-from tests.project_copy import tiny_project_copy
+from tests.project_copy import (
+    PROJECT_ROOT,
+    run,
+    set_params,
+    tiny_project_copy,
+    tool_env,
+)
 
 ROUND_TRIP_LIMIT = 900  # seconds: server start, deploy, one pipeline run, one two-experiment sweep
 

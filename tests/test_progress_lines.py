@@ -11,13 +11,17 @@ import pytest
 import torch
 
 from pipeline import progress
-from pipeline.graph import capture
+from pipeline.graph.capture import capture
 from pipeline.models import build_model
 from pipeline.progress import progress_items
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import quantize_model_weights
-from pipeline.quant.mixed_precision import choose_bits, layer_sensitivity, size_accuracy_curve
+from pipeline.quant.mixed_precision import (
+    choose_bits,
+    layer_sensitivity,
+    size_accuracy_curve,
+)
 from pipeline.quant.settings import AdaRoundSettings
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.graph.capture import capture
 from pipeline.models import Net
+from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.calibrators import (
     ACTIVATION_CALIBRATORS,
     WEIGHT_CALIBRATORS,
@@ -23,6 +25,8 @@ from pipeline.quant.calibrators import (
     parse_granularity,
     weight_range,
 )
+from pipeline.quant.observers import ActivationObserver
+from pipeline.quant.ranges import ZERO_RANGE_SCALE
 from pipeline.quant.settings import (
     EntropySettings,
     HistogramMseSettings,
@@ -30,10 +34,6 @@ from pipeline.quant.settings import (
     SigmaSettings,
     WeightMseSettings,
 )
-from pipeline.graph import capture
-from pipeline.profile import calibrate_ranges, profile_activations
-from pipeline.quant.observers import ActivationObserver
-from pipeline.quant.ranges import ZERO_RANGE_SCALE
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
 
 

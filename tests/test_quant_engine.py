@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.graph import capture, numel, run_float
+from pipeline.graph.capture import capture
+from pipeline.graph.nodes import numel
+from pipeline.graph.run import run_float
 from pipeline.model_files import SCHEME, load_integer_model, save_integer_model
 from pipeline.models import Net, build_model
 from pipeline.quant import engine
@@ -35,9 +37,21 @@ from pipeline.quant.engine import (
 )
 from pipeline.quant.fixed_point import requantize_reference
 from pipeline.quant.ir import IntConv
-from pipeline.quant.ranges import ActivationFormat, accumulator_bound, check_accumulator, dequantize
+from pipeline.quant.ranges import (
+    ActivationFormat,
+    accumulator_bound,
+    check_accumulator,
+    dequantize,
+)
 from pipeline.train import SEED_MEAN, SEED_STD, normalize
-from tests.integer_graphs import FORMATS, TOYS, MixedSignToy, cifar_model, random_uint8_images, toy_model
+from tests.integer_graphs import (
+    FORMATS,
+    TOYS,
+    MixedSignToy,
+    cifar_model,
+    random_uint8_images,
+    toy_model,
+)
 
 # ---------------------------------------------------------------- weights and biases
 
@@ -146,7 +160,7 @@ def test_build_reports_missing_and_bad_ranges(net_and_data):
 
 
 def test_a_model_whose_output_is_not_a_layer_is_an_error():
-    from pipeline.graph import UnsupportedModelError
+    from pipeline.graph.nodes import UnsupportedModelError
 
     class AddOut(torch.nn.Module):
         def __init__(self):

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from pipeline.quant import fixed_point, ranges
-from pipeline.quant.fixed_point import quantize_multiplier, quantize_multipliers, requantize, requantize_reference
+from pipeline.quant.fixed_point import (
+    quantize_multiplier,
+    quantize_multipliers,
+    requantize,
+    requantize_reference,
+)
 from pipeline.quant.ranges import (
     ZERO_RANGE_SCALE,
     dequantize,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.data import CLASS_NAMES, CifarArrays, save_arrays
-from pipeline.graph import capture
+from pipeline.graph.capture import capture
 from pipeline.io import save_checkpoint
 from pipeline.model_files import load_quantized_weights
 from pipeline.models import build_model

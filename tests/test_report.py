@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-from pipeline.report import bits_label, main, results_markdown, results_table, stage_labels
+from pipeline.report import (
+    bits_label,
+    main,
+    results_markdown,
+    results_table,
+    stage_labels,
+)
 from tests.project_copy import PROJECT_ROOT, run
 
 

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from pipeline.graph import Conv, MaxPool, capture, observe_original, run_float
+from pipeline.graph.capture import capture, observe_original
+from pipeline.graph.nodes import Conv, MaxPool
+from pipeline.graph.run import run_float
 from pipeline.models import build_model
 from pipeline.profile import profile_activations
 from pipeline.quant.ir import IntConv

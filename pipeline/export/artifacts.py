@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import Tensor
 
+from pipeline.evaluation import percent_equal
 from pipeline.export.c_build import c_footprint, c_logits, find_compiler
 from pipeline.export.c_model import C_FILES, write_c_sources
 from pipeline.export.onnx_model import onnx_predictions, save_onnx_model
-from pipeline.evaluation import percent_equal
 from pipeline.quant.engine import quantize_model_input, run_integer
 from pipeline.quant.ir import IntegerModel
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.graph import numel
+from pipeline.graph.nodes import numel
 from pipeline.quant.fixed_point import MAX_SHIFT, MIN_SHIFT
 from pipeline.quant.ir import (
     IntAdd,

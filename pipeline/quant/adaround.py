@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.graph import Conv, FloatGraph, Linear, run_layer, tensor_values
+from pipeline.graph.nodes import Conv, FloatGraph, Linear
+from pipeline.graph.run import run_layer, tensor_values
 from pipeline.progress import progress_items
 from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.ranges import dequantize, int_range, layer_bits, quantize

@@ -26,7 +26,14 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from pipeline.graph import Conv, FloatGraph, Linear, folded_state_dict, run_layer, tensor_values, with_weights
+from pipeline.graph.nodes import (
+    Conv,
+    FloatGraph,
+    Linear,
+    folded_state_dict,
+    with_weights,
+)
+from pipeline.graph.run import run_layer, tensor_values
 from pipeline.progress import progress_items
 from pipeline.quant.engine import dequantized_weights
 from pipeline.train import normalize

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.graph import (
+from pipeline.graph.nodes import (
     Activation,
     ActivationKind,
     Add,
@@ -45,7 +45,12 @@ from pipeline.graph import (
     UnsupportedModelError,
     check_output_layer,
 )
-from pipeline.quant.calibrators import Granularity, PerChannel, parse_granularity, weight_range
+from pipeline.quant.calibrators import (
+    Granularity,
+    PerChannel,
+    parse_granularity,
+    weight_range,
+)
 from pipeline.quant.fixed_point import quantize_multipliers
 from pipeline.quant.integer_ops import ADD_LEFT_SHIFT
 from pipeline.quant.ir import (

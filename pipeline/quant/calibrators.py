@@ -35,7 +35,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.quant.ranges import ActivationFormat, dequantize, quantize, scale_from_range
+from pipeline.quant.ranges import (
+    ActivationFormat,
+    dequantize,
+    quantize,
+    scale_from_range,
+)
 from pipeline.quant.settings import (
     EntropySettings,
     HistogramMseSettings,
@@ -44,7 +49,6 @@ from pipeline.quant.settings import (
     SigmaSettings,
     WeightMseSettings,
 )
-
 
 # ---------------------------------------------------------------- granularity
 

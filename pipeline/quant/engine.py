@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.graph import FloatGraph, numel, run_float
+from pipeline.graph.nodes import FloatGraph, numel
+from pipeline.graph.run import run_float
 from pipeline.quant.build import raw_accumulator_clamp
 from pipeline.quant.integer_ops import apply_requantize
 from pipeline.quant.ir import (

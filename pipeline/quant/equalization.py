@@ -30,7 +30,16 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from pipeline.graph import Activation, AvgPool, Conv, FloatGraph, Linear, MaxPool, Node, Reshape
+from pipeline.graph.nodes import (
+    Activation,
+    AvgPool,
+    Conv,
+    FloatGraph,
+    Linear,
+    MaxPool,
+    Node,
+    Reshape,
+)
 
 DEFAULT_MAX_ITERATIONS = 100  # sweeps over all pairs; a lone pair needs one (and one more to see it converged)
 DEFAULT_TOLERANCE = 1e-6  # converged when every scale of a sweep has |log s| <= this (about 1e-6 relative)

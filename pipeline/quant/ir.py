@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from pipeline.graph import ActivationKind
+from pipeline.graph.nodes import ActivationKind
 from pipeline.quant.ranges import int_range
 
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.graph import FloatGraph, run_float
+from pipeline.graph.nodes import FloatGraph
+from pipeline.graph.run import run_float
 from pipeline.profile import calibration_indices
 from pipeline.progress import progress_items
 from pipeline.quant.build import quantize_layer_weights

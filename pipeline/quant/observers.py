@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 DEFAULT_NUM_BINS = 2048
 
 

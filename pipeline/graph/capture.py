@@ -1,35 +1,24 @@
-"""The float graph: any traceable CNN as typed nodes in topological order, BatchNorm folded, activations fused.
+"""Tracing a model into the float graph: ``capture(model)``, and ``observe_original`` on the trace.
 
 ``capture(model)`` traces ``model`` with ``torch.fx.symbolic_trace``, runs one
 CIFAR-sized image through the trace to learn every tensor's shape, and turns
-each traced call into one of the node types below. Anything else is an
+each traced call into one of the node types of ``pipeline.graph.nodes``. Anything else is an
 ``UnsupportedModelError`` naming the node, its op and ``SUPPORTED``, before
-any work is done. Then two rewrites, each found by pattern, not by position:
+any work is done. Then the rewrites of ``pipeline.graph.rewrite`` (BatchNorm folding,
+activation fusion), each found by pattern, not by position.
 
-- a ``BatchNorm2d`` whose input is a convolution's output read by nothing else
-  is folded into that convolution (eval-mode statistics, float64 arithmetic);
-- a ReLU / ReLU6 (module, function, method, ``clamp(0, 6)``, ``hardtanh(0, 6)``)
-  whose input is a ``Conv``, ``Linear`` or ``Add`` output read by nothing else
-  becomes that node's ``activation``; elsewhere it stays an ``Activation`` node.
-
-Tensor names are node names; a module call is named by the module's qualified
-name (``layer1.0.conv1``), a function call by fx's name for it (``add_1``). A module
-called more than once (the tutorial's ``self.pool``, torchvision's ``self.relu`` in a
+A module called more than once (the tutorial's ``self.pool``, torchvision's ``self.relu`` in a
 residual block, a shared-weight layer) is one node per call: the first keeps the
 module's name, the next are ``pool@2``, ``pool@3``, ... (``@`` is in no module path
 or fx name, so these never collide). A shared-weight layer is thus one layer per
 call, each with its own copy of the weight (and BatchNorm, if each call has its own).
-Shapes are per image: (C, H, W) for maps, (K,) after a flatten.
-
-``run_float(graph, x)`` runs the graph in float, optionally with other weights
-(the weight-only quantized model); it equals ``model.eval()(x)`` to float tolerance.
 """
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.fx
@@ -37,8 +26,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-ActivationKind = Literal["none", "relu", "relu6"]
-CIFAR10_INPUT_SHAPE = (3, 32, 32)  # (C, H, W) of one image
+from pipeline.graph.nodes import (
+    CIFAR10_INPUT_SHAPE,
+    Activation,
+    ActivationKind,
+    Add,
+    AvgPool,
+    Concat,
+    Conv,
+    FloatGraph,
+    Linear,
+    MaxPool,
+    Reshape,
+    UnsupportedModelError,
+    numel,
+)
+from pipeline.graph.rewrite import (
+    BatchNormCall,
+    fold_batchnorms,
+    fuse_activations,
+    rename_inputs,
+)
 
 SUPPORTED = (
     "Conv2d (dilation 1, zero padding, any groups), Linear, BatchNorm2d after a Conv2d, ReLU / ReLU6 / "
@@ -47,142 +55,6 @@ SUPPORTED = (
     "Identity, Dropout (eval: identity)"
 )
 
-
-class UnsupportedModelError(ValueError):
-    """The model has an op, or an op configuration, that the quantizer does not implement."""
-
-
-# ---------------------------------------------------------------- nodes
-
-
-@dataclass(frozen=True)
-class Conv:
-    """A 2-D convolution; ``groups == in_channels == out_channels`` is depthwise."""
-
-    name: str
-    input: str
-    output: str
-    weight: Tensor  # (out, in / groups, kh, kw)
-    bias: Tensor | None
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    groups: int = 1
-    activation: ActivationKind = "none"
-
-
-@dataclass(frozen=True)
-class Linear:
-    name: str
-    input: str
-    output: str
-    weight: Tensor  # (out, in)
-    bias: Tensor | None
-    activation: ActivationKind = "none"
-
-
-@dataclass(frozen=True)
-class Add:
-    """Elementwise sum of two tensors of the same shape (a residual add)."""
-
-    name: str
-    inputs: tuple[str, str]
-    output: str
-    activation: ActivationKind = "none"
-
-
-@dataclass(frozen=True)
-class Concat:
-    """Concatenation along channels."""
-
-    name: str
-    inputs: tuple[str, ...]
-    output: str
-
-
-@dataclass(frozen=True)
-class MaxPool:
-    name: str
-    input: str
-    output: str
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class AvgPool:
-    """Average over windows (zero padding counted, as PyTorch's default); a global pool is one H x W window."""
-
-    name: str
-    input: str
-    output: str
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Activation:
-    """A ReLU or ReLU6 that could not be fused into its producer."""
-
-    name: str
-    input: str
-    output: str
-    activation: ActivationKind
-
-
-@dataclass(frozen=True)
-class Reshape:
-    """A flatten to (N, K): moves no data (the C, H, W order is the memory order)."""
-
-    name: str
-    input: str
-    output: str
-
-
-Node = Conv | Linear | Add | Concat | MaxPool | AvgPool | Activation | Reshape
-LAYER_TYPES = (Conv, Linear)  # the nodes with weights
-
-
-def node_inputs(node: Node) -> tuple[str, ...]:
-    """The tensors a node reads."""
-    return node.inputs if isinstance(node, (Add, Concat)) else (node.input,)
-
-
-@dataclass(frozen=True)
-class FloatGraph:
-    """Nodes in topological order; ``shapes`` maps every tensor name to its per-image shape."""
-
-    input: str
-    output: str
-    nodes: tuple[Node, ...]
-    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    # The trace of the original (unfolded) model, for ``observe_original``.
-    traced: torch.fx.GraphModule | None = field(default=None, compare=False, repr=False)
-
-    def layers(self) -> list[Conv | Linear]:
-        """The Conv and Linear nodes, in forward order."""
-        return [node for node in self.nodes if isinstance(node, LAYER_TYPES)]
-
-    def consumers(self) -> dict[str, list[Node]]:
-        """For every tensor, the nodes that read it (in order)."""
-        readers: dict[str, list[Node]] = {self.input: []}
-        for node in self.nodes:
-            readers.setdefault(node.output, [])
-            for name in node_inputs(node):
-                readers[name].append(node)
-        return readers
-
-    def producer(self) -> dict[str, Node]:
-        return {node.output: node for node in self.nodes}
-
-
-def layer_names(graph: FloatGraph) -> list[str]:
-    """Names of the Conv and Linear nodes, in forward order."""
-    return [node.name for node in graph.layers()]
-
-
-# ---------------------------------------------------------------- capture
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -318,7 +190,7 @@ def _convert(
 def _convert_call(
     node: torch.fx.Node, name: str, what: str, modules: Mapping[str, nn.Module], resolve: Callable[[torch.fx.Node], str]
 ) -> Any:
-    """One traced call as a node (BatchNorm2d kept as ``_BatchNorm``), an alias name, or None (not a tensor)."""
+    """One traced call as a node (BatchNorm2d kept as ``BatchNormCall``), an alias name, or None (not a tensor)."""
     args = _tensor_args(node)
     if node.op == "call_method" and node.target == "size":
         return None  # an integer, only used as a view/reshape argument
@@ -386,14 +258,6 @@ def _convert_call(
 
 
 @dataclass(frozen=True)
-class _BatchNorm:
-    name: str
-    input: str
-    output: str
-    module: nn.BatchNorm2d
-
-
-@dataclass(frozen=True)
 class _Reshape:
     name: str
     input: str
@@ -438,7 +302,7 @@ def _convert_module(node: torch.fx.Node, name: str, what: str, module: nn.Module
     if isinstance(module, nn.BatchNorm2d):
         if module.running_mean is None or module.running_var is None:
             raise _unsupported(node, what, "a BatchNorm2d without running statistics cannot be folded")
-        return _BatchNorm(name, source, name, module)
+        return BatchNormCall(name, source, name, module)
     if isinstance(module, nn.ReLU6) or (isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0, 6)):
         return Activation(name, source, name, "relu6")
     if isinstance(module, nn.ReLU):
@@ -487,7 +351,7 @@ def _build(raw: _Raw, shapes: Mapping[str, tuple[int, ...]]) -> FloatGraph:
             nodes.append(Reshape(item.name, item.input, item.output))
         else:
             nodes.append(item)
-    nodes = [_rename_inputs(node, raw.aliases) for node in nodes]
+    nodes = [rename_inputs(node, raw.aliases) for node in nodes]
     output = raw.aliases.get(raw.output, raw.output)
     graph = FloatGraph(raw.input_name, output, tuple(nodes), dict(shapes))
     for node in graph.nodes:
@@ -497,253 +361,6 @@ def _build(raw: _Raw, shapes: Mapping[str, tuple[int, ...]]) -> FloatGraph:
                 f"{shapes[node.inputs[1]]} (broadcasting is not supported)"
             )
     return graph
-
-
-def numel(shape: Iterable[int]) -> int:
-    """Values in a tensor of ``shape``."""
-    total = 1
-    for size in shape:
-        total *= size
-    return total
-
-
-def _rename_inputs(node: Any, aliases: Mapping[str, str]) -> Any:
-    def resolve(name: str) -> str:
-        while name in aliases:
-            name = aliases[name]
-        return name
-
-    if isinstance(node, (Add, Concat)):
-        return replace(node, inputs=tuple(resolve(name) for name in node.inputs))
-    return replace(node, input=resolve(node.input))
-
-
-# ---------------------------------------------------------------- rewrites
-
-
-def folded_conv_parameters(
-    weight: Tensor, bias: Tensor | None, batchnorm: nn.BatchNorm2d
-) -> tuple[Tensor, Tensor]:
-    """(weight, bias) of a convolution with eval-mode ``batchnorm`` folded into it.
-
-    BN(y) = gamma * (y - mean) / sqrt(var + eps) + beta, per output channel, so
-    w' = w * gamma / sqrt(var + eps) and b' = (b - mean) * gamma / sqrt(var + eps) + beta.
-    Computed in float64, returned in the weight's dtype.
-    """
-    running_mean = batchnorm.running_mean.to(torch.float64)
-    inv_std = torch.rsqrt(batchnorm.running_var.to(torch.float64) + batchnorm.eps)
-    gamma = batchnorm.weight.detach().to(torch.float64) if batchnorm.affine else torch.ones_like(running_mean)
-    beta = batchnorm.bias.detach().to(torch.float64) if batchnorm.affine else torch.zeros_like(running_mean)
-    bias64 = bias.to(torch.float64) if bias is not None else torch.zeros_like(running_mean)
-    gain = gamma * inv_std
-    folded_weight = weight.to(torch.float64) * gain.reshape(-1, *([1] * (weight.ndim - 1)))
-    folded_bias = (bias64 - running_mean) * gain + beta
-    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
-
-
-def fold_batchnorms(graph: FloatGraph) -> FloatGraph:
-    """Fold every BatchNorm2d into the Conv whose output only it reads; any other BatchNorm2d is an error."""
-    consumers = graph.consumers()
-    conv_index: dict[str, int] = {}  # output tensor -> position in ``nodes`` of the Conv producing it
-    renamed: set[str] = set()
-    nodes: list[Any] = []
-    for node in graph.nodes:
-        if not isinstance(node, _BatchNorm):
-            if isinstance(node, Conv):
-                conv_index[node.output] = len(nodes)
-            nodes.append(node)
-            continue
-        index = conv_index.get(node.input)
-        if index is None or len(consumers[node.input]) != 1:
-            raise UnsupportedModelError(
-                f"node {node.name!r} (BatchNorm2d) must read the output of a Conv2d that nothing else reads, "
-                "to be folded into it"
-            )
-        conv = nodes[index]
-        weight, bias = folded_conv_parameters(conv.weight, conv.bias, node.module)
-        nodes[index] = replace(conv, weight=weight, bias=bias, output=node.output)
-        conv_index[node.output] = index
-        renamed.add(conv.output)
-    shapes = {name: shape for name, shape in graph.shapes.items() if name not in renamed}
-    return replace(graph, nodes=tuple(nodes), shapes=shapes)
-
-
-def fuse_activations(graph: FloatGraph) -> FloatGraph:
-    """Fuse each ReLU/ReLU6 into the Conv, Linear or Add whose output only it reads (module docstring)."""
-    consumers = graph.consumers()
-    nodes: list[Node] = list(graph.nodes)
-    index_of = {node.output: index for index, node in enumerate(nodes)}
-    aliases: dict[str, str] = {}
-    kept: list[bool] = [True] * len(nodes)
-    for index, node in enumerate(graph.nodes):
-        if not isinstance(node, Activation):
-            continue
-        producer_index = index_of.get(node.input)
-        if producer_index is None or not kept[producer_index]:
-            continue
-        producer = nodes[producer_index]
-        fusable = isinstance(producer, (Conv, Linear, Add)) and producer.activation == "none"
-        if fusable and len(consumers[node.input]) == 1 and node.input != graph.output:
-            nodes[producer_index] = replace(producer, activation=node.activation, output=node.output)
-            index_of[node.output] = producer_index
-            kept[index] = False
-            aliases[node.input] = node.output
-    fused = [_rename_inputs(node, aliases) for node, keep in zip(nodes, kept) if keep]
-    shapes = {name: shape for name, shape in graph.shapes.items() if name not in aliases}
-    return replace(graph, nodes=tuple(fused), shapes=shapes)
-
-
-def check_output_layer(graph: FloatGraph) -> Conv | Linear:
-    """The Conv/Linear node whose output (through flattens) is the model's output: it gives the int32 logits."""
-    producer = graph.producer()
-    name = graph.output
-    while isinstance(producer.get(name), Reshape):
-        name = producer[name].input
-    node = producer.get(name)
-    if not isinstance(node, (Conv, Linear)):
-        raise UnsupportedModelError(
-            f"the model's output {graph.output!r} must come from a Conv2d or Linear layer (through flattens only), "
-            f"to be its int32 logits; it comes from {type(node).__name__ if node else 'the input'} {name!r}"
-        )
-    readers = graph.consumers()
-    others = [reader.name for reader in readers[name] if not isinstance(reader, Reshape)]
-    if others:
-        raise UnsupportedModelError(f"the logits layer {node.name!r} output is also read by {others}")
-    return node
-
-
-# ---------------------------------------------------------------- running
-
-
-def apply_activation(x: Tensor, activation: ActivationKind) -> Tensor:
-    if activation == "relu":
-        return F.relu(x)
-    if activation == "relu6":
-        return F.relu6(x)
-    return x
-
-
-def run_float(
-    graph: FloatGraph,
-    x: Tensor,
-    weights: Mapping[str, Tensor] | None = None,
-    observe: Callable[[str, Tensor], None] | None = None,
-    activations: Callable[[str, Tensor], Tensor] | None = None,
-    computed: Mapping[str, Tensor] | None = None,
-) -> Tensor:
-    """The graph's output for a batch ``x`` (N, C, H, W), in ``x``'s dtype.
-
-    ``weights`` replaces layers' weights by name (the weight-only quantized model);
-    ``activations(tensor_name, value)`` replaces every tensor as it is computed (the input included), e.g. by its
-    quantized value (``pipeline.profile.activation_quantizer``); ``observe(tensor_name, value)`` then sees it.
-    ``computed`` holds tensors of an earlier pass on ``x`` whose nodes are not run again: the caller's promise that
-    they are what this pass would compute (the same weights up to them), so a pass that changes one layer's weight
-    can start at that layer.
-    """
-    if x.dim() == 4:
-        # The graph's own ops, not the user's code (which gets contiguous NCHW): oneDNN's convolutions run
-        # channels-last faster on a CPU (ResNet-20 0.87x, net 0.76x as fast without).
-        x = x.contiguous(memory_format=torch.channels_last)
-    values = {graph.input: x if activations is None else activations(graph.input, x)}
-    if observe is not None:
-        observe(graph.input, values[graph.input])
-    for node in graph.nodes:
-        if computed is not None and node.output in computed:
-            values[node.output] = computed[node.output]
-            continue
-        values[node.output] = _float_node(node, values, x.dtype, weights or {})
-        if activations is not None:
-            values[node.output] = activations(node.output, values[node.output])
-        if observe is not None:
-            observe(node.output, values[node.output])
-    return values[graph.output]
-
-
-def tensor_values(
-    graph: FloatGraph, x: Tensor, name: str, weights: Mapping[str, Tensor] | None = None, batch_size: int = 256,
-    activations: Callable[[str, Tensor], Tensor] | None = None,
-) -> Tensor:
-    """The tensor ``name`` for every image of ``x`` (``weights`` and ``activations`` as in ``run_float``),
-    ``batch_size`` images a pass."""
-    parts = []
-
-    def keep(tensor_name: str, value: Tensor) -> None:
-        if tensor_name == name:
-            parts.append(value.detach())
-
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            run_float(graph, x[start : start + batch_size], weights, keep, activations)
-    return torch.cat(parts)
-
-
-def run_layer(node: Conv | Linear, x: Tensor, weight: Tensor) -> Tensor:
-    """One Conv/Linear node on ``x`` with ``weight`` in its place (its own bias and fused activation), in x's dtype."""
-    weight = weight.to(x.dtype)
-    bias = node.bias.to(x.dtype) if node.bias is not None else None
-    if isinstance(node, Conv):
-        y = F.conv2d(x, weight, bias, node.stride, node.padding, 1, node.groups)
-    else:
-        y = F.linear(x, weight, bias)
-    return apply_activation(y, node.activation)
-
-
-def _float_node(node: Node, values: Mapping[str, Tensor], dtype: torch.dtype, weights: Mapping[str, Tensor]) -> Tensor:
-    if isinstance(node, (Conv, Linear)):
-        return run_layer(node, values[node.input], weights.get(node.name, node.weight))
-    if isinstance(node, Add):
-        return apply_activation(values[node.inputs[0]] + values[node.inputs[1]], node.activation)
-    if isinstance(node, Concat):
-        return torch.cat([values[name] for name in node.inputs], dim=1)
-    if isinstance(node, MaxPool):
-        return F.max_pool2d(values[node.input], node.kernel, node.stride, node.padding)
-    if isinstance(node, AvgPool):
-        return F.avg_pool2d(values[node.input], node.kernel, node.stride, node.padding)
-    if isinstance(node, Activation):
-        return apply_activation(values[node.input], node.activation)
-    return values[node.input].flatten(1)
-
-
-class GraphModel(nn.Module):
-    """A float graph as an ``nn.Module`` (``forward`` is ``run_float``), for code that runs modules."""
-
-    def __init__(self, graph: FloatGraph) -> None:
-        super().__init__()
-        self.graph = graph
-
-    def forward(self, x: Tensor) -> Tensor:
-        return run_float(self.graph, x)
-
-
-def float_parameter_count(graph: FloatGraph) -> int:
-    """Weights and biases of the folded graph (what a float deployment stores)."""
-    return sum(node.weight.numel() + (node.bias.numel() if node.bias is not None else 0) for node in graph.layers())
-
-
-def folded_state_dict(graph: FloatGraph, weights: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """``{name.weight, name.bias}`` of every layer of the folded graph (with ``weights`` replacing some)."""
-    state: dict[str, Tensor] = {}
-    for node in graph.layers():
-        state[f"{node.name}.weight"] = (weights or {}).get(node.name, node.weight).detach().clone()
-        if node.bias is not None:
-            state[f"{node.name}.bias"] = node.bias.detach().clone()
-    return state
-
-
-def with_weights(graph: FloatGraph, state_dict: Mapping[str, Tensor]) -> FloatGraph:
-    """A copy of ``graph`` whose layers take their weight and bias from ``folded_state_dict``'s form."""
-    nodes = []
-    for node in graph.nodes:
-        if isinstance(node, LAYER_TYPES):
-            bias = state_dict.get(f"{node.name}.bias")
-            node = replace(node, weight=state_dict[f"{node.name}.weight"], bias=bias)
-        nodes.append(node)
-    return replace(graph, nodes=tuple(nodes))
-
-
-def with_biases(graph: FloatGraph, biases: Mapping[str, Tensor]) -> FloatGraph:
-    """A copy of ``graph`` whose named layers take ``biases`` in place of their own (bias correction's)."""
-    return with_weights(graph, folded_state_dict(graph) | {f"{name}.bias": bias for name, bias in biases.items()})
 
 
 @torch.no_grad()
@@ -768,11 +385,3 @@ def observe_original(graph: FloatGraph, x: Tensor, names: Iterable[str], observe
 
     return _Observer(graph.traced).run(x)
 
-
-__all__ = [
-    "Activation", "ActivationKind", "Add", "AvgPool", "CIFAR10_INPUT_SHAPE", "Concat", "Conv", "FloatGraph",
-    "GraphModel", "float_parameter_count",
-    "LAYER_TYPES", "Linear", "MaxPool", "Node", "Reshape", "SUPPORTED", "UnsupportedModelError", "capture",
-    "check_output_layer", "fold_batchnorms", "folded_conv_parameters", "folded_state_dict", "fuse_activations", "layer_names",
-    "node_inputs", "numel", "observe_original", "run_float", "run_layer", "tensor_values", "with_biases", "with_weights",
-]
