@@ -30,9 +30,11 @@ from pipeline.graph.capture import capture
 from pipeline.io import load_checkpoint
 from pipeline.models import build_model, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations
-from pipeline.quant.build import build_integer_model, quantize_model_weights
-from pipeline.quant.engine import layer_plan, quantize_input, run_integer
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.quant.build import build_integer_model
+from pipeline.quant.engine import quantize_input, run_integer
+from pipeline.quant.ops.conv import layer_plan
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
 from tests.model_fixtures import randomize_batchnorm
 
 

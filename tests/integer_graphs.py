@@ -1,4 +1,5 @@
-"""Integer models of small graphs for the engine, C and ONNX tests: adds, depthwise, pools, concat, ReLU6.
+"""Integer models of small graphs for the engine, C and ONNX tests: adds, depthwise, pools, concat, ReLU6,
+leaky ReLU and hard swish.
 
 ``integer_model_of(module)`` captures a float module, calibrates it on random images and builds
 its integer model, so every test works from what the pipeline itself would produce, in any
@@ -13,14 +14,12 @@ from torch import nn
 from pipeline.graph.capture import capture
 from pipeline.models import build_model
 from pipeline.profile import calibrate_ranges, profile_activations
-from pipeline.quant.build import (
-    build_integer_model,
-    group_ranges,
-    quantize_model_weights,
-)
+from pipeline.quant.build import build_integer_model
 from pipeline.quant.ir import IntegerModel
 from pipeline.quant.ranges import ActivationFormat
-from pipeline.train import SEED_MEAN, SEED_STD
+from pipeline.quant.scale_groups import group_ranges
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD
 from tests.model_fixtures import randomize_batchnorm
 
 
@@ -123,8 +122,29 @@ class ReusedModulesToy(nn.Module):
         return self.fc(self.pool(y).flatten(1))
 
 
+class RescalingActivationsToy(nn.Module):
+    """Leaky ReLU and hard swish, as modules and as functions, on signed tensors and (after a ReLU, with unsigned
+    activations) on an unsigned one, one of them feeding a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.hardswish = nn.Hardswish()
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.leaky(self.conv1(x))
+        y = self.hardswish(self.conv2(x))
+        y = F.leaky_relu(F.relu(self.conv3(y)), 0.25) + y  # a leaky ReLU of an unsigned tensor, into an add
+        y = F.hardswish(F.max_pool2d(y, 2))
+        return self.fc(y.flatten(1))
+
+
 TOYS = {"residual": ResidualToy, "depthwise": DepthwiseToy, "shared-relu": SharedReluToy, "mixed-sign": MixedSignToy,
-        "reused-modules": ReusedModulesToy}
+        "reused-modules": ReusedModulesToy, "rescaling-activations": RescalingActivationsToy}
 # Activation formats beyond the default signed int8, by a short name for test ids.
 FORMATS = {
     "unsigned": ActivationFormat(8, unsigned=True),

@@ -8,6 +8,7 @@ import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,44 +16,42 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.export import c_build
-from pipeline.export.c_build import C_FLAGS, c_footprint, c_logits, find_compiler
-from pipeline.export.c_model import (
+from pipeline.export.c_arena import (
     Lifetime,
-    generate_c,
     peak_live_bytes,
     plan_arena,
     tensor_storage,
-    write_c_sources,
 )
-from pipeline.export.plan import numel
-from pipeline.quant.build import raw_accumulator_clamp
+from pipeline.export.c_build import C_FLAGS, c_footprint, c_logits, find_compiler
+from pipeline.export.c_model import generate_c, write_c_sources
+from pipeline.export.c_ops import emitter_of, fill
+from pipeline.graph.nodes import numel
 from pipeline.quant.engine import (
     integer_tensor_outputs,
     quantize_model_input,
     run_integer,
 )
-from pipeline.quant.integer_ops import (
-    add_integers,
-    apply_requantize,
-    avgpool_integers,
-    channel_shape,
-    clamp_integers,
-    concat_integers,
-    conv_accumulators,
-    window_sums,
+from pipeline.quant.ir import IntegerModel, int_node_inputs, parameter_bytes
+from pipeline.quant.ops.add import IntAdd, add_integers
+from pipeline.quant.ops.avgpool import IntAvgPool, avgpool_integers, window_sums
+from pipeline.quant.ops.base import Requantize, TensorInfo, requantization
+from pipeline.quant.ops.clamp import IntClamp, clamp_integers
+from pipeline.quant.ops.concat import IntConcat, concat_integers
+from pipeline.quant.ops.conv import IntConv, conv_accumulators, raw_accumulator_clamp
+from pipeline.quant.ops.hardswish import (
+    HIRES_SHIFT,
+    INT16_MAX,
+    INT16_MIN,
+    RELUISH_SCALE,
+    IntHardSwish,
+    hardswish_integers,
+    hardswish_reference,
+    int16_multiplier,
 )
-from pipeline.quant.ir import (
-    IntAdd,
-    IntAvgPool,
-    IntClamp,
-    IntConcat,
-    IntConv,
-    IntegerModel,
-    IntMaxPool,
-    IntReshape,
-    int_node_inputs,
-    parameter_bytes,
-)
+from pipeline.quant.ops.leaky_relu import IntLeakyReLU, leaky_relu_reference
+from pipeline.quant.ops.maxpool import IntMaxPool
+from pipeline.quant.ops.rescale import apply_requantize, channel_shape
+from pipeline.quant.ops.reshape import IntReshape
 from tests.integer_graphs import FORMATS, TOYS, cifar_model, toy_model
 from tests.test_export_plan import (
     IDENTITY_SHAPE,
@@ -134,7 +133,7 @@ def test_c_logits_equal_the_engine_on_every_image(case, tmp_path):
 
 
 def reference_values(model: IntegerModel, x_int8: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model`` for ``x_int8``, by the definitions of ``integer_ops`` (int64).
+    """Every tensor of ``model`` for ``x_int8``, by the definitions of ``pipeline.quant.ops`` (int64).
 
     A plain interpreter, on purpose not the engine: these tests need every intermediate tensor
     exactly, independent of the engine's fast paths (``test_c_logits_equal_the_engine_on_every_image``
@@ -157,8 +156,15 @@ def reference_values(model: IntegerModel, x_int8: torch.Tensor) -> dict[str, tor
             out = F.max_pool2d(values[node.input].to(torch.float64), node.kernel, node.stride, node.padding).long()
         elif isinstance(node, IntClamp):
             out = clamp_integers(values[node.input], node.clamp_min, node.clamp_max)
-        else:
+        elif isinstance(node, IntLeakyReLU):
+            x = values[node.input]
+            out = torch.where(x >= 0, apply_requantize(x, node.positive), apply_requantize(x, node.negative))
+        elif isinstance(node, IntHardSwish):
+            out = hardswish_integers(values[node.input], node)
+        elif isinstance(node, IntReshape):
             out = values[node.input].flatten(1)
+        else:
+            raise TypeError(f"reference_values has no definition of {type(node).__name__}")
         values[node.output] = out
     return values
 
@@ -248,7 +254,8 @@ def sanitizers_work(tmp_path) -> bool:
     return built_ok and subprocess.run([str(tmp_path / "probe")], capture_output=True).returncode == 0
 
 
-@pytest.mark.parametrize("case", ["residual-unsigned", "mixed-sign-unsigned-a6", "depthwise-unsigned-a4", "net-unsigned"])
+@pytest.mark.parametrize("case", ["residual-unsigned", "mixed-sign-unsigned-a6", "depthwise-unsigned-a4",
+                                  "net-unsigned"])
 def test_the_engine_is_its_integer_semantics_with_unsigned_and_narrow_activations(case):
     """Every tensor of the engine (float fast paths proved with the uint8 bounds) equals the plain interpreter."""
     model = EXPORT_CASES[case]()
@@ -260,7 +267,7 @@ def test_the_engine_is_its_integer_semantics_with_unsigned_and_narrow_activation
 
 @needs_gcc
 @pytest.mark.parametrize("case", ["residual-per-channel", "depthwise-ties", "mixed-sign-unsigned-ties",
-                                  "depthwise-unsigned-a4"])
+                                  "depthwise-unsigned-a4", "rescaling-activations-unsigned-a4"])
 def test_c_has_no_undefined_behavior_or_out_of_bounds_access(case, tmp_path):
     # Padded windows clipped at the borders, grouped and depthwise channels, negative values floored,
     # every int8 extreme: UBSan and ASan stop the run at the first signed overflow, bad shift or
@@ -281,6 +288,7 @@ def strip_c_comments(text: str) -> str:
 KERNELS = {  # the node types each static function serves
     "ptq_conv_s8": IntConv, "ptq_conv_s32": IntConv, "ptq_maxpool": IntMaxPool, "ptq_avgpool": IntAvgPool,
     "ptq_add": IntAdd, "ptq_copy_s8": IntConcat, "ptq_rescale_s8": IntConcat, "ptq_clamp_s8": IntClamp,
+    "ptq_leaky_relu": IntLeakyReLU, "ptq_hardswish": IntHardSwish,
 }
 
 
@@ -341,6 +349,181 @@ def test_model_compiles_without_floating_point_registers(name, tmp_path):
     command = ["gcc", *C_FLAGS, "-mgeneral-regs-only", "-O2", "-c", source, "-o", object_file]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- leaky ReLU and hard swish on every input code
+
+CODE_BITS = (4, 5, 6, 7, 8)
+# (S_in / S_out, negative_slope): M_pos = 1 (every code itself), < 1 with ties, > 1 (saturates); M_neg = 0 too
+LEAKY_RELU_SCALES = [(1.0, 0.1), (0.37, 0.25), (1.7, 0.01), (0.5, 0.0)]
+# (S_in, S_out / S_in): reluish exponents from -10 to 25 (saturating left shifts), output exponents 0 to -15
+HARDSWISH_SCALES = [(0.002, 0.01), (0.01, 1.0), (0.05, 0.5), (0.3, 3.0), (40.0, 512.0), (0.0117, 0.008),
+                    (1e-5, 1.0), (300.0, 100.0), (3e5, 100.0)]
+
+
+def leaky_relu_nodes(output: TensorInfo) -> list[Callable[[str, str, str], IntLeakyReLU]]:
+    """One factory (name, input, output) -> node per ``LEAKY_RELU_SCALES`` entry, as ``leaky_relu.build`` makes it."""
+    return [functools.partial(IntLeakyReLU, negative_slope=slope, positive=requantization(ratio, output.range),
+                              negative=requantization(slope * ratio, output.range))
+            for ratio, slope in LEAKY_RELU_SCALES]
+
+
+def hardswish_nodes(output: TensorInfo) -> list[Callable[[str, str, str], IntHardSwish]]:
+    """One factory (name, input, output) -> node per ``HARDSWISH_SCALES`` entry, with ``hardswish.build``'s
+    multipliers."""
+    factories = []
+    for input_scale, ratio in HARDSWISH_SCALES:
+        hires_scale = input_scale / 2**HIRES_SHIFT
+        output_multiplier, output_exponent = int16_multiplier(hires_scale / (input_scale * ratio))
+        reluish_multiplier, reluish_exponent = int16_multiplier(hires_scale / RELUISH_SCALE)
+        factories.append(functools.partial(
+            IntHardSwish, reluish_multiplier=reluish_multiplier, reluish_exponent=reluish_exponent,
+            output_multiplier=output_multiplier, output_exponent=output_exponent, clamp_min=output.range[0],
+            clamp_max=output.range[1]))
+    return factories
+
+
+def _ones_depthwise(name: str, source: str, target: str, channels: int, bias: int, rq: Requantize | None) -> IntConv:
+    """A 1x1 depthwise conv of weight 1: acc = x + bias, requantized by ``rq`` (None: the raw int32 logits)."""
+    return IntConv(name, "conv2d", source, target, torch.ones(channels, 1, 1, 1, dtype=torch.int8),
+                   torch.full((channels,), bias, dtype=torch.int32), torch.tensor(1.0, dtype=torch.float64), (1, 1),
+                   (0, 0), channels, "none", rq)
+
+
+def every_code_model(bits: int, unsigned: bool, factories: list[Callable[[str, str, str], object]],
+                     output: TensorInfo) -> IntegerModel:
+    """A model whose op nodes (one per factory, each at ``output``'s type) all read one tensor holding every code of
+    a ``bits``-bit signed or unsigned tensor once, their outputs concatenated and copied to the int32 logits.
+
+    Input (2^bits, 1, 1) signed; unsigned: lifted by a 1x1 depthwise conv to q + 2^(bits - 1) (M = 1), every code of
+    [0, 2^bits - 1]. The head is a 1x1 depthwise conv of weight 1, no requantization: logits = the op outputs.
+    """
+    codes = 2**bits
+    scale = torch.tensor(0.05, dtype=torch.float64)
+    tensors = {"x": TensorInfo((codes, 1, 1), bits, scale)}
+    nodes: list = []
+    source = "x"
+    if unsigned:
+        tensors["codes"] = TensorInfo((codes, 1, 1), bits, scale, signed=False)
+        lift = Requantize(torch.tensor(2**30, dtype=torch.int32), torch.tensor(1, dtype=torch.int32), 0, codes - 1)
+        nodes.append(_ones_depthwise("lift", "x", "codes", codes, codes // 2, lift))
+        source = "codes"
+    outputs = [f"y{index}" for index in range(len(factories))]
+    for target, factory in zip(outputs, factories, strict=True):
+        tensors[target] = replace(output, shape=(codes, 1, 1))
+        nodes.append(factory(f"op_{target}", source, target))
+    width = codes * len(factories)
+    tensors["y"] = replace(output, shape=(width, 1, 1))
+    tensors["logits"] = TensorInfo((width, 1, 1), 32, output.scale)
+    nodes += [IntConcat("all", tuple(outputs), "y", (None,) * len(outputs)),
+              _ones_depthwise("head", "y", "logits", width, 0, None)]
+    return IntegerModel("x", "logits", tensors, nodes)
+
+
+def every_code_image(bits: int) -> torch.Tensor:
+    """One int8 image holding every code of a signed ``bits``-bit input once, ascending."""
+    return torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1)).to(torch.int8).reshape(1, -1, 1, 1)
+
+
+OP_REFERENCES = {
+    "leaky_relu": (leaky_relu_nodes, lambda node, q: leaky_relu_reference(q, node.positive, node.negative)),
+    "hardswish": (hardswish_nodes, lambda node, q: hardswish_reference(q, node)),
+}
+
+
+@needs_gcc
+@pytest.mark.parametrize("op", sorted(OP_REFERENCES))
+@pytest.mark.parametrize("unsigned", [False, True], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("bits", CODE_BITS)
+def test_c_activations_equal_the_engine_on_every_input_code(op, unsigned, bits, tmp_path):
+    """Leaky ReLU and hard swish in C, engine and the op's one-value reference: 0 mismatches on every code.
+
+    Under UBSan and ASan where gcc runs them: no signed overflow, bad shift or stray access on any code.
+    """
+    make_nodes, reference = OP_REFERENCES[op]
+    output = TensorInfo((1,), bits, torch.tensor(0.05, dtype=torch.float64), signed=not unsigned)
+    model = every_code_model(bits, unsigned, make_nodes(output), output)
+    image = every_code_image(bits)
+    ops = [node for node in model.nodes if node.name.startswith("op_")]
+    codes = reference_values(model, image)[ops[0].input].flatten()
+    low, high = (0, 2**bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert codes.tolist() == list(range(low, high + 1))  # the op reads every code of its input once
+    write_c_sources(model, tmp_path)
+    flags = SANITIZERS if sanitizers_work(tmp_path) else ()
+    from_c = c_logits(tmp_path, image, extra_flags=flags).flatten()
+    from_engine = run_integer(model, image).flatten()
+    expected = torch.tensor([reference(node, int(q)) for node in ops for q in codes], dtype=torch.int64)
+    assert int((from_c.long() != from_engine.long()).sum()) == 0
+    assert int((from_c.long() != expected).sum()) == 0
+    assert from_c.min() < from_c.max()  # not a constant output
+
+
+def test_the_every_code_models_reach_every_branch_of_hard_swish():
+    nodes = hardswish_nodes(TensorInfo((1,), 8, torch.tensor(0.05, dtype=torch.float64)))
+    made = [factory("hs", "x", "y") for factory in nodes]
+    reluish = {node.reluish_exponent for node in made}
+    assert min(reluish) < 0 and 0 in reluish and max(reluish) >= 16  # right shift, none, saturating left shifts
+    assert {min(node.output_exponent for node in made), max(node.output_exponent for node in made)} == {-15, 0}
+
+
+def gemmlowp_helpers(x: np.ndarray, b: np.ndarray, exponent: np.ndarray) -> dict[str, np.ndarray]:
+    """gemmlowp's int16 helpers as its source writes them (mask and threshold, arithmetic shifts), in int64 numpy."""
+    x, b, exponent = (np.asarray(v, dtype=np.int64) for v in (x, b, exponent))
+    both_min = (x == INT16_MIN) & (b == INT16_MIN)
+    product = x * b
+    total = product + np.where(product >= 0, 1 << 14, 1 - (1 << 14))
+
+    def truncate(v: np.ndarray) -> np.ndarray:  # C's division by 2^15
+        return np.where(v >= 0, v >> 15, -((-v) >> 15))
+
+    mask = (np.int64(1) << exponent) - 1
+    threshold = (mask >> 1) + (x < 0)
+    return {
+        "srdhm": np.where(both_min, INT16_MAX, truncate(total)),
+        "sdhm": np.where(both_min, INT16_MAX, truncate(product)),
+        "divide": (x >> exponent) + ((x & mask) > threshold),
+        "left_shift": np.clip(x * (np.int64(1) << np.minimum(2 * exponent, 29)), INT16_MIN, INT16_MAX),
+    }
+
+
+HELPERS_MAIN = """
+#include <stdio.h>
+
+int main(void)
+{
+    for (int32_t x = INT16_MIN; x <= INT16_MAX; ++x) {
+        for (int32_t k = 0; k < 16; ++k) {
+            const int16_t b = (int16_t)(k == 0 ? INT16_MIN : (k == 15 ? INT16_MAX : k * 4099 - 30000));
+            const int32_t amount = k < 15 ? 2 * k : 29;
+            const int32_t row[4] = {ptq_srdhm16((int16_t)x, b), ptq_sdhm16((int16_t)x, b),
+                                    ptq_rounding_divide_by_pot(x, k), ptq_saturating_left_shift16((int16_t)x, amount)};
+            fwrite(row, sizeof row[0], 4, stdout);
+        }
+    }
+    return 0;
+}
+"""
+
+
+@needs_gcc
+def test_hard_swish_helpers_equal_gemmlowp_on_every_int16(tmp_path):
+    """The C's fixed-point helpers (no shift of a negative value) against gemmlowp's own formulas, every int16 x."""
+    source = tmp_path / "helpers.c"
+    source.write_text("#include <stdint.h>\n" + fill("hardswish_value") + HELPERS_MAIN)
+    runner = tmp_path / "helpers"
+    flags = [*SANITIZERS] if sanitizers_work(tmp_path) else []
+    build = subprocess.run(["gcc", *C_FLAGS, "-Wno-unused-function", "-O2", *flags, str(source), "-o", str(runner)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    got = np.frombuffer(subprocess.run([str(runner)], capture_output=True, check=True).stdout, dtype=np.int32)
+    x = np.repeat(np.arange(INT16_MIN, INT16_MAX + 1), 16)
+    k = np.tile(np.arange(16), 2**16)
+    b = np.where(k == 0, INT16_MIN, np.where(k == 15, INT16_MAX, k * 4099 - 30000))
+    expected = gemmlowp_helpers(x, b, k)
+    got = got.reshape(-1, 4)
+    for column, name in enumerate(["srdhm", "sdhm", "divide", "left_shift"]):
+        assert int((got[:, column] != expected[name]).sum()) == 0, name
+
 
 
 # ---------------------------------------------------------------- the arena
@@ -498,6 +681,27 @@ def test_generator_checks_the_model_first():
     shared = built("shared-relu", "per_channel")
     with pytest.raises(ValueError, match=r"\('relu', IntClamp\) saturates to \[0, 300\]"):
         generate_c(with_node(shared, "relu", clamp_max=300))
+
+
+def test_generator_checks_the_limits_of_the_activations_c():
+    model = built("rescaling-activations", "per_channel")
+    with pytest.raises(ValueError, match=r"\('hardswish', IntHardSwish\): output_exponent 1 must be in \[-15, 0\]"):
+        generate_c(with_node(model, "hardswish", output_exponent=1))
+    with pytest.raises(ValueError, match=r"\('hardswish_1', IntHardSwish\): reluish_exponent 31 must be in "
+                                         r"\[-15, 30\]"):
+        generate_c(with_node(model, "hardswish_1", reluish_exponent=31))
+    with pytest.raises(ValueError, match=r"\('hardswish', IntHardSwish\): multipliers \(40000, "):
+        generate_c(with_node(model, "hardswish", reluish_multiplier=40000))
+    _, leaky = node_named(model, "leaky")
+    with pytest.raises(ValueError, match=r"\('leaky', IntLeakyReLU\) saturates to \[-128, 300\], which is not a "
+                                         r"range within its int8 output"):
+        generate_c(with_node(model, "leaky", negative=replace(leaky.negative, clamp_max=300)))
+
+
+def test_emitter_of_names_a_node_type_the_c_backend_lacks():
+    # tests/test_op_registry.py checks that C_EMITTERS has every node type of the registry
+    with pytest.raises(ValueError, match=r"node 'odd' \(SimpleNamespace\) has no C emitter; the C backend supports "):
+        emitter_of(SimpleNamespace(name="odd"))
 
 
 # ---------------------------------------------------------------- c_build

@@ -35,17 +35,14 @@ from pipeline.quant.engine import (
     quantize_model_input,
     run_integer,
 )
-from pipeline.quant.integer_ops import conv_accumulators
-from pipeline.quant.ir import (
-    IntAdd,
-    IntAvgPool,
-    IntClamp,
-    IntConcat,
-    IntConv,
-    IntegerModel,
-    Requantize,
-)
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.quant.ir import IntegerModel
+from pipeline.quant.ops.add import IntAdd
+from pipeline.quant.ops.avgpool import IntAvgPool
+from pipeline.quant.ops.base import Requantize
+from pipeline.quant.ops.clamp import IntClamp
+from pipeline.quant.ops.concat import IntConcat
+from pipeline.quant.ops.conv import IntConv, conv_accumulators
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
 from tests.integer_graphs import (
     FORMATS,
     TOYS,

@@ -15,18 +15,15 @@ import torch
 
 from pipeline.export.plan import check_deployable
 from pipeline.quant.fixed_point import quantize_multiplier
-from pipeline.quant.ir import (
-    IntAdd,
-    IntAvgPool,
-    IntClamp,
-    IntConcat,
-    IntConv,
-    IntegerModel,
-    IntNode,
-    IntReshape,
-    Requantize,
-    TensorInfo,
-)
+from pipeline.quant.ir import IntegerModel
+from pipeline.quant.ops.add import IntAdd
+from pipeline.quant.ops.avgpool import IntAvgPool
+from pipeline.quant.ops.base import Requantize, TensorInfo
+from pipeline.quant.ops.clamp import IntClamp
+from pipeline.quant.ops.concat import IntConcat
+from pipeline.quant.ops.conv import IntConv
+from pipeline.quant.ops.registry import IntNode
+from pipeline.quant.ops.reshape import IntReshape
 from tests.integer_graphs import TOYS, cifar_model, toy_model
 
 __all__ = [

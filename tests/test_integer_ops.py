@@ -6,18 +6,11 @@ import itertools
 import pytest
 import torch
 
-from pipeline.quant.build import activation_clamp
 from pipeline.quant.fixed_point import quantize_multipliers
-from pipeline.quant.integer_ops import (
-    ADD_LEFT_SHIFT,
-    add_integers,
-    add_reference,
-    avgpool_integers,
-    avgpool_reference,
-    concat_integers,
-    concat_reference,
-)
-from pipeline.quant.ir import Requantize
+from pipeline.quant.ops.add import ADD_LEFT_SHIFT, add_integers, add_reference
+from pipeline.quant.ops.avgpool import avgpool_integers, avgpool_reference
+from pipeline.quant.ops.base import Requantize, activation_clamp
+from pipeline.quant.ops.concat import concat_integers, concat_reference
 from pipeline.quant.ranges import INT32_MAX, INT32_MIN
 from tests.integer_graphs import toy_model
 

@@ -14,36 +14,32 @@ from pipeline.graph.run import run_float
 from pipeline.model_files import SCHEME, load_integer_model, save_integer_model
 from pipeline.models import Net, build_model
 from pipeline.quant import engine
-from pipeline.quant.build import (
-    build_integer_model,
-    group_ranges,
-    quantize_bias,
-    quantize_layer_weights,
-    quantize_model_weights,
-    scale_groups,
-    tensor_signedness,
-)
+from pipeline.quant.build import build_integer_model
 from pipeline.quant.engine import (
     QuantizedNet,
     dequantize_logits,
-    dequantized_weights,
     integer_tensor_outputs,
-    layer_plan,
     quantize_input,
     quantize_model_input,
     run_integer,
     run_simulated,
-    run_weight_only,
 )
 from pipeline.quant.fixed_point import requantize_reference
-from pipeline.quant.ir import IntConv
+from pipeline.quant.ops.conv import IntConv, PreparedLayer, layer_plan, quantize_bias
 from pipeline.quant.ranges import (
     ActivationFormat,
     accumulator_bound,
     check_accumulator,
     dequantize,
 )
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.quant.scale_groups import group_ranges, scale_groups, tensor_signedness
+from pipeline.quant.weights import (
+    dequantized_weights,
+    quantize_layer_weights,
+    quantize_model_weights,
+    run_weight_only,
+)
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
 from tests.integer_graphs import (
     FORMATS,
     TOYS,
@@ -211,7 +207,7 @@ def test_a_grouped_conv_layer_matches_an_independent_int64_reference(groups):
         c = index[1]
         expected[index] = requantize_reference(int(acc[index]), int(multiplier[c]), int(shift[c]), -128, 127)
     values = {"x": x.to(torch.int64)}
-    prepared = engine._Layer.prepare(conv, (-128, 127), x.device)
+    prepared = PreparedLayer.prepare(conv, (-128, 127), x.device)
     assert engine._integer_node(conv, prepared, values).tolist() == expected.tolist()
 
 

@@ -11,8 +11,8 @@ from pipeline.graph.nodes import Conv, MaxPool
 from pipeline.graph.run import run_float
 from pipeline.models import build_model
 from pipeline.profile import profile_activations
-from pipeline.quant.ir import IntConv
-from pipeline.train import SEED_MEAN, SEED_STD
+from pipeline.quant.ops.conv import IntConv
+from pipeline.transforms import SEED_MEAN, SEED_STD
 from tests.integer_graphs import ReusedModulesToy, random_uint8_images, toy_model
 from tests.project_copy import run, set_params, tiny_project_copy
 

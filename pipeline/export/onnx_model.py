@@ -20,7 +20,7 @@ style is exact (the kernels named below are onnxruntime 1.32's). Two styles:
 
   - conv2d / linear: ConvInteger (``group`` for grouped and depthwise) + the
     int32 bias, then the requantize (per tensor or per channel), or the raw
-    int32 logits with ``build.raw_accumulator_clamp`` (Max 0 for a fused ReLU);
+    int32 logits with ``ops.conv.raw_accumulator_clamp`` (Max 0 for a fused ReLU);
   - add: each input Cast to int64, Mul by 2^left_shift, requantized to the
     common grid; the two summed; the sum requantized to the output;
   - average pool: the exact int32 window sums as a ConvInteger with an all-ones
@@ -30,6 +30,8 @@ style is exact (the kernels named below are onnxruntime 1.32's). Two styles:
   - max pool (MaxPool on int8/uint8: every window holds a real value, see
     ``check_deployable``), standalone ReLU / ReLU6 (Relu / Clip on the codes) and
     flatten (Reshape) act on the integers as they are.
+  - leaky ReLU and hard swish, elementwise on one byte: Gather from a table of the
+    engine's output for every input code (``registry.code_table``), the same in both styles.
 
   ConvInteger reads uint8 activations with int8 weights: onnxruntime's int8 x uint8 GEMM,
   which sums the products in int32 on every x86 CPU (VPMADDUBSW's int16 pairs are only in
@@ -47,7 +49,8 @@ style is exact (the kernels named below are onnxruntime 1.32's). Two styles:
   DequantizeLinear -> float Add / AveragePool / Concat -> QuantizeLinear, then
   the ``Requantize`` saturation as Relu / Clip on the result where it is
   not the full range of its type (a fused ReLU after an add). MaxPool, Relu, Clip and
-  Reshape act on the codes. It is NOT bit-exact with the engine:
+  Reshape act on the codes; leaky ReLU and hard swish are the exact table lookups of the integer
+  style. It is NOT bit-exact with the engine:
 
   1. QuantizeLinear divides in float32 by a float32 scale; the engine divides
      in float64 by the float64 input scale (both round half to even);
@@ -74,6 +77,7 @@ Accumulators are int32 in both styles; ``check_deployable`` checks that none can
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,23 +89,22 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
-from pipeline.export.plan import as_array, channel_values, check_deployable, numel
+from pipeline.export.plan import as_array, channel_values, check_deployable
+from pipeline.graph.nodes import numel
 from pipeline.io import atomic_path
 from pipeline.progress import progress_items
-from pipeline.quant.build import raw_accumulator_clamp
-from pipeline.quant.ir import (
-    IntAdd,
-    IntAvgPool,
-    IntClamp,
-    IntConcat,
-    IntConv,
-    IntegerModel,
-    IntMaxPool,
-    IntNode,
-    IntReshape,
-    Requantize,
-    TensorInfo,
-)
+from pipeline.quant.ir import IntegerModel
+from pipeline.quant.ops.add import IntAdd
+from pipeline.quant.ops.avgpool import IntAvgPool
+from pipeline.quant.ops.base import Requantize, TensorInfo
+from pipeline.quant.ops.clamp import IntClamp
+from pipeline.quant.ops.concat import IntConcat
+from pipeline.quant.ops.conv import IntConv, raw_accumulator_clamp
+from pipeline.quant.ops.hardswish import IntHardSwish
+from pipeline.quant.ops.leaky_relu import IntLeakyReLU
+from pipeline.quant.ops.maxpool import IntMaxPool
+from pipeline.quant.ops.registry import code_table
+from pipeline.quant.ops.reshape import IntReshape
 
 STYLES = ("qlinear", "integer")
 OPSET = 21
@@ -194,11 +197,12 @@ def build_onnx_model(model: IntegerModel, style: str = "qlinear") -> onnx.ModelP
         raise ValueError(f"the input {model.input!r} must be one (C, H, W) image, got shape {input_shape}")
     graph = _Graph(style)
     values = {model.input: _quantize_input(graph, model, style)}
+    emitters = INTEGER_EMITTERS if style == "integer" else QLINEAR_EMITTERS
     for node in model.nodes:
-        if style == "integer":
-            values[node.output] = _integer_node(graph, model, node, values)
-        else:
-            values[node.output] = _qlinear_node(graph, model, node, values)
+        emit = emitters.get(type(node))
+        if emit is None:
+            raise TypeError(f"unknown integer node {node!r}; the {style} exporter has {sorted(e.__name__ for e in emitters)}")
+        values[node.output] = emit(graph, model, node, values)
     graph.node("Flatten", [values[model.output]], "logits", output=OUTPUT_NAME, axis=1)
     graph.prune([OUTPUT_NAME])
     classes = numel(model.tensors[model.output].shape)
@@ -363,53 +367,92 @@ def _integer_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) ->
     return acc
 
 
-def _shape_free_node(graph: _Graph, model: IntegerModel, node: IntNode, x: str) -> str | None:
-    """Max pool, standalone clamp and flatten: the same one-byte ops in both styles (None for other nodes)."""
-    if isinstance(node, IntMaxPool):
-        return graph.node("MaxPool", [x], node.name, **_window_attributes(node.kernel, node.stride, node.padding))
-    if isinstance(node, IntClamp):
-        return _clamp_bytes(graph, x, node.clamp_min, node.clamp_max, node.name, model.tensors[node.output])
-    if isinstance(node, IntReshape):
-        # (N, K, 1, 1): linear layers are 1x1 convolutions (module docstring)
-        return graph.node("Reshape", [x, graph.shared("flat_shape", np.array([0, -1, 1, 1], np.int64))], node.name)
-    return None
+# ---------------------------------------------------------------- emitters both styles share
+# Each emitter takes (graph, model, node, values: tensor name -> ONNX value name) and returns its output's value.
+
+
+def _maxpool(graph: _Graph, model: IntegerModel, node: IntMaxPool, values: dict[str, str]) -> str:
+    return graph.node("MaxPool", [values[node.input]], node.name,
+                      **_window_attributes(node.kernel, node.stride, node.padding))
+
+
+def _clamp(graph: _Graph, model: IntegerModel, node: IntClamp, values: dict[str, str]) -> str:
+    return _clamp_bytes(graph, values[node.input], node.clamp_min, node.clamp_max, node.name,
+                        model.tensors[node.output])
+
+
+def _reshape(graph: _Graph, model: IntegerModel, node: IntReshape, values: dict[str, str]) -> str:
+    # (N, K, 1, 1): linear layers are 1x1 convolutions (module docstring)
+    return graph.node("Reshape", [values[node.input], graph.shared("flat_shape", np.array([0, -1, 1, 1], np.int64))],
+                      node.name)
+
+
+def _table_lookup(graph: _Graph, model: IntegerModel, node: IntLeakyReLU | IntHardSwish, values: dict[str, str]) -> str:
+    """An elementwise op of one byte as Gather from its table of every input code (``registry.code_table``, the
+    engine's own integers): exact in both styles. The byte's value less the type's least value is the index."""
+    in_storage = _storage(model.tensors[node.input], graph.style)
+    out_storage = _storage(model.tensors[node.output], graph.style)
+    qmin, qmax = model.tensors[node.input].range
+    table = np.zeros(int(np.iinfo(in_storage.dtype).max) - int(np.iinfo(in_storage.dtype).min) + 1, out_storage.dtype)
+    first = qmin + in_storage.zero_point - int(np.iinfo(in_storage.dtype).min)  # index of code qmin
+    table[first : first + qmax - qmin + 1] = code_table(node, model).numpy() + out_storage.zero_point
+    index = graph.node("Cast", [values[node.input]], f"{node.name}_index", to=TensorProto.INT32)
+    offset = graph.shared("type_min", np.array(-int(np.iinfo(in_storage.dtype).min), np.int32))
+    index = graph.node("Add", [index, offset], f"{node.name}_offset")
+    return graph.node("Gather", [graph.constant(f"{node.name}_table", table), index], node.name, axis=0)
 
 
 # ---------------------------------------------------------------- the integer style
 
 
-def _integer_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dict[str, str]) -> str:
+def _integer_conv(graph: _Graph, model: IntegerModel, node: IntConv, values: dict[str, str]) -> str:
+    return _integer_layer(graph, model, node, values[node.input])
+
+
+def _integer_add(graph: _Graph, model: IntegerModel, node: IntAdd, values: dict[str, str]) -> str:
+    lifted = graph.shared("left_shift", np.array(1 << node.left_shift, np.int64))
+    summands = []
+    for index, (name, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True)):
+        hint = f"{node.name}_in{index}"
+        x = graph.node("Cast", [values[name]], f"{hint}_64", to=TensorProto.INT64)
+        x = graph.node("Mul", [x, lifted], f"{hint}_lifted")
+        summands.append(_requantize(graph, x, rq, hint, None, is_int64=True))
+    total = graph.node("Add", summands, f"{node.name}_sum")
     output_type = _onnx_type(model.tensors[node.output], graph.style)
-    if isinstance(node, IntConv):
-        return _integer_layer(graph, model, node, values[node.input])
-    if isinstance(node, IntAdd):
-        lifted = graph.shared("left_shift", np.array(1 << node.left_shift, np.int64))
-        summands = []
-        for index, (name, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True)):
-            hint = f"{node.name}_in{index}"
-            x = graph.node("Cast", [values[name]], f"{hint}_64", to=TensorProto.INT64)
-            x = graph.node("Mul", [x, lifted], f"{hint}_lifted")
-            summands.append(_requantize(graph, x, rq, hint, None, is_int64=True))
-        total = graph.node("Add", summands, f"{node.name}_sum")
-        return _requantize(graph, total, node.output_requantize, node.name, output_type, is_int64=True)
-    if isinstance(node, IntAvgPool):
-        channels = model.tensors[node.input].shape[0]
-        ones = graph.constant(f"{node.name}_ones", np.ones((channels, 1, *node.kernel), np.int8))
-        attributes = _window_attributes(node.kernel, node.stride, node.padding)
-        sums = graph.node("ConvInteger", [values[node.input], ones], f"{node.name}_sums", group=channels,
-                          **attributes)
-        return _requantize(graph, sums, node.requantize, node.name, output_type)
-    if isinstance(node, IntConcat):
-        parts = [
-            values[name] if rq is None
-            else _requantize(graph, values[name], rq, f"{node.name}_in{index}", output_type)
-            for index, (name, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True))
-        ]
-        return graph.node("Concat", parts, node.name, axis=1)
-    result = _shape_free_node(graph, model, node, values[node.input])
-    if result is None:
-        raise TypeError(f"unknown integer node {node!r}")
-    return result
+    return _requantize(graph, total, node.output_requantize, node.name, output_type, is_int64=True)
+
+
+def _integer_avgpool(graph: _Graph, model: IntegerModel, node: IntAvgPool, values: dict[str, str]) -> str:
+    channels = model.tensors[node.input].shape[0]
+    ones = graph.constant(f"{node.name}_ones", np.ones((channels, 1, *node.kernel), np.int8))
+    attributes = _window_attributes(node.kernel, node.stride, node.padding)
+    sums = graph.node("ConvInteger", [values[node.input], ones], f"{node.name}_sums", group=channels, **attributes)
+    return _requantize(graph, sums, node.requantize, node.name, _onnx_type(model.tensors[node.output], graph.style))
+
+
+def _integer_concat(graph: _Graph, model: IntegerModel, node: IntConcat, values: dict[str, str]) -> str:
+    output_type = _onnx_type(model.tensors[node.output], graph.style)
+    parts = [
+        values[name] if rq is None
+        else _requantize(graph, values[name], rq, f"{node.name}_in{index}", output_type)
+        for index, (name, rq) in enumerate(zip(node.inputs, node.input_requantize, strict=True))
+    ]
+    return graph.node("Concat", parts, node.name, axis=1)
+
+
+Emitter = Callable[[_Graph, IntegerModel, Any, dict[str, str]], str]
+
+INTEGER_EMITTERS: dict[type, Emitter] = {
+    IntConv: _integer_conv,
+    IntAdd: _integer_add,
+    IntAvgPool: _integer_avgpool,
+    IntConcat: _integer_concat,
+    IntMaxPool: _maxpool,
+    IntClamp: _clamp,
+    IntReshape: _reshape,
+    IntLeakyReLU: _table_lookup,
+    IntHardSwish: _table_lookup,
+}
 
 
 # ---------------------------------------------------------------- the qlinear style
@@ -464,30 +507,27 @@ def _quantize(graph: _Graph, model: IntegerModel, name: str, x: str, hint: str) 
     return graph.node("QuantizeLinear", [x, scale, _zero(graph, model.tensors[name])], f"{hint}_q")
 
 
-def _qlinear_node(graph: _Graph, model: IntegerModel, node: IntNode, values: dict[str, str]) -> str:
-    if isinstance(node, IntConv):
-        if model.tensors[node.output].bits == 32:  # the logits layer: exact, as in the integer style
-            return _integer_layer(graph, model, node, values[node.input])
-        return _qlinear_layer(graph, model, node, values[node.input])
-    if isinstance(node, IntAdd):
-        real = [_dequantize(graph, model, name, values[name], f"{node.name}_in{index}")
-                for index, name in enumerate(node.inputs)]
-        y = _quantize(graph, model, node.output, graph.node("Add", real, node.name), f"{node.name}_out")
-        rq = node.output_requantize
-        return _clamp_bytes(graph, y, rq.clamp_min, rq.clamp_max, node.name, model.tensors[node.output])
-    if isinstance(node, IntAvgPool):
-        real = _dequantize(graph, model, node.input, values[node.input], f"{node.name}_in")
-        attributes = _window_attributes(node.kernel, node.stride, node.padding)
-        real = graph.node("AveragePool", [real], node.name, count_include_pad=1, **attributes)
-        y = _quantize(graph, model, node.output, real, f"{node.name}_out")
-        return _clamp_bytes(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, node.name,
-                            model.tensors[node.output])
-    if isinstance(node, IntConcat):
-        return _qlinear_concat(graph, model, node, values)
-    result = _shape_free_node(graph, model, node, values[node.input])
-    if result is None:
-        raise TypeError(f"unknown integer node {node!r}")
-    return result
+def _qlinear_conv(graph: _Graph, model: IntegerModel, node: IntConv, values: dict[str, str]) -> str:
+    if model.tensors[node.output].bits == 32:  # the logits layer: exact, as in the integer style
+        return _integer_layer(graph, model, node, values[node.input])
+    return _qlinear_layer(graph, model, node, values[node.input])
+
+
+def _qlinear_add(graph: _Graph, model: IntegerModel, node: IntAdd, values: dict[str, str]) -> str:
+    real = [_dequantize(graph, model, name, values[name], f"{node.name}_in{index}")
+            for index, name in enumerate(node.inputs)]
+    y = _quantize(graph, model, node.output, graph.node("Add", real, node.name), f"{node.name}_out")
+    rq = node.output_requantize
+    return _clamp_bytes(graph, y, rq.clamp_min, rq.clamp_max, node.name, model.tensors[node.output])
+
+
+def _qlinear_avgpool(graph: _Graph, model: IntegerModel, node: IntAvgPool, values: dict[str, str]) -> str:
+    real = _dequantize(graph, model, node.input, values[node.input], f"{node.name}_in")
+    attributes = _window_attributes(node.kernel, node.stride, node.padding)
+    real = graph.node("AveragePool", [real], node.name, count_include_pad=1, **attributes)
+    y = _quantize(graph, model, node.output, real, f"{node.name}_out")
+    return _clamp_bytes(graph, y, node.requantize.clamp_min, node.requantize.clamp_max, node.name,
+                        model.tensors[node.output])
 
 
 def _qlinear_concat(graph: _Graph, model: IntegerModel, node: IntConcat, values: dict[str, str]) -> str:
@@ -512,6 +552,19 @@ def _qlinear_concat(graph: _Graph, model: IntegerModel, node: IntConcat, values:
             x = _quantize(graph, model, node.output, _dequantize(graph, model, name, x, hint), f"{hint}_out")
         parts.append(_clamp_bytes(graph, x, *clamp, hint, out))
     return graph.node("Concat", parts, node.name, axis=1)
+
+
+QLINEAR_EMITTERS: dict[type, Emitter] = {
+    IntConv: _qlinear_conv,
+    IntAdd: _qlinear_add,
+    IntAvgPool: _qlinear_avgpool,
+    IntConcat: _qlinear_concat,
+    IntMaxPool: _maxpool,
+    IntClamp: _clamp,
+    IntReshape: _reshape,
+    IntLeakyReLU: _table_lookup,
+    IntHardSwish: _table_lookup,
+}
 
 
 # ---------------------------------------------------------------- running

@@ -35,6 +35,8 @@ from pipeline.graph.nodes import (
     Concat,
     Conv,
     FloatGraph,
+    HardSwish,
+    LeakyReLU,
     Linear,
     MaxPool,
     Reshape,
@@ -50,7 +52,8 @@ from pipeline.graph.rewrite import (
 
 SUPPORTED = (
     "Conv2d (dilation 1, zero padding, any groups), Linear, BatchNorm2d after a Conv2d, ReLU / ReLU6 / "
-    "F.relu / F.relu6 / clamp(0, 6) / hardtanh(0, 6), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
+    "F.relu / F.relu6 / clamp(0, 6) / hardtanh(0, 6), LeakyReLU / F.leaky_relu (negative_slope >= 0), Hardswish / "
+    "F.hardswish, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
     "mean over H and W, flatten / view / reshape to (N, -1), + / torch.add, torch.cat on channels, "
     "Identity, Dropout (eval: identity)"
 )
@@ -216,6 +219,11 @@ def _convert_call(
         return Activation(name, source, name, "relu")
     if target is F.relu6:
         return Activation(name, source, name, "relu6")
+    if target is F.leaky_relu:
+        slope = node.args[1] if len(node.args) > 1 else kwargs.get("negative_slope", 0.01)
+        return _leaky_relu(node, name, what, source, slope)
+    if target is F.hardswish:
+        return HardSwish(name, source, name)
     if target in (torch.clamp, torch.clip) or (node.op == "call_method" and target in ("clamp", "clip")):
         low = node.args[1] if len(node.args) > 1 else kwargs.get("min")
         high = node.args[2] if len(node.args) > 2 else kwargs.get("max")
@@ -285,6 +293,13 @@ def _functional_pool(node: torch.fx.Node, name: str, what: str, source: str, kin
     return kind(name, source, name, kernel, stride, padding)
 
 
+def _leaky_relu(node: torch.fx.Node, name: str, what: str, source: str, slope: Any) -> LeakyReLU:
+    # The integer form's negative side is a fixed-point multiplier, which is never negative.
+    if not isinstance(slope, (int, float)) or not 0 <= slope < float("inf"):
+        raise _unsupported(node, what, f"negative_slope must be a number >= 0, got {slope!r}")
+    return LeakyReLU(name, source, name, float(slope))
+
+
 def _convert_module(node: torch.fx.Node, name: str, what: str, module: nn.Module, source: str) -> Any:
     if isinstance(module, nn.Conv2d):
         plain = tuple(module.dilation) == (1, 1) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -307,6 +322,10 @@ def _convert_module(node: torch.fx.Node, name: str, what: str, module: nn.Module
         return Activation(name, source, name, "relu6")
     if isinstance(module, nn.ReLU):
         return Activation(name, source, name, "relu")
+    if isinstance(module, nn.LeakyReLU):
+        return _leaky_relu(node, name, what, source, module.negative_slope)
+    if isinstance(module, nn.Hardswish):
+        return HardSwish(name, source, name)
     if isinstance(module, nn.MaxPool2d):
         if module.dilation not in (1, (1, 1)) or module.ceil_mode or module.return_indices:
             raise _unsupported(node, what, "needs dilation 1, ceil_mode=False, return_indices=False")

@@ -72,7 +72,9 @@ class Concat:
 
 
 @dataclass(frozen=True)
-class MaxPool:
+class Window:
+    """The fields of a pooling node: windows of ``kernel`` every ``stride``, ``padding`` on each side."""
+
     name: str
     input: str
     output: str
@@ -82,15 +84,13 @@ class MaxPool:
 
 
 @dataclass(frozen=True)
-class AvgPool:
-    """Average over windows (zero padding counted, as PyTorch's default); a global pool is one H x W window."""
+class MaxPool(Window):
+    """The max over windows (padding is -inf)."""
 
-    name: str
-    input: str
-    output: str
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
+
+@dataclass(frozen=True)
+class AvgPool(Window):
+    """Average over windows (zero padding counted, as PyTorch's default); a global pool is one H x W window."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,25 @@ class Activation:
 
 
 @dataclass(frozen=True)
+class LeakyReLU:
+    """max(x, 0) + negative_slope * min(x, 0), with negative_slope >= 0; never fused (it rescales its input)."""
+
+    name: str
+    input: str
+    output: str
+    negative_slope: float
+
+
+@dataclass(frozen=True)
+class HardSwish:
+    """x * relu6(x + 3) / 6 (MobileNetV3's activation)."""
+
+    name: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
 class Reshape:
     """A flatten to (N, K): moves no data (the C, H, W order is the memory order)."""
 
@@ -112,7 +131,7 @@ class Reshape:
     output: str
 
 
-Node = Conv | Linear | Add | Concat | MaxPool | AvgPool | Activation | Reshape
+Node = Conv | Linear | Add | Concat | MaxPool | AvgPool | Activation | LeakyReLU | HardSwish | Reshape
 LAYER_TYPES = (Conv, Linear)  # the nodes with weights
 
 

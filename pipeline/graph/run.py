@@ -19,6 +19,8 @@ from pipeline.graph.nodes import (
     Concat,
     Conv,
     FloatGraph,
+    HardSwish,
+    LeakyReLU,
     Linear,
     MaxPool,
     Node,
@@ -111,6 +113,10 @@ def _float_node(node: Node, values: Mapping[str, Tensor], dtype: torch.dtype, we
         return F.avg_pool2d(values[node.input], node.kernel, node.stride, node.padding)
     if isinstance(node, Activation):
         return apply_activation(values[node.input], node.activation)
+    if isinstance(node, LeakyReLU):
+        return F.leaky_relu(values[node.input], node.negative_slope)
+    if isinstance(node, HardSwish):
+        return F.hardswish(values[node.input])
     return values[node.input].flatten(1)
 
 

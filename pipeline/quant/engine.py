@@ -1,8 +1,8 @@
 """Running an ``IntegerModel``: the integer engine, its float simulation, and weight-only quantization.
 
-``run_integer`` computes the integer semantics of ``integer_ops`` node by node, exactly. For
+``run_integer`` runs each node by its op's ``run`` (``pipeline.quant.ops``), exactly. For
 speed it holds the integers in floating-point tensors and uses float units wherever they are
-provably exact (``layer_plan`` says which path each layer takes, and why):
+provably exact (``ops.conv.layer_plan`` says which path each layer takes, and why):
 
 - a convolution or linear layer runs in float32 when its checked worst-case accumulator
   (``ranges.accumulator_bound``, bias included) is below 2^24: every partial sum, in any
@@ -24,38 +24,16 @@ one step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.graph.nodes import FloatGraph, numel
-from pipeline.graph.run import run_float
-from pipeline.quant.build import raw_accumulator_clamp
-from pipeline.quant.integer_ops import apply_requantize
-from pipeline.quant.ir import (
-    IntAdd,
-    IntAvgPool,
-    IntClamp,
-    IntConcat,
-    IntConv,
-    IntegerModel,
-    IntMaxPool,
-    IntNode,
-    IntReshape,
-    Requantize,
-    int_node_inputs,
-)
-from pipeline.quant.ranges import (
-    accumulator_bound,
-    check_accumulator,
-    dequantize,
-    fake_quantize,
-    int_range,
-    largest_magnitude,
-    quantize,
-)
+from pipeline.graph.nodes import numel
+from pipeline.quant.ir import IntegerModel, int_node_inputs
+from pipeline.quant.ops.conv import IntConv, PreparedLayer
+from pipeline.quant.ops.maxpool import IntMaxPool, maxpool
+from pipeline.quant.ops.registry import op_of
+from pipeline.quant.ranges import dequantize, fake_quantize, int_range, quantize
 
 # Values of the largest tensor per pass through the engine and its simulation (the results do not
 # depend on it). A pass's tensors then stay within a few MB, in cache: measured on 2 cores, Net ran
@@ -95,155 +73,15 @@ def quantize_model_input(model: IntegerModel, x_normalized: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- the integer engine
 
-FLOAT32_EXACT = 2**24  # float32 represents every integer of magnitude <= 2^24
-FLOAT64_EXACT = 2**53
-
-
-def conv_dtype(bound: int) -> torch.dtype:
-    """float32 when every partial sum (|.| <= ``bound``) is an integer float32 holds exactly, else float64."""
-    return torch.float32 if bound < FLOAT32_EXACT else torch.float64
-
-
-def float_rescale_is_exact(largest: Tensor | int, rq: Requantize, lift: int = 0) -> bool:
-    """Whether a rescale of values |v| <= ``largest`` (per channel or one bound) is exact in float64."""
-    multiplier = rq.multiplier.to(torch.int64)
-    total_shift = 31 - rq.shift.to(torch.int64) - lift
-    if bool((total_shift < 1).any()):
-        return False
-    worst = torch.as_tensor(largest, dtype=torch.int64) * multiplier + (1 << (total_shift - 1))
-    return bool((worst <= FLOAT64_EXACT).all())
-
-
-@dataclass(frozen=True)
-class _Rescale:
-    """A ``Requantize`` prepared for values |v| <= some bound: float64 where exact, else int64."""
-
-    rq: Requantize
-    lift: int
-    real: Tensor | None  # float64 M * 2^lift, shaped per channel; None: the int64 path
-
-    @classmethod
-    def prepare(cls, rq: Requantize, largest: Tensor | int, lift: int = 0) -> _Rescale:
-        if not float_rescale_is_exact(largest, rq, lift):
-            return cls(rq, lift, None)
-        real = rq.multiplier.to(torch.float64) * torch.exp2(rq.shift.to(torch.float64) + (lift - 31))
-        return cls(rq, lift, real)
-
-    def __call__(self, values: Tensor) -> Tensor:
-        """clamp(floor(v * 2^lift * M + 1/2)) of integer-valued ``values`` (N, C, ...), exactly, as float64."""
-        if self.real is None:
-            lifted = values.to(torch.int64) << self.lift if self.lift else values.to(torch.int64)
-            return apply_requantize(lifted, self.rq).to(torch.float64)
-        # A dimensioned float64 factor, so the product is float64 (a 0-D one would keep float32) and new:
-        # the input is never changed in place.
-        factor = self.real.to(values.device).reshape((1, -1) + (1,) * (values.ndim - 2) if self.real.ndim
-                                                     else (1,) * values.ndim)
-        return (values * factor).add_(0.5).floor_().clamp_(self.rq.clamp_min, self.rq.clamp_max)
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """An ``IntConv`` prepared once per run: its weights in the conv's exact dtype and its rescale."""
-
-    node: IntConv
-    weight: Tensor
-    bias: Tensor
-    rescale: _Rescale | None
-
-    @classmethod
-    def prepare(cls, node: IntConv, input_range: tuple[int, int], device: torch.device) -> _Layer:
-        bound = accumulator_bound(node.weight, node.bias, input_range)
-        check_accumulator(f"layer {node.name!r}", node.weight, node.bias, input_range)
-        dtype = conv_dtype(int(bound.max()))
-        rescale = None if node.requantize is None else _Rescale.prepare(node.requantize, bound)
-        return cls(node, node.weight.to(device, dtype), node.bias.to(device, dtype), rescale)
-
-    def accumulate(self, x: Tensor) -> Tensor:
-        node, inputs = self.node, x.to(self.weight.dtype)
-        if node.kind == "conv2d":
-            return F.conv2d(inputs, self.weight, self.bias, node.stride, node.padding, 1, node.groups)
-        return F.linear(inputs, self.weight, self.bias)
-
-    def finish(self, acc: Tensor) -> Tensor:
-        if self.rescale is None:
-            return acc.to(torch.int64).clamp_(*raw_accumulator_clamp(self.node))
-        return self.rescale(acc)
-
-
-def layer_plan(model: IntegerModel, node: IntConv) -> dict[str, object]:
-    """How the engine computes ``node`` exactly: the accumulator bound (for its input's range), the conv's and
-    the rescale's units."""
-    input_range = model.tensors[node.input].range
-    layer = _Layer.prepare(node, input_range, torch.device("cpu"))
-    bound = int(accumulator_bound(node.weight, node.bias, input_range).max())
-    plan: dict[str, object] = {"layer": node.name, "accumulator_bound": bound,
-                               "conv": str(layer.weight.dtype).removeprefix("torch.")}
-    if layer.rescale is None:
-        plan["rescale"] = "none (int32 logits)"
-    else:
-        plan["rescale"] = "int64" if layer.rescale.real is None else "float64"
-    return plan
-
-
 def _prepare(model: IntegerModel, device: torch.device) -> list[object]:
-    """Per node, what the engine needs ready: layers' weights in their dtype, every rescale checked.
-
-    The bounds come from each input's own range (``TensorInfo.range``): 128 for int8, 255 for uint8.
-    """
-
-    def largest(name: str) -> int:
-        return largest_magnitude(model.tensors[name].range)
-
-    prepared: list[object] = []
-    for node in model.nodes:
-        if isinstance(node, IntConv):
-            prepared.append(_Layer.prepare(node, model.tensors[node.input].range, device))
-        elif isinstance(node, IntAdd):
-            inputs = tuple(_Rescale.prepare(rq, largest(name), node.left_shift)
-                           for rq, name in zip(node.input_requantize, node.inputs, strict=True))
-            # Each scaled input is at most |q| * 2^left_shift / 2 + 1 in magnitude (M_i <= 1/2).
-            total = sum(largest(name) for name in node.inputs) << max(node.left_shift - 1, 0)
-            prepared.append((inputs, _Rescale.prepare(node.output_requantize, total + 2)))
-        elif isinstance(node, IntAvgPool):
-            prepared.append(_Rescale.prepare(node.requantize, largest(node.input) * node.kernel[0] * node.kernel[1]))
-        elif isinstance(node, IntConcat):
-            prepared.append(tuple(None if rq is None else _Rescale.prepare(rq, largest(name))
-                                  for rq, name in zip(node.input_requantize, node.inputs, strict=True)))
-        else:
-            prepared.append(None)
-    return prepared
+    """Per node, what its op's ``run`` needs ready (``IntegerOp.prepare``): layers' weights in their exact dtype,
+    every rescale checked for the float path, from each input's own range (128 for int8, 255 for uint8)."""
+    return [op_of(node).prepare(node, model, device) for node in model.nodes]
 
 
-def _integer_node(node: IntNode, prepared: object, values: dict[str, Tensor]) -> Tensor:
+def _integer_node(node: object, prepared: object, values: dict[str, Tensor]) -> Tensor:
     """One node on integer-valued tensors (any dtype); the result holds the node's integers."""
-    if isinstance(node, IntConv):
-        return prepared.finish(prepared.accumulate(values[node.input]))
-    if isinstance(node, IntAdd):
-        inputs, output = prepared
-        a, b = (rescale(values[name]) for rescale, name in zip(inputs, node.inputs, strict=True))
-        return output(a.add_(b))
-    if isinstance(node, IntAvgPool):
-        # float64 sums of at most kernel-area int8 values are exact integers
-        sums = F.avg_pool2d(values[node.input].to(torch.float64), node.kernel, node.stride, node.padding,
-                            count_include_pad=True, divisor_override=1)
-        return prepared(sums)
-    if isinstance(node, IntConcat):
-        parts = [values[name].to(torch.float64) if rescale is None else rescale(values[name])
-                 for rescale, name in zip(prepared, node.inputs, strict=True)]
-        return torch.cat(parts, dim=1)
-    if isinstance(node, IntMaxPool):
-        return _maxpool(node, values[node.input])
-    if isinstance(node, IntClamp):
-        return values[node.input].clamp(node.clamp_min, node.clamp_max)
-    if isinstance(node, IntReshape):
-        return values[node.input].flatten(1)
-    raise TypeError(f"unknown integer node {node!r}")
-
-
-def _maxpool(node: IntMaxPool, x: Tensor) -> Tensor:
-    # max-pool only compares (padding is -inf); float32 holds int8 values and these accumulators exactly
-    return F.max_pool2d(x.to(torch.float32) if x.dtype != torch.float64 else x, node.kernel, node.stride,
-                        node.padding)
+    return op_of(node).run(node, prepared, values)
 
 
 def _pool_before_rescale(model: IntegerModel) -> dict[int, int]:
@@ -283,8 +121,8 @@ def _integer_values(model: IntegerModel, prepared: list[object], x_int8: Tensor,
             continue
         if index in pooled:
             pool = model.nodes[pooled[index]]
-            layer = prepared[index]
-            values[pool.output] = layer.finish(_maxpool(pool, layer.accumulate(values[node.input])))
+            layer: PreparedLayer = prepared[index]
+            values[pool.output] = layer.finish(maxpool(pool, layer.accumulate(values[node.input])))
             skipped.add(pooled[index])
         else:
             values[node.output] = _integer_node(node, prepared[index], values)
@@ -328,41 +166,6 @@ def dequantize_logits(model: IntegerModel, logits: Tensor) -> Tensor:
 # ---------------------------------------------------------------- the float simulation
 
 
-def _fake(x: Tensor, scale: float | Tensor, rq: Requantize | tuple[int, int]) -> Tensor:
-    low, high = (rq.clamp_min, rq.clamp_max) if isinstance(rq, Requantize) else rq
-    return fake_quantize(x, scale, low, high)
-
-
-def _simulated_node(model: IntegerModel, node: IntNode, values: dict[str, Tensor]) -> Tensor:
-    tensors = model.tensors
-    if isinstance(node, IntConv):
-        x = values[node.input]
-        weight = dequantize(node.weight, node.weight_scale).to(x.device)
-        bias = dequantize(node.bias, tensors[node.input].scale * node.weight_scale).to(x.device)
-        if node.kind == "conv2d":
-            y = F.conv2d(x, weight, bias, node.stride, node.padding, 1, node.groups)
-        else:
-            y = F.linear(x, weight, bias)
-        if node.requantize is None:
-            low, _ = raw_accumulator_clamp(node)
-            return y.clamp(min=0) if low == 0 else y
-        return _fake(y, tensors[node.output].scale, node.requantize)
-    if isinstance(node, IntAdd):
-        y = values[node.inputs[0]] + values[node.inputs[1]]
-        return _fake(y, tensors[node.output].scale, node.output_requantize)
-    if isinstance(node, IntAvgPool):
-        y = F.avg_pool2d(values[node.input], node.kernel, node.stride, node.padding)
-        return _fake(y, tensors[node.output].scale, node.requantize)
-    if isinstance(node, IntConcat):
-        scale = tensors[node.output].scale
-        return torch.cat([_fake(values[name], scale, tensors[node.output].range) for name in node.inputs], 1)
-    if isinstance(node, IntMaxPool):
-        return F.max_pool2d(values[node.input], node.kernel, node.stride, node.padding)
-    if isinstance(node, IntClamp):
-        return _fake(values[node.input], tensors[node.input].scale, (node.clamp_min, node.clamp_max))
-    return values[node.input].flatten(1)
-
-
 def run_simulated(model: IntegerModel, x_normalized: Tensor) -> Tensor:
     """Float64 logits of the float simulation of ``model`` (fake quantization, float scales)."""
 
@@ -370,26 +173,10 @@ def run_simulated(model: IntegerModel, x_normalized: Tensor) -> Tensor:
         values = {model.input: fake_quantize(images.to(torch.float64), model.input_scale,
                                              *model.tensors[model.input].range)}
         for node in model.nodes:
-            values[node.output] = _simulated_node(model, node, values)
+            values[node.output] = op_of(node).simulate(node, model, values)
         return values[model.output]
 
     return _in_passes(one_pass, x_normalized, pass_images(model))
-
-
-# ---------------------------------------------------------------- weight-only quantization
-
-
-def dequantized_weights(quantized_weights: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    """Each layer's quantized-then-dequantized weight (float32), by layer name."""
-    return {
-        name: dequantize(q_weight, weight_scale, axis=0).to(torch.float32)
-        for name, (q_weight, weight_scale) in quantized_weights.items()
-    }
-
-
-def run_weight_only(graph: FloatGraph, x_normalized: Tensor, quantized_weights: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
-    """The float graph with its weights quantized and dequantized (activations and biases float)."""
-    return run_float(graph, x_normalized, dequantized_weights(quantized_weights))
 
 
 class QuantizedNet(torch.nn.Module):
@@ -409,6 +196,6 @@ class QuantizedNet(torch.nn.Module):
 
 
 __all__ = [
-    "PASS_VALUES", "QuantizedNet", "pass_images", "dequantize_logits", "layer_plan", "dequantized_weights",
-    "integer_tensor_outputs", "quantize_input", "quantize_model_input", "run_integer", "run_simulated", "run_weight_only",
+    "PASS_VALUES", "QuantizedNet", "pass_images", "dequantize_logits",
+    "integer_tensor_outputs", "quantize_input", "quantize_model_input", "run_integer", "run_simulated",
 ]

@@ -8,7 +8,7 @@ size of one integer step) as r ~= S * q. It is symmetric, with zero point 0, so
   S_w = range / qmax, so +range and -range are both representable.
 - Activations: ``activation_bits`` b (4..8, stored as int8/uint8 bytes) wide, signed [-2^(b-1), 2^(b-1) - 1]
   with S_a = range / (2^(b-1) - 1), or, with full-range unsigned activations (``ActivationFormat.unsigned``)
-  for a tensor non-negative by construction (after a ReLU, ...: ``build.tensor_signedness``), unsigned
+  for a tensor non-negative by construction (after a ReLU, ...: ``scale_groups.tensor_signedness``), unsigned
   [0, 2^b - 1] with S_a = range / (2^b - 1): a post-ReLU int8 tensor then uses all 8 bits, not 7.
 - Biases: int32 at scale S_in * S_w (see ``pipeline.quant.model.quantize_bias``).
 
