@@ -1,23 +1,19 @@
 """The results table: test accuracy per stage with the quantization settings and the dataset, as Markdown.
 
-    python -m pipeline.report data/metrics.json [more metrics files, git revisions or DVC experiment names ...]
-
-prints one row per argument. An argument that is not a file is read as a
-revision: data/metrics.json at that git commit, branch, tag or DVC experiment.
+One row per run, from the content of its ``data/metrics.json``. The plot stage writes it to
+``data/results.md``; ``python -m orchestration.report`` prints it for metrics files, git revisions
+and DVC experiments.
 """
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-# No torch or matplotlib here: the command line prints a table in well under a second.
+# No torch or matplotlib here: `python -m orchestration.report` prints a table in well under a second.
 
-METRICS_PATH = "data/metrics.json"  # the evaluate stage's output, read at a revision
 # The accuracy stages of metrics.json, in pipeline order. The keys name what ran, never a width, so that
 # `dvc metrics diff` lines up runs of different bits key by key; the labels people read name the widths.
 STAGES = ("fp32", "weights_only", "integer")
@@ -114,38 +110,3 @@ def results_markdown(runs: Mapping[str, Mapping[str, Any]]) -> str:
     table = results_table(runs)
     formats = ["" if name in TEXT_COLUMNS else "+.2f" if name.endswith("(pts)") else ".2f" for name in table.columns]
     return table.to_markdown(index=False, floatfmt=formats)
-
-
-def load_metrics(source: str) -> dict[str, Any]:
-    """metrics.json from a file path, or data/metrics.json at a git revision or DVC experiment name."""
-    if Path(source).is_file():
-        return json.loads(Path(source).read_text())
-    import dvc.api  # imported here: it takes about a second, and files need none of it
-    from dvc.exceptions import DvcException
-
-    try:
-        metrics = dvc.api.metrics_show(METRICS_PATH, rev=source)
-    except DvcException as error:
-        raise ValueError(f"{source!r} is neither a file nor a git revision or DVC experiment: {error}") from None
-    if not metrics:
-        raise ValueError(f"{source!r} is a revision without {METRICS_PATH}")
-    return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    sources = list(sys.argv[1:] if argv is None else argv)
-    if not sources:
-        print(f"usage: python -m pipeline.report {METRICS_PATH} [more files, revisions or experiments ...]",
-              file=sys.stderr)
-        return 2
-    try:
-        runs = {source: load_metrics(source) for source in sources}
-    except ValueError as error:
-        print(f"pipeline.report: {error}", file=sys.stderr)
-        return 1
-    print(results_markdown(runs))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ import torch
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# As pipeline.flows.OFFLINE_ENV: a loaded CI machine needs more than Prefect's 20 s to start an ephemeral server.
+# As orchestration.OFFLINE_ENV: a loaded CI machine needs more than Prefect's 20 s to start an ephemeral server.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 

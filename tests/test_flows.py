@@ -6,6 +6,7 @@ slow deployment test (tests/test_prefect_deploy.py).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -34,7 +35,8 @@ from prefect.logging.handlers import APILogWorker
 from prefect.states import Completed, Crashed, Failed, Running, Scheduled
 from prefect.testing.utilities import prefect_test_harness
 
-from pipeline import flows
+from orchestration import cli, commands, dvc_tasks, flows, tables, work_pool
+from orchestration.grid import DEFAULT_GRID
 from tests.project_copy import PROJECT_ROOT, run, tiny_project_copy, tool_env
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -78,7 +80,7 @@ def fake_dvc(tmp_path, monkeypatch) -> Iterator[FakeDvc]:
     folder = tmp_path / "fake-dvc"
     folder.mkdir()
     fake = FakeDvc(folder)
-    monkeypatch.setattr(flows, "DVC", str(fake.script))
+    monkeypatch.setattr(dvc_tasks, "DVC", str(fake.script))
     with disable_run_logger():
         yield fake
 
@@ -144,7 +146,7 @@ def test_this_projects_dvc_yaml_lists_every_stage_after_the_stages_it_depends_on
 
 def test_repro_stage_runs_only_its_stage_in_the_project_with_the_venv_first_and_offline(fake_dvc, tmp_path):
     fake_dvc.reply(stdout="Running stage 'train':\n> python -m stages.train\n[train] done\n")
-    assert flows.repro_stage.fn(str(tmp_path), "train") is True
+    assert dvc_tasks.repro_stage.fn(str(tmp_path), "train") is True
     [call] = fake_dvc.calls()
     assert call["argv"] == ["repro", "--single-item", "train"]
     assert call["cwd"] == str(tmp_path)
@@ -156,7 +158,7 @@ def test_repro_stage_runs_only_its_stage_in_the_project_with_the_venv_first_and_
 
 def test_repro_stage_reports_an_up_to_date_stage_as_not_run(fake_dvc, tmp_path):
     fake_dvc.reply(stdout="Stage 'train' didn't change, skipping\nData and pipelines are up to date.\n")
-    assert flows.repro_stage.fn(str(tmp_path), "train") is False
+    assert dvc_tasks.repro_stage.fn(str(tmp_path), "train") is False
 
 
 def test_a_failing_stage_raises_with_the_tail_of_its_stderr(fake_dvc, tmp_path):
@@ -164,21 +166,21 @@ def test_a_failing_stage_raises_with_the_tail_of_its_stderr(fake_dvc, tmp_path):
     fake_dvc.reply(stdout="Running stage 'train':\n", returncode=255, stderr=noise + (
         "[train] invalid params.yaml: train.epochs: value 0 is out of range; allowed: >= 1\n"
         "ERROR: failed to reproduce 'train': failed to run: python -m stages.train, exited with 1\n"))
-    with pytest.raises(flows.CommandFailed, match=r"exit 255") as raised:
-        flows.repro_stage.fn(str(tmp_path), "train")
+    with pytest.raises(commands.CommandFailed, match=r"exit 255") as raised:
+        dvc_tasks.repro_stage.fn(str(tmp_path), "train")
     message = str(raised.value)
     assert "train.epochs: value 0 is out of range" in message
     assert "ERROR: failed to reproduce 'train'" in message
     assert "progress line 0\n" not in message  # only the tail travels
-    assert len(message.splitlines()) <= flows.STDERR_TAIL_LINES + 1
+    assert len(message.splitlines()) <= commands.STDERR_TAIL_LINES + 1
 
 
 def test_only_network_stages_retry_and_prefect_never_caches_a_stage():
-    assert flows.stage_task("download").retries == len(flows.NETWORK_RETRY_DELAYS) > 0
-    assert flows.stage_task("download").retry_condition_fn is flows.failed_on_the_network
-    assert flows.stage_task("train").retries == 0
-    assert flows.stage_task("download").cache_policy is NO_CACHE
-    assert flows.stage_task("train").cache_policy is NO_CACHE
+    assert dvc_tasks.stage_task("download").retries == len(dvc_tasks.NETWORK_RETRY_DELAYS) > 0
+    assert dvc_tasks.stage_task("download").retry_condition_fn is dvc_tasks.failed_on_the_network
+    assert dvc_tasks.stage_task("train").retries == 0
+    assert dvc_tasks.stage_task("download").cache_policy is NO_CACHE
+    assert dvc_tasks.stage_task("train").cache_policy is NO_CACHE
 
 
 YAML_ERROR_TAIL = ("[download] invalid params.yaml: params.yaml: not valid YAML: while parsing a flow sequence\n"
@@ -186,29 +188,52 @@ YAML_ERROR_TAIL = ("[download] invalid params.yaml: params.yaml: not valid YAML:
 NETWORK_ERROR_TAIL = ("[download] Download of https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz failed "
                       "(<urlopen error [Errno -3] Temporary failure in name resolution>).\n"
                       "ERROR: failed to reproduce 'download': failed to run: python -m stages.download, exited with "
-                      f"{flows.TRANSIENT_EXIT_STATUS}")
+                      f"{dvc_tasks.TRANSIENT_EXIT_STATUS}")
 
 
 @pytest.mark.parametrize(("tail", "retry"), [(YAML_ERROR_TAIL, False), (NETWORK_ERROR_TAIL, True)])
 def test_only_a_network_failure_is_retried(tail, retry):
-    failed = Failed(data=flows.CommandFailed(f"dvc repro --single-item download failed (exit 255); last stderr lines:\n{tail}"))
-    assert flows.failed_on_the_network(flows.stage_task("download"), None, failed) is retry
-    assert flows.failed_on_the_network(flows.stage_task("download"), None, Failed(data=ValueError("x"))) is False
+    failed = Failed(data=commands.CommandFailed(
+        f"dvc repro --single-item download failed (exit 255); last stderr lines:\n{tail}"))
+    assert dvc_tasks.failed_on_the_network(dvc_tasks.stage_task("download"), None, failed) is retry
+    other_error = Failed(data=ValueError("x"))
+    assert dvc_tasks.failed_on_the_network(dvc_tasks.stage_task("download"), None, other_error) is False
+
+
+def test_the_retried_exit_status_is_the_one_the_download_stage_exits_with_on_a_network_failure():
+    from pipeline.data import DownloadError
+
+    assert dvc_tasks.TRANSIENT_EXIT_STATUS == DownloadError.exit_status
+
+
+def test_the_flows_import_neither_the_library_nor_its_image_decoder():
+    """A flow run starts DVC's stages; it needs none of their code (pipeline.data would bring numpy and PIL)."""
+    imported = run([sys.executable, "-c", "import sys, orchestration.flows, orchestration.cli; "
+                    "print(sorted(name for name in sys.modules if name.split('.')[0] in ('pipeline', 'PIL', 'torch')))"],
+                   PROJECT_ROOT).stdout
+    assert imported.strip() == "[]"
+
+
+def test_the_library_parses_no_command_line():
+    """pipeline/ is what the stages run; the command lines live in orchestration/."""
+    parsers = [path.relative_to(PROJECT_ROOT).as_posix() for path in sorted((PROJECT_ROOT / "pipeline").rglob("*.py"))
+               if re.search(r"\bargparse\b|\bsys\.argv\b|__name__ == .__main__.", path.read_text())]
+    assert parsers == []
 
 
 def test_metrics_table_lists_the_accuracy_metrics_of_readable_files():
-    metrics = flows.workspace_metrics(METRICS_SHOW)
+    metrics = tables.workspace_metrics(METRICS_SHOW)
     assert list(metrics) == ["data/train_metrics.json", "data/metrics.json"]
-    assert flows.metrics_table(metrics, ["accuracy"]) == [
+    assert tables.metrics_table(metrics, ["accuracy"]) == [
         {"file": "data/metrics.json", "metric": "accuracy.fp32", "value": 20.0},
         {"file": "data/metrics.json", "metric": "accuracy.int8", "value": 18.5},
     ]
-    assert {"file": "data/metrics.json", "metric": "test_images", "value": 30} in flows.metrics_table(metrics, [""])
+    assert {"file": "data/metrics.json", "metric": "test_images", "value": 30} in tables.metrics_table(metrics, [""])
 
 
 def test_read_metrics_asks_dvc_for_json_and_skips_unreadable_files(fake_dvc, tmp_path):
     fake_dvc.reply(stdout=json.dumps(METRICS_SHOW))
-    metrics = flows.read_metrics.fn(str(tmp_path))
+    metrics = dvc_tasks.read_metrics.fn(str(tmp_path))
     assert fake_dvc.calls()[0]["argv"] == ["metrics", "show", "--json"]
     assert metrics["data/metrics.json"]["accuracy"] == {"fp32": 20.0, "int8": 18.5}
     assert "data/broken.json" not in metrics
@@ -216,16 +241,16 @@ def test_read_metrics_asks_dvc_for_json_and_skips_unreadable_files(fake_dvc, tmp
 
 def test_metrics_diff_is_markdown_against_head_and_a_failure_does_not_raise(fake_dvc, tmp_path):
     fake_dvc.reply(stdout="| Path | Metric | HEAD | workspace | Change |\n")
-    assert flows.metrics_diff.fn(str(tmp_path)).startswith("| Path")
+    assert dvc_tasks.metrics_diff.fn(str(tmp_path)).startswith("| Path")
     assert fake_dvc.calls()[0]["argv"] == ["metrics", "diff", "HEAD", "--md"]
     fake_dvc.reply(stderr="ERROR: unexpected error - no commits\n", returncode=255)
-    assert "no commits" in flows.metrics_diff.fn(str(tmp_path))
+    assert "no commits" in dvc_tasks.metrics_diff.fn(str(tmp_path))
 
 
 def test_run_experiment_passes_typed_overrides_and_returns_the_experiment_name(fake_dvc, tmp_path):
     fake_dvc.reply(stdout="Reproducing experiment 'ionic-rort'\nRunning stage 'train':\nRan experiment(s): ionic-rort\n")
     overrides = {"quantize_weights.bits": 4, "quantize_weights.calibrator": "mse", "profile.seed": None}
-    assert flows.run_experiment.fn(str(tmp_path), overrides) == "ionic-rort"
+    assert dvc_tasks.run_experiment.fn(str(tmp_path), overrides) == "ionic-rort"
     assert fake_dvc.calls()[0]["argv"] == [
         "exp", "run", "--temp", "-S", "quantize_weights.bits=4",
         "-S", 'quantize_weights.calibrator="mse"', "-S", "profile.seed=null"]
@@ -233,13 +258,13 @@ def test_run_experiment_passes_typed_overrides_and_returns_the_experiment_name(f
 
 def test_an_experiment_in_a_checkout_of_its_own_runs_in_the_workspace_and_pulls_what_others_made(fake_dvc, tmp_path):
     fake_dvc.reply(stdout="Reproducing experiment 'ionic-rort'\nRan experiment(s): ionic-rort\n")
-    assert flows.run_experiment.fn(str(tmp_path), {"quantize_weights.bits": 4}, in_workspace=True) == "ionic-rort"
+    assert dvc_tasks.run_experiment.fn(str(tmp_path), {"quantize_weights.bits": 4}, in_workspace=True) == "ionic-rort"
     assert fake_dvc.calls()[0]["argv"] == ["exp", "run", "--pull", "-S", "quantize_weights.bits=4"]
 
 
 def test_push_experiment_sends_its_outputs_and_run_cache_entries_first_and_its_git_ref_last(fake_dvc, tmp_path):
     fake_dvc.reply(stdout="remote.shared.url=/mnt/team/dvc\ncore.remote=shared\n")
-    flows.push_experiment.fn(str(tmp_path), "origin", "ionic-rort")
+    dvc_tasks.push_experiment.fn(str(tmp_path), "origin", "ionic-rort")
     assert [call["argv"] for call in fake_dvc.calls()] == [
         ["config", "--list"], ["push", "--run-cache", "--remote", "shared"],
         ["exp", "push", "--no-cache", "origin", "ionic-rort"]]
@@ -247,8 +272,8 @@ def test_push_experiment_sends_its_outputs_and_run_cache_entries_first_and_its_g
 
 def test_push_experiment_without_a_default_dvc_remote_pushes_nothing_and_says_how_to_set_one(fake_dvc, tmp_path):
     fake_dvc.reply(stdout="remote.shared.url=/mnt/team/dvc\n")
-    with pytest.raises(flows.CommandFailed) as raised:
-        flows.push_experiment.fn(str(tmp_path), "origin", "ionic-rort")
+    with pytest.raises(commands.CommandFailed) as raised:
+        dvc_tasks.push_experiment.fn(str(tmp_path), "origin", "ionic-rort")
     assert str(raised.value) == (
         f"experiment ionic-rort: no default DVC remote in {tmp_path} (core.remote in .dvc/config), so neither its "
         "outputs nor its git ref were pushed: set one with `dvc remote add --default NAME URL` and commit .dvc/config")
@@ -257,24 +282,25 @@ def test_push_experiment_without_a_default_dvc_remote_pushes_nothing_and_says_ho
 
 def test_the_default_dvc_remote_is_read_from_dvc_config_list():
     listing = "remote.a.url=s3://bucket/dvc\nremote.shared.url=/mnt/team/dvc store\ncore.remote=shared\n"
-    assert flows.default_dvc_remote(listing) == ("shared", "/mnt/team/dvc store")
-    assert flows.default_dvc_remote("core.remote=gone\n") == ("gone", "(no url set)")
-    assert flows.default_dvc_remote("remote.a.url=s3://bucket/dvc\n") is None
+    assert dvc_tasks.default_dvc_remote(listing) == ("shared", "/mnt/team/dvc store")
+    assert dvc_tasks.default_dvc_remote("core.remote=gone\n") == ("gone", "(no url set)")
+    assert dvc_tasks.default_dvc_remote("remote.a.url=s3://bucket/dvc\n") is None
 
 
 def test_pull_experiments_fetches_the_refs_of_heads_experiments_without_their_data(fake_dvc, tmp_path):
-    flows.pull_experiments.fn(str(tmp_path), "team")
+    dvc_tasks.pull_experiments.fn(str(tmp_path), "team")
     assert fake_dvc.calls()[0]["argv"] == ["exp", "pull", "--no-cache", "team"]
 
 
 def test_a_failing_experiment_raises_with_its_stderr(fake_dvc, tmp_path):
     fake_dvc.reply(stderr="ERROR: Invalid `--set-param` value: Could not override 'train.nokey'.\n", returncode=255)
-    with pytest.raises(flows.CommandFailed, match="Could not override 'train.nokey'"):
-        flows.run_experiment.fn(str(tmp_path), {"train.nokey": 3})
+    with pytest.raises(commands.CommandFailed, match="Could not override 'train.nokey'"):
+        dvc_tasks.run_experiment.fn(str(tmp_path), {"train.nokey": 3})
 
 
 def test_experiments_table_has_one_row_per_swept_experiment_in_grid_order():
-    rows = flows.experiments_table(EXP_SHOW, ["surfy-huts", "vivid-jake", "failed-one"], ["train.epochs"], ["accuracy"])
+    rows = tables.experiments_table(EXP_SHOW, ["surfy-huts", "vivid-jake", "failed-one"], ["train.epochs"],
+                                    ["accuracy"])
     assert rows == [
         {"experiment": "surfy-huts", "rev": "253c78e", "train.epochs": 1, "accuracy.fp32": 10.0},
         {"experiment": "vivid-jake", "rev": "32fe3d4", "train.epochs": 2, "accuracy.fp32": 20.0},
@@ -287,43 +313,43 @@ def test_points_find_the_experiment_of_their_commit_with_the_commits_params_and_
     shown[1]["experiments"][1]["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["batch_size"] = 32
     grid = [{"train.epochs": 2}, {"train.epochs": 1}, {"train.epochs": 1, "train.batch_size": 32}, {"train.epochs": 3}]
     # epochs=1 alone is the baseline's batch size (16): surfy-huts, at 32, is another point.
-    assert flows.matching_experiments(shown, commit, grid) == [
+    assert work_pool.matching_experiments(shown, commit, grid) == [
         {"vivid-jake": "3" * 16}, {}, {"surfy-huts": "2" * 16}, {}]
-    assert flows.matching_experiments(shown, "f" * 40, grid) == [{}] * 4  # another baseline's experiments
+    assert work_pool.matching_experiments(shown, "f" * 40, grid) == [{}] * 4  # another baseline's experiments
     # A point run twice (the first run's outputs never reached the DVC remote): both, in `dvc exp show` order.
     again = shown_with(commit, exp_rev("vivid-jake", "3" * 16, 2, 20.0), exp_rev("older-run", "4" * 16, 2, 20.0))
-    assert flows.matching_experiments(again, commit, grid[:1]) == [{"vivid-jake": "3" * 16, "older-run": "4" * 16}]
+    assert work_pool.matching_experiments(again, commit, grid[:1]) == [{"vivid-jake": "3" * 16, "older-run": "4" * 16}]
 
 
 def test_an_override_replaces_the_key_and_everything_under_it():
     base = {"quantize_weights.bits": 8, "train.epochs": 1}
-    assert flows.params_with(base, {"quantize_weights.bits": {"conv1": 4, "fc1": 8}}) == {
+    assert work_pool.params_with(base, {"quantize_weights.bits": {"conv1": 4, "fc1": 8}}) == {
         "train.epochs": 1, "quantize_weights.bits.conv1": 4, "quantize_weights.bits.fc1": 8}
-    assert flows.params_with({"quantize_weights.bits.conv1": 4}, {"quantize_weights.bits": 6}) == {
+    assert work_pool.params_with({"quantize_weights.bits.conv1": 4}, {"quantize_weights.bits": 6}) == {
         "quantize_weights.bits": 6}
 
 
 def test_default_grid_is_every_bits_calibrator_granularity_combination():
-    assert len(flows.DEFAULT_GRID) == 3 * 2 * 2
-    assert len({tuple(overrides.items()) for overrides in flows.DEFAULT_GRID}) == 12
-    assert flows.DEFAULT_GRID[0] == {"quantize_weights.bits": 8, "quantize_weights.calibrator": "sigma",
+    assert len(DEFAULT_GRID) == 3 * 2 * 2
+    assert len({tuple(overrides.items()) for overrides in DEFAULT_GRID}) == 12
+    assert DEFAULT_GRID[0] == {"quantize_weights.bits": 8, "quantize_weights.calibrator": "sigma",
                                      "quantize_weights.granularity": "per_tensor"}
 
 
 def test_command_line_choices_parse_as_yaml_values():
-    assert flows.parse_choices(["train.epochs=1,2", "quantize_weights.calibrator=sigma"]) == {
+    assert cli.parse_choices(["train.epochs=1,2", "quantize_weights.calibrator=sigma"]) == {
         "train.epochs": [1, 2], "quantize_weights.calibrator": ["sigma"]}
-    with pytest.raises(flows.argparse.ArgumentTypeError, match="expected KEY=VALUE"):
-        flows.parse_choices(["train.epochs"])
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE"):
+        cli.parse_choices(["train.epochs"])
 
 
 def test_command_line_runs_the_pipeline_by_default_and_a_sweep_over_every_combination(monkeypatch):
     calls: list[tuple[str, dict[str, Any]]] = []
-    monkeypatch.setattr(flows, "ptq_pipeline", lambda **kwargs: calls.append(("pipeline", kwargs)) or Completed())
-    monkeypatch.setattr(flows, "ptq_sweep", lambda **kwargs: calls.append(("sweep", kwargs)) or Failed())
-    assert flows.main(["--project", "/checkout"]) == 0
-    assert flows.main(["sweep", "-S", "train.epochs=1,2", "-S", "evaluate.batch_size=100", "--max-parallel", "3"]) == 1
-    assert flows.main(["sweep", "-S", "train.epochs=1", "--deployment", "ptq-experiment/experiment",
+    monkeypatch.setattr(cli, "ptq_pipeline", lambda **kwargs: calls.append(("pipeline", kwargs)) or Completed())
+    monkeypatch.setattr(cli, "ptq_sweep", lambda **kwargs: calls.append(("sweep", kwargs)) or Failed())
+    assert cli.main(["--project", "/checkout"]) == 0
+    assert cli.main(["sweep", "-S", "train.epochs=1,2", "-S", "evaluate.batch_size=100", "--max-parallel", "3"]) == 1
+    assert cli.main(["sweep", "-S", "train.epochs=1", "--deployment", "ptq-experiment/experiment",
                        "--git-remote", "team", "--timeout", "60"]) == 1
     local = {"deployment": None, "git_remote": "origin", "timeout_s": flows.SWEEP_TIMEOUT_SECONDS}
     assert calls == [
@@ -336,11 +362,11 @@ def test_command_line_runs_the_pipeline_by_default_and_a_sweep_over_every_combin
                    "return_state": True}),
     ]
     with pytest.raises(SystemExit):
-        flows.main(["sweep", "-S", "train.epochs"])
+        cli.main(["sweep", "-S", "train.epochs"])
 
 
 def test_format_table_aligns_columns():
-    assert flows.format_table([{"metric": "accuracy.fp32", "value": 20.0}, {"metric": "x", "value": 5}]) == (
+    assert tables.format_table([{"metric": "accuracy.fp32", "value": 20.0}, {"metric": "x", "value": 5}]) == (
         "metric         value\n-------------  -----\naccuracy.fp32  20.0\nx              5")
 
 
@@ -389,8 +415,8 @@ def test_the_flow_retries_download_only_when_the_network_failed(prefect_server, 
     folder.mkdir()
     fake = FakeDvc(folder)
     fake.reply(stdout="Running stage 'download':\n", stderr=tail + "\n", returncode=255)
-    monkeypatch.setattr(flows, "DVC", str(fake.script))
-    monkeypatch.setattr(flows, "NETWORK_RETRY_DELAYS", [0, 0])  # the count matters here, not the wait
+    monkeypatch.setattr(dvc_tasks, "DVC", str(fake.script))
+    monkeypatch.setattr(dvc_tasks, "NETWORK_RETRY_DELAYS", [0, 0])  # the count matters here, not the wait
     (tmp_path / "dvc.yaml").write_text("stages:\n  download:\n    cmd: python -m stages.download\n")
     state = flows.ptq_pipeline(project=str(tmp_path), return_state=True)
     assert state.is_failed()
@@ -438,7 +464,7 @@ def test_killing_the_flow_mid_stage_leaves_dvc_to_finish_and_its_lock_files_whol
     project = tiny_project_copy(tmp_path)
     set_params(project, {"train": {"epochs": 60}})  # a few seconds of training: time to kill it mid-stage
     run(["git", "commit", "--quiet", "-am", "longer training"], project)
-    flow = subprocess.Popen([sys.executable, "-m", "pipeline.flows", "--project", str(project)], cwd=PROJECT_ROOT,
+    flow = subprocess.Popen([sys.executable, "-m", "orchestration", "--project", str(project)], cwd=PROJECT_ROOT,
                             env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     seen_train = threading.Event()
@@ -517,35 +543,36 @@ def test_a_sweep_on_a_pool_submits_only_the_missing_points_and_names_the_one_tha
     checkout, remote, commit = pushed_checkout
     old, new = exp_rev("old-one", "1" * 16, 1, 10.0), exp_rev("new-one", "2" * 16, 2, 20.0)
     shows = iter([shown_with(commit, old), shown_with(commit, old, new), shown_with(commit, old, new)])
-    monkeypatch.setattr(flows, "read_experiments", lambda project: next(shows))
+    monkeypatch.setattr(dvc_tasks, "read_experiments", lambda project: next(shows))
     pulls: list[str] = []
-    monkeypatch.setattr(flows, "pull_experiments", lambda project, git_remote: pulls.append(git_remote))
+    monkeypatch.setattr(dvc_tasks, "pull_experiments", lambda project, git_remote: pulls.append(git_remote))
     checked: list[str] = []
-    monkeypatch.setattr(flows, "outputs_missing_from_remote", lambda project, rev: checked.append(rev) or [])
+    monkeypatch.setattr(dvc_tasks, "outputs_missing_from_remote", lambda project, rev: checked.append(rev) or [])
     pool = FakePool({"train.epochs=2": (Completed(), "worker-a"), "train.epochs=3": (Crashed(), "worker-b")})
-    monkeypatch.setattr(flows, "run_deployment", pool.run_deployment)
-    monkeypatch.setattr(flows, "wait_for_runs", pool.wait_for_runs)
-    tables: list[dict[str, Any]] = []
-    monkeypatch.setattr(flows, "create_table_artifact", lambda **kwargs: tables.append(kwargs))
+    monkeypatch.setattr(work_pool, "run_deployment", pool.run_deployment)
+    monkeypatch.setattr(work_pool, "wait_for_runs", pool.wait_for_runs)
+    published: list[dict[str, Any]] = []
+    monkeypatch.setattr(flows, "create_table_artifact", lambda **kwargs: published.append(kwargs))
     installed: list[bool] = []
-    monkeypatch.setattr(flows, "ensure_silent_runs_crash", lambda: installed.append(True))
+    monkeypatch.setattr(work_pool, "ensure_silent_runs_crash", lambda: installed.append(True))
 
     grid = [{"train.epochs": 1}, {"train.epochs": 2}, {"train.epochs": 3}]
-    with disable_run_logger(), pytest.raises(flows.CommandFailed) as raised:
-        flows.ptq_sweep.fn(project=str(checkout), grid=grid, deployment=flows.EXPERIMENT_DEPLOYMENT, timeout_s=60)
+    with disable_run_logger(), pytest.raises(commands.CommandFailed) as raised:
+        flows.ptq_sweep.fn(project=str(checkout), grid=grid, deployment=work_pool.EXPERIMENT_DEPLOYMENT,
+                           timeout_s=60)
     assert str(raised.value) == "1 of 3 experiments failed:\ntrain.epochs=3: flow run train.epochs=3 Crashed on worker-b"
     # Only the points without an experiment on the remote ran, each told what to clone.
     assert [call["parameters"] for call in pool.submitted] == [
         {"overrides": {"train.epochs": 2}, "commit": commit}, {"overrides": {"train.epochs": 3}, "commit": commit}]
     for call in pool.submitted:
-        assert call["name"] == flows.EXPERIMENT_DEPLOYMENT
-        assert call["job_variables"] == {"env": {flows.GIT_URL_ENV: str(remote), flows.GIT_COMMIT_ENV: commit,
+        assert call["name"] == work_pool.EXPERIMENT_DEPLOYMENT
+        assert call["job_variables"] == {"env": {work_pool.GIT_URL_ENV: str(remote), work_pool.GIT_COMMIT_ENV: commit,
                                                  "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}}
         assert call["timeout"] == 0  # submitted, not awaited one by one
     assert installed == [True]  # a run whose machine dies ends Crashed, not Running for ever
     assert pulls == ["origin", "origin"]  # before, to skip what is done; after, to gather
     assert checked == ["1" * 16, "2" * 16]  # each experiment's outputs on the DVC remote, once
-    [table] = tables
+    [table] = published
     assert [row["experiment"] for row in table["table"]] == ["old-one", "new-one"]
 
 
@@ -553,19 +580,20 @@ def test_a_sweep_on_a_pool_refuses_a_commit_the_workers_cannot_clone(pushed_chec
     checkout, _, _ = pushed_checkout
     (checkout / "params.yaml").write_text("train:\n  epochs: 2\n")
     run(["git", "commit", "--quiet", "-am", "not pushed"], checkout)
-    with disable_run_logger(), pytest.raises(flows.CommandFailed, match=r"is not on git remote origin .*git push"):
-        flows.ptq_sweep.fn(project=str(checkout), grid=[{"train.epochs": 1}], deployment=flows.EXPERIMENT_DEPLOYMENT)
+    with disable_run_logger(), pytest.raises(commands.CommandFailed, match=r"is not on git remote origin .*git push"):
+        flows.ptq_sweep.fn(project=str(checkout), grid=[{"train.epochs": 1}],
+                           deployment=work_pool.EXPERIMENT_DEPLOYMENT)
 
 
 def test_only_experiment_runs_whose_heartbeats_stop_are_crashed():
-    automation = flows.silent_runs_automation()
+    automation = work_pool.silent_runs_automation()
     trigger = automation.trigger
     assert trigger.match_related.model_dump() == {"prefect.resource.role": "flow",
                                                   "prefect.resource.name": "ptq-experiment"}
     assert trigger.after == {"prefect.flow-run.heartbeat"}
     assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= trigger.expect
     assert trigger.posture == "Proactive"
-    assert trigger.within.total_seconds() == flows.SILENCE_SECONDS > 2 * flows.HEARTBEAT_SECONDS
+    assert trigger.within.total_seconds() == work_pool.SILENCE_SECONDS > 2 * work_pool.HEARTBEAT_SECONDS
     [action] = automation.actions
     assert action.state == "CRASHED"
 
@@ -583,16 +611,16 @@ def test_waiting_for_runs_gives_up_at_the_timeout_and_says_which_are_unfinished(
         def read_flow_run(self, run_id: UUID) -> FlowRun:
             return running
 
-    monkeypatch.setattr(flows, "get_client", lambda sync_client: FakeClient())
-    monkeypatch.setattr(flows, "RUN_POLL_SECONDS", 0.01)
-    [run_now] = flows.wait_for_runs([running.id], timeout_s=0.05)
-    assert flows.run_outcome(run_now, 0.05) == "flow run train.epochs=2 still Running on w1 after 0 s"
+    monkeypatch.setattr(work_pool, "get_client", lambda sync_client: FakeClient())
+    monkeypatch.setattr(work_pool, "RUN_POLL_SECONDS", 0.01)
+    [run_now] = work_pool.wait_for_runs([running.id], timeout_s=0.05)
+    assert work_pool.run_outcome(run_now, 0.05) == "flow run train.epochs=2 still Running on w1 after 0 s"
 
 
 def test_an_experiment_run_refuses_a_checkout_at_another_commit(pushed_checkout, monkeypatch):
     checkout, _, commit = pushed_checkout
-    monkeypatch.setattr(flows, "run_experiment", lambda *args, **kwargs: pytest.fail("ran in the wrong checkout"))
-    with disable_run_logger(), pytest.raises(flows.CommandFailed, match=f"not the sweep's commit {'0' * 40}"):
+    monkeypatch.setattr(dvc_tasks, "run_experiment", lambda *args, **kwargs: pytest.fail("ran in the wrong checkout"))
+    with disable_run_logger(), pytest.raises(commands.CommandFailed, match=f"not the sweep's commit {'0' * 40}"):
         flows.ptq_experiment.fn({"train.epochs": 2}, commit="0" * 40, project=str(checkout))
 
 
@@ -602,10 +630,10 @@ def test_an_experiment_run_pushes_its_experiment_and_reports_the_hashes_of_what_
         (checkout / path).parent.mkdir(parents=True, exist_ok=True)
         (checkout / path).write_bytes(bytes([index]) * 100)
     calls: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(flows, "run_experiment",
+    monkeypatch.setattr(dvc_tasks, "run_experiment",
                         lambda project, overrides, in_workspace: calls.append(("run", overrides, in_workspace))
                         or "ionic-rort")
-    monkeypatch.setattr(flows, "push_experiment", lambda *args: calls.append(("push", *args)))
+    monkeypatch.setattr(dvc_tasks, "push_experiment", lambda *args: calls.append(("push", *args)))
     monkeypatch.setattr(flows, "create_table_artifact", lambda **kwargs: calls.append(("artifact", kwargs["key"])))
     with disable_run_logger():
         result = flows.ptq_experiment.fn({"train.epochs": 2}, commit=commit, project=str(checkout))
@@ -687,9 +715,9 @@ def test_an_experiment_whose_outputs_the_dvc_remote_refuses_never_reaches_the_gi
     remotes = shared_remotes
     worker = worker_clone(remotes, "worker")
     with disable_run_logger():
-        name = flows.run_experiment.fn(str(worker), {"train.epochs": 2}, in_workspace=True)
-        with refusing_writes(remotes.dvc_storage), pytest.raises(flows.CommandFailed) as raised:
-            flows.push_experiment.fn(str(worker), "origin", name)
+        name = dvc_tasks.run_experiment.fn(str(worker), {"train.epochs": 2}, in_workspace=True)
+        with refusing_writes(remotes.dvc_storage), pytest.raises(commands.CommandFailed) as raised:
+            dvc_tasks.push_experiment.fn(str(worker), "origin", name)
         message = str(raised.value)
         assert message.startswith(
             f"experiment {name}: DVC remote shared ({remotes.dvc_storage}) refused its outputs, so its git ref was not "
@@ -698,7 +726,7 @@ def test_an_experiment_whose_outputs_the_dvc_remote_refuses_never_reaches_the_gi
         assert f"[Errno 20] Not a directory: '{remotes.dvc_storage}" in message
         assert experiment_refs(remotes.git_remote) == []
 
-        flows.push_experiment.fn(str(worker), "origin", name)  # the remote writable again
+        dvc_tasks.push_experiment.fn(str(worker), "origin", name)  # the remote writable again
     assert experiment_refs(remotes.git_remote) == [name]
 
 
@@ -714,8 +742,8 @@ class CloningPool:
     def run_deployment(self, **kwargs: Any) -> FlowRun:
         clone = worker_clone(self.remotes, f"run-{len(self.created)}")
         overrides = kwargs["parameters"]["overrides"]
-        name = flows.run_experiment.fn(str(clone), overrides, in_workspace=True)
-        flows.push_experiment.fn(str(clone), "origin", name)
+        name = dvc_tasks.run_experiment.fn(str(clone), overrides, in_workspace=True)
+        dvc_tasks.push_experiment.fn(str(clone), "origin", name)
         self.ran.append((overrides, name))
         self.created.append(FlowRun(flow_id=uuid4(), name=kwargs["flow_run_name"], state=Completed(),
                                     labels={"prefect.worker.name": "worker-a"}))
@@ -738,22 +766,22 @@ def test_a_sweep_runs_again_a_point_whose_experiment_reached_the_git_remote_with
     assert experiment_refs(remotes.git_remote) == [half_pushed]
 
     pool = CloningPool(remotes)
-    monkeypatch.setattr(flows, "run_deployment", pool.run_deployment)
-    monkeypatch.setattr(flows, "wait_for_runs", pool.wait_for_runs)
-    monkeypatch.setattr(flows, "ensure_silent_runs_crash", lambda: None)
-    tables: list[dict[str, Any]] = []
-    monkeypatch.setattr(flows, "create_table_artifact", lambda **kwargs: tables.append(kwargs))
+    monkeypatch.setattr(work_pool, "run_deployment", pool.run_deployment)
+    monkeypatch.setattr(work_pool, "wait_for_runs", pool.wait_for_runs)
+    monkeypatch.setattr(work_pool, "ensure_silent_runs_crash", lambda: None)
+    published: list[dict[str, Any]] = []
+    monkeypatch.setattr(flows, "create_table_artifact", lambda **kwargs: published.append(kwargs))
     for name in ("read_experiments", "pull_experiments", "outputs_missing_from_remote"):  # run here, not via the API
-        monkeypatch.setattr(flows, name, getattr(flows, name).fn)
+        monkeypatch.setattr(dvc_tasks, name, getattr(dvc_tasks, name).fn)
     with disable_run_logger():
         flows.ptq_sweep.fn(project=str(remotes.checkout), grid=[{"train.epochs": 2}],
-                           deployment=flows.EXPERIMENT_DEPLOYMENT, timeout_s=60)
+                           deployment=work_pool.EXPERIMENT_DEPLOYMENT, timeout_s=60)
     [(overrides, rerun)] = pool.ran
     assert overrides == {"train.epochs": 2}
     assert (f"train.epochs=2: experiment {half_pushed} is on git remote origin, but its outputs model.txt are not on "
             f"the DVC remote: not counted as done (`dvc exp remove --git-remote origin {half_pushed}` removes it)"
             ) in capsys.readouterr().out
-    [table] = tables
+    [table] = published
     assert [row["experiment"] for row in table["table"]] == [rerun]
     # The rerun's experiment is restorable anywhere: a fresh clone pulls it with its outputs and applies it.
     fresh = worker_clone(remotes, "fresh")

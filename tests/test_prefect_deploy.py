@@ -10,7 +10,8 @@ import time
 import pytest
 import yaml
 
-from pipeline import flows
+from orchestration import flows, tables
+from orchestration.grid import DEFAULT_GRID
 from tests.project_copy import (
     PROJECT_ROOT,
     run,
@@ -29,7 +30,7 @@ def deployments() -> dict[str, dict]:
 
 def test_nightly_runs_the_pipeline_on_a_schedule_one_run_at_a_time_on_the_gpu_pool():
     nightly = deployments()["nightly"]
-    assert nightly["entrypoint"] == "pipeline/flows.py:ptq_pipeline"
+    assert nightly["entrypoint"] == "orchestration/flows.py:ptq_pipeline"
     assert nightly["schedules"][0]["cron"]
     assert nightly["concurrency_limit"] == 1
     assert nightly["work_pool"]["name"] == "gpu-pool"
@@ -40,9 +41,9 @@ def test_nightly_runs_the_pipeline_on_a_schedule_one_run_at_a_time_on_the_gpu_po
 
 def test_sweep_deployment_is_on_demand_with_the_default_grid():
     sweep = deployments()["sweep"]
-    assert sweep["entrypoint"] == "pipeline/flows.py:ptq_sweep"
+    assert sweep["entrypoint"] == "orchestration/flows.py:ptq_sweep"
     assert not sweep.get("schedules")
-    assert sweep["parameters"]["grid"] == flows.DEFAULT_GRID
+    assert sweep["parameters"]["grid"] == DEFAULT_GRID
 
 
 @pytest.mark.slow
@@ -76,9 +77,9 @@ def test_deploy_round_trip_on_a_local_server(tmp_path):
     # The nightly run reproduced the params change in the checkout itself (the pull step's directory).
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    swept = flows.experiments_table(shown, [experiment["name"] for baseline in shown
+    swept = tables.experiments_table(shown, [experiment["name"] for baseline in shown
                                             for experiment in baseline.get("experiments") or []],
-                                    ["evaluate.batch_size", "train.epochs"], flows.TABLE_PREFIXES)
+                                    ["evaluate.batch_size", "train.epochs"], tables.TABLE_PREFIXES)
     assert sorted(row["evaluate.batch_size"] for row in swept) == [7, 11]
     assert all(row["train.epochs"] == 2 for row in swept)
     assert all(0.0 <= row["fp32"] <= 100.0 and row["c_mismatches"] == 0 for row in swept)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from orchestration.report import main
 from pipeline.report import (
     bits_label,
-    main,
     results_markdown,
     results_table,
     stage_labels,
@@ -80,8 +80,9 @@ def test_command_line_prints_a_row_per_metrics_file(tmp_path, capsys):
 
 
 def test_command_line_without_arguments_prints_usage():
-    result = subprocess.run([sys.executable, "-m", "pipeline.report"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and "usage: python -m pipeline.report data/metrics.json" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "orchestration.report"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "usage: python -m orchestration.report data/metrics.json" in result.stderr
 
 
 def test_an_argument_that_is_not_a_file_is_read_at_that_git_revision(tmp_path, monkeypatch, capsys):

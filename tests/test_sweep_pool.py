@@ -30,30 +30,31 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline import flows
+from orchestration import cli, flows, tables, work_pool
+from orchestration.grid import point_label, product_grid
 from tests.local_pool import LocalPool, kill_machine, stop_session
 from tests.project_copy import PROJECT_ROOT, run, set_params, tiny_project_copy
 
 POOL = "gpu-pool"  # the work pool prefect.yaml names
 SWEEP_LIMIT = 480  # seconds one sweep command may take, start to gathered table
-CRASH_LIMIT = 2 * flows.SILENCE_SECONDS  # seconds for a killed run to be marked Crashed (no heartbeat for 90 s)
+CRASH_LIMIT = 2 * work_pool.SILENCE_SECONDS  # seconds for a killed run to be marked Crashed (no heartbeat for 90 s)
 # Four points on the baseline's checkpoint: download, train and profile come from the DVC remote, as the
 # user's `dvc push` left them.
 SETTINGS = ["quantize_weights.bits=8,4", "quantize_weights.calibrator=sigma,mse"]
-GRID = flows.product_grid(flows.parse_choices(SETTINGS))
+GRID = product_grid(cli.parse_choices(SETTINGS))
 CHECKPOINT_STAGES = {"download", "train", "profile"}
 # A fifth point on a checkpoint of its own (its worker is killed after training), then a sixth on the same
 # checkpoint, run after it: train, sensitivity and profile come from the run-cache the fifth pushed (every
 # output of theirs is cached: DVC keeps no run-cache entry for a stage with a `cache: false` output).
 FIFTH_SETTINGS = ["train.epochs=2", "quantize_weights.bits=6"]
 SIXTH_SETTINGS = ["train.epochs=2", "quantize_weights.bits=4"]
-FIFTH, SIXTH = (flows.product_grid(flows.parse_choices(settings))[0] for settings in (FIFTH_SETTINGS, SIXTH_SETTINGS))
+FIFTH, SIXTH = (product_grid(cli.parse_choices(settings))[0] for settings in (FIFTH_SETTINGS, SIXTH_SETTINGS))
 
 
 def start_sweep(pool: LocalPool, project: Path, settings: list[str]) -> subprocess.Popen:
-    """``python -m pipeline.flows sweep --deployment ...`` from the user's checkout, in a session of its own."""
-    args = [sys.executable, "-m", "pipeline.flows", "--project", str(project), "sweep", "--deployment",
-            flows.EXPERIMENT_DEPLOYMENT, "--timeout", str(SWEEP_LIMIT - 60)]
+    """``python -m orchestration sweep --deployment ...`` from the user's checkout, in a session of its own."""
+    args = [sys.executable, "-m", "orchestration", "--project", str(project), "sweep", "--deployment",
+            work_pool.EXPERIMENT_DEPLOYMENT, "--timeout", str(SWEEP_LIMIT - 60)]
     for setting in settings:
         args += ["-S", setting]
     return subprocess.Popen(args, cwd=project, env=pool.env(pool.root / "user-home"), stdout=subprocess.PIPE,
@@ -140,12 +141,12 @@ def user_checkout(root: Path) -> tuple[Path, Path, Path]:
 
 def test_the_experiment_deployment_clones_what_the_sweep_names_and_uses_the_workers_own_venv():
     [experiment] = [deployment for deployment in yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())[
-        "deployments"] if deployment["name"] == flows.EXPERIMENT_DEPLOYMENT.split("/")[1]]
-    assert experiment["entrypoint"] == "pipeline/flows.py:ptq_experiment"
-    assert flows.ptq_experiment.name == flows.EXPERIMENT_DEPLOYMENT.split("/")[0]
+        "deployments"] if deployment["name"] == work_pool.EXPERIMENT_DEPLOYMENT.split("/")[1]]
+    assert experiment["entrypoint"] == "orchestration/flows.py:ptq_experiment"
+    assert flows.ptq_experiment.name == work_pool.EXPERIMENT_DEPLOYMENT.split("/")[0]
     [step] = experiment["pull"]
     assert step["prefect.deployments.steps.git_clone"] == {
-        "repository": f"{{{{ ${flows.GIT_URL_ENV} }}}}", "commit_sha": f"{{{{ ${flows.GIT_COMMIT_ENV} }}}}"}
+        "repository": f"{{{{ ${work_pool.GIT_URL_ENV} }}}}", "commit_sha": f"{{{{ ${work_pool.GIT_COMMIT_ENV} }}}}"}
     assert experiment["work_pool"]["name"] == POOL
     env = experiment["work_pool"]["job_variables"]["env"]
     assert "PATH" not in env  # a path of the deploying machine means nothing on a worker's
@@ -163,7 +164,7 @@ def test_a_sweep_runs_on_two_workers_that_share_only_the_remotes_and_survives_a_
     with LocalPool(tmp_path, POOL) as pool:
         timings["server up"] = time.monotonic() - began - sum(timings.values())
         pool.prefect(["--no-prompt", "deploy", "--name", "experiment"], project)
-        [pull_step] = json.loads(pool.prefect(["deployment", "inspect", flows.EXPERIMENT_DEPLOYMENT, "--output",
+        [pull_step] = json.loads(pool.prefect(["deployment", "inspect", work_pool.EXPERIMENT_DEPLOYMENT, "--output",
                                                "json"], project))["pull_steps"]
         # Resolved per run from the run's environment, not at deploy time.
         assert pull_step["prefect.deployments.steps.git_clone"] == {
@@ -189,9 +190,9 @@ def test_a_sweep_runs_on_two_workers_that_share_only_the_remotes_and_survives_a_
 
         # 2. The user's checkout has every experiment of the sweep, with metrics.
         shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-        names = [next(iter(found), None) for found in flows.matching_experiments(shown, commit, GRID)]
+        names = [next(iter(found), None) for found in work_pool.matching_experiments(shown, commit, GRID)]
         assert None not in names, names
-        rows = flows.experiments_table(shown, names, ["quantize_weights.bits"], flows.TABLE_PREFIXES)
+        rows = tables.experiments_table(shown, names, ["quantize_weights.bits"], tables.TABLE_PREFIXES)
         assert [row["experiment"] for row in rows] == names
         assert all(0.0 <= row["fp32"] <= 100.0 for row in rows), rows
         reported = outputs_reported(pool.api_url, names[0])  # what its worker made, by the worker's own hashes
@@ -221,7 +222,7 @@ def test_a_sweep_runs_on_two_workers_that_share_only_the_remotes_and_survives_a_
                                  CRASH_LIMIT, "final state of the killed run")
         assert crashed.state.is_crashed(), crashed.state
         assert second_sweep.returncode == 1
-        assert (f"1 of 1 experiments failed:\n{flows.point_label(FIFTH)}: flow run {victim.name} Crashed "
+        assert (f"1 of 1 experiments failed:\n{point_label(FIFTH)}: flow run {victim.name} Crashed "
                 f"on {killed_worker}") in output
         # DVC writes objects under a temporary name and renames them: none is cut short.
         assert partial_objects(dvc_remote) == []
@@ -231,7 +232,7 @@ def test_a_sweep_runs_on_two_workers_that_share_only_the_remotes_and_survives_a_
         print(output)
         assert status == 0, f"{output[-6000:]}\n{pool.log('worker-a')}\n{pool.log('worker-b')}"
         [rerun] = experiment_runs(pool.api_url)[len(first) + 1:]
-        assert rerun.name == flows.point_label(FIFTH) and rerun.state.is_completed()
+        assert rerun.name == point_label(FIFTH) and rerun.state.is_completed()
         assert rerun.labels["prefect.worker.name"] != killed_worker
         assert {"train", "profile"} <= ran_stages(run_logs(pool.api_url, rerun.id))  # its own checkpoint
         assert partial_objects(dvc_remote) == []
@@ -257,9 +258,9 @@ def test_a_sweep_runs_on_two_workers_that_share_only_the_remotes_and_survives_a_
     run(["dvc", "exp", "pull", "origin"], fresh)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], fresh).stdout)
     every_point = [*GRID, FIFTH, SIXTH]
-    fresh_names = [next(iter(found), None) for found in flows.matching_experiments(shown, commit, every_point)]
+    fresh_names = [next(iter(found), None) for found in work_pool.matching_experiments(shown, commit, every_point)]
     assert fresh_names[:len(GRID)] == names and None not in fresh_names, fresh_names
-    rows = flows.experiments_table(shown, fresh_names, ["quantize_weights.bits"], flows.TABLE_PREFIXES)
+    rows = tables.experiments_table(shown, fresh_names, ["quantize_weights.bits"], tables.TABLE_PREFIXES)
     assert len(rows) == len(every_point) and all("fp32" in row for row in rows), rows
     run(["dvc", "exp", "apply", names[0]], fresh)
     run(["dvc", "pull"], fresh)
