@@ -48,7 +48,8 @@ import torch
 
 from pipeline.models import build_model
 from pipeline.params import TrainParams
-from pipeline.train import normalize, train_model
+from pipeline.train import train_model
+from pipeline.transforms import normalize
 
 # Capped at AVX2 everywhere: ATen's vectorized kernels, oneDNN's JIT kernels and MKL's CNR branch.
 # MKL honours branches other than AUTO and COMPATIBLE on Intel CPUs only (elsewhere it falls back to

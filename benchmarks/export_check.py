@@ -22,15 +22,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import load_arrays, sample_indices
-from pipeline.export import (
-    c_footprint,
-    export_agreement,
-    export_integer_model,
-    find_compiler,
-)
+from pipeline.arrays import load_arrays
+from pipeline.evaluation import export_agreement
+from pipeline.export.artifacts import export_integer_model
+from pipeline.export.c_build import c_footprint, find_compiler
 from pipeline.model_files import load_integer_model
-from pipeline.train import normalize
+from pipeline.transforms import normalize, sample_indices
 from stages.common import ARRAYS, INTEGER_MODEL
 
 MIN_QLINEAR_AGREEMENT = 99.5  # percent of test images

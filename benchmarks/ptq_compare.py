@@ -126,25 +126,20 @@ import torch
 from torch import Tensor, nn
 
 import stages  # noqa: F401, I001  (first: importing stages pins the CPU kernels before torch loads, as in the pipeline)
-from pipeline.data import load_arrays, sample_indices
+from pipeline.arrays import load_arrays
 from pipeline.evaluation import (
     engine_predictions,
     paired_difference_error,
     percent_equal,
+    predict,
 )
 from pipeline.graph.capture import capture
 from pipeline.graph.nodes import FloatGraph, with_biases
 from pipeline.io import load_checkpoint, read_json
 from pipeline.models import CheckpointError, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations
-from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
-from pipeline.quant.build import (
-    activation_quantizer,
-    build_integer_model,
-    group_ranges,
-    quantize_model_weights,
-)
+from pipeline.quant.build import build_integer_model
 from pipeline.quant.calibrators import (
     ACTIVATION_CALIBRATORS,
     GRANULARITIES,
@@ -158,8 +153,16 @@ from pipeline.quant.mixed_precision import (
     packed_weight_bytes,
 )
 from pipeline.quant.ranges import ActivationFormat, int_range
-from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
-from pipeline.train import SEED_MEAN, SEED_STD, normalize, predict
+from pipeline.quant.rounding import RoundingInputs, round_weights
+from pipeline.quant.scale_groups import activation_quantizer, group_ranges
+from pipeline.quant.settings import (
+    AdaRoundSettings,
+    CalibrationImages,
+    WeightCalibration,
+    WeightQuantization,
+)
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize, sample_indices
 from stages.common import ARRAYS, CHECKPOINT, PROFILE
 
 PEERS = ("fx", "onnxruntime", "pt2e", "nncf")
@@ -173,6 +176,11 @@ class Setting:
     activation: str
     weight: str
     granularity: str
+
+    @property
+    def weight_calibration(self) -> WeightCalibration:
+        """The weight calibrator (default options) and granularity."""
+        return WeightCalibration(self.weight, granularity=self.granularity)
 
     def label(self) -> str:
         weight = "sigma k=3" if self.weight == "sigma" else self.weight
@@ -356,11 +364,11 @@ def run_learned(inputs: Inputs, setting: Setting, ranges: dict[str, float], bits
     for rounding, corrected in combinations:
         started = time.perf_counter()
         if rounding not in weights:
-            weights[rounding] = quantize_model_weights(graph, bits, setting.weight, setting.granularity) \
-                if rounding == "nearest" else adaround_model_weights(
-                    graph, images, inputs.mean, inputs.std, bits, setting.weight, setting.granularity, settings=adaround,
-                    activations=activation_quantizer(graph, ranges, inputs.activation_format)
-                    if adaround.quantized_activations else None)[0]
+            quantization = WeightQuantization(bits, setting.weight_calibration, rounding,
+                                              adaround if rounding == "adaround" else None)
+            weights[rounding] = round_weights(graph, quantization, RoundingInputs(
+                images, inputs.mean, inputs.std, lambda: activation_quantizer(graph, ranges, inputs.activation_format),
+            )).weights
         biases = corrected_biases(graph, weights[rounding], images, inputs.mean, inputs.std) if corrected else {}
         integer_model = build_integer_model(with_biases(graph, biases), ranges, weights[rounding],
                                             list(inputs.mean), list(inputs.std), inputs.activation_format)
@@ -382,11 +390,11 @@ def run_mixed_precision(inputs: Inputs, setting: Setting, ranges: dict[str, floa
     graph = capture(inputs.model)
     count = min(sensitivity_images, len(inputs.held_out))
     table = layer_sensitivity(graph, inputs.normalized(inputs.held_out[:count]), inputs.held_out_labels[:count],
-                              SENSITIVITY_BITS, setting.weight, setting.granularity, progress=False)
+                              SENSITIVITY_BITS, setting.weight_calibration, progress=False)
     num_weights = {node.name: node.weight.numel() for node in graph.layers()}
     budget = sum(packed_weight_bytes(n, bits) for n in num_weights.values())
     chosen = choose_bits(graph, inputs.normalized(inputs.held_out[:count]), noise_by_layer(table), budget,
-                         setting.weight, setting.granularity, progress=False)
+                         setting.weight_calibration, progress=False)
     weights = quantize_model_weights(graph, chosen, setting.weight, setting.granularity)
     integer_model = build_integer_model(graph, ranges, weights, list(inputs.mean), list(inputs.std),
                                         inputs.activation_format)

@@ -39,10 +39,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from pipeline.data import load_arrays, sample_indices
+from pipeline.arrays import load_arrays
 from pipeline.models import Net
 from pipeline.params import TrainParams
-from pipeline.train import SEED_MEAN, SEED_STD, train_model
+from pipeline.train import train_model
+from pipeline.transforms import SEED_MEAN, SEED_STD, sample_indices
 from stages.common import ARRAYS
 
 SEED_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(SEED_MEAN, SEED_STD)])

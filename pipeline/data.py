@@ -33,7 +33,6 @@ import lzma
 import os
 import re
 import tarfile
-import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import numpy as np
 import PIL
 from PIL import Image, features
 
-from pipeline.io import atomic_path
+from pipeline.arrays import CifarArrays, DataError, DownloadError
 from pipeline.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -85,29 +84,6 @@ _FIX_HINT = (
 )
 
 
-class DataError(Exception):
-    """A data problem the user can fix; the message names the file and what is wrong."""
-
-
-class DownloadError(DataError):
-    """The official download failed on the network: the one data error that trying again can fix."""
-
-    # The download stage's exit status for it (EX_TEMPFAIL of sysexits.h); the Prefect flow retries only that.
-    exit_status = 75
-
-
-@dataclass(frozen=True)
-class CifarArrays:
-    """Both splits in source order: an image-folder source comes grouped by class, so take
-    subsets with :func:`sample_indices`, never as a prefix."""
-
-    train_images: np.ndarray  # uint8 (N, 32, 32, 3), HWC RGB
-    train_labels: np.ndarray  # int64 (N,)
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    class_names: tuple[str, ...]
-
-
 @dataclass(frozen=True)
 class _Entry:
     """One regular file of a source, as path components relative to its root."""
@@ -141,45 +117,6 @@ def acquire(
         f"{path}: no such file or folder. download.source must be 'official', a CIFAR-10 "
         f"archive (.tar, .tar.gz, .tgz) or a folder laid out {IMAGE_FOLDER_LAYOUT}."
     )
-
-
-def sample_indices(total: int, count: int, seed: int) -> np.ndarray:
-    """A sorted random subset of ``count`` indices out of ``range(total)``, reproducible from ``seed``."""
-    if not 0 <= count <= total:
-        raise ValueError(f"count: value {count} is out of range; allowed: 0..{total}")
-    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
-
-
-def save_arrays(arrays: CifarArrays, path: Path) -> None:
-    """Save the arrays as an uncompressed .npz (fast to reload), atomically."""
-    with atomic_path(path) as tmp:
-        # A file object, because np.savez appends ".npz" to a path not ending in it.
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                train_images=arrays.train_images,
-                train_labels=arrays.train_labels,
-                test_images=arrays.test_images,
-                test_labels=arrays.test_labels,
-                class_names=np.array(arrays.class_names, dtype=str),
-            )
-
-
-def load_arrays(path: Path) -> CifarArrays:
-    """Load arrays written by :func:`save_arrays` (no pickle involved)."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return CifarArrays(
-                train_images=npz["train_images"],
-                train_labels=npz["train_labels"],
-                test_images=npz["test_images"],
-                test_labels=npz["test_labels"],
-                class_names=tuple(str(name) for name in npz["class_names"]),
-            )
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise DataError(
-            f"{path}: not a readable CIFAR arrays file ({exc}); rerun the download stage."
-        ) from exc
 
 
 # --------------------------------------------------------------------------- acquisition

@@ -1,15 +1,21 @@
-"""Measuring what quantization did: accuracies, agreement, per-layer SQNR, model sizes."""
+"""Measuring what quantization did: accuracies, agreement (of the exported models too), per-layer SQNR, model sizes."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from pipeline.export.c_build import c_logits, find_compiler
+from pipeline.export.onnx_model import onnx_predictions
+from pipeline.export_layout import ONNX_FILES
 from pipeline.graph.nodes import FloatGraph, float_parameter_count
 from pipeline.graph.run import run_float
+from pipeline.models import batch_layout
 from pipeline.quant.engine import (
     integer_tensor_outputs,
     quantize_model_input,
@@ -18,7 +24,7 @@ from pipeline.quant.engine import (
 )
 from pipeline.quant.ir import IntegerModel, parameter_bytes
 from pipeline.quant.ranges import dequantize
-from pipeline.train import normalized_batches
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalized_batches
 
 FLOAT_BYTES = 4  # float32 parameters
 
@@ -40,6 +46,51 @@ def paired_difference_error(reference_correct: Tensor, correct: Tensor) -> float
     only_reference = int((reference_correct & ~correct).sum())
     only_other = int((correct & ~reference_correct).sum())
     return 100.0 / n * math.sqrt(max(only_reference + only_other - (only_reference - only_other) ** 2 / n, 0.0))
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: Sequence[float] = SEED_MEAN,
+    std: Sequence[float] = SEED_STD,
+    batch_size: int = 1000,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Predicted class per uint8 image (N, 32, 32, 3), as an int64 tensor on the CPU.
+
+    ``progress=None`` shows a bar only when stderr is a terminal.
+    """
+    model.eval()
+    # A model with no parameters (QuantizedNet holds integer buffers) runs on the CPU.
+    device = next(model.parameters(), torch.empty(0)).device
+    batches = normalized_batches(images, mean, std, batch_size, "predict", progress, device, batch_layout(model))
+    predictions = [model(batch).argmax(1).cpu() for batch in batches]
+    return torch.cat(predictions)
+
+
+def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
+    """Overall and per-class accuracy in percent."""
+    correct = predictions == labels
+    per_class = {
+        name: 100.0 * correct[labels == index].float().mean().item() if (labels == index).any() else None
+        for index, name in enumerate(class_names)
+    }
+    return {"accuracy": 100.0 * correct.float().mean().item(), "per_class": per_class}
+
+
+def test_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: Sequence[float] = SEED_MEAN,
+    std: Sequence[float] = SEED_STD,
+) -> float:
+    """The seed's ``test_model``: test accuracy in percent."""
+    return 100.0 * (predict(model, images, mean, std) == labels).float().mean().item()
+
+
+test_model.__test__ = False  # a library function, not a pytest test
 
 
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
@@ -120,6 +171,58 @@ def output_sqnr(graph: FloatGraph, integer_model: IntegerModel, x_normalized: Te
         name: sqnr_db(float_outputs[tensor], dequantize(integer_outputs[tensor], integer_model.tensors[tensor].scale))
         for tensor, name in outputs.items()
     }
+
+
+def export_agreement(
+    model: IntegerModel,
+    directory: str | os.PathLike,
+    x_normalized: Tensor,
+    labels: Tensor | None = None,
+    compiler: str = "gcc",
+    engine_logits: Tensor | None = None,
+) -> dict[str, Any]:
+    """How the exported C and ONNX models in ``directory`` agree with ``run_integer`` on normalized images.
+
+    Counts images whose logits (C, integer ONNX) or predictions differ from the
+    engine's, the QLinear ONNX model's prediction agreement in percent, and
+    with ``labels`` each one's accuracy in percent. C figures are None when
+    ``compiler`` is not installed. ``engine_logits``, the engine's int32 logits
+    for these images where the caller has them already, saves running it again.
+    """
+    directory = Path(directory)
+    x_int8 = quantize_model_input(model, x_normalized)
+    if engine_logits is None:
+        engine_logits = run_integer(model, x_int8).flatten(1)
+    elif len(engine_logits) != len(x_int8):
+        raise ValueError(
+            f"engine_logits holds {len(engine_logits)} images but x_normalized {len(x_int8)}; pass the engine's "
+            "logits for these same images, or None to run the engine here"
+        )
+    engine_predictions = engine_logits.argmax(dim=1)
+    report: dict[str, Any] = {"images": len(x_int8)}
+    runs: dict[str, Tensor] = {}
+    for style, name in ONNX_FILES.items():
+        predictions, logits = onnx_predictions(directory / name, x_normalized)
+        report[f"onnx_{style}_logit_mismatches"] = _mismatched_images(logits, engine_logits)
+        report[f"onnx_{style}_prediction_mismatches"] = int((predictions != engine_predictions).sum())
+        runs[f"onnx_{style}"] = predictions
+    if find_compiler(compiler) is None:
+        report |= {"c_logit_mismatches": None, "c_prediction_mismatches": None}
+    else:
+        logits = c_logits(directory, x_int8, compiler)
+        report["c_logit_mismatches"] = _mismatched_images(logits, engine_logits)
+        report["c_prediction_mismatches"] = int((logits.argmax(dim=1) != engine_predictions).sum())
+        runs["c"] = logits.argmax(dim=1)
+    report["onnx_qlinear_agreement"] = percent_equal(runs["onnx_qlinear"], engine_predictions)
+    if labels is not None:
+        runs["engine"] = engine_predictions
+        report["accuracy"] = {run: percent_equal(predictions, labels) for run, predictions in runs.items()}
+    return report
+
+
+def _mismatched_images(logits: Tensor, expected: Tensor) -> int:
+    """Images whose logits differ from ``expected`` in any class."""
+    return int((logits != expected).any(dim=1).sum())
 
 
 def float_model_bytes(graph: FloatGraph) -> int:

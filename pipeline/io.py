@@ -91,11 +91,12 @@ class UnreadableCheckpointError(ValueError):
     """A file torch.load cannot read without running code: truncated, foreign, or a pickle that would run code."""
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, writer: str = "train") -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``).
 
     A file that cannot be loaded so is an UnreadableCheckpointError naming it, in one line: torch's own
     message for a refused pickle tells the user to retry with ``weights_only=False``, which would run its code.
+    ``writer`` names the stage that writes the file, to rerun.
     """
     try:
         with warnings.catch_warnings():
@@ -109,12 +110,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                            if line.strip() and "weights_only" not in line)  # what torch refused, not its advice
         raise UnreadableCheckpointError(
             f"{os.fspath(path)}: refused: it holds Python objects other than tensors and plain data, which could run "
-            f"code when loaded{f' ({detail})' if detail else ''}; rerun the train stage to rewrite it"
+            f"code when loaded{f' ({detail})' if detail else ''}; rerun the {writer} stage to rewrite it"
         ) from None
     except Exception as error:  # a truncated or foreign file fails in many ways (zip reader, unpickler, EOF)
         first_sentence = str(error).split(". ")[0].strip()  # torch's zip reader goes on with generic advice
         cause = f"{type(error).__name__}: {first_sentence}" if first_sentence else type(error).__name__
         raise UnreadableCheckpointError(
             f"{os.fspath(path)}: not a PyTorch checkpoint, or a truncated or corrupted one ({cause}); "
-            "rerun the train stage to rewrite it"
+            f"rerun the {writer} stage to rewrite it"
         ) from None

@@ -2,7 +2,9 @@
 
 ``params.yaml`` is parsed once into frozen dataclasses before any work. An
 unknown key, a wrong type or an out-of-range value raises ``ParamsError``
-naming the key, the value and what is allowed.
+naming the key, the value and what is allowed. One section per stage; each
+stage reads its own. Only names and rules are imported (``pipeline.model_spec``,
+``pipeline.quant.settings``): validating loads no torch, model or method.
 """
 from __future__ import annotations
 
@@ -14,14 +16,13 @@ from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
-from pipeline.models import ModelSpecError, check_model_spec
-from pipeline.quant.calibrators import (
-    ACTIVATION_CALIBRATORS,
-    WEIGHT_CALIBRATORS,
-    Calibrator,
-)
-from pipeline.quant.ranges import ActivationFormat
+from pipeline.model_spec import ModelSpecError, check_model_spec
 from pipeline.quant.settings import (
+    ACTIVATION_CALIBRATOR_SETTINGS,
+    GRANULARITY_NAMES,
+    ROUNDING_NAMES,
+    ROUNDING_SETTINGS,
+    WEIGHT_CALIBRATOR_SETTINGS,
     AdaRoundSettings,
     CalibrationImages,
     EntropySettings,
@@ -29,7 +30,9 @@ from pipeline.quant.settings import (
     NoSettings,
     PercentileSettings,
     SigmaSettings,
+    WeightCalibration,
     WeightMseSettings,
+    WeightQuantization,
 )
 from pipeline.validation import bounds, choice, non_empty, problem
 
@@ -58,7 +61,7 @@ class DownloadParams:
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
-    # A built-in name (pipeline.models.MODELS), models/<file>.py:<factory> or <package.module>:<factory>.
+    # A built-in name (pipeline.model_spec.MODEL_NAMES), models/<file>.py:<factory> or <package.module>:<factory>.
     model: str = dataclasses.field(default="net", metadata={"check": check_model_spec})
     epochs: int = dataclasses.field(default=2, metadata=bounds(1))
     batch_size: int = dataclasses.field(default=4, metadata=bounds(1))
@@ -76,11 +79,18 @@ class TrainParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class GraphParams:
+    # Cross-layer equalization (pipeline.quant.equalization) of the float graph: every later stage reads the graph
+    # stage's file, so profile, sensitivity and the quantizers all see the equalized weights and tensors.
+    equalize: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ProfileParams:
     num_samples: int = dataclasses.field(default=2000, metadata=bounds(1))  # calibration images from the training split
     seed: int = dataclasses.field(default=0, metadata=bounds(0, MAX_SEED))  # picks the calibration subset
     batch_size: int = dataclasses.field(default=500, metadata=bounds(1))
-    calibrator: str = dataclasses.field(default="seed", metadata=choice(*ACTIVATION_CALIBRATORS))
+    calibrator: str = dataclasses.field(default="seed", metadata=choice(*ACTIVATION_CALIBRATOR_SETTINGS))
     # Activation width (stored in one byte): signed [-2^(b-1), 2^(b-1)-1], S_a = range / (2^(b-1)-1).
     activation_bits: int = dataclasses.field(default=8, metadata=bounds(4, 8))
     # Full range [0, 2^b-1], S_a = range / (2^b-1), for tensors non-negative by construction (after a ReLU, ...).
@@ -92,11 +102,7 @@ class ProfileParams:
 
     @property
     def calibrator_settings(self) -> Any:
-        return chosen_settings(self, ACTIVATION_CALIBRATORS)
-
-    @property
-    def activation_format(self) -> ActivationFormat:
-        return ActivationFormat(self.activation_bits, self.unsigned_activations)
+        return chosen_settings(self, self.calibrator, ACTIVATION_CALIBRATOR_SETTINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +112,17 @@ class SensitivityParams:
     bits: tuple[int, ...] = dataclasses.field(default=(2, 3, 4, 6, 8), metadata=bounds(2, 8) | {"list": 2})
     num_samples: int = dataclasses.field(default=1000, metadata=bounds(1))  # held-out images from the training split
     seed: int = dataclasses.field(default=0, metadata=bounds(0, MAX_SEED))  # picks them
+    # The weight quantizer measured: keep it quantize_weights' (a size budget refuses a sensitivity measured with
+    # another one). Each calibrator's settings, under its name; only the chosen calibrator's are used.
+    calibrator: str = dataclasses.field(default="sigma", metadata=choice(*WEIGHT_CALIBRATOR_SETTINGS))
+    granularity: str = dataclasses.field(default="per_tensor", metadata=choice(*GRANULARITY_NAMES))
+    sigma: SigmaSettings = dataclasses.field(default_factory=SigmaSettings)
+    mse: WeightMseSettings = dataclasses.field(default_factory=WeightMseSettings)
+
+    @property
+    def weight_calibration(self) -> WeightCalibration:
+        """The weight quantizer measured: the calibrator with its settings, and the granularity."""
+        return weight_calibration(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,16 +134,14 @@ class QuantizeWeightsParams:
     # sensitivity.bits, with the least summed output noise the sensitivity stage measured.
     size_budget_bytes: int | None = dataclasses.field(default=None, metadata=bounds(1))
     size_budget_fraction: float | None = dataclasses.field(default=None, metadata=bounds(0.0, 1.0, low_open=True))
-    calibrator: str = dataclasses.field(default="sigma", metadata=choice(*WEIGHT_CALIBRATORS))
-    granularity: str = dataclasses.field(default="per_tensor", metadata=choice("per_tensor", "per_channel"))
+    calibrator: str = dataclasses.field(default="sigma", metadata=choice(*WEIGHT_CALIBRATOR_SETTINGS))
+    granularity: str = dataclasses.field(default="per_tensor", metadata=choice(*GRANULARITY_NAMES))
     # Each calibrator's settings, under its name; only the chosen calibrator's are used.
     sigma: SigmaSettings = dataclasses.field(default_factory=SigmaSettings)
     mse: WeightMseSettings = dataclasses.field(default_factory=WeightMseSettings)
-    # Cross-layer equalization (pipeline.quant.equalization) of the float graph before anything is quantized:
-    # every stage that reads the graph (profile included) uses the equalized one.
-    equalize: bool = False
-    # nearest (round half to even, the seed's) or adaround (learned, pipeline.quant.adaround) at the calibrator's scales.
-    rounding: str = dataclasses.field(default="nearest", metadata=choice("nearest", "adaround"))
+    # nearest (round half to even, the seed's) or adaround (learned, pipeline.quant.adaround) at the calibrator's scales
+    # (pipeline.quant.rounding); a method with settings reads them under its name.
+    rounding: str = dataclasses.field(default="nearest", metadata=choice(*ROUNDING_NAMES))
     adaround: AdaRoundSettings = dataclasses.field(default_factory=AdaRoundSettings)  # adaround only
     # Subtract each layer's mean output shift caused by weight quantization from its float bias.
     bias_correction: bool = False
@@ -134,8 +149,15 @@ class QuantizeWeightsParams:
     calibration: CalibrationImages = dataclasses.field(default_factory=CalibrationImages)
 
     @property
-    def calibrator_settings(self) -> Any:
-        return chosen_settings(self, WEIGHT_CALIBRATORS)
+    def weight_calibration(self) -> WeightCalibration:
+        """How the weight scales are chosen: the calibrator with its settings, and the granularity."""
+        return weight_calibration(self)
+
+    @property
+    def weight_quantization(self) -> WeightQuantization:
+        """The weight quantization at ``bits`` (a size budget's chosen bits replace them: ``dataclasses.replace``)."""
+        return WeightQuantization(self.bits, self.weight_calibration, self.rounding,
+                                  chosen_settings(self, self.rounding, ROUNDING_SETTINGS))
 
     @property
     def size_budget_key(self) -> str | None:
@@ -153,11 +175,18 @@ class QuantizeWeightsParams:
 SIZE_BUDGET_KEYS = ("size_budget_bytes", "size_budget_fraction")
 
 
-def chosen_settings(section: Any, registry: Mapping[str, Calibrator]) -> Any:
-    """The settings of ``section.calibrator``: the section's field of that name, NoSettings for one without options."""
-    if registry[section.calibrator].settings is NoSettings:
+def chosen_settings(section: Any, name: str, settings_by_name: Mapping[str, type]) -> Any:
+    """The settings of the method ``name`` (a calibrator, a rounding): the section's field of that name, NoSettings
+    for one without options."""
+    if settings_by_name[name] is NoSettings:
         return NoSettings()
-    return getattr(section, section.calibrator)
+    return getattr(section, name)
+
+
+def weight_calibration(section: SensitivityParams | QuantizeWeightsParams) -> WeightCalibration:
+    """The section's weight calibrator, the settings under its name, and its granularity."""
+    return WeightCalibration(section.calibrator, chosen_settings(section, section.calibrator, WEIGHT_CALIBRATOR_SETTINGS),
+                             section.granularity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +198,7 @@ class EvaluateParams:
 class Params:
     download: DownloadParams
     train: TrainParams
+    graph: GraphParams
     profile: ProfileParams
     sensitivity: SensitivityParams
     quantize_weights: QuantizeWeightsParams
@@ -179,6 +209,7 @@ class Params:
 SECTIONS: dict[str, type] = {
     "download": DownloadParams,
     "train": TrainParams,
+    "graph": GraphParams,
     "profile": ProfileParams,
     "sensitivity": SensitivityParams,
     "quantize_weights": QuantizeWeightsParams,

@@ -32,10 +32,12 @@ from torch import Tensor
 
 from pipeline.graph.nodes import FloatGraph
 from pipeline.io import atomic_path
-from pipeline.profile import clipped_fraction
 from pipeline.quant.calibrators import seed_range, weight_range
-from pipeline.quant.mixed_precision import CurvePoint, curve_rows, heat_map_rows
-from pipeline.quant.observers import ActivationObserver
+from pipeline.quant.observers import (
+    ActivationObserver,
+    ActivationStats,
+    clipped_fraction,
+)
 from pipeline.quant.ranges import int_range, layer_bits
 from pipeline.quant.settings import SigmaSettings
 from pipeline.report import (
@@ -46,7 +48,6 @@ from pipeline.report import (
     stage_accuracies,
     weight_methods,
 )
-from pipeline.train import CURVES
 
 FIGURE_DPI = 100  # pixels per inch: figure sizes below are in inches, PNGs are size * FIGURE_DPI pixels
 LAYER_FIGSIZE = (6.4, 4.0)  # one layer's distribution: 640 x 400 px
@@ -125,29 +126,27 @@ def _raw_values(values: Tensor | np.ndarray | Sequence[Tensor]) -> np.ndarray:
     return np.concatenate([_as_array(chunk).reshape(-1) for chunk in chunks]) if chunks else np.zeros(0)
 
 
-def activation_stats(values: Tensor | np.ndarray | Sequence[Tensor]) -> dict[str, Any]:
+def activation_stats(values: Tensor | np.ndarray | Sequence[Tensor]) -> ActivationStats:
     """Observer statistics (``pipeline.quant.observers``) of raw activation values, any shape."""
     observer = ActivationObserver()
     observer.observe(torch.from_numpy(_raw_values(values)))
-    return observer.stats()
+    return observer.statistics()
 
 
-def _stats_of(activations: Any) -> dict[str, Any]:
-    """Observer stats from a stats dict, an observer, or raw values (a tensor, an array, or a list of tensors)."""
+def _stats_of(activations: Any) -> ActivationStats:
+    """Observer statistics from themselves, their JSON form, an observer, or raw values (a tensor, an array, or a
+    list of tensors)."""
+    if isinstance(activations, ActivationStats):
+        return activations
     if isinstance(activations, Mapping):
-        missing = {"hist_counts", "hist_span", "num_bins", "abs_max", "std"} - set(activations)
-        if missing:
-            raise ValueError(
-                f"activations stats dict lacks keys {sorted(missing)}; expected ActivationObserver.stats()"
-            )
-        return dict(activations)
+        return ActivationStats.from_json(activations)
     if isinstance(activations, ActivationObserver):
-        return activations.stats()
+        return activations.statistics()
     if isinstance(activations, (Tensor, np.ndarray, list, tuple)):
         return activation_stats(activations)
     raise TypeError(
-        f"activations must be a tensor, an array, a list of tensors, an observer or its stats dict, "
-        f"got {type(activations).__name__}"
+        f"activations must be a tensor, an array, a list of tensors, an observer, its statistics or their JSON "
+        f"form, got {type(activations).__name__}"
     )
 
 
@@ -168,18 +167,18 @@ def weight_histogram(weights: np.ndarray, clip_range: np.ndarray) -> tuple[np.nd
     return edges, counts, clipped
 
 
-def _observer_clipped_counts(stats: dict[str, Any], clip_range: float) -> np.ndarray:
-    """Per observer bin, the count beyond the range: the rule of ``pipeline.profile.clipped_fraction``."""
-    counts = np.asarray(stats["hist_counts"], dtype=np.float64)
-    span = stats["hist_span"]
-    if span == 0 or clip_range >= stats["abs_max"]:
+def _observer_clipped_counts(stats: ActivationStats, clip_range: float) -> np.ndarray:
+    """Per observer bin, the count beyond the range: the rule of ``pipeline.quant.observers.clipped_fraction``."""
+    counts = np.asarray(stats.hist_counts, dtype=np.float64)
+    span = stats.hist_span
+    if span == 0 or clip_range >= stats.abs_max:
         return np.zeros_like(counts)
     centers = -span + (np.arange(counts.size) + 0.5) * (2 * span / counts.size)
     return np.where(np.abs(centers) > clip_range, counts, 0.0)
 
 
 def display_histogram(
-    stats: dict[str, Any], clip_range: float, limit: float
+    stats: ActivationStats, clip_range: float, limit: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(edges, counts, clipped counts) of the observer histogram within [-limit, limit], at most
     ``MAX_DISPLAY_BINS`` bins.
@@ -189,8 +188,8 @@ def display_histogram(
     bin before merging, so the red share matches the reported one. Every
     observed value lies within ``limit`` >= max|x|: the counts keep their total.
     """
-    counts = np.asarray(stats["hist_counts"], dtype=np.float64)
-    span = stats["hist_span"]
+    counts = np.asarray(stats.hist_counts, dtype=np.float64)
+    span = stats.hist_span
     if span == 0:  # only zeros were observed: one narrow bin around 0
         return np.array([-limit, limit]) / MAX_DISPLAY_BINS, np.array([counts.sum()]), np.zeros(1)
     width = 2 * span / counts.size
@@ -277,8 +276,8 @@ def _draw_weights(axes: Axes, weights: np.ndarray, clip_range: np.ndarray, name:
     return share
 
 
-def _draw_activations(axes: Axes, stats: dict[str, Any], clip_range: float, share: float, name: str) -> None:
-    limit = _symmetric_limit(stats["abs_max"], np.asarray(clip_range))
+def _draw_activations(axes: Axes, stats: ActivationStats, clip_range: float, share: float, name: str) -> None:
+    limit = _symmetric_limit(stats.abs_max, np.asarray(clip_range))
     edges, counts, clipped = display_histogram(stats, clip_range, limit)
     percent = _percent(counts, counts.sum())
     log = _has_tails(percent)
@@ -345,8 +344,8 @@ def plot_activation_distribution(
     """Histogram of one layer's input activations with the clipping range and the share beyond it.
 
     ``activations`` is raw values (a tensor or array of any shape, or a list
-    of tensors), an ``ActivationObserver``, or its ``stats()`` dict (as stored
-    in data/profile.json). ``clip_range`` None uses the seed's rule,
+    of tensors), an ``ActivationObserver``, its ``ActivationStats`` or their JSON form
+    (as stored in data/profile.json). ``clip_range`` None uses the seed's rule,
     max(4 std, max|x|). From raw values the clipped share is exact; from
     statistics it is exact to one histogram bin. The y axis is logarithmic
     when the bins span more than ``LOG_SCALE_RATIO`` (a ReLU output's long
@@ -354,10 +353,10 @@ def plot_activation_distribution(
     ``LAYER_FIGSIZE`` * ``FIGURE_DPI`` pixels.
     """
     stats = _stats_of(activations)
-    chosen = float(seed_range(stats, int_range(8)[1]) if clip_range is None else clip_range)
+    chosen = float(seed_range(stats.to_json(), int_range(8)[1]) if clip_range is None else clip_range)
     if not 0 <= chosen < math.inf:
         raise ValueError(f"clip_range must be finite and >= 0, got {clip_range!r}")
-    if isinstance(activations, (Mapping, ActivationObserver)):
+    if isinstance(activations, (ActivationStats, Mapping, ActivationObserver)):
         share = clipped_fraction(stats, chosen)
     else:  # raw values: count exactly rather than to a histogram bin
         share = float(np.mean(np.abs(_raw_values(activations)) > chosen))
@@ -427,7 +426,8 @@ def plot_activation_distributions(
     """One panel per layer from data/profile.json's ``layers`` (stats, range, clipped_fraction)."""
     figure, axes = _panel_grid(len(profile_layers), title)
     for ax, (name, layer) in zip(axes, profile_layers.items()):
-        _draw_activations(ax, layer["stats"], layer["range"], layer["clipped_fraction"], name)
+        _draw_activations(ax, ActivationStats.from_json(layer["stats"]), layer["range"], layer["clipped_fraction"],
+                          name)
     _figure_legend(figure, axes[0])
     return _saved(figure, path)
 
@@ -481,9 +481,11 @@ def plot_sqnr(sqnr_db: Mapping[str, Mapping[str, float | None]], path: str | Pat
 
 def read_training_curves(log_dir: str | Path) -> pd.DataFrame:
     """The train stage's dvclive curves (``<log_dir>/plots/metrics/<name>.tsv``, step = epoch) as one
-    table: epoch, loss, accuracy, lr."""
+    table: epoch and a column per curve (loss, accuracy, lr), in file-name order."""
     metrics_dir = Path(log_dir) / "plots" / "metrics"
-    tables = [pd.read_csv(metrics_dir / f"{name}.tsv", sep="\t") for name in CURVES]
+    tables = [pd.read_csv(path, sep="\t") for path in sorted(metrics_dir.glob("*.tsv"))]
+    if not tables:
+        raise FileNotFoundError(f"{metrics_dir}: no training curves (*.tsv) in it; rerun the train stage")
     curves = tables[0]
     for table in tables[1:]:
         curves = curves.merge(table, on="step", how="outer")
@@ -570,9 +572,9 @@ def activation_histogram_rows(profile_layers: Mapping[str, Mapping[str, Any]]) -
     """Long format (layer, value, density, clip_range); empty bins are left out (the plot's y axis is log)."""
     frames = []
     for name, layer in profile_layers.items():
-        stats = layer["stats"]
+        stats = ActivationStats.from_json(layer["stats"])
         edges, counts, _ = display_histogram(
-            stats, layer["range"], _symmetric_limit(stats["abs_max"], np.asarray(layer["range"]))
+            stats, layer["range"], _symmetric_limit(stats.abs_max, np.asarray(layer["range"]))
         )
         frame = _histogram_frame(name, edges, counts, layer["range"])
         frames.append(frame[frame["density"] > 0])
@@ -643,15 +645,3 @@ def write_plots(
     _write_csv(weight_histogram_rows(weights), out / WEIGHT_HIST_CSV)
     _write_csv(activation_histogram_rows(profile_layers), out / ACTIVATION_HIST_CSV)
     return weight_shares
-
-
-SENSITIVITY_CSV = "sensitivity.csv"  # the layers x bits heat maps (dvc.yaml's plots)
-SIZE_ACCURACY_CSV = "size_accuracy.csv"  # the size-accuracy curve, uniform and mixed widths
-
-
-def write_sensitivity_plots(table: Mapping[str, Mapping[int, Mapping[str, float]]], curve: Sequence[CurvePoint],
-                            float_accuracy: float, out_dir: Path) -> None:
-    """The sensitivity stage's plot data: one row per layer and width, one per curve point."""
-    for name, rows in ((SENSITIVITY_CSV, heat_map_rows(table, float_accuracy)), (SIZE_ACCURACY_CSV, curve_rows(curve))):
-        with atomic_path(out_dir / name) as tmp:
-            pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")

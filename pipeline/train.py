@@ -1,4 +1,4 @@
-"""Training and evaluation on in-memory uint8 tensors.
+"""Training on in-memory uint8 tensors (evaluation: ``pipeline.evaluation``).
 
 The dataset stays as uint8 (N, 32, 32, 3) on the training device; each batch is
 normalized (and optionally augmented) with tensor operations there. No
@@ -8,20 +8,17 @@ overhead of a per-sample loader dominates the step time.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from pipeline.models import MODELS
+from pipeline.models import batch_layout
 from pipeline.params import TrainParams
 from pipeline.progress import progress_items
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
 
-# The seed's normalization: per channel (x / 255 - 0.5) / 0.5, i.e. pixels to [-1, 1].
-SEED_MEAN = (0.5, 0.5, 0.5)
-SEED_STD = (0.5, 0.5, 0.5)
 CROP_PADDING = 4  # pixels, the usual CIFAR random-crop padding
 # Steps between checks for a non-finite loss. Reading a flag back from a GPU waits for it to finish
 # its queued work, so the flag is read every so often, not at every step; the step it names is exact.
@@ -69,66 +66,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device: value 'cuda' requested but CUDA is not available; use 'auto' or 'cpu'")
     return torch.device(device)
-
-
-def normalize(
-    images: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float32 (B, C, H, W), per-channel ``(x / 255 - mean) / std``.
-
-    The same float operations, in the same order, as torchvision's ``ToTensor`` + ``Normalize``; contiguous
-    NCHW as they give, unless ``memory_format`` asks for another layout (see ``batch_layout``).
-    """
-    mean_t, std_t = _channel_constants(tuple(mean), tuple(std), images.device)
-    # The conversion copy writes the asked layout directly: no extra pass over the batch.
-    return images.permute(0, 3, 1, 2).float(memory_format=memory_format).div_(255).sub_(mean_t).div_(std_t)
-
-
-def batch_layout(model: nn.Module) -> torch.memory_format:
-    """The memory layout of the batches ``model`` is given: channels-last for the built-in models, contiguous
-    NCHW (what torchvision gives) for any other.
-
-    A convolution gives its output its input's layout, so on channels-last batches every feature map of the
-    model is channels-last, and a user's ``x.view(x.size(0), -1)`` after a conv fails on it. The built-in
-    models flatten with ``flatten`` and ``mean`` only, and channels-last makes their oneDNN convolutions
-    faster on a CPU (resnet20 trains 1.2x faster at batch 128 on one thread; net the same either way, and
-    bit for bit as the reference run). The exact classes, not subclasses: a subclass may override ``forward``.
-    """
-    return torch.channels_last if type(model) in MODELS.values() else torch.contiguous_format
-
-
-@functools.lru_cache(maxsize=8)
-def _channel_constants(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # Built once per device, not at every step: at batch size 4 that is a measurable share of the step.
-    return (
-        torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-        torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-    )
-
-
-def normalized_batches(
-    images: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    desc: str,
-    progress: bool | None = None,
-    device: torch.device | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> Iterator[torch.Tensor]:
-    """uint8 images (N, H, W, C) as normalized float batches (B, C, H, W) on ``device``, in order, in
-    ``memory_format``.
-
-    A progress bar labelled ``desc`` counts the batches; ``progress=None`` shows it only when
-    stderr is a terminal.
-    """
-    for start in progress_items(range(0, len(images), batch_size), desc, progress, every_item=False):
-        yield normalize(images[start : start + batch_size].to(device), mean, std, memory_format)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -239,48 +176,3 @@ def train_model(
 def _raise_if_diverged(first_bad_step: int, epoch: int, steps_per_epoch: int, params: TrainParams) -> None:
     if first_bad_step >= 0:
         raise DivergedError(epoch, first_bad_step + 1, steps_per_epoch, params.lr)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    images: torch.Tensor,
-    mean: Sequence[float] = SEED_MEAN,
-    std: Sequence[float] = SEED_STD,
-    batch_size: int = 1000,
-    progress: bool | None = None,
-) -> torch.Tensor:
-    """Predicted class per uint8 image (N, 32, 32, 3), as an int64 tensor on the CPU.
-
-    ``progress=None`` shows a bar only when stderr is a terminal.
-    """
-    model.eval()
-    # A model with no parameters (QuantizedNet holds integer buffers) runs on the CPU.
-    device = next(model.parameters(), torch.empty(0)).device
-    batches = normalized_batches(images, mean, std, batch_size, "predict", progress, device, batch_layout(model))
-    predictions = [model(batch).argmax(1).cpu() for batch in batches]
-    return torch.cat(predictions)
-
-
-def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
-    """Overall and per-class accuracy in percent."""
-    correct = predictions == labels
-    per_class = {
-        name: 100.0 * correct[labels == index].float().mean().item() if (labels == index).any() else None
-        for index, name in enumerate(class_names)
-    }
-    return {"accuracy": 100.0 * correct.float().mean().item(), "per_class": per_class}
-
-
-def test_model(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    mean: Sequence[float] = SEED_MEAN,
-    std: Sequence[float] = SEED_STD,
-) -> float:
-    """The seed's ``test_model``: test accuracy in percent."""
-    return 100.0 * (predict(model, images, mean, std) == labels).float().mean().item()
-
-
-test_model.__test__ = False  # a library function, not a pytest test

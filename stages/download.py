@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.data import DataError, DownloadError, acquire, save_arrays
+from pipeline.arrays import DataError, DownloadError, save_arrays
+from pipeline.data import acquire
 from pipeline.io import write_json
 from stages.common import ARRAYS, MANIFEST, start_stage
 

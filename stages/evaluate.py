@@ -6,24 +6,27 @@ import math
 
 import torch
 
-from pipeline.data import load_arrays, sample_indices
+from pipeline.arrays import load_arrays
 from pipeline.evaluation import (
+    accuracy_report,
     accuracy_table,
     engine_logits,
+    export_agreement,
     float_model_bytes,
     integer_model_bytes,
     output_sqnr,
     packed_integer_model_bytes,
     percent_equal,
+    predict,
     simulated_predictions,
     weight_sqnr,
 )
-from pipeline.export.artifacts import export_agreement
 from pipeline.graph.nodes import with_weights
 from pipeline.graph.run import GraphModel
 from pipeline.io import read_json, write_json
-from pipeline.model_files import load_integer_model, load_quantized_weights
-from pipeline.train import accuracy_report, normalize, predict
+from pipeline.model_files import load_integer_model
+from pipeline.transforms import normalize, sample_indices
+from pipeline.weights_file import load_quantized_weights
 from stages.common import (
     ACCURACY,
     ARRAYS,
@@ -34,10 +37,10 @@ from stages.common import (
     PROFILE,
     QUANTIZED_WEIGHTS,
     WEIGHT_ONLY_CHECKPOINT,
-    load_stage_checkpoint,
-    load_trained_graph,
     start_stage,
 )
+from stages.inputs import load_stage_checkpoint, load_stage_graph
+from stages.trained_model import load_trained_model
 
 SQNR_IMAGES = 1000  # test images for the per-layer output SQNR, a seeded random subset
 
@@ -48,11 +51,12 @@ def _decibels(values: dict[str, float]) -> dict[str, float | None]:
 
 
 def main() -> None:
-    all_params = start_stage("evaluate")
-    params = all_params.evaluate
+    params = start_stage("evaluate").evaluate
     arrays = load_arrays(ARRAYS)
     images, labels = torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)
-    model, graph, checkpoint = load_trained_graph(all_params.train.model, "evaluate", all_params.quantize_weights.equalize)
+    # fp32 is the trained model itself, as trained (BatchNorm not folded); the rest starts from the graph stage's graph.
+    model, checkpoint = load_trained_model()
+    graph = load_stage_graph().graph
     mean, std = checkpoint["mean"], checkpoint["std"]
 
     fp32 = accuracy_report(predict(model, images, mean, std, params.batch_size), labels, arrays.class_names)

@@ -1,15 +1,15 @@
 """plot stage: distributions with their clipping ranges, accuracy per stage, SQNR, training curves; the results table.
 
-Draws from the earlier stages' artifacts only: no model is run here (the model is only traced for its weights).
+Draws from the earlier stages' artifacts only: no model is run here (the graph stage's file gives the float weights).
 """
 from __future__ import annotations
 
 import logging
 
 from pipeline.io import atomic_path, read_json
-from pipeline.model_files import load_quantized_weights
 from pipeline.plots import read_training_curves, write_plots
 from pipeline.report import results_markdown
+from pipeline.weights_file import load_quantized_weights
 from stages.common import (
     METRICS,
     PLOTS_DIR,
@@ -17,14 +17,14 @@ from stages.common import (
     QUANTIZED_WEIGHTS,
     RESULTS_TABLE,
     TRAINING_LOG,
-    load_trained_graph,
     start_stage,
 )
+from stages.inputs import load_stage_graph
 
 
 def main() -> None:
-    params = start_stage("plot")  # no params section of its own; train.model checks the checkpoint
-    _, graph, _ = load_trained_graph(params.train.model, "plot", params.quantize_weights.equalize)
+    start_stage("plot")  # validates params.yaml; the stage has no params section of its own
+    graph = load_stage_graph().graph
     quantized_weights, weight_meta = load_quantized_weights(QUANTIZED_WEIGHTS)
     metrics = read_json(METRICS)
     shares = write_plots(

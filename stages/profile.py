@@ -12,30 +12,35 @@ import sys
 
 import torch
 
-from pipeline.data import load_arrays
+from pipeline.arrays import load_arrays
 from pipeline.io import write_json
-from pipeline.profile import calibrate_ranges, calibration_indices, profile_activations
-from pipeline.quant.build import group_ranges
-from stages.common import ARRAYS, PROFILE, load_trained_graph, start_stage
+from pipeline.profile import calibrate_ranges, profile_activations
+from pipeline.quant.ranges import ActivationFormat
+from pipeline.quant.scale_groups import group_ranges
+from pipeline.transforms import calibration_indices
+from stages.common import ARRAYS, PROFILE, start_stage
+from stages.inputs import load_stage_graph
 
 
 def main() -> None:
-    all_params = start_stage("profile")
-    params = all_params.profile
+    params = start_stage("profile").profile
     train_images = load_arrays(ARRAYS).train_images
-    _, graph, checkpoint = load_trained_graph(all_params.train.model, "profile", all_params.quantize_weights.equalize)
+    graph_file = load_stage_graph()
+    graph = graph_file.graph
     try:
         indices = calibration_indices(len(train_images), params.num_samples, params.seed)
     except ValueError as error:
         sys.exit(f"[profile] {error}")
     try:
+        # The trained model's own calls (BatchNorm not folded), replayed: what it computes, bit for bit.
         group_stats = profile_activations(
-            graph, torch.from_numpy(train_images[indices]), checkpoint["mean"], checkpoint["std"], params.batch_size
+            graph, torch.from_numpy(train_images[indices]), graph_file.mean, graph_file.std, params.batch_size,
+            original=graph_file.original,
         )
     except ValueError as error:  # finite weights can still overflow to inf in a layer's input
         sys.exit(f"[profile] {error}")
     settings = params.calibrator_settings
-    activation_format = params.activation_format
+    activation_format = ActivationFormat(params.activation_bits, params.unsigned_activations)
     calibrated = calibrate_ranges(group_stats, params.calibrator, settings, group_ranges(graph, activation_format))
     write_json(
         PROFILE,
@@ -46,7 +51,7 @@ def main() -> None:
             "calibrator": params.calibrator,
             "calibrator_options": dataclasses.asdict(settings),
             "activation_format": dataclasses.asdict(activation_format),
-            # One entry per scale group (pipeline.quant.build.scale_groups), by its first tensor's name.
+            # One entry per scale group (pipeline.quant.scale_groups.scale_groups), by its first tensor's name.
             "activations": {name: {"stats": group_stats[name], **calibrated[name]} for name in group_stats},
             "indices": indices.tolist(),
         },

@@ -6,34 +6,26 @@ import sys
 
 from pipeline.graph.nodes import UnsupportedModelError, with_biases
 from pipeline.io import read_json
-from pipeline.model_files import (
-    load_corrected_biases,
-    load_quantized_weights,
-    save_integer_model,
-)
+from pipeline.model_files import save_integer_model
 from pipeline.quant.build import build_integer_model
 from pipeline.quant.ranges import ActivationFormat
-from stages.common import (
-    INTEGER_MODEL,
-    PROFILE,
-    QUANTIZED_WEIGHTS,
-    load_trained_graph,
-    start_stage,
-)
+from pipeline.weights_file import load_corrected_biases, load_quantized_weights
+from stages.common import INTEGER_MODEL, PROFILE, QUANTIZED_WEIGHTS, start_stage
+from stages.inputs import load_stage_graph
 
 
 def main() -> None:
-    params = start_stage("quantize-biases")
-    _, graph, checkpoint = load_trained_graph(params.train.model, "quantize-biases", params.quantize_weights.equalize)
+    start_stage("quantize-biases")  # validates params.yaml; the stage has no params section of its own
+    graph_file = load_stage_graph()
     profile = read_json(PROFILE)
     activation_ranges = {name: group["range"] for name, group in profile["activations"].items()}
     # The format the profile stage calibrated for (profile.activation_bits, profile.unsigned_activations).
     activation_format = ActivationFormat(**profile["activation_format"])
     quantized_weights, _ = load_quantized_weights(QUANTIZED_WEIGHTS)
-    graph = with_biases(graph, load_corrected_biases(QUANTIZED_WEIGHTS))  # bias correction's, where it ran
+    graph = with_biases(graph_file.graph, load_corrected_biases(QUANTIZED_WEIGHTS))  # bias correction's, where it ran
     try:
         integer_model = build_integer_model(
-            graph, activation_ranges, quantized_weights, input_mean=checkpoint["mean"], input_std=checkpoint["std"],
+            graph, activation_ranges, quantized_weights, input_mean=graph_file.mean, input_std=graph_file.std,
             activation_format=activation_format,
         )
     except (OverflowError, UnsupportedModelError) as error:  # an int32 overflow is never clamped silently

@@ -5,21 +5,16 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from pipeline.data import load_arrays
+from pipeline.arrays import load_arrays
+from pipeline.graph.file import GraphFile
 from pipeline.graph.nodes import FloatGraph, folded_state_dict, with_biases
 from pipeline.io import read_json, save_checkpoint
-from pipeline.model_files import save_quantized_weights
-from pipeline.params import Params, QuantizeWeightsParams
-from pipeline.profile import calibration_indices
-from pipeline.quant.adaround import adaround_model_weights
+from pipeline.params import QuantizeWeightsParams
 from pipeline.quant.bias_correction import corrected_biases
-from pipeline.quant.build import activation_quantizer, quantize_model_weights
 from pipeline.quant.calibrators import weight_range
-from pipeline.quant.engine import dequantized_weights
 from pipeline.quant.mixed_precision import (
     choose_bits,
     held_out_images,
@@ -33,64 +28,62 @@ from pipeline.quant.ranges import (
     check_layer_bits,
     layer_bits,
 )
+from pipeline.quant.rounding import RoundingInputs, rounding_method
+from pipeline.quant.scale_groups import activation_quantizer
+from pipeline.quant.weights import dequantized_weights
+from pipeline.transforms import calibration_indices
+from pipeline.weights_file import save_quantized_weights
 from stages.common import (
     ARRAYS,
     PROFILE,
     QUANTIZED_WEIGHTS,
     SENSITIVITY,
     WEIGHT_ONLY_CHECKPOINT,
-    load_trained_graph,
     measured_with,
     start_stage,
 )
-
-# How the log names the rounding each layer kept (``adaround_model_weights``' "kept").
-KEPT_ROUNDING = {"adaround": "learned rounding", "nearest": "round-to-nearest"}
+from stages.inputs import load_stage_graph
 
 
 def main() -> None:
-    all_params = start_stage("quantize-weights")
-    params = all_params.quantize_weights
-    _, graph, checkpoint = load_trained_graph(all_params.train.model, "quantize-weights", params.equalize)
+    params = start_stage("quantize-weights").quantize_weights
+    graph_file = load_stage_graph()
+    graph = graph_file.graph
     num_weights = layer_sizes(graph)
     # Before any work: the packed size, the budget and every quantizer read each layer's bits.
     try:
         check_layer_bits(params.bits, list(num_weights))
     except ValueError as error:
         sys.exit(f"[quantize-weights] quantize_weights.bits: {error}")
-    for warning in _zero_range_warnings(graph, params.granularity):
+    quantization = params.weight_quantization
+    calibration = quantization.calibration
+    for warning in _zero_range_warnings(graph, calibration.granularity):
         logging.warning(warning)
-    settings = params.calibrator_settings
     budget = params.size_budget(sum(num_weights.values()))
-    bits = params.bits if budget is None else _budget_bits(all_params, graph, checkpoint, budget)
+    if budget is not None:
+        quantization = dataclasses.replace(quantization, bits=_budget_bits(params, graph_file, budget))
+    bits = quantization.bits
     # Narrower weights are still stored as int8 (here and in the integer model); packed is their size at their bits.
-    meta = {"bits": bits, "calibrator": params.calibrator, "options": dataclasses.asdict(settings),
-            "granularity": params.granularity, "equalize": params.equalize, "rounding": params.rounding,
+    meta = {"bits": bits, "calibrator": calibration.calibrator, "options": dataclasses.asdict(calibration.settings),
+            "granularity": calibration.granularity, "equalize": graph_file.equalized, "rounding": quantization.rounding,
             "bias_correction": params.bias_correction,
             "packed_weight_bytes": packed_model_bytes(num_weights, bits)}
     if budget is not None:
         meta["size_budget_bytes"] = budget
-    images = _calibration_images(params) if params.rounding == "adaround" or params.bias_correction else None
-    if params.rounding == "nearest":
-        quantized = quantize_model_weights(graph, bits, params.calibrator, params.granularity, settings)
-    else:
-        quantized, errors = adaround_model_weights(
-            graph, images, checkpoint["mean"], checkpoint["std"], bits,
-            params.calibrator, params.granularity, settings, params.adaround,
-            activations=_profiled_activations(graph) if params.adaround.quantized_activations else None,
-        )
-        meta |= {"adaround": dataclasses.asdict(params.adaround), "reconstruction_error": errors}
-        for name, error in errors.items():
-            logging.info("%-6s reconstruction error: nearest %.4g, adaround %.4g: kept %s", name, error["nearest"],
-                         error["adaround"], KEPT_ROUNDING[error["kept"]])
-    biases = corrected_biases(graph, quantized, images, checkpoint["mean"], checkpoint["std"]) if params.bias_correction else {}
+    rounding = rounding_method(quantization.rounding)
+    images = _calibration_images(params) if rounding.learns_from_images or params.bias_correction else None
+    inputs = RoundingInputs(images, graph_file.mean, graph_file.std, lambda: _profiled_activations(graph))
+    rounded = rounding.round(graph, quantization, inputs)
+    quantized = rounded.weights
+    meta |= rounded.report
+    biases = corrected_biases(graph, quantized, images, graph_file.mean, graph_file.std) if params.bias_correction else {}
     if images is not None:
         meta["calibration"] = dataclasses.asdict(params.calibration)
     save_quantized_weights(quantized, meta, QUANTIZED_WEIGHTS, biases)
     # The weights (and corrected biases) of the BatchNorm-folded graph, by layer name (pipeline.graph.with_weights reads them).
     save_checkpoint(
         WEIGHT_ONLY_CHECKPOINT,
-        {key: value for key, value in checkpoint.items() if key != "state_dict"}
+        dict(graph_file.checkpoint)
         | {"state_dict": folded_state_dict(with_biases(graph, biases), dequantized_weights(quantized)),
            "batchnorm_folded": True},
     )
@@ -121,21 +114,22 @@ def _zero_range_warnings(graph: FloatGraph, granularity: str) -> list[str]:
     return warnings
 
 
-def _budget_bits(all_params: Params, graph: FloatGraph, checkpoint: dict[str, Any], budget: int) -> dict[str, int]:
+def _budget_bits(params: QuantizeWeightsParams, graph_file: GraphFile, budget: int) -> dict[str, int]:
     """Each layer's bits within ``budget`` packed bytes: the sensitivity stage's noise, refined against the measured
-    noise of whole allocations on its held-out images (``choose_bits``)."""
-    params, model = all_params.quantize_weights, all_params.train.model
+    noise of whole allocations on its held-out images (``choose_bits``; the images its report names)."""
+    graph = graph_file.graph
     key = f"quantize_weights.{params.size_budget_key} {getattr(params, params.size_budget_key)}"
     report = read_json(SENSITIVITY)
-    if report["measured_with"] != measured_with(model, params):
+    expected = measured_with(graph_file.checkpoint["model"], graph_file.equalized, params.weight_calibration)
+    if report["measured_with"] != expected:
         sys.exit(f"[quantize-weights] {key}: {SENSITIVITY} was measured with {report['measured_with']}, not with "
-                 f"{measured_with(model, params)}: run the sensitivity stage first (dvc repro sensitivity)")
+                 f"{expected}: set the sensitivity section's calibrator, granularity and calibrator settings to "
+                 "quantize_weights' and run the sensitivity stage first (dvc repro sensitivity)")
     arrays = load_arrays(ARRAYS)
     try:
-        images, _ = held_out_images(arrays.train_images, arrays.train_labels, all_params.sensitivity.num_samples,
-                                    all_params.sensitivity.seed, checkpoint["mean"], checkpoint["std"])
-        bits = choose_bits(graph, images, noise_by_layer(report["layers"]), budget, params.calibrator,
-                           params.granularity, params.calibrator_settings)
+        images, _ = held_out_images(arrays.train_images, arrays.train_labels, report["num_samples"], report["seed"],
+                                    graph_file.mean, graph_file.std)
+        bits = choose_bits(graph, images, noise_by_layer(report["layers"]), budget, params.weight_calibration)
     except ValueError as error:
         sys.exit(f"[quantize-weights] {key}: {error}")
     logging.info("%s: %d bytes; bits chosen from %s: %s", key, budget, SENSITIVITY,

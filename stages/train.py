@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 from dvclive import Live
 
-from pipeline.data import load_arrays
+from pipeline.arrays import load_arrays
+from pipeline.graph.capture import capture
 from pipeline.graph.nodes import (
     CIFAR10_INPUT_SHAPE,
     UnsupportedModelError,
@@ -21,22 +22,14 @@ from pipeline.models import ModelSpecError, build_model, check_class_scores
 from pipeline.progress import progress_line
 from pipeline.train import (
     CURVES,
-    SEED_MEAN,
-    SEED_STD,
     DivergedError,
     EpochRecord,
     resolve_device,
     train_model,
 )
+from pipeline.transforms import SEED_MEAN, SEED_STD
 from stages import CPU_KERNEL_PINS
-from stages.common import (
-    ARRAYS,
-    CHECKPOINT,
-    TRAIN_METRICS,
-    TRAINING_LOG,
-    capture_model,
-    start_stage,
-)
+from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, start_stage
 
 # The curves record what training computed, not how long it took (CURVES; dvclive writes no timestamps
 # unless asked), so a forced retrain that reproduces the weights writes the same files and does not
@@ -73,7 +66,7 @@ def main() -> None:
         sys.exit(f"[train] {error}")
     # Before any training: a model the quantizer cannot take fails here, naming the node.
     try:
-        check_output_layer(capture_model(model, "train"))
+        check_output_layer(capture(model))
     except UnsupportedModelError as error:
         sys.exit(f"[train] the model cannot be quantized: {error}")
     logging.info("training %s on %s for %d epochs", params.model, device, params.epochs)

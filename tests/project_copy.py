@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -55,6 +56,16 @@ def copy_project(destination: Path) -> Path:
     run(["git", "add", "--all"], destination)
     run(["git", "commit", "--quiet", "-m", "project copy"], destination)
     return destination
+
+
+def run_graph_stage(project: Path) -> None:
+    """Run the graph stage in ``project`` (on its data/model.pt and params.yaml): the float graph file every stage after
+    train reads."""
+    from stages import graph as graph_stage
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        graph_stage.main()
 
 
 def write_image_folder(root: Path, classes: list[str], per_class: dict[str, int], seed: int = 0) -> Path:

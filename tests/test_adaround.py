@@ -20,15 +20,15 @@ from pipeline.quant.adaround import (
     rectified_sigmoid,
     rounding_regularizer,
 )
-from pipeline.quant.build import (
-    activation_quantizer,
-    build_integer_model,
-    quantize_model_weights,
-)
+from pipeline.quant.build import build_integer_model
 from pipeline.quant.engine import quantize_input, run_integer
 from pipeline.quant.ranges import ActivationFormat, int_range, scale_from_range
-from pipeline.quant.settings import AdaRoundSettings
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.quant.scale_groups import activation_quantizer
+from pipeline.quant.settings import AdaRoundSettings, WeightCalibration
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
+
+MINMAX_PER_CHANNEL = WeightCalibration("minmax", granularity="per_channel")
 
 
 def test_the_soft_rounding_starts_at_the_fractional_part():
@@ -88,7 +88,7 @@ def test_adaround_model_weights_is_the_nearest_artifact_with_other_integers():
     graph = capture(model)
     images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     settings = AdaRoundSettings(iterations=30, batch_size=16)
-    learned, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, "minmax", "per_channel",
+    learned, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, MINMAX_PER_CHANNEL,
                                              settings=settings, progress=False)
     nearest = quantize_model_weights(graph, 4, "minmax", "per_channel")
     assert list(learned) == list(nearest) == list(errors)
@@ -114,7 +114,7 @@ def _net_and_images(count: int = 32) -> tuple[FloatGraph, torch.Tensor]:
 def test_a_layer_keeps_round_to_nearest_where_its_learned_rounding_reconstructs_worse():
     graph, images = _net_and_images()
     settings = AdaRoundSettings(iterations=1, lr=10.0, batch_size=8)  # one huge Adam step: a poor rounding
-    learned, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, "minmax", "per_channel",
+    learned, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, MINMAX_PER_CHANNEL,
                                              settings=settings, progress=False)
     nearest = quantize_model_weights(graph, 4, "minmax", "per_channel")
     worse = [name for name, error in errors.items() if error["adaround"] > error["nearest"]]
@@ -155,7 +155,7 @@ def test_adaround_learns_from_inputs_with_quantized_activations_when_given_them(
 
     monkeypatch.setattr(adaround, "learn_layer_rounding", recording)
     settings = AdaRoundSettings(iterations=20, batch_size=8, quantized_activations=True)
-    _, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, "minmax", "per_channel",
+    _, errors = adaround_model_weights(graph, images, SEED_MEAN, SEED_STD, 4, MINMAX_PER_CHANNEL,
                                        settings=settings, progress=False, activations=quantizer)
     unsigned_4_bit_step = scale_from_range(3.0, 15)
     inputs, targets = seen_inputs["fc1"]

@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from pipeline.graph.capture import capture
 from pipeline.graph.nodes import folded_state_dict, with_biases, with_weights
 from pipeline.graph.run import tensor_values
-from pipeline.model_files import (
+from pipeline.models import build_model
+from pipeline.quant.bias_correction import corrected_biases, output_shift
+from pipeline.quant.build import build_integer_model
+from pipeline.quant.weights import dequantized_weights, quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
+from pipeline.weights_file import (
     load_corrected_biases,
     load_quantized_weights,
     save_quantized_weights,
 )
-from pipeline.models import build_model
-from pipeline.quant.bias_correction import corrected_biases, output_shift
-from pipeline.quant.build import build_integer_model, quantize_model_weights
-from pipeline.quant.engine import dequantized_weights
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
 from tests.model_fixtures import randomize_batchnorm
 
 

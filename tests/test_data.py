@@ -19,7 +19,9 @@ import pytest
 from PIL import Image, features
 
 from pipeline import data
-from pipeline.data import CifarArrays, DataError, acquire, load_arrays, save_arrays
+from pipeline.arrays import CifarArrays, DataError, load_arrays, save_arrays
+from pipeline.data import acquire
+from pipeline.transforms import sample_indices
 
 RECORDS_PER_BATCH = 3
 FOLDER_CLASSES = data.CLASS_NAMES[::-1]  # written in reverse: labels must follow CLASS_NAMES order
@@ -518,7 +520,7 @@ def test_folder_tree_sha256_is_what_sha256sum_prints_for_its_listing(
         pytest.skip("needs GNU find, sort, xargs and sha256sum")
     root = write_folder(tmp_path / "folder", {**folder_images, "train/cat/.hidden.png": b"x"})
     (root / "train" / "cat" / "linked.png").symlink_to(root / "train" / "dog" / "0.png")  # links are followed
-    # The command of data.TREE_SHA256's comment and the README, word for word.
+    # The command of data.TREE_SHA256's comment and docs/stages.md, word for word.
     command = ("find -L . -type f -not -path '*/.*' -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum -z "
                "| sha256sum")
     printed = subprocess.run(["sh", "-c", command], cwd=root, check=True, capture_output=True, text=True).stdout
@@ -772,12 +774,12 @@ def test_loading_something_else_is_reported(tmp_path: Path) -> None:
 
 def test_sample_indices_is_a_sorted_reproducible_subset_that_spans_class_ordered_data():
     labels = np.repeat(np.arange(10), 100)  # grouped by class, as an image-folder source stores them
-    chosen = data.sample_indices(len(labels), 50, seed=0)
+    chosen = sample_indices(len(labels), 50, seed=0)
     assert len(np.unique(chosen)) == 50 and chosen.min() >= 0 and chosen.max() < len(labels)
     assert list(chosen) == sorted(chosen)
-    assert (chosen == data.sample_indices(len(labels), 50, seed=0)).all()
-    assert not (chosen == data.sample_indices(len(labels), 50, seed=1)).all()
+    assert (chosen == sample_indices(len(labels), 50, seed=0)).all()
+    assert not (chosen == sample_indices(len(labels), 50, seed=1)).all()
     assert len(np.unique(labels[chosen])) == 10  # a prefix of 50 would be one class
-    assert len(data.sample_indices(7, 7, seed=3)) == 7 and len(data.sample_indices(7, 0, seed=3)) == 0
+    assert len(sample_indices(7, 7, seed=3)) == 7 and len(sample_indices(7, 0, seed=3)) == 0
     with pytest.raises(ValueError, match=r"count: value 8 is out of range; allowed: 0..7"):
-        data.sample_indices(7, 8, seed=0)
+        sample_indices(7, 8, seed=0)

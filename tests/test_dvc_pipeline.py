@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.params import DownloadParams
 from tests.project_copy import PROJECT_ROOT, run, set_params, tiny_project_copy
 
-ALL_STAGES = {"check-params", "download", "train", "profile", "sensitivity", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
+ALL_STAGES = {"check-params", "download", "train", "graph", "profile", "sensitivity", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
 
 
 def ran_stages(output: str) -> set[str]:
@@ -53,9 +53,9 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     # Same weights, same checkpoint bytes, same curves: nothing downstream re-runs.
     assert ran_stages(after_forced.stdout) == set()
 
-    set_params(project, {"quantize_weights": {"sigma": {"k": 2.5}}})
+    set_params(project, {"quantize_weights": {"sigma": {"k": 2.5}}, "sensitivity": {"sigma": {"k": 2.5}}})
     third = run(["dvc", "repro"], project)
-    # The sensitivity is measured with quantize-weights' own weight quantizer, so it re-runs too.
+    # The sensitivity measures quantize-weights' weight quantizer (its own keys, kept equal), so it re-runs too.
     assert ran_stages(third.stdout) == {"check-params", "sensitivity", "quantize-weights", "quantize-biases", "export",
                                         "evaluate", "plot"}
 
@@ -72,10 +72,10 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     assert metrics["quantization"]["bias_correction"] is True
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
 
-    # Cross-layer equalization with 4-bit full-range activations, AdaRound learning from them: the profile and the
-    # sensitivity read the equalized graph, so they re-run too; the proofs hold.
-    set_params(project, {"profile": {"activation_bits": 4, "unsigned_activations": True},
-                         "quantize_weights": {"equalize": True, "adaround": {"quantized_activations": True}}})
+    # Cross-layer equalization with 4-bit full-range activations, AdaRound learning from them: the graph stage
+    # equalizes, and every stage after it reads the equalized graph, so they re-run too; the proofs hold.
+    set_params(project, {"profile": {"activation_bits": 4, "unsigned_activations": True}, "graph": {"equalize": True},
+                         "quantize_weights": {"adaround": {"quantized_activations": True}}})
     equalized = run(["dvc", "repro"], project)
     assert ran_stages(equalized.stdout) == ALL_STAGES - {"download", "train"}
     metrics = metrics_after(project)
@@ -83,11 +83,11 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     assert (metrics["quantization"]["activation_bits"], metrics["quantization"]["unsigned_activations"]) == (4, True)
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
 
-    # Mixed precision from the sensitivity stage at the uniform-W4 size: profile and sensitivity come back from
-    # the run-cache (their params are those of a run before), quantize-weights and after re-run.
-    set_params(project, {"profile": {"activation_bits": 8, "unsigned_activations": False},
+    # Mixed precision from the sensitivity stage at the uniform-W4 size: graph, profile and sensitivity come back
+    # from the run-cache (their params and deps are those of a run before), quantize-weights and after re-run.
+    set_params(project, {"profile": {"activation_bits": 8, "unsigned_activations": False}, "graph": {"equalize": False},
                          "quantize_weights": {"rounding": "nearest", "bits": 8, "bias_correction": False,
-                                              "equalize": False, "adaround": {"quantized_activations": False},
+                                              "adaround": {"quantized_activations": False},
                                               "size_budget_fraction": 0.5}})
     budgeted = run(["dvc", "repro"], project)
     assert ran_stages(budgeted.stdout) == {"check-params", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
@@ -133,7 +133,8 @@ def test_a_misspelled_section_fails_repro_and_exp_run_even_when_no_stage_would_r
     run(["dvc", "repro"], project)  # everything up to date first
     params = project / "params.yaml"
     original = params.read_text()
-    message = "trian: unknown section; allowed sections: download, train, profile, sensitivity, quantize_weights, evaluate"
+    message = ("trian: unknown section; allowed sections: download, train, graph, profile, sensitivity, quantize_weights, "
+               "evaluate")
     try:
         params.write_text(original + "trian:\n  epochs: 5\n")
         result = run(["dvc", "repro"], project, check=False)

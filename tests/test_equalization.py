@@ -12,7 +12,6 @@ from pipeline.graph.nodes import FloatGraph
 from pipeline.graph.run import run_float, tensor_values
 from pipeline.models import MODELS, build_model
 from pipeline.profile import profile_activations
-from pipeline.quant.build import quantize_layer_weights
 from pipeline.quant.equalization import (
     EqualizationPair,
     equalization_pairs,
@@ -24,7 +23,8 @@ from pipeline.quant.equalization import (
     pair_ranges,
 )
 from pipeline.quant.ranges import dequantize
-from pipeline.train import normalize
+from pipeline.quant.weights import quantize_layer_weights
+from pipeline.transforms import normalize
 from tests.integer_graphs import TOYS
 from tests.model_fixtures import randomize_batchnorm
 

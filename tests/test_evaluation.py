@@ -17,20 +17,14 @@ from pipeline.evaluation import (
 )
 from pipeline.graph.capture import capture
 from pipeline.models import Net, build_model
-from pipeline.profile import (
-    calibrate_ranges,
-    calibration_indices,
-    clipped_fraction,
-    profile_activations,
-)
-from pipeline.quant.build import (
-    build_integer_model,
-    quantize_model_weights,
-    scale_groups,
-)
+from pipeline.profile import calibrate_ranges, profile_activations
+from pipeline.quant.build import build_integer_model
 from pipeline.quant.engine import QuantizedNet
 from pipeline.quant.mixed_precision import packed_model_bytes
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.quant.observers import ActivationStats, clipped_fraction
+from pipeline.quant.scale_groups import scale_groups
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD, calibration_indices, normalize
 from tests.integer_graphs import toy_model
 
 
@@ -86,7 +80,8 @@ def test_calibration_indices_are_a_reproducible_subset():
 
 
 def test_clipped_fraction_from_histogram():
-    stats = {"hist_counts": [1, 0, 0, 2, 3, 0, 0, 4], "hist_span": 4.0, "num_bins": 8, "abs_max": 3.9}
+    stats = ActivationStats(count=10, min=-3.5, max=3.9, abs_max=3.9, mean=0.0, std=1.0, num_bins=8, hist_span=4.0,
+                            hist_counts=(1, 0, 0, 2, 3, 0, 0, 4))
     # bin centres -3.5 ... 3.5; |centre| > 3 only for the two outer bins: (1 + 4) / 10.
     assert clipped_fraction(stats, 3.0) == pytest.approx(0.5)
     assert clipped_fraction(stats, 3.9) == 0.0

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.export.artifacts import ONNX_FILES, export_agreement, export_integer_model
+from pipeline.evaluation import export_agreement
+from pipeline.export.artifacts import export_integer_model
 from pipeline.export.c_build import find_compiler
 from pipeline.export.c_model import C_FILES
+from pipeline.export_layout import ONNX_FILES
 from pipeline.io import read_json
 from pipeline.model_files import save_integer_model
 from pipeline.quant.engine import quantize_input, run_integer

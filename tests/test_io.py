@@ -41,7 +41,7 @@ def test_json_with_nan_is_an_error_and_writes_nothing(tmp_path):
 KILLED_WRITER = """
 import os, signal, sys
 import numpy as np
-from pipeline.data import CifarArrays, save_arrays
+from pipeline.arrays import CifarArrays, save_arrays
 
 images = np.zeros((2000, 32, 32, 3), dtype=np.uint8)  # 6 MB: the npz is half written when we die
 import zipfile
@@ -64,7 +64,7 @@ def test_a_writer_killed_with_sigkill_leaves_a_temporary_that_the_next_write_rem
 
     import numpy as np
 
-    from pipeline.data import CifarArrays, save_arrays
+    from pipeline.arrays import CifarArrays, save_arrays
     from tests.project_copy import PROJECT_ROOT
 
     target = tmp_path / "dataset.npz"

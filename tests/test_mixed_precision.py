@@ -8,11 +8,10 @@ import random
 import pytest
 import torch
 
-from pipeline import graph as graph_module
+from pipeline.graph import run as graph_run
 from pipeline.graph.capture import capture
 from pipeline.models import build_model
 from pipeline.quant import mixed_precision
-from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.mixed_precision import (
     DP_CELLS,
     CurvePoint,
@@ -33,7 +32,11 @@ from pipeline.quant.mixed_precision import (
     table_json,
     weight_quantized_accuracy,
 )
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.quant.settings import WeightCalibration
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
+
+MINMAX_PER_CHANNEL = WeightCalibration("minmax", granularity="per_channel")
 
 
 def test_packed_bytes_round_up_to_whole_bytes():
@@ -131,8 +134,8 @@ def test_sensitivity_grows_as_bits_shrink_and_is_measured_per_layer():
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (64,), generator=generator)
-    table = layer_sensitivity(graph, normalize(images, SEED_MEAN, SEED_STD), labels, (2, 4, 8), "minmax",
-                              "per_channel", progress=False)
+    table = layer_sensitivity(graph, normalize(images, SEED_MEAN, SEED_STD), labels, (2, 4, 8),
+                              MINMAX_PER_CHANNEL, progress=False)
     assert list(table) == [node.name for node in graph.layers()]
     for layer, by_bits in table.items():
         assert list(by_bits) == [2, 4, 8]
@@ -150,8 +153,8 @@ def test_passes_that_change_one_layer_start_there_and_give_the_full_passes_logit
     base = {node.name: node.weight.round() for node in layers[::3]}
     variants = [(node.name, node.weight * 0.5) for node in (layers[0], layers[7], layers[8], layers[-1])]
     calls = []
-    run_node = graph_module._float_node
-    monkeypatch.setattr(graph_module, "_float_node", lambda node, *args: calls.append(node.name) or run_node(node, *args))
+    run_node = graph_run._float_node
+    monkeypatch.setattr(graph_run, "_float_node", lambda node, *args: calls.append(node.name) or run_node(node, *args))
     each = mixed_precision._logits_with_each(graph, images, base, variants, "test", progress=False)
     full_passes = 2 * (1 + len(variants)) * len(graph.nodes)  # two batches, the base pass and one per variant
     assert len(calls) < full_passes - 2 * len(graph.nodes)  # the variants' passes skipped their layers' prefixes
@@ -166,7 +169,7 @@ def measured():
     generator = torch.Generator().manual_seed(2)
     images = normalize(torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=generator), SEED_MEAN, SEED_STD)
     labels = torch.randint(0, 10, (64,), generator=generator)
-    table = layer_sensitivity(graph, images, labels, (2, 4, 8), "minmax", "per_channel", progress=False)
+    table = layer_sensitivity(graph, images, labels, (2, 4, 8), MINMAX_PER_CHANNEL, progress=False)
     return graph, images, labels, table
 
 
@@ -174,16 +177,16 @@ def test_the_curve_puts_each_mixed_allocation_within_the_uniform_size_with_no_mo
     graph, images, labels, table = measured
     noise = noise_by_layer(table)
     num_weights = layer_sizes(graph)
-    curve = size_accuracy_curve(graph, images, labels, noise, (8, 4), "minmax", "per_channel")
+    curve = size_accuracy_curve(graph, images, labels, noise, (8, 4), MINMAX_PER_CHANNEL)
     assert [(point.series, point.width) for point in curve] == [("uniform", 8), ("mixed", 8), ("uniform", 4), ("mixed", 4)]
     for uniform, mixed in zip(curve[::2], curve[1::2]):
         assert uniform.bits == dict.fromkeys(num_weights, uniform.width)
         assert uniform.packed_bytes == packed_model_bytes(num_weights, uniform.width)
         assert mixed.packed_bytes == packed_model_bytes(num_weights, mixed.bits) <= uniform.packed_bytes  # the budget holds
         assert set(mixed.bits.values()) <= {2, 4, 8}
-        assert allocation_noise(graph, images, mixed.bits, "minmax", "per_channel") <= allocation_noise(
-            graph, images, uniform.bits, "minmax", "per_channel")  # measured, not predicted
-        assert mixed.accuracy == weight_quantized_accuracy(graph, images, labels, mixed.bits, "minmax", "per_channel")
+        assert allocation_noise(graph, images, mixed.bits, MINMAX_PER_CHANNEL) <= allocation_noise(
+            graph, images, uniform.bits, MINMAX_PER_CHANNEL)  # measured, not predicted
+        assert mixed.accuracy == weight_quantized_accuracy(graph, images, labels, mixed.bits, MINMAX_PER_CHANNEL)
     assert curve[1].bits == dict.fromkeys(num_weights, 8)  # with room for every layer at 8 bits, the quietest
 
 
@@ -224,13 +227,13 @@ def test_the_chosen_bits_fit_the_budget_and_measure_no_more_noise_than_the_predi
     noise = noise_by_layer(table)
     num_weights = layer_sizes(graph)
     budget = packed_model_bytes(num_weights, 4)
-    chosen = choose_bits(graph, images, noise, budget, "minmax", "per_channel", progress=False)
+    chosen = choose_bits(graph, images, noise, budget, MINMAX_PER_CHANNEL, progress=False)
     assert packed_model_bytes(num_weights, chosen) <= budget and set(chosen.values()) <= {2, 4, 8}
-    measured_noise = allocation_noise(graph, images, chosen, "minmax", "per_channel")
+    measured_noise = allocation_noise(graph, images, chosen, MINMAX_PER_CHANNEL)
     for other in (allocate_bits(num_weights, noise, budget), dict.fromkeys(num_weights, 4)):
-        assert measured_noise <= allocation_noise(graph, images, other, "minmax", "per_channel")
+        assert measured_noise <= allocation_noise(graph, images, other, MINMAX_PER_CHANNEL)
     # Without refinement rounds: the better measured of the two starts.
-    start = choose_bits(graph, images, noise, budget, "minmax", "per_channel", rounds=0, progress=False)
+    start = choose_bits(graph, images, noise, budget, MINMAX_PER_CHANNEL, rounds=0, progress=False)
     assert start in (allocate_bits(num_weights, noise, budget), dict.fromkeys(num_weights, 4))
 
 
@@ -242,8 +245,8 @@ def test_refinement_corrects_a_prediction_that_misses_how_layers_add_up(measured
     num_weights = layer_sizes(graph)
     budget = packed_model_bytes(num_weights, 4)
     assert set(allocate_bits(num_weights, lying, budget).values()) == {2}
-    chosen = choose_bits(graph, images, lying, budget, "minmax", "per_channel", progress=False)
-    assert allocation_noise(graph, images, chosen, "minmax", "per_channel") <= allocation_noise(
-        graph, images, dict.fromkeys(num_weights, 4), "minmax", "per_channel")
-    assert allocation_noise(graph, images, chosen, "minmax", "per_channel") < allocation_noise(
-        graph, images, allocate_bits(num_weights, lying, budget), "minmax", "per_channel")
+    chosen = choose_bits(graph, images, lying, budget, MINMAX_PER_CHANNEL, progress=False)
+    assert allocation_noise(graph, images, chosen, MINMAX_PER_CHANNEL) <= allocation_noise(
+        graph, images, dict.fromkeys(num_weights, 4), MINMAX_PER_CHANNEL)
+    assert allocation_noise(graph, images, chosen, MINMAX_PER_CHANNEL) < allocation_noise(
+        graph, images, allocate_bits(num_weights, lying, budget), MINMAX_PER_CHANNEL)

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import CLASS_NAMES, CifarArrays, save_arrays
+from pipeline.arrays import CifarArrays, save_arrays
+from pipeline.data import CLASS_NAMES
 from pipeline.io import save_checkpoint
 from pipeline.models import build_model
 from stages import check_params as check_params_stage
 from stages import train as train_stage
-from stages.common import load_trained_model
+from stages.trained_model import load_trained_model
 from tests.project_copy import PROJECT_ROOT, set_params
 
 MODEL_FILE = """\
@@ -153,7 +154,7 @@ class RunsCodeWhenUnpickled:
 def checkpoint_error(path: Path) -> str:
     """The message a stage exits with when it loads the trained model from ``path``."""
     with pytest.raises(SystemExit) as exit_info:
-        load_trained_model("net", path)
+        load_trained_model(path)
     return str(exit_info.value.code)
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.model_spec import MODEL_NAMES
 from pipeline.models import (
     MODELS,
     BNNet,
@@ -31,6 +32,10 @@ def test_net_is_the_seed_architecture():
     assert sum(p.numel() for p in net.parameters()) == 62006
     # The seed's state_dict keys load unchanged.
     assert set(net.state_dict()) == {f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2", "fc3") for kind in ("weight", "bias")}
+
+
+def test_the_names_params_validates_are_the_built_in_models():
+    assert tuple(MODELS) == MODEL_NAMES
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -8,18 +8,25 @@ from pipeline.params import (
     ParamsError,
     ProfileParams,
     QuantizeWeightsParams,
+    SensitivityParams,
     TrainParams,
     load_params,
     parse_params,
     read_params_file,
 )
 from pipeline.quant.calibrators import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS
+from pipeline.quant.rounding import ROUNDINGS
 from pipeline.quant.settings import (
+    ACTIVATION_CALIBRATOR_SETTINGS,
+    ROUNDING_NAMES,
+    WEIGHT_CALIBRATOR_SETTINGS,
     AdaRoundSettings,
     NoSettings,
     PercentileSettings,
     SigmaSettings,
+    WeightCalibration,
     WeightMseSettings,
+    WeightQuantization,
 )
 from tests.project_copy import (
     CLASSES,
@@ -82,13 +89,13 @@ def test_missing_sections_take_defaults():
         ({"train": {"batch_size": True}}, "train.batch_size: value True has the wrong type; expected int"),
         ({"train": {"momentum": 1.5}}, "train.momentum: value 1.5 is out of range; allowed: <= 1.0"),
         ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: model, epochs,"),
-        ({"trian": {}}, "trian: unknown section; allowed sections: download, train, profile, sensitivity, quantize_weights, evaluate"),
+        ({"trian": {}}, "trian: unknown section; allowed sections: download, train, graph, profile, sensitivity, quantize_weights, evaluate"),
         ({"profile": {"calibrator": "kl"}}, "profile.calibrator: value 'kl' is not allowed; allowed: seed, minmax, percentile, mse, entropy"),
         ({"profile": {"percentile": {"percent": 0}}}, "profile.percentile.percent: value 0.0 is out of range; allowed: > 0.0"),
         ({"profile": {"percentile": 99.9}}, "profile.percentile: expected a mapping of keys to values (keys: percent), got 99.9"),
         ({"profile": {"mse": {"num_candidates": 0}}}, "profile.mse.num_candidates: value 0 is out of range; allowed: >= 1"),
         ({"profile": {"entropy": {"bins": 64}}}, "profile.entropy.bins: unknown key; allowed keys: num_quantized_bins"),
-        ({"quantize_weights": {"k": 2.5}}, "quantize_weights.k: unknown key; allowed keys: bits, size_budget_bytes, size_budget_fraction, calibrator, granularity, sigma, mse, equalize, rounding, adaround, bias_correction, calibration"),
+        ({"quantize_weights": {"k": 2.5}}, "quantize_weights.k: unknown key; allowed keys: bits, size_budget_bytes, size_budget_fraction, calibrator, granularity, sigma, mse, rounding, adaround, bias_correction, calibration"),
         ({"quantize_weights": {"sigma": {"k": 0}}}, "quantize_weights.sigma.k: value 0.0 is out of range; allowed: > 0.0"),
         ({"quantize_weights": {"rounding": "stochastic"}},
          "quantize_weights.rounding: value 'stochastic' is not allowed; allowed: nearest, adaround"),
@@ -149,10 +156,13 @@ def test_the_chosen_calibrator_gets_its_own_settings_and_no_stage_branches():
     assert profile.calibrator_settings == PercentileSettings(99.0)
     assert parse_params({"profile": {"calibrator": "minmax"}}).profile.calibrator_settings == NoSettings()
     weights = parse_params({"quantize_weights": {"calibrator": "mse", "mse": {"num_candidates": 7}}}).quantize_weights
-    assert weights.calibrator_settings == WeightMseSettings(7)
-    assert parse_params({}).quantize_weights.calibrator_settings == SigmaSettings(3.0)
+    assert weights.weight_calibration == WeightCalibration("mse", WeightMseSettings(7), "per_tensor")
+    assert parse_params({}).quantize_weights.weight_calibration.settings == SigmaSettings(3.0)
     adaround = parse_params({"quantize_weights": {"rounding": "adaround", "adaround": {"iterations": 50}}}).quantize_weights
     assert (adaround.rounding, adaround.adaround) == ("adaround", AdaRoundSettings(iterations=50))
+    assert adaround.weight_quantization == WeightQuantization(8, WeightCalibration(), "adaround",
+                                                              AdaRoundSettings(iterations=50))
+    assert parse_params({}).quantize_weights.weight_quantization.rounding_settings == NoSettings()
 
 
 def test_sensitivity_widths_are_a_sorted_list_and_a_budget_is_bytes_or_a_fraction_of_the_int8_size():
@@ -172,6 +182,7 @@ def test_weight_bits_may_name_a_width_per_layer():
 
 
 @pytest.mark.parametrize(("section", "registry"), [(ProfileParams, ACTIVATION_CALIBRATORS),
+                                                   (SensitivityParams, WEIGHT_CALIBRATORS),
                                                    (QuantizeWeightsParams, WEIGHT_CALIBRATORS)])
 def test_every_calibrator_with_options_has_its_settings_in_its_section(section, registry):
     fields = {field.name: field for field in dataclasses.fields(section)}
@@ -180,7 +191,38 @@ def test_every_calibrator_with_options_has_its_settings_in_its_section(section, 
             assert fields[name].default_factory is entry.settings, name
         for calibrator_name in registry:
             section_of_it = section(calibrator=calibrator_name)
-            assert type(section_of_it.calibrator_settings) is registry[calibrator_name].settings
+            settings = (section_of_it.calibrator_settings if section is ProfileParams
+                        else section_of_it.weight_calibration.settings)
+            assert type(settings) is registry[calibrator_name].settings
+
+
+def test_the_calibrator_names_params_validates_are_the_registries_names():
+    assert list(ACTIVATION_CALIBRATOR_SETTINGS) == list(ACTIVATION_CALIBRATORS)
+    assert list(WEIGHT_CALIBRATOR_SETTINGS) == list(WEIGHT_CALIBRATORS)
+
+
+def test_the_rounding_names_params_validates_are_the_registrys_names():
+    assert list(ROUNDING_NAMES) == list(ROUNDINGS)
+    rounding_field = next(field for field in dataclasses.fields(QuantizeWeightsParams) if field.name == "rounding")
+    assert rounding_field.metadata["choices"] == ROUNDING_NAMES
+
+
+def test_the_sensitivity_measures_quantize_weights_quantizer_by_default():
+    """Both sections name the weight quantizer (no stage reads another's section): equal by default and in the
+    workspace's params.yaml, so a size budget can use the sensitivity."""
+    for params in (parse_params({}), load_params(PROJECT_ROOT / "params.yaml")):
+        sensitivity, weights = params.sensitivity, params.quantize_weights
+        assert sensitivity.weight_calibration == weights.weight_calibration
+
+
+def test_validating_params_imports_no_torch_and_no_method():
+    """params.yaml is validated from names and rules (pipeline.model_spec, pipeline.quant.settings): the check-params
+    stage loads neither torch nor the models, calibrators or any other quantization code."""
+    script = ("import sys; import stages.check_params; "
+              "print(sorted(name for name in sys.modules if name == 'torch' or name.startswith('pipeline.')))")
+    loaded = run([sys.executable, "-c", script], PROJECT_ROOT).stdout.strip()
+    assert loaded == str(["pipeline.model_spec", "pipeline.params", "pipeline.quant", "pipeline.quant.settings",
+                          "pipeline.validation"])
 
 
 def test_a_model_file_under_models_or_a_module_factory_is_accepted():

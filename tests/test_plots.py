@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from pipeline.graph.capture import capture
+from pipeline.graph.file import GraphFile, save_graph_file
+from pipeline.graph.trace import record_trace
 from pipeline.io import save_checkpoint, write_json
-from pipeline.model_files import save_quantized_weights
 from pipeline.models import build_model
 from pipeline.plots import (
     FIGURE_DPI,
@@ -29,11 +30,12 @@ from pipeline.plots import (
     weight_clip_ranges,
     weights_title,
 )
-from pipeline.profile import calibrate_ranges, clipped_fraction, profile_activations
-from pipeline.quant.build import quantize_model_weights
-from pipeline.quant.observers import ActivationObserver
+from pipeline.profile import calibrate_ranges, profile_activations
+from pipeline.quant.observers import ActivationObserver, clipped_fraction
 from pipeline.quant.settings import PercentileSettings, SigmaSettings
-from pipeline.train import SEED_MEAN, SEED_STD
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD
+from pipeline.weights_file import save_quantized_weights
 from tests.project_copy import PROJECT_ROOT
 
 LAYER_PIXELS = (int(LAYER_FIGSIZE[0] * FIGURE_DPI), int(LAYER_FIGSIZE[1] * FIGURE_DPI))
@@ -99,11 +101,12 @@ def test_activation_plot_from_raw_values_counts_exactly(tmp_path):
     assert png_size(tmp_path / "a.png") == LAYER_PIXELS
 
 
-@pytest.mark.parametrize("as_input", ["stats", "observer", "batches"])
+@pytest.mark.parametrize("as_input", ["stats", "statistics", "observer", "batches"])
 def test_activation_plot_from_statistics_observers_and_batches_agrees(as_input):
     observer = ActivationObserver()
     observer.observe(VALUES)
-    activations = {"stats": observer.stats(), "observer": observer, "batches": [VALUES[:3], VALUES[3:]]}[as_input]
+    activations = {"stats": observer.stats(), "statistics": observer.statistics(), "observer": observer,
+                   "batches": [VALUES[:3], VALUES[3:]]}[as_input]
     assert plot_activation_distribution(activations, "fc1", clip_range=3.0).clipped_fraction == pytest.approx(3 / 7)
 
 
@@ -116,7 +119,7 @@ def test_activation_plot_defaults_to_the_seeds_rule_which_never_clips():
 def test_activation_plot_names_what_it_cannot_read():
     with pytest.raises(TypeError, match="got str"):
         plot_activation_distribution("conv1", "conv1")
-    with pytest.raises(ValueError, match=r"lacks keys \['hist_counts'"):
+    with pytest.raises(ValueError, match=r"lack keys \['count', 'min', 'max', 'mean', 'hist_counts'\]"):
         plot_activation_distribution({"abs_max": 1.0, "std": 0.5, "hist_span": 1.0, "num_bins": 8}, "conv1")
     with pytest.raises(ValueError, match="clip_range must be finite and >= 0, got -1.0"):
         plot_activation_distribution(VALUES, "conv1", clip_range=-1.0)
@@ -126,10 +129,10 @@ def test_display_histogram_merges_bins_keeps_every_count_and_the_clipped_share()
     values = torch.randn(20000, generator=torch.Generator().manual_seed(1)).clamp(min=0) * 3  # a ReLU output
     stats = activation_stats(values)
     clip_range = 4.0
-    edges, counts, clipped = display_histogram(stats, clip_range, limit=stats["abs_max"] * 1.08)
+    edges, counts, clipped = display_histogram(stats, clip_range, limit=stats.abs_max * 1.08)
     assert len(counts) <= MAX_DISPLAY_BINS and len(edges) == len(counts) + 1
     assert np.allclose(np.diff(edges), np.diff(edges)[0])
-    assert counts.sum() == stats["count"]
+    assert counts.sum() == stats.count
     assert clipped.sum() / counts.sum() == pytest.approx(clipped_fraction(stats, clip_range))
 
 
@@ -148,11 +151,13 @@ def synthetic_artifacts(
     data: Path, images: torch.Tensor, model_name: str = "net", granularity: str = "per_tensor", weight_bits: int = 8,
     activation_bits: int = 8,
 ) -> dict:
-    """Write the plot stage's inputs under ``data``: checkpoint, quantized weights, profile, metrics, curves."""
+    """Write the plot stage's inputs under ``data``: checkpoint, graph, quantized weights, profile, metrics, curves."""
     model = build_model(model_name, seed=0).eval()
     save_checkpoint(data / "model.pt", {"model": model_name, "state_dict": model.state_dict(),
                                         "mean": list(SEED_MEAN), "std": list(SEED_STD)})
     graph = capture(model)
+    save_graph_file(data / "graph.pt", GraphFile(graph, {"model": model_name, "mean": list(SEED_MEAN),
+                                                         "std": list(SEED_STD)}, False, record_trace(graph.traced)))
     quantized = quantize_model_weights(graph, weight_bits, "sigma", granularity, SigmaSettings(3.0))
     save_quantized_weights(quantized, {"bits": weight_bits, "calibrator": "sigma", "options": {"k": 3.0},
                                        "granularity": granularity}, data / "weights_int8.npz")

@@ -22,15 +22,16 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.plots import read_training_curves, write_plots, write_sensitivity_plots
+from pipeline.plots import read_training_curves, write_plots
 from pipeline.quant.mixed_precision import (
     layer_sensitivity,
     noise_by_layer,
     size_accuracy_curve,
     weight_quantized_accuracy,
 )
-from pipeline.quant.settings import SigmaSettings
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.quant.settings import SigmaSettings, WeightCalibration
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
+from stages.sensitivity import write_plot_data
 from tests.project_copy import PROJECT_ROOT, run
 from tests.test_plots import CSVS, synthetic_artifacts
 
@@ -77,9 +78,10 @@ def write_revision(repo: Path, images: torch.Tensor, granularity: str) -> None:
                 read_training_curves(repo / "data" / "training"), plots)
     graph, labels = artifacts["graph"], torch.arange(len(images)) % 10
     x = normalize(images, SEED_MEAN, SEED_STD)
-    table = layer_sensitivity(graph, x, labels, [2, 4, 8], "sigma", granularity, SigmaSettings(3.0), progress=False)
-    curve = size_accuracy_curve(graph, x, labels, noise_by_layer(table), [8, 4], "sigma", granularity, SigmaSettings(3.0))
-    write_sensitivity_plots(table, curve, weight_quantized_accuracy(graph, x, labels, {}), plots)
+    calibration = WeightCalibration("sigma", SigmaSettings(3.0), granularity)
+    table = layer_sensitivity(graph, x, labels, [2, 4, 8], calibration, progress=False)
+    curve = size_accuracy_curve(graph, x, labels, noise_by_layer(table), [8, 4], calibration)
+    write_plot_data(table, curve, weight_quantized_accuracy(graph, x, labels, {}), plots)
 
 
 def chromium(page: Path, *args: str) -> str:

@@ -16,14 +16,14 @@ from pipeline.models import build_model
 from pipeline.progress import progress_items
 from pipeline.quant.adaround import adaround_model_weights
 from pipeline.quant.bias_correction import corrected_biases
-from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.mixed_precision import (
     choose_bits,
     layer_sensitivity,
     size_accuracy_curve,
 )
 from pipeline.quant.settings import AdaRoundSettings
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
 
 NET_LAYERS = ["conv1", "conv2", "fc1", "fc2", "fc3"]
 SECONDS = r"[0-9.]+ s|\d+ min \d+ s|\d+ h \d+ min"

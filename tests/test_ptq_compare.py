@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from benchmarks import ptq_compare
-from pipeline.data import CifarArrays, save_arrays
+from pipeline.arrays import CifarArrays, save_arrays
 from pipeline.io import save_checkpoint, write_json
 from pipeline.models import build_model
 from pipeline.quant.ranges import ActivationFormat
 from pipeline.quant.settings import AdaRoundSettings, CalibrationImages
-from pipeline.train import SEED_MEAN, SEED_STD
+from pipeline.transforms import SEED_MEAN, SEED_STD
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pipeline.quant.calibrators import (
     parse_granularity,
     weight_range,
 )
-from pipeline.quant.observers import ActivationObserver
+from pipeline.quant.observers import ActivationObserver, ActivationStats
 from pipeline.quant.ranges import ZERO_RANGE_SCALE
 from pipeline.quant.settings import (
     EntropySettings,
@@ -34,7 +34,7 @@ from pipeline.quant.settings import (
     SigmaSettings,
     WeightMseSettings,
 )
-from pipeline.train import SEED_MEAN, SEED_STD, normalize
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
 
 
 def observed_stats(x: torch.Tensor, num_bins: int = 2048) -> dict:
@@ -112,6 +112,20 @@ def test_observer_memory_is_bounded():
 def test_stats_are_json_serializable():
     stats = observed_stats(gaussian(1000))
     assert json.loads(json.dumps(stats)) == stats
+
+
+def test_statistics_round_trip_through_their_json_form_with_the_keys_profile_json_stores():
+    observer = ActivationObserver()
+    observer.observe(gaussian(1000))
+    statistics = observer.statistics()
+    assert list(statistics.to_json()) == ["count", "min", "max", "abs_max", "mean", "std", "num_bins", "hist_span",
+                                          "hist_counts"]
+    assert statistics.to_json() == observer.stats()
+    assert ActivationStats.from_json(json.loads(json.dumps(statistics.to_json()))) == statistics
+    # data/profile.json's scale-group entries add their tensors' names: read, not kept
+    assert ActivationStats.from_json(observer.stats() | {"read_by": ["conv1"]}) == statistics
+    with pytest.raises(ValueError, match=r"lack keys \['std'\]"):
+        ActivationStats.from_json({key: value for key, value in observer.stats().items() if key != "std"})
 
 
 def test_observer_errors():

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import CLASS_NAMES, CifarArrays, save_arrays
+from pipeline.arrays import CifarArrays, save_arrays
+from pipeline.data import CLASS_NAMES
 from pipeline.graph.capture import capture
 from pipeline.io import save_checkpoint
-from pipeline.model_files import load_quantized_weights
 from pipeline.models import build_model
-from pipeline.quant.build import quantize_model_weights
-from pipeline.train import SEED_MEAN, SEED_STD
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import SEED_MEAN, SEED_STD
+from pipeline.weights_file import load_quantized_weights
 from stages import quantize_weights as quantize_weights_stage
-from tests.project_copy import PROJECT_ROOT, set_params
+from tests.project_copy import PROJECT_ROOT, run_graph_stage, set_params
 
 NET_LAYERS = "conv1, conv2, fc1, fc2, fc3"
 
@@ -35,6 +36,7 @@ def make_project(root: Path, state_dict: dict[str, torch.Tensor] | None = None, 
         labels = rng.integers(0, 10, num_images + 10, dtype=np.int64)
         save_arrays(CifarArrays(images[:num_images], labels[:num_images], images[num_images:], labels[num_images:],
                                 CLASS_NAMES), root / "data" / "dataset.npz")
+    run_graph_stage(root)
     return root
 
 

@@ -10,15 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data import CLASS_NAMES, CifarArrays, save_arrays
+from pipeline.arrays import CifarArrays, save_arrays
+from pipeline.data import CLASS_NAMES
 from pipeline.io import read_json, save_checkpoint
-from pipeline.model_files import load_quantized_weights
 from pipeline.models import build_model
 from pipeline.quant.mixed_precision import packed_model_bytes
-from pipeline.train import SEED_MEAN, SEED_STD
+from pipeline.transforms import SEED_MEAN, SEED_STD
+from pipeline.weights_file import load_quantized_weights
 from stages import quantize_weights as quantize_weights_stage
 from stages import sensitivity as sensitivity_stage
-from tests.project_copy import PROJECT_ROOT, set_params
+from tests.project_copy import PROJECT_ROOT, run_graph_stage, set_params
 
 NET_WEIGHTS = {"conv1": 450, "conv2": 2400, "fc1": 48000, "fc2": 10080, "fc3": 840}
 WIDTHS = [2, 4, 8]
@@ -37,6 +38,7 @@ def project(tmp_path_factory):
                                                  "mean": list(SEED_MEAN), "std": list(SEED_STD)})
     shutil.copy(PROJECT_ROOT / "params.yaml", root / "params.yaml")
     set_params(root, {"sensitivity": {"bits": WIDTHS, "num_samples": 48}})
+    run_graph_stage(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         sensitivity_stage.main()

@@ -4,22 +4,16 @@ import logging
 import pytest
 import torch
 
-from pipeline.models import Net, build_model
+from pipeline.evaluation import accuracy_report, predict, test_model
+from pipeline.models import Net, batch_layout, build_model
 from pipeline.params import TrainParams
 from pipeline.train import (
-    SEED_MEAN,
-    SEED_STD,
     DivergedError,
     EpochRecord,
-    accuracy_report,
     augment,
-    batch_layout,
-    normalize,
-    normalized_batches,
-    predict,
-    test_model,
     train_model,
 )
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalize, normalized_batches
 
 FAST = TrainParams(epochs=3, batch_size=16, lr=0.01, device="cpu", threads=1, seed=3)
 
@@ -98,7 +92,7 @@ def test_a_few_steps_reduce_the_loss(synthetic_images):
 
 @pytest.mark.parametrize("model_name, threads", [("net", 1), ("net", 2), ("bnnet", 2)])
 def test_training_is_bit_for_bit_deterministic_on_cpu(synthetic_images, model_name, threads):
-    # Two threads as well as one: the README's stronger recipes train on 2 threads.
+    # Two threads as well as one: docs/experiments.md's stronger recipes train on 2 threads.
     images, labels = synthetic_images
     params = dataclasses.replace(FAST, augment=True, schedule="onecycle", epochs=2, threads=threads)
     weights = []
@@ -239,7 +233,8 @@ def test_a_diverged_train_stage_fails_naming_train_lr_and_its_metrics_file_says_
 
     import numpy as np
 
-    from pipeline.data import CLASS_NAMES, CifarArrays, save_arrays
+    from pipeline.arrays import CifarArrays, save_arrays
+    from pipeline.data import CLASS_NAMES
     from pipeline.io import read_json
     from stages import train as train_stage
     from tests.project_copy import PROJECT_ROOT, set_params

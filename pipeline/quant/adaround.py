@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,10 +42,14 @@ from torch import Tensor
 from pipeline.graph.nodes import Conv, FloatGraph, Linear
 from pipeline.graph.run import run_layer, tensor_values
 from pipeline.progress import progress_items
-from pipeline.quant.build import quantize_model_weights
 from pipeline.quant.ranges import dequantize, int_range, layer_bits, quantize
-from pipeline.quant.settings import AdaRoundSettings
-from pipeline.train import normalize
+from pipeline.quant.settings import (
+    SEED_WEIGHT_CALIBRATION,
+    AdaRoundSettings,
+    WeightCalibration,
+)
+from pipeline.quant.weights import quantize_model_weights
+from pipeline.transforms import normalize
 
 # The rectified sigmoid's stretch, the paper's values: h reaches 0 and 1 at finite logits.
 ZETA, GAMMA = 1.1, -0.1
@@ -164,9 +167,7 @@ def adaround_model_weights(
     mean: Sequence[float],
     std: Sequence[float],
     bits: int | Mapping[str, int] = 8,
-    calibrator: str = "sigma",
-    granularity: str = "per_tensor",
-    calibrator_settings: Any = None,
+    calibration: WeightCalibration = SEED_WEIGHT_CALIBRATION,
     settings: AdaRoundSettings | None = None,
     progress: bool | None = None,
     activations: Callable[[str, Tensor], Tensor] | None = None,
@@ -176,12 +177,12 @@ def adaround_model_weights(
     layers' kept weights): a layer keeps round-to-nearest where that reconstructs better (``LayerRounding.kept``).
 
     ``images`` are uint8 calibration images (N, 32, 32, 3) of the training split; the
-    scales are the calibrator's (``quantize_model_weights`` with the same arguments).
-    ``activations`` (``build.activation_quantizer``) quantizes the activations of the inputs each layer
+    scales are ``calibration``'s (``quantize_model_weights`` with the same calibrator, settings and granularity).
+    ``activations`` (``scale_groups.activation_quantizer``) quantizes the activations of the inputs each layer
     learns from, as the integer model will (``settings.quantized_activations``); the targets stay float.
     """
     settings = settings or AdaRoundSettings()
-    nearest = quantize_model_weights(graph, bits, calibrator, granularity, calibrator_settings)
+    nearest = quantize_model_weights(graph, bits, calibration.calibrator, calibration.granularity, calibration.settings)
     x = normalize(images, mean, std)
     kept: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, dict[str, float | str]] = {}

@@ -35,8 +35,8 @@ from pipeline.graph.nodes import (
 )
 from pipeline.graph.run import run_layer, tensor_values
 from pipeline.progress import progress_items
-from pipeline.quant.engine import dequantized_weights
-from pipeline.train import normalize
+from pipeline.quant.weights import dequantized_weights
+from pipeline.transforms import normalize
 
 
 def output_shift(node: Conv | Linear, inputs: Tensor, weight_error: Tensor) -> Tensor:

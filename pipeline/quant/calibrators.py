@@ -42,12 +42,9 @@ from pipeline.quant.ranges import (
     scale_from_range,
 )
 from pipeline.quant.settings import (
-    EntropySettings,
-    HistogramMseSettings,
+    ACTIVATION_CALIBRATOR_SETTINGS,
+    WEIGHT_CALIBRATOR_SETTINGS,
     NoSettings,
-    PercentileSettings,
-    SigmaSettings,
-    WeightMseSettings,
 )
 
 # ---------------------------------------------------------------- granularity
@@ -228,12 +225,10 @@ def _smooth(counts: np.ndarray, epsilon: float = 1e-4) -> np.ndarray | None:
     return smoothed if bool((smoothed > 0).all()) else None
 
 
+_ACTIVATION_RANGES = {"seed": seed_range, "minmax": minmax_range, "percentile": percentile_range, "mse": mse_range,
+                      "entropy": entropy_range}
 ACTIVATION_CALIBRATORS: dict[str, Calibrator] = {
-    "seed": Calibrator(seed_range),
-    "minmax": Calibrator(minmax_range),
-    "percentile": Calibrator(percentile_range, PercentileSettings),
-    "mse": Calibrator(mse_range, HistogramMseSettings),
-    "entropy": Calibrator(entropy_range, EntropySettings),
+    name: Calibrator(_ACTIVATION_RANGES[name], settings) for name, settings in ACTIVATION_CALIBRATOR_SETTINGS.items()
 }
 
 
@@ -280,10 +275,9 @@ def mse_weight_range(groups: Tensor, qmax: int, num_candidates: int) -> Tensor:
     return best_range
 
 
+_WEIGHT_RANGES = {"sigma": sigma_weight_range, "minmax": minmax_weight_range, "mse": mse_weight_range}
 WEIGHT_CALIBRATORS: dict[str, Calibrator] = {
-    "sigma": Calibrator(sigma_weight_range, SigmaSettings),
-    "minmax": Calibrator(minmax_weight_range),
-    "mse": Calibrator(mse_weight_range, WeightMseSettings),
+    name: Calibrator(_WEIGHT_RANGES[name], settings) for name, settings in WEIGHT_CALIBRATOR_SETTINGS.items()
 }
 
 

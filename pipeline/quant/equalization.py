@@ -19,7 +19,8 @@ is fixed in the integer model, so those pairs (most of MobileNetV2's) are left a
 
 Equalization changes the tensors between A and B (channel i divided by s_i), so activation
 ranges must be calibrated on the equalized graph: its ``traced`` is None, so ``observe_original``
-(which runs the unequalized model) refuses it and ``run_float(observe=...)`` must be used.
+(which runs the unequalized model) refuses it, the graph stage stores none of the trained model's calls
+with it, and the profile runs the graph itself (``run_float(observe=...)``).
 """
 from __future__ import annotations
 

@@ -32,11 +32,11 @@ from torch import Tensor
 
 from pipeline.graph.nodes import FloatGraph
 from pipeline.graph.run import run_float
-from pipeline.profile import calibration_indices
 from pipeline.progress import progress_items
-from pipeline.quant.build import quantize_layer_weights
 from pipeline.quant.ranges import dequantize, layer_bits
-from pipeline.train import normalize
+from pipeline.quant.settings import SEED_WEIGHT_CALIBRATION, WeightCalibration
+from pipeline.quant.weights import quantize_layer_weights
+from pipeline.transforms import calibration_indices, normalize
 
 FORWARD_BATCH = 500  # held-out images per forward pass
 REFINEMENT_ROUNDS = 2  # rounds of choose_bits' in-context refinement (each a forward pass per layer and width)
@@ -105,16 +105,16 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return 100.0 * float((logits.argmax(1) == labels).to(torch.float64).mean())
 
 
-def _fake_quantized(weight: Tensor, bits: int, calibrator: str, granularity: str, calibrator_settings: Any) -> Tensor:
+def _fake_quantized(weight: Tensor, bits: int, calibration: WeightCalibration) -> Tensor:
     """``weight`` quantized to ``bits`` and back to float32: the values the integer model computes with."""
-    q_weight, weight_scale = quantize_layer_weights(weight, bits, calibrator, granularity, calibrator_settings)
+    q_weight, weight_scale = quantize_layer_weights(weight, bits, calibration.calibrator, calibration.granularity,
+                                                    calibration.settings)
     return dequantize(q_weight, weight_scale, axis=0).to(torch.float32)
 
 
-def _quantized_weights(graph: FloatGraph, bits: Mapping[str, int], calibrator: str, granularity: str,
-                       calibrator_settings: Any) -> dict[str, Tensor]:
+def _quantized_weights(graph: FloatGraph, bits: Mapping[str, int], calibration: WeightCalibration) -> dict[str, Tensor]:
     """The layers in ``bits``, by name: their weights quantized to their widths and back to float32."""
-    return {node.name: _fake_quantized(node.weight, bits[node.name], calibrator, granularity, calibrator_settings)
+    return {node.name: _fake_quantized(node.weight, bits[node.name], calibration)
             for node in graph.layers() if node.name in bits}
 
 
@@ -127,12 +127,10 @@ def allocation_noise(
     graph: FloatGraph,
     x_normalized: Tensor,
     bits: Mapping[str, int],
-    calibrator: str = "sigma",
-    granularity: str = "per_tensor",
-    calibrator_settings: Any = None,
+    calibration: WeightCalibration = SEED_WEIGHT_CALIBRATION,
 ) -> float:
     """The measured ``output_noise`` with the layers in ``bits`` quantized to their widths (activations float)."""
-    weights = _quantized_weights(graph, bits, calibrator, granularity, calibrator_settings)
+    weights = _quantized_weights(graph, bits, calibration)
     return output_noise(_logits(graph, x_normalized, weights), _logits(graph, x_normalized, {}))
 
 
@@ -141,12 +139,10 @@ def weight_quantized_accuracy(
     x_normalized: Tensor,
     labels: Tensor,
     bits: Mapping[str, int],
-    calibrator: str = "sigma",
-    granularity: str = "per_tensor",
-    calibrator_settings: Any = None,
+    calibration: WeightCalibration = SEED_WEIGHT_CALIBRATION,
 ) -> float:
     """Accuracy (%) with the weights of the layers in ``bits`` quantized to their widths, the rest and activations float."""
-    weights = _quantized_weights(graph, bits, calibrator, granularity, calibrator_settings)
+    weights = _quantized_weights(graph, bits, calibration)
     return _accuracy(_logits(graph, x_normalized, weights), labels)
 
 
@@ -155,9 +151,7 @@ def layer_sensitivity(
     x_normalized: Tensor,
     labels: Tensor,
     bits_choices: Sequence[int],
-    calibrator: str = "sigma",
-    granularity: str = "per_tensor",
-    calibrator_settings: Any = None,
+    calibration: WeightCalibration = SEED_WEIGHT_CALIBRATION,
     progress: bool | None = None,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """``{layer: {bits: {"accuracy", "noise", "sqnr_db"}}}`` with only that layer's weights quantized.
@@ -169,7 +163,7 @@ def layer_sensitivity(
     table: dict[str, dict[int, dict[str, float]]] = {}
     pairs = [(node.name, bits) for node in graph.layers() for bits in bits_choices]
     layers = {node.name: node for node in graph.layers()}
-    variants = [(name, _fake_quantized(layers[name].weight, bits, calibrator, granularity, calibrator_settings))
+    variants = [(name, _fake_quantized(layers[name].weight, bits, calibration))
                 for name, bits in pairs]
     for (name, bits), logits in zip(pairs, _logits_with_each(graph, x_normalized, {}, variants, "sensitivity", progress)):
         noise = output_noise(logits, float_logits)
@@ -240,9 +234,7 @@ def choose_bits(
     x_normalized: Tensor,
     noise: Mapping[str, Mapping[int, float]],
     budget_bytes: int,
-    calibrator: str = "sigma",
-    granularity: str = "per_tensor",
-    calibrator_settings: Any = None,
+    calibration: WeightCalibration = SEED_WEIGHT_CALIBRATION,
     rounds: int = REFINEMENT_ROUNDS,
     progress: bool | None = None,
 ) -> dict[str, int]:
@@ -267,8 +259,7 @@ def choose_bits(
     def weights(bits: Mapping[str, int]) -> dict[str, Tensor]:
         for key in bits.items():
             if key not in quantized:
-                quantized[key] = _fake_quantized(layers[key[0]].weight, key[1], calibrator, granularity,
-                                                 calibrator_settings)
+                quantized[key] = _fake_quantized(layers[key[0]].weight, key[1], calibration)
         return {name: quantized[name, width] for name, width in bits.items()}
 
     def measured(bits: Mapping[str, int]) -> float:
@@ -324,9 +315,7 @@ def size_accuracy_curve(
     labels: Tensor,
     noise: Mapping[str, Mapping[int, float]],
     widths: Sequence[int],
-    calibrator: str = "sigma",
-    granularity: str = "per_tensor",
-    calibrator_settings: Any = None,
+    calibration: WeightCalibration = SEED_WEIGHT_CALIBRATION,
     progress: bool | None = None,
 ) -> list[CurvePoint]:
     """For each of ``widths``: every layer at that width, and ``choose_bits``' choice at the same packed size.
@@ -339,13 +328,11 @@ def size_accuracy_curve(
     points = []
     for width in progress_items(widths, "size-accuracy curve", progress, name=lambda width: f"{width}-bit size"):
         budget = packed_model_bytes(num_weights, width)
-        mixed = choose_bits(graph, x_normalized, noise, budget, calibrator, granularity, calibrator_settings,
-                            progress=False)
+        mixed = choose_bits(graph, x_normalized, noise, budget, calibration, progress=False)
         for series, bits in (("uniform", dict.fromkeys(num_weights, width)), ("mixed", mixed)):
             key = tuple(bits.values())
             if key not in measured:
-                measured[key] = weight_quantized_accuracy(graph, x_normalized, labels, bits, calibrator, granularity,
-                                                          calibrator_settings)
+                measured[key] = weight_quantized_accuracy(graph, x_normalized, labels, bits, calibration)
             points.append(CurvePoint(series, width, packed_model_bytes(num_weights, bits), measured[key], bits))
     return points
 

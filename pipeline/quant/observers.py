@@ -15,8 +15,11 @@ into ranges. State is constant-size whatever the number of samples:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,22 +93,63 @@ class ActivationObserver:
         indices = (torch.floor(values / bin_width) + half).clamp(0, self.num_bins - 1).to(torch.int64)
         self.hist_counts += torch.bincount(indices, minlength=self.num_bins).cpu()
 
-    def stats(self) -> dict[str, Any]:
-        """The statistics as a JSON-serializable dict.
-
-        ``std`` is the population standard deviation. Histogram bin k covers
-        [-hist_span + k * w, -hist_span + (k + 1) * w) with w = 2 * hist_span / num_bins.
-        """
+    def statistics(self) -> ActivationStats:
+        """The statistics seen so far (at least one value)."""
         if self.count == 0:
             raise ValueError("observer has seen no values; run calibration data through the model first")
-        return {
-            "count": self.count,
-            "min": self.min,
-            "max": self.max,
-            "abs_max": max(-self.min, self.max),
-            "mean": self.mean,
-            "std": math.sqrt(self.m2 / self.count),
-            "num_bins": self.num_bins,
-            "hist_span": self.hist_span,
-            "hist_counts": self.hist_counts.tolist(),
-        }
+        return ActivationStats(
+            count=self.count,
+            min=self.min,
+            max=self.max,
+            abs_max=max(-self.min, self.max),
+            mean=self.mean,
+            std=math.sqrt(self.m2 / self.count),
+            num_bins=self.num_bins,
+            hist_span=self.hist_span,
+            hist_counts=tuple(self.hist_counts.tolist()),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """``statistics()`` in its JSON form (what the calibrators and data/profile.json read)."""
+        return self.statistics().to_json()
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """An observer's statistics. ``std`` is the population standard deviation. Histogram bin k covers
+    [-hist_span + k * w, -hist_span + (k + 1) * w) with w = 2 * hist_span / num_bins."""
+
+    count: int
+    min: float
+    max: float
+    abs_max: float
+    mean: float
+    std: float
+    num_bins: int
+    hist_span: float
+    hist_counts: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: one key per field, in field order, the histogram as a list."""
+        return {field.name: getattr(self, field.name) for field in fields(self)} | {"hist_counts": list(self.hist_counts)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ActivationStats:
+        """The statistics of ``to_json``'s form; other keys (data/profile.json's ``observed``, ``read_by``) are left.
+        A missing key is a ValueError naming it."""
+        names = [field.name for field in fields(cls)]
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"activation statistics lack keys {missing}; expected {names} "
+                             "(ActivationStats.to_json, ActivationObserver.stats)")
+        return cls(**{name: data[name] for name in names} | {"hist_counts": tuple(data["hist_counts"])})
+
+
+def clipped_fraction(stats: ActivationStats, clip_range: float) -> float:
+    """Share of observed values with |x| > clip_range, from the histogram (exact to one bin)."""
+    counts = np.asarray(stats.hist_counts, dtype=np.float64)
+    span, bins = stats.hist_span, stats.num_bins
+    if span == 0 or clip_range >= stats.abs_max:
+        return 0.0
+    centers = -span + (np.arange(bins) + 0.5) * (2 * span / bins)
+    return float(counts[np.abs(centers) > clip_range].sum() / counts.sum())
