@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Stage commands run whatever `python` is first on PATH: make it the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-slow bench flow sweep clean
+.PHONY: install repro test test-slow bench flow sweep docs clean
 
 install: $(STAMP) plot_templates/offline.html
 
@@ -36,10 +36,21 @@ bench: install
 
 # The same stages through Prefect (embedded mode, no server to start).
 flow: install
-	python -m pipeline.flows
+	python -m orchestration
 
 sweep: install
-	python -m pipeline.flows sweep
+	python -m orchestration sweep
+
+# The docs site: docs/ (mkdocs.yml) built into site/ (git-ignored); --strict fails on a broken link or anchor.
+# NO_MKDOCS_2_WARNING silences mkdocs-material's notice about its successor, which is not a build warning.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
 
 # The page template with vega, vega-lite and vega-embed inlined (from vl-convert-python, no network),
 # and plots.html_template in .dvc/config.local pointing at it: the plain `dvc plots show` and
