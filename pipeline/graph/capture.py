@@ -42,6 +42,7 @@ from pipeline.graph.nodes import (
     Reshape,
     UnsupportedModelError,
     numel,
+    tensor_names,
 )
 from pipeline.graph.rewrite import (
     BatchNormCall,
@@ -81,20 +82,6 @@ def _call_name(node: torch.fx.Node) -> str:
     return node.name
 
 
-def _tensor_names(traced: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
-    """Each traced node's tensor name (module docstring): one per call, so a module called twice writes two tensors."""
-    names: dict[torch.fx.Node, str] = {}
-    calls: dict[str, int] = {}
-    for node in traced.graph.nodes:
-        name = _call_name(node)
-        if node.op == "call_module":
-            calls[name] = calls.get(name, 0) + 1
-            if calls[name] > 1:
-                name = f"{name}@{calls[name]}"
-        names[node] = name
-    return names
-
-
 def _describe(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
     if node.op == "call_module":
         return f"{type(modules[str(node.target)]).__name__} module {node.target!r}"
@@ -127,7 +114,7 @@ def capture(model: nn.Module, input_shape: tuple[int, int, int] = CIFAR10_INPUT_
             f"{error}); its forward must not branch on tensor values; supported ops: {SUPPORTED}"
         ) from None
     modules = dict(traced.named_modules())
-    names = _tensor_names(traced)
+    names = tensor_names(traced)
     raw = _convert(traced, modules, names)  # every op checked before the shapes are computed
     with torch.no_grad():
         ShapeProp(traced).propagate(torch.zeros(1, *input_shape))
@@ -392,12 +379,12 @@ def observe_original(graph: FloatGraph, x: Tensor, names: Iterable[str], observe
     if graph.traced is None:
         raise ValueError("this graph was not captured from a model (no trace); use run_float(observe=...)")
     wanted = set(names)
-    tensor_names = _tensor_names(graph.traced)
+    name_of = tensor_names(graph.traced)
 
     class _Observer(torch.fx.Interpreter):
         def run_node(self, node: torch.fx.Node) -> Any:
             value = super().run_node(node)
-            name = tensor_names[node]
+            name = name_of[node]
             if name in wanted and isinstance(value, Tensor):
                 observe(name, value)
             return value

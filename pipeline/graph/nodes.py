@@ -230,3 +230,18 @@ def with_biases(graph: FloatGraph, biases: Mapping[str, Tensor]) -> FloatGraph:
     """A copy of ``graph`` whose named layers take ``biases`` in place of their own (bias correction's)."""
     return with_weights(graph, folded_state_dict(graph) | {f"{name}.bias": bias for name, bias in biases.items()})
 
+
+def tensor_names(traced: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
+    """Each traced node's tensor name, as the graph's tensors are named: a module call by the module's qualified
+    name (``pool``, then ``pool@2``, ... when called again: a module called twice writes two tensors), any other
+    node by fx's name."""
+    names: dict[torch.fx.Node, str] = {}
+    calls: dict[str, int] = {}
+    for node in traced.graph.nodes:
+        name = str(node.target) if node.op == "call_module" else node.name
+        if node.op == "call_module":
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1:
+                name = f"{name}@{calls[name]}"
+        names[node] = name
+    return names

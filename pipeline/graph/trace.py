@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.graph.file import RecordedTrace
-from pipeline.graph.nodes import UnsupportedModelError
+from pipeline.graph.nodes import UnsupportedModelError, tensor_names
 
 # The torch.nn modules a trace may call, with the constructor arguments that rebuild each (its attributes of the
 # same names); Conv2d and Linear also take ``bias``, whether they have one.
@@ -67,21 +67,6 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 METHODS = ("size", "add", "relu", "clamp", "clip", "flatten", "view", "reshape", "mean", "contiguous")
 _MEMORY_FORMATS = {str(layout): layout for layout in (torch.contiguous_format, torch.channels_last, torch.preserve_format)}
-
-
-def tensor_names(traced: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
-    """Each traced node's tensor name, as ``pipeline.graph.capture`` names the graph's tensors: a module call by the
-    module's qualified name (``pool``, then ``pool@2``, ... when called again), any other node by fx's name."""
-    names: dict[torch.fx.Node, str] = {}
-    calls: dict[str, int] = {}
-    for node in traced.graph.nodes:
-        name = str(node.target) if node.op == "call_module" else node.name
-        if node.op == "call_module":
-            calls[name] = calls.get(name, 0) + 1
-            if calls[name] > 1:
-                name = f"{name}@{calls[name]}"
-        names[node] = name
-    return names
 
 
 def _refused(node: torch.fx.Node, what: str) -> UnsupportedModelError:
