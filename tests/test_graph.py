@@ -175,6 +175,24 @@ def test_dilated_conv_and_broadcasting_add_are_errors():
         capture(Broadcast())
 
 
+def test_pool_dilation_given_as_a_list_of_ones_is_dilation_one_and_any_other_is_refused():
+    """onnx2torch's MaxPool2d and some user code give dilation as [1, 1]: the same pool as dilation 1."""
+
+    class Pools(nn.Module):
+        def __init__(self, dilation):
+            super().__init__()
+            self.pool = nn.MaxPool2d(2, dilation=dilation)
+            self.fc = nn.Linear(3 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(F.max_pool2d(self.pool(x), 2, dilation=[1, 1]).flatten(1))
+
+    graph = capture(Pools([1, 1]))
+    assert [type(node).__name__ for node in graph.nodes] == ["MaxPool", "MaxPool", "Reshape", "Linear"]
+    with pytest.raises(UnsupportedModelError, match="needs dilation 1"):
+        capture(Pools([2, 2]))
+
+
 def test_weights_can_be_swapped_by_layer_name():
     graph = capture(build_model("net", seed=0))
     state = folded_state_dict(graph)

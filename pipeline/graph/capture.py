@@ -273,7 +273,7 @@ def _functional_pool(node: torch.fx.Node, name: str, what: str, source: str, kin
     kernel = _pair(values["kernel_size"])
     stride = _pair(values.get("stride") or kernel)
     padding = _pair(values.get("padding", 0))
-    if values.get("ceil_mode") or values.get("dilation", 1) not in (1, (1, 1)):
+    if values.get("ceil_mode") or _pair(values.get("dilation", 1)) != (1, 1):
         raise _unsupported(node, what, "ceil_mode and dilation are not")
     if kind is AvgPool and (values.get("count_include_pad") is False or values.get("divisor_override")):
         raise _unsupported(node, what, "count_include_pad=False and divisor_override are not")
@@ -314,7 +314,7 @@ def _convert_module(node: torch.fx.Node, name: str, what: str, module: nn.Module
     if isinstance(module, nn.Hardswish):
         return HardSwish(name, source, name)
     if isinstance(module, nn.MaxPool2d):
-        if module.dilation not in (1, (1, 1)) or module.ceil_mode or module.return_indices:
+        if _pair(module.dilation) != (1, 1) or module.ceil_mode or module.return_indices:  # [1, 1] too (onnx2torch)
             raise _unsupported(node, what, "needs dilation 1, ceil_mode=False, return_indices=False")
         return MaxPool(name, source, name, _pair(module.kernel_size), _pair(module.stride or module.kernel_size),
                        _pair(module.padding))
