@@ -60,7 +60,7 @@ def _check_c_limits(model: IntegerModel) -> None:
             if not low <= clamp_min <= clamp_max <= high:
                 raise ValueError(
                     f"{where} saturates to [{clamp_min}, {clamp_max}], which is not a range within its "
-                    f"{'' if out.signed else 'u'}int{out.bits} output [{low}, {high}]"
+                    f"{out.type_name} output [{low}, {high}]"
                 )
 
 

@@ -393,11 +393,11 @@ def _table_lookup(graph: _Graph, model: IntegerModel, node: IntLeakyReLU | IntHa
     in_storage = _storage(model.tensors[node.input], graph.style)
     out_storage = _storage(model.tensors[node.output], graph.style)
     qmin, qmax = model.tensors[node.input].range
-    table = np.zeros(int(np.iinfo(in_storage.dtype).max) - int(np.iinfo(in_storage.dtype).min) + 1, out_storage.dtype)
-    first = qmin + in_storage.zero_point - int(np.iinfo(in_storage.dtype).min)  # index of code qmin
-    table[first : first + qmax - qmin + 1] = code_table(node, model).numpy() + out_storage.zero_point
+    low, high = in_storage.code_range  # every code the byte holds; its least value is low + zero point
+    table = np.zeros(high - low + 1, out_storage.dtype)
+    table[qmin - low : qmax - low + 1] = code_table(node, model).numpy() + out_storage.zero_point
     index = graph.node("Cast", [values[node.input]], f"{node.name}_index", to=TensorProto.INT32)
-    offset = graph.shared("type_min", np.array(-int(np.iinfo(in_storage.dtype).min), np.int32))
+    offset = graph.shared("type_min", np.array(-(low + in_storage.zero_point), np.int32))
     index = graph.node("Add", [index, offset], f"{node.name}_offset")
     return graph.node("Gather", [graph.constant(f"{node.name}_table", table), index], node.name, axis=0)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from pipeline.quant.ops.base import Requantize, TensorInfo
+from pipeline.quant.ops.base import TensorInfo
 from pipeline.quant.ops.conv import IntConv
 from pipeline.quant.ops.registry import IntNode
 
@@ -56,11 +56,6 @@ class IntegerModel:
         return float(self.tensors[int_node_inputs(node)[index]].scale)
 
 
-def requantizations(node: IntNode) -> list[Requantize]:
-    """Every rescale a node stores (none for max-pool, clamp and flatten)."""
-    return node.requantizations()
-
-
 def parameter_bytes(model: IntegerModel) -> int:
     """Bytes of what an integer runtime stores: int8 weights, int32 biases, an int32 multiplier and shift per
     rescale value (one per tensor, or one per output channel)."""
@@ -68,8 +63,8 @@ def parameter_bytes(model: IntegerModel) -> int:
     for node in model.nodes:
         if isinstance(node, IntConv):
             total += node.weight.numel() + 4 * node.bias.numel()
-        total += sum(8 * rq.multiplier.numel() for rq in requantizations(node))
+        total += sum(8 * rq.multiplier.numel() for rq in node.requantizations())
     return total
 
 
-__all__ = ["IntegerModel", "int_node_inputs", "parameter_bytes", "requantizations"]
+__all__ = ["IntegerModel", "int_node_inputs", "parameter_bytes"]
