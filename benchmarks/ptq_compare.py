@@ -131,12 +131,11 @@ from pipeline.evaluation import (
     engine_predictions,
     paired_difference_error,
     percent_equal,
-    predict,
 )
 from pipeline.graph.capture import capture
 from pipeline.graph.nodes import FloatGraph, with_biases
 from pipeline.io import load_checkpoint, read_json
-from pipeline.models import CheckpointError, restore_model
+from pipeline.models import CheckpointError, predict, restore_model
 from pipeline.profile import calibrate_ranges, profile_activations
 from pipeline.quant.bias_correction import corrected_biases
 from pipeline.quant.build import build_integer_model

@@ -43,6 +43,7 @@ import PIL
 from PIL import Image, features
 
 from pipeline.arrays import CifarArrays, DataError, DownloadError
+from pipeline.io import file_hash
 from pipeline.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -213,13 +214,13 @@ def _verify_archive(path: Path, expected_sha256: str | None) -> dict:
     """Check the archive against the strongest expectation available; return the manifest's checksum."""
     expected_sha256, origin = _pinned_sha256(path, expected_sha256)
     if expected_sha256 is not None:
-        _check_digest(path, "sha256", expected_sha256, _file_hash(path, "sha256"), origin)
+        _check_digest(path, "sha256", expected_sha256, file_hash(path, "sha256"), origin)
         return {"algorithm": "sha256", "value": expected_sha256, "verified": True}
     if _first_file_is_official(path):
         origin = f"the official CIFAR-10 archive, {OFFICIAL_SIZE} bytes; this file has {path.stat().st_size}"
-        _check_digest(path, "md5", OFFICIAL_MD5, _file_hash(path, "md5"), origin)
+        _check_digest(path, "md5", OFFICIAL_MD5, file_hash(path, "md5"), origin)
         return {"algorithm": "md5", "value": OFFICIAL_MD5, "verified": True}
-    return _unverified(path, "sha256", _file_hash(path, "sha256"))
+    return _unverified(path, "sha256", file_hash(path, "sha256"))
 
 
 def _verify_folder(root: Path, entries: list[_Entry], expected_sha256: str | None) -> dict:
@@ -284,14 +285,6 @@ def _check_digest(path: Path, algorithm: str, expected: str, actual: str, origin
             f"{path}: {algorithm} mismatch: expected {expected} (from {origin}), got {actual}. {cause} {_FIX_HINT}"
         )
     logger.info("%s: %s verified (%s)", path, algorithm, expected)
-
-
-def _file_hash(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _first_file_is_official(path: Path) -> bool:

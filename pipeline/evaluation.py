@@ -15,7 +15,7 @@ from pipeline.export.onnx_model import onnx_predictions
 from pipeline.export_layout import ONNX_FILES
 from pipeline.graph.nodes import FloatGraph, float_parameter_count
 from pipeline.graph.run import run_float
-from pipeline.models import batch_layout
+from pipeline.models import predict
 from pipeline.quant.engine import (
     integer_tensor_outputs,
     quantize_model_input,
@@ -46,27 +46,6 @@ def paired_difference_error(reference_correct: Tensor, correct: Tensor) -> float
     only_reference = int((reference_correct & ~correct).sum())
     only_other = int((correct & ~reference_correct).sum())
     return 100.0 / n * math.sqrt(max(only_reference + only_other - (only_reference - only_other) ** 2 / n, 0.0))
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    images: torch.Tensor,
-    mean: Sequence[float] = SEED_MEAN,
-    std: Sequence[float] = SEED_STD,
-    batch_size: int = 1000,
-    progress: bool | None = None,
-) -> torch.Tensor:
-    """Predicted class per uint8 image (N, 32, 32, 3), as an int64 tensor on the CPU.
-
-    ``progress=None`` shows a bar only when stderr is a terminal.
-    """
-    model.eval()
-    # A model with no parameters (QuantizedNet holds integer buffers) runs on the CPU.
-    device = next(model.parameters(), torch.empty(0)).device
-    batches = normalized_batches(images, mean, std, batch_size, "predict", progress, device, batch_layout(model))
-    predictions = [model(batch).argmax(1).cpu() for batch in batches]
-    return torch.cat(predictions)
 
 
 def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:

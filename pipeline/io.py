@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -66,6 +67,18 @@ def _current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+HASH_CHUNK_BYTES = 1 << 20  # read a file to hash a MiB at a time
+
+
+def file_hash(path: str | os.PathLike, algorithm: str) -> str:
+    """The hex digest of a file's bytes by ``algorithm`` (a hashlib name), read in chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,11 @@ from pipeline.model_spec import (
     describe_error,
     factory_source_file,
     first_line,
+    is_onnx_model,
     is_user_model,
 )
+from pipeline.onnx_import import OnnxNetwork, build_onnx_network, read_onnx_model
+from pipeline.transforms import SEED_MEAN, SEED_STD, normalized_batches
 
 NUM_CLASSES = 10
 
@@ -230,12 +233,16 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:
-    """Build a fresh model by registry name (see ``MODELS``) or factory spec (``model_factory``).
+    """Build a fresh model by registry name (see ``MODELS``) or factory spec (``model_factory``), or the model of a
+    float ONNX file with its weights (``pipeline.onnx_import``; an OnnxImportError names what it refuses).
 
     With ``seed``, the initial weights depend on it alone (the global RNG is left as it was).
     """
     if name not in MODELS and not is_user_model(name):
-        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)} or file.py:factory")
+        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}, file.py:factory or file.onnx")
+    if is_onnx_model(name):  # its weights are in the file: nothing to seed
+        check_model_spec(name)
+        return build_onnx_network(read_onnx_model(name))
     factory = model_factory(name)
     if seed is None:
         model = _call_factory(factory, name)
@@ -300,10 +307,21 @@ def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     ]
 
 
+def _recorded_onnx_network(checkpoint: Mapping[str, Any], where: str) -> OnnxNetwork:
+    """An imported ONNX model, rebuilt from the architecture its checkpoint records, not from the file, which may have
+    changed or gone since."""
+    try:
+        return OnnxNetwork(checkpoint["architecture"])
+    except (KeyError, TypeError, ValueError) as error:  # no architecture, or one of another format
+        raise CheckpointError(f"{where}: no readable architecture of the ONNX model {checkpoint['model']!r} "
+                              f"({first_line(error)}); rerun the train stage") from None
+
+
 def restore_model(checkpoint: Mapping[str, Any], expected_model: str, where: str) -> nn.Module:
     """The model a checkpoint holds, checked against the model the params name; ``where`` names the file.
 
-    Three checks, each a CheckpointError that says what to do: the recorded model name is
+    An ONNX model's checkpoint records its architecture too. Three checks, each a CheckpointError that says what to
+    do: the recorded model name is
     ``expected_model`` (a checkpoint of another model is never quantized as if it were this one),
     its tensors fit that architecture, and every weight is finite.
     """
@@ -324,7 +342,7 @@ def restore_model(checkpoint: Mapping[str, Any], expected_model: str, where: str
             f"{where}: non-finite values (NaN or infinity) in {', '.join(bad)}; the training run diverged: "
             "lower train.lr or retrain"
         )
-    model = build_model(recorded)
+    model = _recorded_onnx_network(checkpoint, where) if is_onnx_model(recorded) else build_model(recorded)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:  # missing or unexpected keys, or tensors of another shape
@@ -332,3 +350,24 @@ def restore_model(checkpoint: Mapping[str, Any], expected_model: str, where: str
             f"{where}: its weights do not fit the {recorded!r} architecture ({first_line(error)}); rerun the train stage"
         ) from None
     return model
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: Sequence[float] = SEED_MEAN,
+    std: Sequence[float] = SEED_STD,
+    batch_size: int = 1000,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Predicted class per uint8 image (N, 32, 32, 3), as an int64 tensor on the CPU.
+
+    ``progress=None`` shows a bar only when stderr is a terminal.
+    """
+    model.eval()
+    # A model with no parameters (QuantizedNet holds integer buffers) runs on the CPU.
+    device = next(model.parameters(), torch.empty(0)).device
+    batches = normalized_batches(images, mean, std, batch_size, "predict", progress, device, batch_layout(model))
+    predictions = [model(batch).argmax(1).cpu() for batch in batches]
+    return torch.cat(predictions)

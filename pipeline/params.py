@@ -16,7 +16,13 @@ from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
-from pipeline.model_spec import ModelSpecError, check_model_spec
+from pipeline.model_spec import (
+    ModelSpecError,
+    check_model_spec,
+    check_weights_spec,
+    is_onnx_model,
+)
+from pipeline.normalization import SEED_MEAN, SEED_STD
 from pipeline.quant.settings import (
     ACTIVATION_CALIBRATOR_SETTINGS,
     GRANULARITY_NAMES,
@@ -61,9 +67,18 @@ class DownloadParams:
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
-    # A built-in name (pipeline.model_spec.MODEL_NAMES), models/<file>.py:<factory> or <package.module>:<factory>.
+    # A built-in name (pipeline.model_spec.MODEL_NAMES), models/<file>.py:<factory>, <package.module>:<factory>, or a
+    # float ONNX model models/<file>.onnx (its weights are the model's).
     model: str = dataclasses.field(default="net", metadata={"check": check_model_spec})
-    epochs: int = dataclasses.field(default=2, metadata=bounds(1))
+    # Weights trained elsewhere for train.model, loaded before training: models/<file>.pt|.pth (a state_dict),
+    # .safetensors, or a checkpoint of this pipeline. None: train.model's fresh initial weights.
+    weights: str | None = dataclasses.field(default=None, metadata={"check": check_weights_spec})
+    # 0: the imported weights (train.weights or the ONNX file's) as they are; more: fine-tune them (or train).
+    epochs: int = dataclasses.field(default=2, metadata=bounds(0))
+    # The normalization the model is trained with, or was trained with elsewhere, per channel on [0, 1] pixels:
+    # x = (pixel / 255 - mean) / std. Every later stage and export reads it from the checkpoint.
+    mean: tuple[float, ...] = dataclasses.field(default=SEED_MEAN, metadata=bounds(0.0, 1.0) | {"floats": 3})
+    std: tuple[float, ...] = dataclasses.field(default=SEED_STD, metadata=bounds(0.0, low_open=True) | {"floats": 3})
     batch_size: int = dataclasses.field(default=4, metadata=bounds(1))
     optimizer: str = dataclasses.field(default="sgd", metadata=choice("sgd", "adam"))
     lr: float = dataclasses.field(default=0.001, metadata=bounds(0.0, low_open=True))  # peak lr for onecycle
@@ -286,6 +301,17 @@ def _int_list(key: str, raw: Any, metadata: Mapping[str, Any]) -> tuple[int, ...
     return tuple(sorted(values))
 
 
+def _float_list(key: str, raw: Any, metadata: Mapping[str, Any]) -> tuple[float, ...]:
+    """A list of exactly ``metadata["floats"]`` numbers (one per image channel), each checked like a single value."""
+    count = metadata["floats"]
+    if not isinstance(raw, list) or len(raw) != count:
+        raise ParamsError(f"{key}: value {raw!r} is not allowed; expected a list of {count} numbers, one per channel")
+    values = tuple(_check_type(f"{key}[{index}]", value, "float") for index, value in enumerate(raw))
+    for index, value in enumerate(values):
+        _check_metadata(f"{key}[{index}]", value, metadata)
+    return values
+
+
 def parse_section(name: str, section_type: type, raw: Any) -> Any:
     """Validate one section's mapping (or a calibrator's settings nested in it) into its dataclass."""
     fields = {field.name: field for field in dataclasses.fields(section_type)}
@@ -311,6 +337,9 @@ def parse_section(name: str, section_type: type, raw: Any) -> Any:
         if "list" in field.metadata:
             values[field_name] = _int_list(key, raw[field_name], field.metadata)
             continue
+        if "floats" in field.metadata:
+            values[field_name] = _float_list(key, raw[field_name], field.metadata)
+            continue
         value = _check_type(key, raw[field_name], field.type)
         _check_metadata(key, value, field.metadata)
         values[field_name] = value
@@ -331,9 +360,24 @@ def parse_params(raw: Any) -> Params:
             f"train.nesterov: value true needs train.optimizer sgd and train.momentum > 0, got "
             f"{train.optimizer!r} and {train.momentum}"
         )
+    _check_imported_weights(train)
     _check_size_budget(params.quantize_weights)
     _check_adaround_iterations(params.quantize_weights)
     return params
+
+
+def _check_imported_weights(train: TrainParams) -> None:
+    """An ONNX model carries its weights (no train.weights beside it); 0 epochs needs weights to import."""
+    if train.weights is not None and is_onnx_model(train.model):
+        raise ParamsError(
+            f"train.weights: value {train.weights!r} is set together with the ONNX model train.model {train.model!r}, "
+            "whose weights are in the file; allowed: null with an ONNX model"
+        )
+    if train.epochs == 0 and train.weights is None and not is_onnx_model(train.model):
+        raise ParamsError(
+            f"train.epochs: value 0 trains nothing and {train.model!r} has no weights to import; allowed: >= 1, or 0 "
+            "with train.weights (models/<file>.pt, .pth or .safetensors) or an ONNX model (models/<file>.onnx)"
+        )
 
 
 def _check_size_budget(weights: QuantizeWeightsParams) -> None:

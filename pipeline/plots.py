@@ -484,6 +484,8 @@ def read_training_curves(log_dir: str | Path) -> pd.DataFrame:
     table: epoch and a column per curve (loss, accuracy, lr), in file-name order."""
     metrics_dir = Path(log_dir) / "plots" / "metrics"
     tables = [pd.read_csv(path, sep="\t") for path in sorted(metrics_dir.glob("*.tsv"))]
+    if not tables and (Path(log_dir) / "metrics.json").is_file():  # imported weights, train.epochs 0: no epoch ran
+        return pd.DataFrame({"epoch": [], "loss": [], "accuracy": []})
     if not tables:
         raise FileNotFoundError(f"{metrics_dir}: no training curves (*.tsv) in it; rerun the train stage")
     curves = tables[0]
@@ -493,7 +495,8 @@ def read_training_curves(log_dir: str | Path) -> pd.DataFrame:
 
 
 def plot_training_curves(curves: pd.DataFrame, path: str | Path | None = None) -> Figure:
-    """Training loss and accuracy per epoch (a table with epoch, loss, accuracy, ...)."""
+    """Training loss and accuracy per epoch (a table with epoch, loss, accuracy, ...); an empty table, imported
+    weights that were not trained, says so on empty axes."""
     missing = {"epoch", "loss", "accuracy"} - set(curves.columns)
     if missing:
         raise ValueError(f"training curves lack columns {sorted(missing)}; they have {list(curves.columns)}")
@@ -505,6 +508,10 @@ def plot_training_curves(curves: pd.DataFrame, path: str | Path | None = None) -
         axes.set_ylabel(label)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
+    if curves.empty:
+        for axes in (loss_axes, accuracy_axes):
+            axes.text(0.5, 0.5, "no training: imported weights\n(train.epochs 0)", ha="center", va="center",
+                      transform=axes.transAxes)
     loss_axes.set_title("Training loss per epoch")
     accuracy_axes.set_title("Training accuracy per epoch (training split)")
     return _saved(figure, path)

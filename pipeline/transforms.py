@@ -13,11 +13,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+# Re-exported: the default normalization of the functions that take one (pipeline.normalization holds it).
+from pipeline.normalization import SEED_MEAN as SEED_MEAN
+from pipeline.normalization import SEED_STD as SEED_STD
 from pipeline.progress import progress_items
-
-# The seed's normalization: per channel (x / 255 - 0.5) / 0.5, i.e. pixels to [-1, 1].
-SEED_MEAN = (0.5, 0.5, 0.5)
-SEED_STD = (0.5, 0.5, 0.5)
 
 
 def normalize(

@@ -17,7 +17,6 @@ from pipeline.evaluation import (
     output_sqnr,
     packed_integer_model_bytes,
     percent_equal,
-    predict,
     simulated_predictions,
     weight_sqnr,
 )
@@ -25,6 +24,7 @@ from pipeline.graph.nodes import with_weights
 from pipeline.graph.run import GraphModel
 from pipeline.io import read_json, write_json
 from pipeline.model_files import load_integer_model
+from pipeline.models import predict
 from pipeline.transforms import normalize, sample_indices
 from pipeline.weights_file import load_quantized_weights
 from stages.common import (

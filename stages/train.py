@@ -1,4 +1,9 @@
-"""train stage: train the float model named in params and save its checkpoint and curves."""
+"""train stage: train the float model named in params, or import one trained elsewhere, and save its checkpoint.
+
+Imported weights (``train.weights``, or the weights of an ONNX ``train.model``) are loaded before any training and
+checked (``pipeline.weights_import``, ``pipeline.onnx_import``); with ``train.epochs`` 0 they are saved as they are,
+with their file's sha256 and the imported model's fp32 accuracy in data/train_metrics.json.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,11 +11,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from dvclive import Live
+from torch import nn
 
-from pipeline.arrays import load_arrays
+from pipeline.arrays import CifarArrays, load_arrays
 from pipeline.graph.capture import capture
 from pipeline.graph.nodes import (
     CIFAR10_INPUT_SHAPE,
@@ -18,7 +25,10 @@ from pipeline.graph.nodes import (
     check_output_layer,
 )
 from pipeline.io import save_checkpoint, write_json
-from pipeline.models import ModelSpecError, build_model, check_class_scores
+from pipeline.model_spec import is_onnx_model
+from pipeline.models import ModelSpecError, build_model, check_class_scores, predict
+from pipeline.onnx_import import OnnxImportError, OnnxNetwork
+from pipeline.params import TrainParams
 from pipeline.progress import progress_line
 from pipeline.train import (
     CURVES,
@@ -27,9 +37,20 @@ from pipeline.train import (
     resolve_device,
     train_model,
 )
-from pipeline.transforms import SEED_MEAN, SEED_STD
+from pipeline.transforms import sample_indices
+from pipeline.weights_import import (
+    WeightsFileError,
+    file_sha256,
+    fit_weights,
+    read_weights_file,
+)
 from stages import CPU_KERNEL_PINS
 from stages.common import ARRAYS, CHECKPOINT, TRAIN_METRICS, TRAINING_LOG, start_stage
+
+# The imported model's fp32 accuracy is also measured on this many training-split images, and called near chance
+# below this multiple of chance (a wrong normalization gives about chance; a weak but working model far more).
+IMPORT_CHECK_TRAIN_IMAGES = 1000
+NEAR_CHANCE = 1.5
 
 # The curves record what training computed, not how long it took (CURVES; dvclive writes no timestamps
 # unless asked), so a forced retrain that reproduces the weights writes the same files and does not
@@ -53,22 +74,83 @@ def epoch_logger(live: Live, epochs: int) -> Callable[[EpochRecord], None]:
     return log
 
 
+def imported_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any] | None]:
+    """``train.model`` with its initial weights, and where imported weights came from (None for fresh ones).
+
+    Every refusal (a model that cannot be built, a weights file that cannot be read safely or does not fit, a
+    checkpoint of another model or normalization) is raised here, before any work.
+    """
+    if is_onnx_model(params.model):
+        model = build_model(params.model)
+        return model, {"file": params.model, "format": "onnx", "sha256": file_sha256(params.model)}
+    model = build_model(params.model, seed=params.seed)
+    if params.weights is None:
+        return model, None
+    weights = read_weights_file(params.weights)
+    if weights.checkpoint is not None:
+        check_checkpoint_matches(weights.checkpoint, params)
+    fit_weights(model, weights.state_dict, params.weights)
+    return model, {"file": params.weights, "format": weights.format, "sha256": weights.sha256}
+
+
+def check_checkpoint_matches(recorded: dict[str, Any], params: TrainParams) -> None:
+    """A checkpoint of this pipeline seeds only the same model with the same normalization."""
+    if recorded.get("model") != params.model:
+        raise WeightsFileError(
+            f"{params.weights}: a checkpoint of the model {recorded.get('model')!r}; train.model is {params.model!r}: "
+            "set train.model to the checkpoint's"
+        )
+    for key in ("mean", "std"):
+        if recorded.get(key) is not None and tuple(recorded[key]) != getattr(params, key):
+            raise WeightsFileError(
+                f"{params.weights}: trained with {key} {list(recorded[key])}; train.{key} is {list(getattr(params, key))}: "
+                f"set train.{key} to the checkpoint's"
+            )
+
+
+def imported_accuracy(model: nn.Module, arrays: CifarArrays, params: TrainParams) -> dict[str, float]:
+    """The imported model's fp32 accuracy on the test split and on training-split images, logged; a warning when
+    either is near chance, the sign of a normalization (train.mean, train.std) other than the model's."""
+    mean, std = params.mean, params.std
+    sample = sample_indices(len(arrays.train_labels), min(IMPORT_CHECK_TRAIN_IMAGES, len(arrays.train_labels)), 0)
+    figures = {
+        "test_accuracy": 100.0 * float((predict(model, torch.from_numpy(arrays.test_images), mean, std)
+                                        == torch.from_numpy(arrays.test_labels)).float().mean()),
+        "train_sample_accuracy": 100.0 * float((predict(model, torch.from_numpy(arrays.train_images[sample]), mean, std)
+                                                == torch.from_numpy(arrays.train_labels[sample])).float().mean()),
+    }
+    logging.info("imported weights, fp32: %.2f%% on the test split, %.2f%% on %d training-split images (mean %s, std %s)",
+                 figures["test_accuracy"], figures["train_sample_accuracy"], len(sample), list(mean), list(std))
+    chance = 100.0 / len(arrays.class_names)
+    if min(figures.values()) < NEAR_CHANCE * chance:
+        logging.warning(
+            "WARNING: the imported model is near chance (%.2f%% on the test split, chance is %.0f%%). Check train.mean "
+            "and train.std against the normalization it was trained with (now mean %s, std %s), and train.model "
+            "against its architecture: quantizing it measures nothing.", figures["test_accuracy"], chance,
+            list(mean), list(std))
+    return figures
+
+
 def main() -> None:
     params = start_stage("train").train
     arrays = load_arrays(ARRAYS)
     device = resolve_device(params.device)
     try:
-        model = build_model(params.model, seed=params.seed)
+        model, origin = imported_model(params)
         # Before any training: one zero image must give one score per class of the dataset.
         check_class_scores(model, params.model, torch.zeros(1, *CIFAR10_INPUT_SHAPE), len(arrays.class_names),
                            str(ARRAYS))
-    except ModelSpecError as error:
+    except (ModelSpecError, WeightsFileError, OnnxImportError) as error:
         sys.exit(f"[train] {error}")
     # Before any training: a model the quantizer cannot take fails here, naming the node.
     try:
         check_output_layer(capture(model))
     except UnsupportedModelError as error:
         sys.exit(f"[train] the model cannot be quantized: {error}")
+    imported = imported_accuracy(model, arrays, params) if origin is not None else None
+    if origin is not None and params.epochs:
+        logging.info("fine-tuning the imported weights for %d epochs (train.epochs; 0 quantizes them as they are)",
+                     params.epochs)
     logging.info("training %s on %s for %d epochs", params.model, device, params.epochs)
     started = time.perf_counter()
     # No dvc.yaml edits, report or `dvc exp save` of its own: DVC runs this stage and owns all of that.
@@ -76,8 +158,8 @@ def main() -> None:
         try:
             history = train_model(
                 model, torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels), params,
-                on_epoch=epoch_logger(live, params.epochs),
-            )
+                params.mean, params.std, on_epoch=epoch_logger(live, params.epochs),
+            ) if params.epochs else []
         except DivergedError as error:
             # Recorded, or the metrics file would read {} (or the last good epoch's figures, as if the run succeeded).
             live.summary.update(error.summary())
@@ -86,18 +168,22 @@ def main() -> None:
     checkpoint = {
         "model": params.model,
         "state_dict": {key: value.cpu() for key, value in model.state_dict().items()},
-        "mean": list(SEED_MEAN),
-        "std": list(SEED_STD),
+        "mean": list(params.mean),
+        "std": list(params.std),
         "class_names": list(arrays.class_names),
     }
+    if origin is not None:
+        checkpoint["imported"] = origin | {"epochs": params.epochs}
+    if isinstance(model, OnnxNetwork):
+        checkpoint["architecture"] = model.architecture
     save_checkpoint(CHECKPOINT, checkpoint)
-    final = history[-1]
+    final = history[-1] if history else None
     write_json(
         TRAIN_METRICS,
         {
             "train": {
-                "loss": final.loss,
-                "accuracy": final.accuracy,
+                "loss": final.loss if final else None,
+                "accuracy": final.accuracy if final else None,
                 "seconds": round(seconds, 2),
                 "device": str(device),
                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -107,9 +193,12 @@ def main() -> None:
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "cpu_kernel_pins": {name: os.environ.get(name) for name in CPU_KERNEL_PINS},
             }
-        },
+        } | ({"imported": origin | imported} if origin is not None and imported is not None else {}),
     )
-    logging.info("done in %.1f s: loss %.4f, train accuracy %.2f%%", seconds, final.loss, final.accuracy)
+    if final:
+        logging.info("done in %.1f s: loss %.4f, train accuracy %.2f%%", seconds, final.loss, final.accuracy)
+    else:
+        logging.info("imported as it is (train.epochs 0) in %.1f s", seconds)
 
 
 if __name__ == "__main__":

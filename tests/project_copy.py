@@ -6,6 +6,7 @@ Only files git knows about (tracked, or untracked but not ignored) travel, so
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,3 +104,12 @@ def tiny_project_copy(root: Path) -> Path:
     project = copy_project(root / "project")
     set_params(project, {"download": {"source": str(dataset)}, **TINY_PARAMS})
     return project
+
+
+ALL_STAGES = {"check-params", "download", "train", "graph", "profile", "sensitivity", "quantize-weights",
+              "quantize-biases", "export", "evaluate", "plot"}
+
+
+def ran_stages(output: str) -> set[str]:
+    """The stages a `dvc repro` ran, from its output."""
+    return set(re.findall(r"Running stage '([\w-]+)'", output))

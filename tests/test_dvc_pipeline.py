@@ -11,13 +11,14 @@ import yaml
 from PIL import Image
 
 from pipeline.params import DownloadParams
-from tests.project_copy import PROJECT_ROOT, run, set_params, tiny_project_copy
-
-ALL_STAGES = {"check-params", "download", "train", "graph", "profile", "sensitivity", "quantize-weights", "quantize-biases", "export", "evaluate", "plot"}
-
-
-def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w-]+)'", output))
+from tests.project_copy import (
+    ALL_STAGES,
+    PROJECT_ROOT,
+    ran_stages,
+    run,
+    set_params,
+    tiny_project_copy,
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +118,12 @@ def metrics_after(project):
 
 
 def test_bad_param_fails_before_work_and_leaves_no_output(project):
-    set_params(project, {"train": {"epochs": 0}})
+    set_params(project, {"train": {"epochs": -1}})
     (project / "data/model.pt").unlink(missing_ok=True)
     try:
         result = run(["dvc", "repro", "train"], project, check=False)
         assert result.returncode != 0
-        assert "train.epochs: value 0 is out of range; allowed: >= 1" in result.stdout + result.stderr
+        assert "train.epochs: value -1 is out of range; allowed: >= 0" in result.stdout + result.stderr
         assert not (project / "data/model.pt").exists()
     finally:
         set_params(project, {"train": {"epochs": 2}})

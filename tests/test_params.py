@@ -72,7 +72,22 @@ def test_missing_sections_take_defaults():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"train": {"epochs": 0}}, "train.epochs: value 0 is out of range; allowed: >= 1"),
+        ({"train": {"epochs": -1}}, "train.epochs: value -1 is out of range; allowed: >= 0"),
+        ({"train": {"epochs": 0}}, "train.epochs: value 0 trains nothing and 'net' has no weights to import; "
+                                   "allowed: >= 1, or 0 with train.weights"),
+        ({"train": {"weights": "models/absent.pt"}}, "train.weights: the weights file 'models/absent.pt' does not exist"),
+        ({"train": {"weights": "models/example.py"}},
+         "train.weights: value 'models/example.py' is not allowed; allowed: a file models/<file> ending in .pt, .pth, "
+         ".safetensors"),
+        ({"train": {"weights": "data/model.pt"}}, "train.weights: the weights file 'data/model.pt' must be under models/"),
+        ({"train": {"model": "models/absent.onnx"}},
+         "train.model: the ONNX model file 'models/absent.onnx' does not exist"),
+        ({"train": {"mean": [0.5, 0.5]}},
+         "train.mean: value [0.5, 0.5] is not allowed; expected a list of 3 numbers, one per channel"),
+        ({"train": {"mean": 0.5}}, "train.mean: value 0.5 is not allowed; expected a list of 3 numbers"),
+        ({"train": {"mean": [0.5, 1.5, 0.5]}}, "train.mean[1]: value 1.5 is out of range; allowed: <= 1.0"),
+        ({"train": {"std": [0.5, 0, 0.5]}}, "train.std[1]: value 0.0 is out of range; allowed: > 0.0"),
+        ({"train": {"std": [0.5, "x", 0.5]}}, "train.std[1]: value 'x' has the wrong type; expected float"),
         ({"train": {"lr": -0.1}}, "train.lr: value -0.1 is out of range; allowed: > 0.0"),
         ({"train": {"lr": 0}}, "train.lr: value 0.0 is out of range; allowed: > 0.0"),
         ({"train": {"optimizer": "rmsprop"}}, "train.optimizer: value 'rmsprop' is not allowed; allowed: sgd, adam"),
@@ -88,7 +103,7 @@ def test_missing_sections_take_defaults():
         ({"train": {"augment": 1}}, "train.augment: value 1 has the wrong type; expected bool"),
         ({"train": {"batch_size": True}}, "train.batch_size: value True has the wrong type; expected int"),
         ({"train": {"momentum": 1.5}}, "train.momentum: value 1.5 is out of range; allowed: <= 1.0"),
-        ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: model, epochs,"),
+        ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: model, weights, epochs, mean, std,"),
         ({"trian": {}}, "trian: unknown section; allowed sections: download, train, graph, profile, sensitivity, quantize_weights, evaluate"),
         ({"profile": {"calibrator": "kl"}}, "profile.calibrator: value 'kl' is not allowed; allowed: seed, minmax, percentile, mse, entropy"),
         ({"profile": {"percentile": {"percent": 0}}}, "profile.percentile.percent: value 0.0 is out of range; allowed: > 0.0"),
@@ -221,13 +236,29 @@ def test_validating_params_imports_no_torch_and_no_method():
     script = ("import sys; import stages.check_params; "
               "print(sorted(name for name in sys.modules if name == 'torch' or name.startswith('pipeline.')))")
     loaded = run([sys.executable, "-c", script], PROJECT_ROOT).stdout.strip()
-    assert loaded == str(["pipeline.model_spec", "pipeline.params", "pipeline.quant", "pipeline.quant.settings",
-                          "pipeline.validation"])
+    assert loaded == str(["pipeline.model_spec", "pipeline.normalization", "pipeline.params", "pipeline.quant",
+                          "pipeline.quant.settings", "pipeline.validation"])
 
 
 def test_a_model_file_under_models_or_a_module_factory_is_accepted():
     assert parse_params({"train": {"model": "models/example.py:TinyResNet"}}).train.model == "models/example.py:TinyResNet"
     assert parse_params({"train": {"model": "pipeline.models:ResNet20"}}).train.model == "pipeline.models:ResNet20"
+
+
+def test_imported_weights_and_an_onnx_model_are_accepted_with_their_rules(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for name in ("weights.pt", "weights.safetensors", "net.onnx"):
+        (tmp_path / "models" / name).write_bytes(b"checked by the train stage, not here")
+    imported = parse_params({"train": {"weights": "models/weights.safetensors", "epochs": 0,
+                                       "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}}).train
+    assert (imported.weights, imported.epochs) == ("models/weights.safetensors", 0)
+    assert imported.mean == (0.4914, 0.4822, 0.4465) and imported.std == (0.247, 0.2435, 0.2616)
+    assert parse_params({"train": {"weights": "models/weights.pt", "epochs": 3}}).train.epochs == 3  # fine-tuning
+    assert parse_params({"train": {"model": "models/net.onnx", "epochs": 0}}).train.model == "models/net.onnx"
+    with pytest.raises(ParamsError, match=r"train.weights: value 'models/weights.pt' is set together with the ONNX "
+                                          r"model train.model 'models/net.onnx', whose weights are in the file"):
+        parse_params({"train": {"model": "models/net.onnx", "weights": "models/weights.pt"}})
 
 
 def test_integer_is_accepted_for_a_float_param():

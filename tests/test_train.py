@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from pipeline.evaluation import accuracy_report, predict, test_model
-from pipeline.models import Net, batch_layout, build_model
+from pipeline.evaluation import accuracy_report, test_model
+from pipeline.models import Net, batch_layout, build_model, predict
 from pipeline.params import TrainParams
 from pipeline.train import (
     DivergedError,
