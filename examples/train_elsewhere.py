@@ -3,7 +3,7 @@
 Any user's script: nothing of the pipeline is imported. It reads the images the download stage wrote
 (``data/dataset.npz``: run ``dvc repro download`` first), normalizes them with CIFAR-10's channel statistics
 (not the pipeline's default), trains with SGD and a one-cycle schedule, prints its own test accuracy and writes
-``<out>.pt`` (a state_dict), ``<out>.safetensors`` and ``<out>.onnx`` (float, BatchNorm folded by the exporter).
+``<out>.pt`` (a state_dict), ``<out>.safetensors`` and ``<out>.onnx`` (float, BatchNorm kept as a node).
 
     python examples/train_elsewhere.py                       # TinyResNet (models/example.py), 2 epochs
     python examples/train_elsewhere.py --arch resnet18 --epochs 5 --out models/resnet18
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,15 @@ def main() -> None:
     state_dict = model.state_dict()
     torch.save(state_dict, f"{args.out}.pt")
     save_file({key: value.contiguous() for key, value in state_dict.items()}, f"{args.out}.safetensors")
-    torch.onnx.export(model, (normalized(train_images[:1]),), f"{args.out}.onnx", dynamo=False,
-                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    # TrainingMode.PRESERVE keeps BatchNorm as its own node (an eval-mode model still exports it for inference), so
+    # the pipeline folds it as it folds the state_dict's: the same integer model from either file. The default folds
+    # it in float32 here, and the scales then differ in their 9th digit. dynamo=False: the exporter most ONNX files
+    # come from (torch warns that it is deprecated).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (normalized(train_images[:1]),), f"{args.out}.onnx", dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     print(f"wrote {args.out}.pt, {args.out}.safetensors and {args.out}.onnx")
 
 

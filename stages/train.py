@@ -148,10 +148,9 @@ def main() -> None:
     except UnsupportedModelError as error:
         sys.exit(f"[train] the model cannot be quantized: {error}")
     imported = imported_accuracy(model, arrays, params) if origin is not None else None
-    if origin is not None and params.epochs:
-        logging.info("fine-tuning the imported weights for %d epochs (train.epochs; 0 quantizes them as they are)",
-                     params.epochs)
-    logging.info("training %s on %s for %d epochs", params.model, device, params.epochs)
+    if params.epochs:
+        what = "fine-tuning the imported weights of" if origin is not None else "training"
+        logging.info("%s %s on %s for %d epochs", what, params.model, device, params.epochs)
     started = time.perf_counter()
     # No dvc.yaml edits, report or `dvc exp save` of its own: DVC runs this stage and owns all of that.
     with Live(str(TRAINING_LOG), save_dvc_exp=False, dvcyaml=None, report=None) as live:

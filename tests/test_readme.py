@@ -137,18 +137,21 @@ def test_the_pages_speak_of_the_project_alone_with_the_metric_names_it_writes():
              for section, key in re.findall(r"`(accuracy|mismatches|size_bytes|agreement)\.(\w+)`", text)}
     assert named, "no page names a metrics.json key"
     assert {(name, f"{section}.{key}") for name, section, key in named if key not in metrics[section]} == set()
-    # The accuracy table as `dvc metrics show` prints it: data/accuracy.json's keys and committed values.
+    # The accuracy table as `dvc metrics show` prints it: data/accuracy.json's keys; the reference run's (the README's
+    # Results, docs/results.md) with its committed values. Other tables are other runs, each with its own provenance.
     accuracy = json.loads((ROOT / "data/accuracy.json").read_text())
-    tables = {}
-    for name, text in texts.items():
+    reference_pages = {"README.md": markdown_section(texts["README.md"], "## Results"), "docs/results.md": texts["docs/results.md"]}
+    tables = []
+    for name, text in (*texts.items(), *((f"{name} (reference)", text) for name, text in reference_pages.items())):
         lines = text.splitlines()
-        tables.update({name: lines[index:index + 2] for index, line in enumerate(lines)
-                       if line.startswith("Path ") and "c_mismatches" in line})
-    assert "README.md" in tables
-    for name, (header, row) in tables.items():
+        tables += [(name, *lines[index:index + 2]) for index, line in enumerate(lines)
+                   if line.startswith("Path ") and "c_mismatches" in line]
+    assert {"README.md (reference)", "docs/results.md (reference)"} <= {name for name, _, _ in tables}
+    for name, header, row in tables:
         assert header.split()[1:] == sorted(accuracy), name
         assert row.split()[0] == "data/accuracy.json", name
-        assert [float(value) for value in row.split()[1:]] == [accuracy[key] for key in sorted(accuracy)], name
+        if name.endswith("(reference)"):
+            assert [float(value) for value in row.split()[1:]] == [accuracy[key] for key in sorted(accuracy)], name
 
 
 def strip_fenced_code(text: str) -> str:
