@@ -87,9 +87,11 @@ def main() -> None:
     # TrainingMode.PRESERVE keeps BatchNorm as its own node (an eval-mode model still exports it for inference), so
     # the pipeline folds it as it folds the state_dict's: the same integer model from either file. The default folds
     # it in float32 here, and the scales then differ in their 9th digit. dynamo=False: the exporter most ONNX files
-    # come from (torch warns that it is deprecated).
+    # come from (torch warns that it is deprecated, and about constant folding with PRESERVE, which matters only for a
+    # model in training mode).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "It is recommended that constant folding be turned off", UserWarning)
         torch.onnx.export(model, (normalized(train_images[:1]),), f"{args.out}.onnx", dynamo=False,
                           training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})

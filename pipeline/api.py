@@ -4,7 +4,7 @@ Seed name -> what it is now:
 
 - ``Net``: ``pipeline.models.Net`` (same layers, same state_dict keys)
 - ``train_model(net, images, labels, params)``: ``pipeline.train.train_model`` on uint8 tensors
-- ``test_model(net, images, labels)``: ``pipeline.evaluation.test_model``, accuracy in percent
+- ``test_model(net, images, labels)``: ``pipeline.models.test_model``, accuracy in percent
 - ``quantize_layer_weights(weight, bits=8, calibrator="sigma")``: ``pipeline.quant.weights``; returns (int8 weight, scale)
 - activation profiling hooks: ``profile_activations(capture(net), images, mean, std)`` observes every
   tensor a rescaling node reads (``pipeline.profile``), grouped by shared scale
@@ -13,9 +13,8 @@ Seed name -> what it is now:
 - ``QuantizedNet(integer_model)``: ``pipeline.quant.engine``; ``forward`` runs the integer engine.
 """
 from pipeline.arrays import load_arrays
-from pipeline.evaluation import test_model
 from pipeline.graph.capture import capture
-from pipeline.models import Net
+from pipeline.models import Net, test_model
 from pipeline.params import TrainParams
 from pipeline.plots import plot_activation_distribution, plot_weight_distribution
 from pipeline.profile import calibrate_ranges, profile_activations

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.export.c_build import c_logits, find_compiler
 from pipeline.export.onnx_model import onnx_predictions
 from pipeline.export_layout import ONNX_FILES
 from pipeline.graph.nodes import FloatGraph, float_parameter_count
 from pipeline.graph.run import run_float
-from pipeline.models import predict
 from pipeline.quant.engine import (
     integer_tensor_outputs,
     quantize_model_input,
@@ -24,7 +23,7 @@ from pipeline.quant.engine import (
 )
 from pipeline.quant.ir import IntegerModel, parameter_bytes
 from pipeline.quant.ranges import dequantize
-from pipeline.transforms import SEED_MEAN, SEED_STD, normalized_batches
+from pipeline.transforms import normalized_batches
 
 FLOAT_BYTES = 4  # float32 parameters
 
@@ -56,20 +55,6 @@ def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, class_names
         for index, name in enumerate(class_names)
     }
     return {"accuracy": 100.0 * correct.float().mean().item(), "per_class": per_class}
-
-
-def test_model(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    mean: Sequence[float] = SEED_MEAN,
-    std: Sequence[float] = SEED_STD,
-) -> float:
-    """The seed's ``test_model``: test accuracy in percent."""
-    return 100.0 * (predict(model, images, mean, std) == labels).float().mean().item()
-
-
-test_model.__test__ = False  # a library function, not a pytest test
 
 
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:

@@ -41,6 +41,7 @@ A Softmax (or anything else) is refused: the pipeline takes the logits.
 from __future__ import annotations
 
 import json
+import keyword
 import os
 import re
 from collections import Counter
@@ -55,6 +56,7 @@ from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from pipeline.graph.nodes import CIFAR10_INPUT_SHAPE
+from pipeline.model_spec import describe_error, first_line
 
 FORMAT = "onnx-import"
 VERSION = 1
@@ -140,7 +142,7 @@ def _check_architecture(architecture: Mapping[str, Any]) -> None:
         if (op in _MODULES) != (module is not None) or (op not in _MODULES and op not in _FUNCTIONS):
             raise ValueError(f"architecture node {node['name']!r}: op {op!r} with module {module!r} is not allowed; "
                              f"allowed: modules {', '.join(_MODULES)}, functions {', '.join(_FUNCTIONS)}")
-        if module is not None and not module.isidentifier():
+        if module is not None and (not module.isidentifier() or keyword.iskeyword(module)):
             raise ValueError(f"architecture node {node['name']!r}: module name {module!r} is not an identifier")
         missing = [name for name in node["inputs"] if name not in defined]
         if missing:
@@ -191,21 +193,16 @@ def read_onnx_model(path: str | os.PathLike) -> ImportedOnnx:
 def _load(where: str) -> onnx.ModelProto:
     try:
         model = onnx.load(where)
-    except OSError:
-        raise  # missing or unreadable: the OS's message names the file
+    except OSError as error:  # missing, a folder, no permission
+        raise OnnxImportError(f"{where}: cannot be read ({error.strerror or error})") from None
     except Exception as error:  # protobuf's decoder fails in many ways on a foreign or truncated file
         raise OnnxImportError(f"{where}: not an ONNX model, or a truncated or corrupted one "
-                              f"({type(error).__name__}: {_first_line(error)})") from None
+                              f"({describe_error(error, None)})") from None
     try:
         onnx.checker.check_model(model)
     except Exception as error:  # onnx.checker.ValidationError, or a protobuf error on a half-parsed file
-        raise OnnxImportError(f"{where}: not a valid ONNX model, or a truncated one ({_first_line(error)})") from None
+        raise OnnxImportError(f"{where}: not a valid ONNX model, or a truncated one ({first_line(error)})") from None
     return model
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _graph_input(graph: onnx.GraphProto, where: str) -> tuple[str, list[int | str | None]]:
@@ -257,8 +254,8 @@ def _array(tensor: onnx.TensorProto, name: str, where: str) -> np.ndarray:
     try:
         array = numpy_helper.to_array(tensor)
     except Exception as error:  # data of another size than its shape, an unknown type: a corrupted file
-        raise OnnxImportError(f"{where}: tensor {name!r} cannot be read ({type(error).__name__}: "
-                              f"{_first_line(error)}); the file is corrupted") from None
+        raise OnnxImportError(f"{where}: tensor {name!r} cannot be read ({describe_error(error, None)}); the "
+                              "file is corrupted") from None
     return _finite(array, name, where)
 
 
@@ -286,7 +283,7 @@ def _infer_shapes(model: onnx.ModelProto, input_name: str, batch: int, where: st
         inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
     except Exception as error:  # onnx.shape_inference.InferenceError: shapes that do not fit the ops
         raise OnnxImportError(f"{where}: ONNX shape inference fails on a {_shape_text([batch, *CIFAR10_INPUT_SHAPE])} "
-                              f"input ({_first_line(error)})") from None
+                              f"input ({first_line(error)})") from None
     shapes = {}
     for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         if value.type.tensor_type.HasField("shape"):
@@ -307,7 +304,7 @@ def _module_name(node: onnx.NodeProto, index: int, taken: set[str]) -> str:
         name = f"{node.op_type.lower()}{index}"
     elif name[0].isdigit():
         name = f"{node.op_type.lower()}_{name}"
-    if name in _RESERVED:  # an attribute of the module itself
+    if name in _RESERVED or keyword.iskeyword(name):  # an attribute of the module itself, or a word torch.fx's code uses
         name = f"{name}_"
     unique, count = name, 1
     while unique in taken:

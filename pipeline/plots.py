@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 from torch import Tensor
 
 from pipeline.graph.nodes import FloatGraph
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, read_json
 from pipeline.quant.calibrators import seed_range, weight_range
 from pipeline.quant.observers import (
     ActivationObserver,
@@ -484,7 +484,8 @@ def read_training_curves(log_dir: str | Path) -> pd.DataFrame:
     table: epoch and a column per curve (loss, accuracy, lr), in file-name order."""
     metrics_dir = Path(log_dir) / "plots" / "metrics"
     tables = [pd.read_csv(path, sep="\t") for path in sorted(metrics_dir.glob("*.tsv"))]
-    if not tables and (Path(log_dir) / "metrics.json").is_file():  # imported weights, train.epochs 0: no epoch ran
+    summary = Path(log_dir) / "metrics.json"
+    if not tables and summary.is_file() and read_json(summary) == {}:  # imported weights, train.epochs 0: no epoch ran
         return pd.DataFrame({"epoch": [], "loss": [], "accuracy": []})
     if not tables:
         raise FileNotFoundError(f"{metrics_dir}: no training curves (*.tsv) in it; rerun the train stage")

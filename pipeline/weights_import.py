@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
 from pipeline.io import UnreadableCheckpointError, file_hash, load_checkpoint
@@ -119,7 +120,8 @@ def _state_dict_of(path: Path, content: Any) -> tuple[dict[str, Tensor], str, di
     if _is_state_dict(content):
         return content, "state_dict", None
     if isinstance(content, Mapping) and _is_state_dict(content.get("state_dict")):
-        if isinstance(content.get("model"), str):  # the train stage's checkpoint
+        # The train stage's checkpoint; a user's own {"model": ..., "state_dict": ...} is taken as a state_dict.
+        if isinstance(content.get("model"), str) and {"mean", "std", "class_names"} <= content.keys():
             return content["state_dict"], "checkpoint", {k: v for k, v in content.items() if k != "state_dict"}
         return content["state_dict"], "state_dict", None
     nested = [key for key, value in content.items() if _is_state_dict(value)] if isinstance(content, Mapping) else []
@@ -177,7 +179,11 @@ def _problems(expected: Mapping[str, Tensor], given: Mapping[str, Any]) -> list[
     missing = [key for key in expected if key not in given and not _is_batch_counter(key)]
     unexpected = [key for key in given if key not in expected]
     not_tensors = [f"{key} ({type(value).__name__})" for key, value in given.items() if not isinstance(value, Tensor)]
-    common = {key: value for key, value in given.items() if key in expected and isinstance(value, Tensor)}
+    # torch.ao's quantized weights, sparse or meta tensors: nothing a float model loads, and nothing to check values of.
+    not_dense = [f"{key} ({_dtype(value)}, {_layout(value)})" for key, value in given.items()
+                 if isinstance(value, Tensor) and not _is_dense_float_or_integer(value)]
+    common = {key: value for key, value in given.items()
+              if key in expected and isinstance(value, Tensor) and _is_dense_float_or_integer(value)}
     shapes = [f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
               for key, value in common.items() if value.shape != expected[key].shape]
     non_finite = non_finite_tensors(common)
@@ -193,12 +199,26 @@ def _problems(expected: Mapping[str, Tensor], given: Mapping[str, Any]) -> list[
         (unexpected, "not in the model"),
         (shapes, "of another shape"),
         (not_tensors, "not tensors"),
+        (not_dense, "not dense float or integer tensors (save the float model's state_dict, before quantizing it)"),
         (non_finite, "with NaN or infinity"),
         (casts, "whose values the model's dtype would change"),
     ]
     described = [f"{len(items)} {what}: {_listing(items)}" for items, what in problems if items]
     hint = _prefix_hint(expected, given)
     return described + [hint] if described and hint else described
+
+
+def _is_dense_float_or_integer(tensor: Tensor) -> bool:
+    return (tensor.layout == torch.strided and not tensor.is_quantized and not tensor.is_meta
+            and not tensor.is_complex())
+
+
+def _layout(tensor: Tensor) -> str:
+    if tensor.is_quantized:
+        return "quantized"
+    if tensor.is_meta:
+        return "meta, no values"
+    return str(tensor.layout).removeprefix("torch.")
 
 
 def _casts_exactly(value: Tensor, target: Tensor) -> bool:

@@ -26,7 +26,7 @@ from pipeline.graph.nodes import (
 )
 from pipeline.io import save_checkpoint, write_json
 from pipeline.model_spec import is_onnx_model
-from pipeline.models import ModelSpecError, build_model, check_class_scores, predict
+from pipeline.models import ModelSpecError, build_model, check_class_scores, test_model
 from pipeline.onnx_import import OnnxImportError, OnnxNetwork
 from pipeline.params import TrainParams
 from pipeline.progress import progress_line
@@ -114,20 +114,20 @@ def imported_accuracy(model: nn.Module, arrays: CifarArrays, params: TrainParams
     mean, std = params.mean, params.std
     sample = sample_indices(len(arrays.train_labels), min(IMPORT_CHECK_TRAIN_IMAGES, len(arrays.train_labels)), 0)
     figures = {
-        "test_accuracy": 100.0 * float((predict(model, torch.from_numpy(arrays.test_images), mean, std)
-                                        == torch.from_numpy(arrays.test_labels)).float().mean()),
-        "train_sample_accuracy": 100.0 * float((predict(model, torch.from_numpy(arrays.train_images[sample]), mean, std)
-                                                == torch.from_numpy(arrays.train_labels[sample])).float().mean()),
+        "test_accuracy": test_model(model, torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels),
+                                    mean, std),
+        "train_sample_accuracy": test_model(model, torch.from_numpy(arrays.train_images[sample]),
+                                            torch.from_numpy(arrays.train_labels[sample]), mean, std),
     }
     logging.info("imported weights, fp32: %.2f%% on the test split, %.2f%% on %d training-split images (mean %s, std %s)",
                  figures["test_accuracy"], figures["train_sample_accuracy"], len(sample), list(mean), list(std))
     chance = 100.0 / len(arrays.class_names)
     if min(figures.values()) < NEAR_CHANCE * chance:
         logging.warning(
-            "WARNING: the imported model is near chance (%.2f%% on the test split, chance is %.0f%%). Check train.mean "
-            "and train.std against the normalization it was trained with (now mean %s, std %s), and train.model "
-            "against its architecture: quantizing it measures nothing.", figures["test_accuracy"], chance,
-            list(mean), list(std))
+            "WARNING: the imported model is near chance (%.2f%% on the test split, %.2f%% on training-split images; "
+            "chance is %.0f%%). Check train.mean and train.std against the normalization it was trained with (now "
+            "mean %s, std %s), and train.model against its architecture: quantizing it measures nothing.",
+            figures["test_accuracy"], figures["train_sample_accuracy"], chance, list(mean), list(std))
     return figures
 
 
@@ -172,7 +172,8 @@ def main() -> None:
         "class_names": list(arrays.class_names),
     }
     if origin is not None:
-        checkpoint["imported"] = origin | {"epochs": params.epochs}
+        origin["epochs"] = params.epochs
+        checkpoint["imported"] = origin
     if isinstance(model, OnnxNetwork):
         checkpoint["architecture"] = model.architecture
     save_checkpoint(CHECKPOINT, checkpoint)

@@ -15,8 +15,10 @@ from torch import nn
 
 from pipeline.arrays import CifarArrays, save_arrays
 from pipeline.data import CLASS_NAMES
+from pipeline.graph.capture import capture
 from pipeline.io import load_checkpoint, read_json
 from pipeline.models import CheckpointError, restore_model
+from pipeline.onnx_import import build_onnx_network, read_onnx_model
 from pipeline.transforms import normalize
 from pipeline.weights_import import file_sha256
 from stages import train as train_stage
@@ -34,6 +36,8 @@ from tests.project_copy import (
 pytestmark = [
     pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+    # With TrainingMode.PRESERVE it warns about constant folding, which matters only for a model in training mode.
+    pytest.mark.filterwarnings("ignore:It is recommended that constant folding be turned off:UserWarning"),
 ]
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616]
@@ -97,7 +101,7 @@ import numpy as np
 import torch
 
 from pipeline.io import load_checkpoint
-from pipeline.models import CheckpointError, restore_model
+from pipeline.models import restore_model
 from pipeline.transforms import normalize
 
 checkpoint = load_checkpoint("data/model.pt")
@@ -251,6 +255,8 @@ def test_bad_weights_files_fail_before_any_output(project):
     assert train_error(project, weights="models/pickle.pt").startswith(
         "[train] models/pickle.pt: refused without running any of its code: it holds Python objects other than tensors")
     assert not Path("unpickled").exists()
+    torch.load("models/pickle.pt", weights_only=False)  # the control: a loader that runs code runs the payload
+    assert Path("unpickled").read_text() == "code ran"
 
 
 class Residual(nn.Module):
@@ -287,6 +293,22 @@ def test_an_onnx_model_is_imported_with_its_weights_and_computes_what_onnxruntim
     session = onnxruntime.InferenceSession("models/residual.onnx", providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_export_that_keeps_batchnorm_gives_the_state_dicts_float_graph_bit_for_bit(tmp_path):
+    """What docs/your-model.md advises (TrainingMode.PRESERVE): the graph stage folds the ONNX model's BatchNorm as it
+    folds the torch model's, so every folded weight and bias, and then every integer, is the same."""
+    model = Residual()
+    randomize_batchnorm(model, seed=0)
+    path = str(tmp_path / "residual.onnx")
+    torch.onnx.export(model.eval(), (torch.zeros(1, 3, 32, 32),), path, dynamo=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"])
+    from_module, from_onnx = capture(model), capture(build_onnx_network(read_onnx_model(path)))
+    pairs = list(zip(from_module.layers(), from_onnx.layers(), strict=True))
+    assert len(pairs) == 4
+    for torch_layer, onnx_layer in pairs:
+        assert torch.equal(torch_layer.weight, onnx_layer.weight), torch_layer.name
+        assert torch.equal(torch_layer.bias, onnx_layer.bias), torch_layer.name
 
 
 def test_bad_onnx_models_fail_before_any_output(project):

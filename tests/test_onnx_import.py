@@ -23,6 +23,9 @@ from pipeline.graph.capture import capture
 from pipeline.graph.run import run_float
 from pipeline.graph.trace import record_trace
 from pipeline.onnx_import import (
+    _HANDLERS,
+    DATA_OPS,
+    SHAPE_OPS,
     SUPPORTED_OPS,
     OnnxImportError,
     OnnxNetwork,
@@ -339,9 +342,22 @@ def test_refusals_name_the_file_and_what_is_refused(tmp_path: Path, build, fragm
         assert fragment in message
 
 
-def test_supported_ops_cover_the_exporters_forms() -> None:
-    assert {"Conv", "Gemm", "MatMul", "BatchNormalization", "Clip", "ReduceMean", "Reshape", "Squeeze"} <= set(
-        SUPPORTED_OPS)
+def test_the_supported_list_is_what_the_reader_implements() -> None:
+    """Every op the list (and every refusal message) names has a handler or is folded, and no handler is unlisted."""
+    assert set(_HANDLERS) == set(DATA_OPS) and set(SUPPORTED_OPS) == set(DATA_OPS) | set(SHAPE_OPS)
+
+
+def test_nodes_named_like_python_keywords_become_usable_module_names(tmp_path: Path) -> None:
+    """torch.fx writes the module names into Python code: `class` or `import` must not reach it as they are."""
+    path = _export(_model(ResidualNet), tmp_path / "residual.onnx")
+    model = onnx.load(path)
+    for node, name in zip(model.graph.node, ("class", "import", "None", "lambda")):
+        node.name = name
+    onnx.save(model, path)
+    network = build_onnx_network(read_onnx_model(path))
+    assert {"class_", "import_", "None_", "lambda_"} <= {name for name, _ in network.named_children()}
+    x = _images()
+    torch.testing.assert_close(capture(network).traced(x), _onnxruntime(path, x), rtol=1e-5, atol=1e-5)
 
 
 def test_the_newer_exporter_is_read(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from pipeline.evaluation import accuracy_report, test_model
-from pipeline.models import Net, batch_layout, build_model, predict
+from pipeline.evaluation import accuracy_report
+from pipeline.models import Net, batch_layout, build_model, predict, test_model
 from pipeline.params import TrainParams
 from pipeline.train import (
     DivergedError,
@@ -159,6 +159,25 @@ def test_train_curves_record_no_times_so_equal_runs_write_equal_files(tmp_path, 
     curves = read_training_curves(tmp_path / "a")
     assert curves.to_dict("list") == {"epoch": [1, 2], "loss": [1.5, 1.25], "accuracy": [40.0, 50.0],
                                       "lr": [0.001, 0.0005]}
+
+
+def test_no_epochs_give_empty_curves_and_a_plot_that_says_so_but_lost_curves_are_an_error(tmp_path, monkeypatch):
+    from dvclive import Live
+
+    from pipeline.plots import plot_training_curves, read_training_curves
+
+    monkeypatch.chdir(tmp_path)
+    with Live("imported", save_dvc_exp=False, dvcyaml=None, report=None):
+        pass  # train.epochs 0: the stage logs no epoch
+    curves = read_training_curves(tmp_path / "imported")
+    assert curves.empty
+    figure = plot_training_curves(curves)
+    assert ["no training: imported weights\n(train.epochs 0)"] * 2 == [
+        text.get_text() for axes in figure.axes for text in axes.texts]
+    (tmp_path / "trained").mkdir()
+    (tmp_path / "trained/metrics.json").write_text('{"loss": 1.2, "accuracy": 55.0, "step": 2}')
+    with pytest.raises(FileNotFoundError, match="no training curves"):
+        read_training_curves(tmp_path / "trained")
 
 
 def test_each_epoch_logs_a_line_with_the_time_left(tmp_path, monkeypatch, caplog):

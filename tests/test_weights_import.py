@@ -280,3 +280,23 @@ def test_names_behind_a_wrappers_prefix_get_a_hint():
     wrapped = {f"module.{name}": value for name, value in trained().state_dict().items()}
     assert misfit(wrapped).endswith("; every name in the file starts with 'module.' (a wrapper's): "
                                     "remove that prefix from the names")
+
+
+# torch.ao (whose state_dicts hold such tensors) warns that quantized tensors are deprecated.
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_quantized_sparse_and_meta_tensors_are_refused_not_loaded():
+    state_dict = trained().state_dict() | {
+        "conv.weight": torch.quantize_per_tensor(torch.zeros(4, 3, 3, 3), 0.1, 0, torch.qint8),
+        "fc.weight": torch.zeros(2, 64).to_sparse(),
+        "bn.weight": torch.zeros(4, device="meta"),
+    }
+    assert misfit(state_dict).endswith(
+        ": 3 not dense float or integer tensors (save the float model's state_dict, before quantizing it): "
+        "conv.weight (qint8, quantized), bn.weight (float32, meta, no values), fc.weight (float32, sparse_coo)")
+
+
+def test_a_users_dict_with_a_model_name_is_a_state_dict_not_a_pipeline_checkpoint(tmp_path):
+    path = tmp_path / "mine.pt"
+    torch.save({"model": "resnet18", "state_dict": trained().state_dict(), "epoch": 30}, path)
+    imported = read_weights_file(path)
+    assert (imported.format, imported.checkpoint) == ("state_dict", None)
