@@ -441,6 +441,15 @@ class _Reader:
         return entry
 
 
+def _written_value(value: float) -> float:
+    """The number a float32 attribute was written from: the shortest decimal that rounds to it.
+
+    ONNX keeps float attributes in float32, so torch's BatchNorm eps 1e-5 comes back as 9.99999974738e-06; folded
+    with that, a layer's weights differ in their last bit from the same model's folded from its state_dict.
+    """
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
+
+
 def _tensor(value: np.ndarray) -> Tensor:
     return torch.from_numpy(np.array(value, dtype=np.float32, order="C", copy=True))
 
@@ -561,7 +570,7 @@ def _batch_norm(reader: _Reader, node: onnx.NodeProto, attributes: Mapping[str, 
     weights = {key: reader.weight(node, position, (channels,))
                for position, key in enumerate(("weight", "bias", "running_mean", "running_var"), start=1)}
     reader.emit(node, "BatchNorm2d", [source],
-                {"num_features": channels, "eps": float(attributes.get("epsilon", 1e-5))}, weights)
+                {"num_features": channels, "eps": _written_value(attributes.get("epsilon", 1e-5))}, weights)
 
 
 def _activation(op: str) -> Callable[[_Reader, onnx.NodeProto, Mapping[str, Any]], None]:
@@ -594,7 +603,7 @@ def _clip(reader: _Reader, node: onnx.NodeProto, attributes: Mapping[str, Any]) 
 
 
 def _leaky_relu(reader: _Reader, node: onnx.NodeProto, attributes: Mapping[str, Any]) -> None:
-    alpha = float(attributes.get("alpha", 0.01))
+    alpha = _written_value(attributes.get("alpha", 0.01))
     if not 0 <= alpha < float("inf"):
         raise reader.error(f"attribute alpha={alpha} is not supported; it must be >= 0 (the integer form's "
                            "negative slope is a non-negative multiplier)")

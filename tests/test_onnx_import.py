@@ -376,3 +376,13 @@ def test_the_newer_exporter_is_read(tmp_path: Path) -> None:
     ops = {node.op_type: node for node in model.graph.node}
     assert len(ops["ReduceMean"].input) == 2 and {"transA", "transB"} <= {a.name for a in ops["Gemm"].attribute}
     assert "Reshape" in ops
+
+
+def test_float_attributes_are_the_numbers_written_not_their_float32_roundings(tmp_path: Path) -> None:
+    """ONNX keeps eps and alpha in float32: 1e-05 and 0.1 come back as 9.99999974738e-06 and 0.100000001490116."""
+    residual = build_onnx_network(read_onnx_model(_export(_model(ResidualNet), tmp_path / "residual.onnx",
+                                                          training=torch.onnx.TrainingMode.PRESERVE,
+                                                          do_constant_folding=False)))
+    assert {module.eps for module in residual.modules() if isinstance(module, nn.BatchNorm2d)} == {1e-05}
+    depthwise = build_onnx_network(read_onnx_model(_export(_model(DepthwiseNet), tmp_path / "depthwise.onnx")))
+    assert [module.negative_slope for module in depthwise.modules() if isinstance(module, nn.LeakyReLU)] == [0.1]
