@@ -28,7 +28,6 @@ from pipeline.model_spec import (
     is_onnx_model,
     is_user_model,
 )
-from pipeline.onnx_import import OnnxNetwork, build_onnx_network, read_onnx_model
 from pipeline.transforms import SEED_MEAN, SEED_STD, normalized_batches
 
 NUM_CLASSES = 10
@@ -242,6 +241,9 @@ def build_model(name: str, seed: int | None = None) -> nn.Module:
         raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}, file.py:factory or file.onnx")
     if is_onnx_model(name):  # its weights are in the file: nothing to seed
         check_model_spec(name)
+        # Imported here: the onnx package takes most of a second to load, which only an ONNX model needs.
+        from pipeline.onnx_import import build_onnx_network, read_onnx_model
+
         return build_onnx_network(read_onnx_model(name))
     factory = model_factory(name)
     if seed is None:
@@ -307,9 +309,12 @@ def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     ]
 
 
-def _recorded_onnx_network(checkpoint: Mapping[str, Any], where: str) -> OnnxNetwork:
+def _recorded_onnx_network(checkpoint: Mapping[str, Any], where: str) -> nn.Module:
     """An imported ONNX model, rebuilt from the architecture its checkpoint records, not from the file, which may have
     changed or gone since."""
+    # As in build_model: only an ONNX model loads the onnx package.
+    from pipeline.onnx_import import OnnxNetwork
+
     try:
         return OnnxNetwork(checkpoint["architecture"])
     except (KeyError, TypeError, ValueError) as error:  # no architecture, or one of another format
