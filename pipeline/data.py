@@ -43,7 +43,7 @@ import PIL
 from PIL import Image, features
 
 from pipeline.arrays import CifarArrays, DataError, DownloadError
-from pipeline.io import file_hash
+from pipeline.io import HASH_CHUNK_BYTES, file_hash
 from pipeline.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,6 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "PPM", "TIFF", "WEBP")
 # transparent pixels the colour is arbitrary and CIFAR-10 has no background to composite onto.
 IMAGE_MODES = ("RGB", "L", "P", "RGBA", "LA")
 
-_HASH_CHUNK = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # A folder's hash: the sha256 of `sha256sum --zero`'s listing of the files it is decoded from (the
 # non-hidden ones, links followed), in byte order of their paths relative to it. That is what
@@ -367,7 +366,7 @@ def _check_only_padding_left(tar: tarfile.TarFile) -> None:
     could otherwise pass as a shorter one; reading to the end also makes the
     decompressor check its CRC and detect truncation.
     """
-    while chunk := tar.fileobj.read(_HASH_CHUNK):
+    while chunk := tar.fileobj.read(HASH_CHUNK_BYTES):
         if chunk.strip(b"\0"):
             raise tarfile.ReadError("unreadable data after the last readable member")
 

@@ -1,8 +1,17 @@
 """Helpers that make test models non-trivial."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+# torch.onnx.export(dynamo=False), the exporter most users' ONNX files still come from, warns that it is deprecated
+# (torch 2.9+), and with TrainingMode.PRESERVE about constant folding, which matters only for a model in training mode.
+LEGACY_ONNX_EXPORT_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:It is recommended that constant folding be turned off:UserWarning"),
+]
 
 
 def randomize_batchnorm(model: nn.Module, seed: int) -> None:

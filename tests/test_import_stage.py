@@ -22,7 +22,7 @@ from pipeline.onnx_import import build_onnx_network, read_onnx_model
 from pipeline.transforms import normalize
 from pipeline.weights_import import file_sha256
 from stages import train as train_stage
-from tests.model_fixtures import randomize_batchnorm
+from tests.model_fixtures import LEGACY_ONNX_EXPORT_WARNINGS, randomize_batchnorm
 from tests.project_copy import (
     ALL_STAGES,
     PROJECT_ROOT,
@@ -32,13 +32,7 @@ from tests.project_copy import (
     tiny_project_copy,
 )
 
-# torch.onnx.export(dynamo=False), the exporter whose files most users hold, warns that it is deprecated.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
-    # With TrainingMode.PRESERVE it warns about constant folding, which matters only for a model in training mode.
-    pytest.mark.filterwarnings("ignore:It is recommended that constant folding be turned off:UserWarning"),
-]
+pytestmark = LEGACY_ONNX_EXPORT_WARNINGS
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616]
 

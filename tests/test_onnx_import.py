@@ -32,13 +32,9 @@ from pipeline.onnx_import import (
     build_onnx_network,
     read_onnx_model,
 )
-from tests.model_fixtures import randomize_batchnorm
+from tests.model_fixtures import LEGACY_ONNX_EXPORT_WARNINGS, randomize_batchnorm
 
-# torch 2.9+ deprecates the TorchScript exporter that most users' files still come from.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
-]
+pytestmark = LEGACY_ONNX_EXPORT_WARNINGS
 
 
 class ResidualNet(nn.Module):
