@@ -2,7 +2,8 @@
 
 Format version 2 (the graph IR): the JSON ``meta`` entry holds the tensors' shapes, bits and
 scales (and ``"signed": false`` for an unsigned tensor: a tensor without the key is signed, so files
-written before unsigned activations existed read as they were) and every node as ``{"type": "IntConv", field: value, ...}``; every torch tensor of a
+written before unsigned activations existed read as they were; likewise a rescale without ``"rounding"``
+reads as the single rounding it was written with) and every node as ``{"type": "IntConv", field: value, ...}``; every torch tensor of a
 node is an array named ``node<index>.<field path>``. A version 1 file (the sequential form
 before the graph IR) is an error naming its version: rerun the quantize-biases stage.
 """
@@ -28,24 +29,30 @@ SIGNED_INT8_ACTIVATIONS = "activations int8 [-128,127] S_a=range/127"
 SCHEME = (
     "r ~= S*q, symmetric, zero point 0; weights int8 [-127,127] S_w=range/127 (per tensor or per output "
     "channel); " + SIGNED_INT8_ACTIVATIONS + "; bias int32 round_half_even(b/(S_in*S_w)); "
-    "acc int32; every rescale M ~= multiplier*2^(shift-31), y=(x*multiplier + 2^(30-shift)) >> (31-shift) "
-    "(round half up), then saturation; add: inputs << left_shift, each rescaled to the common grid, summed, "
-    "rescaled; average pool: window sum rescaled by S_in/(S_out*area); concat: inputs rescaled to S_out; "
-    "the logits are int32"
+    "acc int32; every rescale M ~= multiplier*2^(shift-31), " + "{rounding}" + ", then saturation; add: "
+    "inputs << left_shift, each rescaled to the common grid, summed, rescaled; average pool: window sum "
+    "rescaled by S_in/(S_out*area), a global one as TFLite's MEAN (1/n folded into the multiplier); concat: "
+    "inputs rescaled to S_out; the logits are int32"
 )
+ROUNDING_TEXT = {
+    "single": "y=(x*multiplier + 2^(30-shift)) >> (31-shift) (round half up)",
+    "double": "y=RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(x << max(shift,0), multiplier), "
+              "max(-shift,0)) (TFLite's double rounding)",
+}
 _VALUE_TYPES = {"Requantize": Requantize}
 
 
 def scheme(model: IntegerModel) -> str:
     """``SCHEME`` with the model's activation format: the seed's text for signed int8 activations."""
     activations = [info for name, info in model.tensors.items() if info.bits != 32]
+    text = SCHEME.replace("{rounding}", ROUNDING_TEXT[model.rounding])
     if all(info.bits == 8 and info.signed for info in activations):
-        return SCHEME
+        return text
     bits = sorted({info.bits for info in activations})
-    text = (f"activations {'/'.join(map(str, bits))}-bit in int8/uint8 bytes, signed [-2^(b-1),2^(b-1)-1] "
+    activation_text = (f"activations {'/'.join(map(str, bits))}-bit in int8/uint8 bytes, signed [-2^(b-1),2^(b-1)-1] "
             "S_a=range/(2^(b-1)-1), or, for a tensor with \"signed\": false (non-negative by construction), "
             "unsigned [0,2^b-1] S_a=range/(2^b-1)")
-    return SCHEME.replace(SIGNED_INT8_ACTIVATIONS, text)
+    return text.replace(SIGNED_INT8_ACTIVATIONS, activation_text)
 
 
 def _tensor_entry(info: TensorInfo) -> dict[str, Any]:
@@ -75,7 +82,8 @@ def _decode(value: Any, archive: Any) -> Any:
     if isinstance(value, dict) and "tuple" in value:
         return tuple(_decode(item, archive) for item in value["tuple"])
     if isinstance(value, dict) and value.get("type") in _VALUE_TYPES:
-        fields = {key: _decode(item, archive) for key, item in value.items() if key != "type"}
+        # A rescale written before the rounding rule was recorded used the only rule there was then.
+        fields = {"rounding": "single"} | {key: _decode(item, archive) for key, item in value.items() if key != "type"}
         return _VALUE_TYPES[value["type"]](**fields)
     if isinstance(value, list):
         return tuple(value)

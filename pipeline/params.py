@@ -26,6 +26,7 @@ from pipeline.normalization import SEED_MEAN, SEED_STD
 from pipeline.quant.settings import (
     ACTIVATION_CALIBRATOR_SETTINGS,
     GRANULARITY_NAMES,
+    REQUANTIZE_ROUNDINGS,
     ROUNDING_NAMES,
     ROUNDING_SETTINGS,
     WEIGHT_CALIBRATOR_SETTINGS,
@@ -205,6 +206,12 @@ def weight_calibration(section: SensitivityParams | QuantizeWeightsParams) -> We
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizeBiasesParams:
+    # How every rescale rounds (pipeline.quant.fixed_point): double (TFLite / TFLM / CMSIS-NN) or single.
+    rounding: str = dataclasses.field(default="double", metadata=choice(*REQUANTIZE_ROUNDINGS))
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = dataclasses.field(default=1000, metadata=bounds(1))
 
@@ -217,6 +224,7 @@ class Params:
     profile: ProfileParams
     sensitivity: SensitivityParams
     quantize_weights: QuantizeWeightsParams
+    quantize_biases: QuantizeBiasesParams
     evaluate: EvaluateParams
 
 
@@ -228,6 +236,7 @@ SECTIONS: dict[str, type] = {
     "profile": ProfileParams,
     "sensitivity": SensitivityParams,
     "quantize_weights": QuantizeWeightsParams,
+    "quantize_biases": QuantizeBiasesParams,
     "evaluate": EvaluateParams,
 }
 

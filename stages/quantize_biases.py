@@ -15,7 +15,7 @@ from stages.inputs import load_stage_graph
 
 
 def main() -> None:
-    start_stage("quantize-biases")  # validates params.yaml; the stage has no params section of its own
+    params = start_stage("quantize-biases").quantize_biases
     graph_file = load_stage_graph()
     profile = read_json(PROFILE)
     activation_ranges = {name: group["range"] for name, group in profile["activations"].items()}
@@ -26,7 +26,7 @@ def main() -> None:
     try:
         integer_model = build_integer_model(
             graph, activation_ranges, quantized_weights, input_mean=graph_file.mean, input_std=graph_file.std,
-            activation_format=activation_format,
+            activation_format=activation_format, rounding=params.rounding,
         )
     except (OverflowError, UnsupportedModelError) as error:  # an int32 overflow is never clamped silently
         sys.exit(f"[quantize-biases] {error}")

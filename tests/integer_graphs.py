@@ -162,6 +162,7 @@ def random_uint8_images(count: int, seed: int) -> torch.Tensor:
 def integer_model_of(
     module: nn.Module, granularity: str = "per_channel", calibrator: str = "minmax", seed: int = 0,
     weight_calibrator: str = "minmax", activation_format: ActivationFormat = ActivationFormat(),
+    rounding: str = "double",
 ) -> IntegerModel:
     """Capture ``module`` (BatchNorm randomized), calibrate on random images, build its integer model."""
     torch.manual_seed(seed)
@@ -171,17 +172,18 @@ def integer_model_of(
     calibrated = calibrate_ranges(stats, calibrator, integer_ranges=group_ranges(graph, activation_format))
     ranges = {root: chosen["range"] for root, chosen in calibrated.items()}
     weights = quantize_model_weights(graph, 8, weight_calibrator, granularity)
-    return build_integer_model(graph, ranges, weights, list(SEED_MEAN), list(SEED_STD), activation_format)
+    return build_integer_model(graph, ranges, weights, list(SEED_MEAN), list(SEED_STD), activation_format, rounding)
 
 
 def toy_model(name: str, granularity: str = "per_channel", seed: int = 0,
-              activation_format: ActivationFormat = ActivationFormat()) -> IntegerModel:
+              activation_format: ActivationFormat = ActivationFormat(), rounding: str = "double") -> IntegerModel:
     torch.manual_seed(seed)
-    return integer_model_of(TOYS[name](), granularity, seed=seed, activation_format=activation_format)
+    return integer_model_of(TOYS[name](), granularity, seed=seed, activation_format=activation_format,
+                            rounding=rounding)
 
 
 def cifar_model(name: str, granularity: str = "per_tensor", seed: int = 0,
-                activation_format: ActivationFormat = ActivationFormat()) -> IntegerModel:
+                activation_format: ActivationFormat = ActivationFormat(), rounding: str = "double") -> IntegerModel:
     """A built-in model (``pipeline.models``) with seeded random weights, quantized."""
     return integer_model_of(build_model(name, seed=seed), granularity, calibrator="seed", seed=seed,
-                            weight_calibrator="sigma", activation_format=activation_format)
+                            weight_calibrator="sigma", activation_format=activation_format, rounding=rounding)

@@ -68,11 +68,11 @@ SANITIZERS = ("-fsanitize=undefined,address", "-fno-sanitize-recover=all")
 
 
 @functools.cache
-def built(name: str, granularity: str, form: str | None = None) -> IntegerModel:
+def built(name: str, granularity: str, form: str | None = None, rounding: str = "double") -> IntegerModel:
     """A toy (``TOYS``) or built-in model, quantized once per test session (building costs seconds), in
-    activation format ``FORMATS[form]`` (None: signed int8)."""
-    formats = {} if form is None else {"activation_format": FORMATS[form]}
-    return toy_model(name, granularity, **formats) if name in TOYS else cifar_model(name, granularity, **formats)
+    activation format ``FORMATS[form]`` (None: signed int8), with ``rounding``."""
+    options = {"rounding": rounding} | ({} if form is None else {"activation_format": FORMATS[form]})
+    return toy_model(name, granularity, **options) if name in TOYS else cifar_model(name, granularity, **options)
 
 
 def ties(name: str, granularity: str, form: str | None = None) -> Callable[[], IntegerModel]:
@@ -149,7 +149,8 @@ def reference_values(model: IntegerModel, x_int8: torch.Tensor) -> dict[str, tor
             a, b = (values[name] for name in node.inputs)
             out = add_integers(a, b, node.left_shift, node.input_requantize, node.output_requantize)
         elif isinstance(node, IntAvgPool):
-            out = avgpool_integers(values[node.input], node.kernel, node.stride, node.padding, node.requantize)
+            out = avgpool_integers(values[node.input], node.kernel, node.stride, node.padding, node.requantize,
+                                       node.left_shift)
         elif isinstance(node, IntConcat):
             out = concat_integers([values[name] for name in node.inputs], node.input_requantize)
         elif isinstance(node, IntMaxPool):
@@ -183,8 +184,8 @@ def rescaled_values(model: IntegerModel, x_int8: torch.Tensor) -> list[tuple[typ
             total = sum(apply_requantize(x, rq) for x, rq in zip(lifted, node.input_requantize, strict=True))
             found.append((IntAdd, total, node.output_requantize))
         elif isinstance(node, IntAvgPool):
-            found.append((IntAvgPool, window_sums(values[node.input], node.kernel, node.stride, node.padding),
-                          node.requantize))
+            sums = window_sums(values[node.input], node.kernel, node.stride, node.padding)
+            found.append((IntAvgPool, sums << node.left_shift, node.requantize))
         elif isinstance(node, IntConcat):
             found += [(IntConcat, values[name], rq) for name, rq in zip(node.inputs, node.input_requantize,
                                                                         strict=True) if rq is not None]
@@ -334,7 +335,7 @@ def test_unsigned_tensors_live_in_uint8_buffers_with_kernels_for_their_types():
     assert "ptq_conv_u8(&conv1_op, input, (uint8_t *)(ptq_arena + " in run  # int8 image in, uint8 ReLU output
     assert re.search(r"ptq_conv_u8_s32\(&fc_op, \(uint8_t \*\)ptq_arena\S*, logits\);", run)
     assert "static int8_t ptq_arena[" in source and "static void ptq_avgpool_u8_u8(const ptq_pool *p, const " \
-        "ptq_rescale *r, const uint8_t *in, uint8_t *out)" in source
+        "ptq_rescale *r, int32_t left_factor, const uint8_t *in, uint8_t *out)" in source
     header = generate_c(built("residual", "per_channel", "a4")).header
     assert "q = clamp(round_half_to_even(x_normalized / S_in), -8, 7)" in header  # a 4-bit input
 
@@ -363,8 +364,9 @@ HARDSWISH_SCALES = [(0.002, 0.01), (0.01, 1.0), (0.05, 0.5), (0.3, 3.0), (40.0, 
 
 def leaky_relu_nodes(output: TensorInfo) -> list[Callable[[str, str, str], IntLeakyReLU]]:
     """One factory (name, input, output) -> node per ``LEAKY_RELU_SCALES`` entry, as ``leaky_relu.build`` makes it."""
-    return [functools.partial(IntLeakyReLU, negative_slope=slope, positive=requantization(ratio, output.range),
-                              negative=requantization(slope * ratio, output.range))
+    return [functools.partial(IntLeakyReLU, negative_slope=slope,
+                              positive=requantization(ratio, output.range, "double"),
+                              negative=requantization(slope * ratio, output.range, "double"))
             for ratio, slope in LEAKY_RELU_SCALES]
 
 
@@ -658,10 +660,11 @@ def test_footprint_measures_the_object(name, tmp_path):
 
 
 def test_generator_checks_the_model_first():
-    residual = built("residual", "per_channel")
+    # single rounding: double rounding would refuse the left shift of 12 below before the C's sum check is reached
+    residual = built("residual", "per_channel", rounding="single")
     _, add = node_named(residual, "add")
-    bad = replace(add.output_requantize, multiplier=torch.tensor(2**29, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"\('add', IntAdd\) needs multipliers 0 or in"):  # check_deployable
+    bad = replace(add.output_requantize, multiplier=torch.tensor(-1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\('add', IntAdd\) needs multipliers in \[0, 2\^31\)"):  # check_deployable
         generate_c(with_node(residual, "add", output_requantize=bad))
     with pytest.raises(ValueError, match=r"\('add', IntAdd\): left_shift 25 must be in \[0, 24\]"):
         generate_c(with_node(residual, "add", left_shift=25))

@@ -54,18 +54,29 @@ from tests.integer_graphs import (
 GRANULARITIES = ("per_tensor", "per_channel")
 INTEGER_OPS = {
     "Cast", "Div", "Round", "Clip", "ConvInteger", "Add", "Mul", "Mod", "Sub", "MaxPool", "Reshape", "Flatten",
-    "Max", "Relu", "Concat",
+    "Max", "Relu", "Concat", "Abs", "Less",
 }
 
 
-@functools.cache
-def toy(name: str, granularity: str, form: str | None = None) -> IntegerModel:
-    return toy_model(name, granularity, **({} if form is None else {"activation_format": FORMATS[form]}))
+# The QLinear style rescales in float32 with half-to-even rounding, close to the single rounding rule: its
+# agreement tests build single-rounding models (with double rounding, TFLite's, more activations move by a step).
+QLINEAR_ROUNDING = "single"
+
+
+def rounding_for(style: str) -> str:
+    return QLINEAR_ROUNDING if style == "qlinear" else "double"
 
 
 @functools.cache
-def cifar(name: str, granularity: str, form: str | None = None) -> IntegerModel:
-    return cifar_model(name, granularity, **({} if form is None else {"activation_format": FORMATS[form]}))
+def toy(name: str, granularity: str, form: str | None = None, rounding: str = "double") -> IntegerModel:
+    return toy_model(name, granularity, rounding=rounding,
+                     **({} if form is None else {"activation_format": FORMATS[form]}))
+
+
+@functools.cache
+def cifar(name: str, granularity: str, form: str | None = None, rounding: str = "double") -> IntegerModel:
+    return cifar_model(name, granularity, rounding=rounding,
+                       **({} if form is None else {"activation_format": FORMATS[form]}))
 
 
 def images(count: int, seed: int, wide: float = 1.0) -> torch.Tensor:
@@ -199,7 +210,8 @@ def test_integer_graph_is_bit_exact_with_unsigned_and_narrow_activations(name, f
 @pytest.mark.parametrize("form", ["unsigned", "unsigned-a4"])
 @pytest.mark.parametrize("name", [*TOYS, "net"])
 def test_qlinear_graph_with_unsigned_activations_agrees_with_the_engine(name, form, tmp_path):
-    model = toy(name, "per_channel", form) if name in TOYS else cifar(name, "per_tensor", form)
+    model = (toy(name, "per_channel", form, QLINEAR_ROUNDING) if name in TOYS
+             else cifar(name, "per_tensor", form, QLINEAR_ROUNDING))
     x = torch.cat([images(100, seed=11), images(100, seed=12, wide=2.0)])
     predictions, logits = onnx_logits(model, "qlinear", x, tmp_path)
     expected = engine_logits(model, x)
@@ -208,7 +220,9 @@ def test_qlinear_graph_with_unsigned_activations_agrees_with_the_engine(name, fo
     # logit vectors on 98.5-100%; with uint8 activations at zero point 0 instead, predictions agreed on 84.5-100% and
     # logits on 0-50%: onnxruntime's uint8 x int8 kernels saturate there (test_onnxruntime_conv_kernels_on_this_cpu).
     assert float((predictions == expected.argmax(dim=1)).double().mean()) >= 0.98
-    assert float((logits == expected).all(dim=1).double().mean()) >= 0.97
+    # the leaky ReLU and hard swish toy's logits: 95.5% since the scales are float32 (as a .tflite stores them)
+    floor = 0.95 if name == "rescaling-activations" else 0.97
+    assert float((logits == expected).all(dim=1).double().mean()) >= floor
     onnx_model = build_onnx_model(model, "qlinear")
     inferred = onnx.shape_inference.infer_shapes(onnx_model, strict_mode=True).graph
     value_types = {value.type.tensor_type.elem_type for value in inferred.value_info}
@@ -382,9 +396,10 @@ def test_integer_graph_clamps_the_raw_logits_of_a_fused_relu(tmp_path):
 
 @pytest.mark.parametrize("style", ["integer", "qlinear"])
 def test_a_concat_whose_inputs_saturate_differently(style, tmp_path):
-    model = toy("depthwise", "per_tensor")
+    model = toy("depthwise", "per_tensor", rounding=rounding_for(style))
     concat = next(node for node in model.nodes if isinstance(node, IntConcat))
-    identity = Requantize(torch.tensor(2**30, dtype=torch.int32), torch.tensor(1, dtype=torch.int32), -128, 127)
+    identity = Requantize(torch.tensor(2**30, dtype=torch.int32), torch.tensor(1, dtype=torch.int32), -128, 127,
+                          model.rounding)
     first = concat.input_requantize[0] or identity  # M = 1: the same scale
     model = replace_node(model, concat.name, input_requantize=(replace(first, clamp_max=40),
                                                                *concat.input_requantize[1:]))
@@ -426,21 +441,23 @@ def test_integer_graph_uses_grouped_conv_integer_for_depthwise_and_average_pools
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("name", [*TOYS, "bnnet"])
 def test_qlinear_graph_agrees_with_the_engine(name, granularity, tmp_path):
-    model = toy(name, granularity) if name in TOYS else cifar(name, granularity)
+    model = (toy(name, granularity, rounding=QLINEAR_ROUNDING) if name in TOYS
+             else cifar(name, granularity, rounding=QLINEAR_ROUNDING))
     x = torch.cat([images(100, seed=11), images(100, seed=12, wide=2.0)])
     predictions, logits = onnx_logits(model, "qlinear", x, tmp_path)
     expected = engine_logits(model, x)
     # Float32 rescales and half-to-even rounding move a few activations by one step (module docstring
     # of onnx_model). Measured on these 200 images: predictions agree on 100% in every case (the random
     # models predict few classes, so this is the weaker check); whole logit vectors are equal on 99.0-100%
-    # of images for the toys, 81% (per tensor) and 94% (per channel) for BNNet, whose steps compound.
+    # of images for the toys, 81% (per tensor) and 94% (per channel) for BNNet, whose steps compound. With the
+    # scales float32 (as a .tflite stores them), the leaky ReLU and hard swish toy's fell to 96% (per tensor).
     assert float((predictions == expected.argmax(dim=1)).double().mean()) >= 0.98
-    floor = 0.97 if name in TOYS else 0.7
+    floor = (0.95 if name == "rescaling-activations" else 0.97) if name in TOYS else 0.7
     assert float((logits == expected).all(dim=1).double().mean()) >= floor
 
 
 def test_qlinear_graph_uses_standard_quantized_ops():
-    onnx_model = build_onnx_model(toy("residual", "per_tensor"), "qlinear")
+    onnx_model = build_onnx_model(toy("residual", "per_tensor", rounding=QLINEAR_ROUNDING), "qlinear")
     op_types = [node.op_type for node in onnx_model.graph.node]
     assert op_types[0] == "QuantizeLinear" and op_types[-3:] == ["ConvInteger", "Add", "Flatten"]  # int32 logits
     assert op_types.count("QLinearConv") == 4 and op_types.count("ConvInteger") == 1
@@ -456,7 +473,8 @@ def test_qlinear_graph_uses_standard_quantized_ops():
     bias = next(value for name, value in initializers.items() if name.startswith("conv1_bias"))
     assert weight.dtype == np.int8 and weight.shape == (8, 3, 3, 3) and bias.dtype == np.int32 and bias.shape == (8,)
     # per-channel weights: the logits layer ends with the engine's integer rescale to one int32 scale
-    op_types = [node.op_type for node in build_onnx_model(toy("residual", "per_channel"), "qlinear").graph.node]
+    model = toy("residual", "per_channel", rounding=QLINEAR_ROUNDING)
+    op_types = [node.op_type for node in build_onnx_model(model, "qlinear").graph.node]
     assert op_types[-11:-1] == ["ConvInteger", "Add", "Cast", "Mul", "Add", "Mod", "Sub", "Div", "Clip", "Cast"]
 
 
@@ -538,8 +556,8 @@ def test_build_rejects_an_unknown_style():
 def test_build_checks_that_the_model_is_deployable():
     model = toy("residual", "per_tensor")
     add = next(node for node in model.nodes if isinstance(node, IntAdd))
-    bad = replace(add.output_requantize, multiplier=torch.tensor(5, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"'add', IntAdd\) needs multipliers 0 or in \[2\^30, 2\^31\)"):
+    bad = replace(add.output_requantize, multiplier=torch.tensor(-5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"'add', IntAdd\) needs multipliers in \[0, 2\^31\)"):
         build_onnx_model(replace_node(model, add.name, output_requantize=bad), "integer")
 
 
@@ -554,7 +572,7 @@ def test_onnx_predictions_checks_its_input(tmp_path):
 @pytest.mark.parametrize("style", ["integer", "qlinear"])
 def test_a_clamp_after_a_relu_is_one_clip(style, tmp_path):
     # shared-relu: conv1 -> ReLU (standalone) -> conv2; a ReLU6-like clamp at 40 inserted after the ReLU
-    model = toy("shared-relu", "per_tensor")
+    model = toy("shared-relu", "per_tensor", rounding=rounding_for(style))
     relu = next(node for node in model.nodes if isinstance(node, IntClamp))
     clamped = f"{relu.output}_40"
     nodes = []

@@ -6,27 +6,32 @@ import itertools
 import pytest
 import torch
 
-from pipeline.quant.fixed_point import quantize_multipliers
+from pipeline.quant.fixed_point import quantize_multiplier, quantize_multipliers
 from pipeline.quant.ops.add import ADD_LEFT_SHIFT, add_integers, add_reference
-from pipeline.quant.ops.avgpool import avgpool_integers, avgpool_reference
+from pipeline.quant.ops.avgpool import (
+    avgpool_integers,
+    avgpool_reference,
+    mean_requantization,
+)
 from pipeline.quant.ops.base import Requantize, activation_clamp
 from pipeline.quant.ops.concat import concat_integers, concat_reference
+from pipeline.quant.ops.rescale import apply_requantize
 from pipeline.quant.ranges import INT32_MAX, INT32_MIN
 from tests.integer_graphs import toy_model
 
 EVERY_INT8 = torch.arange(-128, 128, dtype=torch.int64)
 
 
-def requantization(real: float, low: int = -128, high: int = 127) -> Requantize:
+def requantization(real: float, low: int = -128, high: int = 127, rounding: str = "double") -> Requantize:
     multiplier, shift = quantize_multipliers(torch.tensor(real, dtype=torch.float64))
-    return Requantize(multiplier.to(torch.int32), shift.to(torch.int32), low, high)
+    return Requantize(multiplier.to(torch.int32), shift.to(torch.int32), low, high, rounding)
 
 
-def add_parameters(scale_a: float, scale_b: float, scale_out: float, clamp=(-128, 127)):
+def add_parameters(scale_a: float, scale_b: float, scale_out: float, clamp=(-128, 127), rounding: str = "double"):
     twice_max = 2 * max(scale_a, scale_b)
-    inputs = (requantization(scale_a / twice_max, INT32_MIN, INT32_MAX),
-              requantization(scale_b / twice_max, INT32_MIN, INT32_MAX))
-    return inputs, requantization(twice_max / 2**ADD_LEFT_SHIFT / scale_out, *clamp)
+    inputs = (requantization(scale_a / twice_max, INT32_MIN, INT32_MAX, rounding),
+              requantization(scale_b / twice_max, INT32_MIN, INT32_MAX, rounding))
+    return inputs, requantization(twice_max / 2**ADD_LEFT_SHIFT / scale_out, *clamp, rounding)
 
 
 # Input scales both larger and smaller than the output's; output multipliers above 1 (shift > 0) and below.
@@ -48,14 +53,17 @@ def test_add_equals_the_reference_on_every_int8_pair(scale_a, scale_b, scale_out
         assert float((got[inside] - real[inside]).abs().max()) <= 1.0
 
 
-def test_add_saturates_and_rounds_ties_half_up():
+# single rounding takes ties up, double rounding (TFLite's) away from zero
+@pytest.mark.parametrize(("rounding", "expected"), [("single", [1, 0, 2, -1, 127, -128]),
+                                                    ("double", [1, -1, 2, -2, 127, -128])])
+def test_add_saturates_and_rounds_ties_by_its_rule(rounding, expected):
     # Scales equal and the output scale twice them: a + b = odd gives an exact .5 tie
-    input_rq, output_rq = add_parameters(0.5, 0.5, 1.0)
+    input_rq, output_rq = add_parameters(0.5, 0.5, 1.0, rounding=rounding)
     a = torch.tensor([[1, -1, 3, -3, 127, -128]])
     b = torch.tensor([[0, 0, 0, 0, 127, -128]])
-    assert add_integers(a, b, ADD_LEFT_SHIFT, input_rq, output_rq).tolist() == [[1, 0, 2, -1, 127, -128]]
+    assert add_integers(a, b, ADD_LEFT_SHIFT, input_rq, output_rq).tolist() == [expected]
     assert [add_reference(int(x), int(y), ADD_LEFT_SHIFT, input_rq, output_rq) for x, y in zip(a[0], b[0])] == \
-        [1, 0, 2, -1, 127, -128]
+        expected
 
 
 @pytest.mark.parametrize(("kernel", "stride", "padding"), [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1)),
@@ -75,10 +83,28 @@ def test_average_pool_equals_the_reference_window_by_window(kernel, stride, padd
         assert int(got[n, c, i, j]) == avgpool_reference(window.reshape(-1).tolist(), rq)
 
 
-def test_average_pool_rounds_ties_half_up_including_negative_ones():
-    rq = requantization(1 / 4)  # a 2x2 window with S_in == S_out: the mean, rounded half up
+@pytest.mark.parametrize(("rounding", "expected"), [("single", [1, 0, 2, -1]), ("double", [1, -1, 2, -2])])
+def test_average_pool_rounds_ties_by_its_rule_including_negative_ones(rounding, expected):
+    rq = requantization(1 / 4, rounding=rounding)  # a 2x2 window with S_in == S_out: the mean, its ties rounded
     x = torch.tensor([[[[1, 1], [0, 0]], [[-1, -1], [0, 0]], [[3, 2], [1, 0]], [[-3, -2], [-1, 0]]]])
-    assert avgpool_integers(x, (2, 2), (2, 2), (0, 0), rq).reshape(-1).tolist() == [1, 0, 2, -1]
+    assert avgpool_integers(x, (2, 2), (2, 2), (0, 0), rq).reshape(-1).tolist() == expected
+    # the lift a window pool takes (ops.avgpool: M / 2^L on the sum times 2^L) keeps the same ties
+    lifted = requantization(1 / 4 / 2**20, rounding=rounding)
+    assert avgpool_integers(x, (2, 2), (2, 2), (0, 0), lifted, 20).reshape(-1).tolist() == expected
+
+
+def test_a_global_average_pool_is_tflite_mean():
+    """A global pool folds 1/n into the multiplier as TFLite's int8 MEAN: exactly M / n for n = 64, and for n = 9
+    the integer division's multiplier (below 2^30), with the output still the mean within one step."""
+    exact = mean_requantization(0.8, 64, (-128, 127), "double")
+    assert (int(exact.multiplier), int(exact.shift)) == quantize_multiplier(0.8 / 64)
+    folded = mean_requantization(0.52, 9, (-128, 127), "double")
+    multiplier, shift = quantize_multiplier(0.52)
+    assert (int(folded.multiplier), int(folded.shift)) == ((multiplier << 3) // 9, shift - 3)
+    assert 2**29 < int(folded.multiplier) < 2**30
+    sums = torch.arange(-9 * 128, 9 * 127 + 1).reshape(1, 1, -1)
+    means = apply_requantize(sums, folded)
+    assert float((means - sums * 0.52 / 9).abs().max()) <= 1
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.3, 1.7, 3.0])

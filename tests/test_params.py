@@ -104,7 +104,7 @@ def test_missing_sections_take_defaults():
         ({"train": {"batch_size": True}}, "train.batch_size: value True has the wrong type; expected int"),
         ({"train": {"momentum": 1.5}}, "train.momentum: value 1.5 is out of range; allowed: <= 1.0"),
         ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: model, weights, epochs, mean, std,"),
-        ({"trian": {}}, "trian: unknown section; allowed sections: download, train, graph, profile, sensitivity, quantize_weights, evaluate"),
+        ({"trian": {}}, "trian: unknown section; allowed sections: download, train, graph, profile, sensitivity, quantize_weights, quantize_biases, evaluate"),
         ({"profile": {"calibrator": "kl"}}, "profile.calibrator: value 'kl' is not allowed; allowed: seed, minmax, percentile, mse, entropy"),
         ({"profile": {"percentile": {"percent": 0}}}, "profile.percentile.percent: value 0.0 is out of range; allowed: > 0.0"),
         ({"profile": {"percentile": 99.9}}, "profile.percentile: expected a mapping of keys to values (keys: percent), got 99.9"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import doctest
 import math
 import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -174,6 +175,7 @@ def test_quantize_multipliers_is_elementwise():
 @pytest.mark.parametrize(
     ("acc", "real_multiplier", "expected"),
     [
+        # single rounding: round half up (toward +infinity)
         (3, 0.5, 2),  # 1.5 -> 2: ties round up
         (-3, 0.5, -1),  # -1.5 -> -1: up is toward +infinity
         (-2, 0.25, 0),  # -0.5 -> 0
@@ -185,10 +187,42 @@ def test_quantize_multipliers_is_elementwise():
         (21, 2.0, 42),  # M > 1: shift to the left
     ],
 )
-def test_requantize_hand_worked(acc, real_multiplier, expected):
+def test_single_rounding_hand_worked(acc, real_multiplier, expected):
     multiplier, shift = quantize_multiplier(real_multiplier)
-    assert requantize_reference(acc, multiplier, shift, -128, 127) == expected
-    assert requantize(torch.tensor([acc]), multiplier, shift, -128, 127).tolist() == [expected]
+    assert requantize_reference(acc, multiplier, shift, -128, 127, "single") == expected
+    assert requantize(torch.tensor([acc]), multiplier, shift, -128, 127, "single").tolist() == [expected]
+
+
+@pytest.mark.parametrize(
+    ("acc", "real_multiplier", "expected"),
+    [
+        # M = 0.5 is 2^30 * 2^(0 - 31): shift 0, so only the high word's rounding acts, and its ties go up
+        (3, 0.5, 2),  # (3 * 2^30 + 2^30) / 2^31 = 2
+        (-3, 0.5, -1),  # (-3 * 2^30 + 1 - 2^30) / 2^31 = -1.99.. -> -1 (truncated toward zero)
+        (-1, 0.5, 0),  # -0.5 -> 0
+        # M = 0.25 is shift -1: the high word is exact (acc * 2^30 / 2^31 = acc / 2), then RoundingDivideByPOT
+        # halves it rounding ties away from zero
+        (2, 0.25, 1),  # 0.5 -> 1
+        (-2, 0.25, -1),  # high -1 (-1.49.. truncated), then -0.5 -> -1: single rounding gives 0
+        (6, 0.25, 2),  # 1.5 -> 2
+        (-6, 0.25, -2),  # -1.5 -> -2: single rounding gives -1
+        (7, 0.25, 2),  # 1.75 -> 2
+        (-7, 0.25, -2),
+        # the two roundings compound: 0.4729 -> high 1 (0.9458 rounded) -> 0.5 -> 1; single rounding gives 0
+        (1, 2031111647 * 2.0**-32, 1),
+        # M >= 1: the accumulator is shifted left first (M = 1.5: multiplier 3 * 2^29, shift 1)
+        (1, 1.5, 2),  # x = 2, high (2 * 3 * 2^29 + 2^30) / 2^31 = 2: 1.5 -> 2
+        (-1, 1.5, -1),  # x = -2, high -1.99.. -> -1: -1.5 -> -1 (the high word's tie goes up)
+        (21, 2.0, 42),
+        (1000, 3.0, 127),  # saturates high
+        (-1000, 3.0, -128),  # saturates low
+    ],
+)
+def test_double_rounding_hand_worked(acc, real_multiplier, expected):
+    multiplier, shift = quantize_multiplier(real_multiplier)
+    assert requantize_reference(acc, multiplier, shift, -128, 127, "double") == expected
+    assert requantize(torch.tensor([acc]), multiplier, shift, -128, 127, "double").tolist() == [expected]
+    assert requantize(torch.tensor([acc]), multiplier, shift, -128, 127).tolist() == [expected]  # the default
 
 
 def _exact_ties(multiplier: int, total_shift: int) -> list[int]:
@@ -202,7 +236,8 @@ def _exact_ties(multiplier: int, total_shift: int) -> list[int]:
     return [odd * unit for odd in (1, -1, 3, -3, 255, -255)]
 
 
-def test_requantize_matches_python_reference_bit_exactly():
+@pytest.mark.parametrize("rounding", ["double", "single"])
+def test_requantize_matches_python_reference_bit_exactly(rounding):
     rng = random.Random(1)
     int32_min, int32_max = int_range(32)
     extreme_multipliers = [(2**30, -31), (2**31 - 1, -31), (2**30, 30), (2**31 - 1, 30), (0, 0), (2**31 - 1, 0)]
@@ -212,24 +247,47 @@ def test_requantize_matches_python_reference_bit_exactly():
         ties = _exact_ties(multiplier, 31 - shift)
         accs = edges + ties
         accs += [rng.randint(int32_min, int32_max) for _ in range(40)] + [rng.randint(-5000, 5000) for _ in range(40)]
-        accs = [acc for acc in accs if int32_min <= acc <= int32_max]
+        # double rounding shifts acc left by a positive shift in int32 first: only accumulators it fits
+        lift = 2 ** max(shift, 0) if rounding == "double" else 1
+        accs = [acc for acc in accs if int32_min <= acc * lift <= int32_max]
         for qmin, qmax in [(-128, 127), (0, 127), int_range(32)]:
-            expected = [requantize_reference(acc, multiplier, shift, qmin, qmax) for acc in accs]
-            got = requantize(torch.tensor(accs, dtype=torch.int64), multiplier, shift, qmin, qmax)
+            expected = [requantize_reference(acc, multiplier, shift, qmin, qmax, rounding) for acc in accs]
+            got = requantize(torch.tensor(accs, dtype=torch.int64), multiplier, shift, qmin, qmax, rounding)
             assert got.tolist() == expected, (multiplier, shift, qmin, qmax)
 
 
-def test_requantize_reference_is_floor_of_exact_product_plus_half():
+def test_single_rounding_reference_is_floor_of_exact_product_plus_half():
     """The reference itself against exact rational arithmetic: floor(acc * M + 1/2)."""
-    from fractions import Fraction
-
     rng = random.Random(2)
     for _ in range(500):
         multiplier, shift = quantize_multiplier(2.0 ** rng.uniform(-20, 5))
         acc = rng.randint(-(2**20), 2**20)
         exact = Fraction(acc * multiplier) * Fraction(2) ** (shift - 31)
         expected = math.floor(exact + Fraction(1, 2))
-        assert requantize_reference(acc, multiplier, shift, -(2**40), 2**40) == expected
+        assert requantize_reference(acc, multiplier, shift, -(2**40), 2**40, "single") == expected
+
+
+def _round_half_up(value: Fraction) -> int:
+    return math.floor(value + Fraction(1, 2))
+
+
+def _round_half_away_from_zero(value: Fraction) -> int:
+    magnitude = math.floor(abs(value) + Fraction(1, 2))
+    return magnitude if value >= 0 else -magnitude
+
+
+def test_double_rounding_reference_is_two_exact_roundings():
+    """The reference against exact rationals: the high word acc * 2^max(s,0) * m / 2^31 rounded half up, then
+    divided by 2^max(-s,0) rounded half away from zero; and never more than one step from single rounding."""
+    rng = random.Random(3)
+    for _ in range(2000):
+        multiplier, shift = quantize_multiplier(2.0 ** rng.uniform(-25, 3))
+        acc = rng.randint(-(2**20), 2**20) >> rng.randint(0, 20)
+        high = _round_half_up(Fraction(acc * 2 ** max(shift, 0) * multiplier, 2**31))
+        expected = _round_half_away_from_zero(Fraction(high, 2 ** max(-shift, 0)))
+        got = requantize_reference(acc, multiplier, shift, -(2**40), 2**40, "double")
+        assert got == expected
+        assert abs(got - requantize_reference(acc, multiplier, shift, -(2**40), 2**40, "single")) <= 1
 
 
 def test_requantize_per_channel_broadcast():
@@ -251,7 +309,11 @@ def test_requantize_rejects_bad_inputs():
         requantize(torch.tensor([1.0]), multiplier, shift, -128, 127)
     with pytest.raises(ValueError, match=r"acc must hold int32 values"):
         requantize(torch.tensor([2**31]), multiplier, shift, -128, 127)
-    with pytest.raises(ValueError, match=r"multiplier must be 0 or in \[2\^30, 2\^31\)"):
-        requantize(torch.tensor([1]), 12345, shift, -128, 127)
+    with pytest.raises(ValueError, match=r"multiplier must be in \[0, 2\^31\)"):
+        requantize(torch.tensor([1]), -5, shift, -128, 127)
+    with pytest.raises(ValueError, match=r"rounding must be one of \('double', 'single'\), got 'nearest'"):
+        requantize(torch.tensor([1]), multiplier, shift, -128, 127, "nearest")
+    with pytest.raises(ValueError, match=r"double rounding shifts the accumulator left .* reach \[0, 2147483648\]"):
+        requantize(torch.tensor([0, 2**30]), multiplier, 1, -128, 127, "double")
     with pytest.raises(ValueError, match=r"shift must be in \[-31, 30\]"):
         requantize(torch.tensor([1]), multiplier, 31, -128, 127)

@@ -236,7 +236,8 @@ def _source(model: IntegerModel, names: dict[str, str], storage: TensorStorage) 
     parts = [fill("preamble"), "\n", _arena_comment(storage)]
     if storage.arena.size:
         parts.append(f"static int8_t {ARENA}[{storage.arena.size}];\n")
-    parts.append("\n" + fill("requantize"))
+    # ptq_requantize with the model's rounding rule (fixed_point.ROUNDINGS)
+    parts.append("\n" + fill("requantize" if model.rounding == "single" else "requantize_double"))
     parts += ["\n" + text for text in _definitions(model)]
     parts += [kernel.text() for kernel in _used_kernels(model)]
     parts.append("\n")

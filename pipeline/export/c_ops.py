@@ -9,9 +9,10 @@ the C types its tensors are stored in), shared definitions, its constants, its c
 beyond what ``check_deployable`` proves. ``pipeline.export.c_model`` names no node type: a new op
 is one emitter here and its ``.c`` templates.
 
-Every rescaling is ``fixed_point.requantize`` (``requantize.c``): int64 product acc * multiplier,
-+ 2^(30 - shift), floor division by 2^(31 - shift) (one rounding, half up), then the Requantize's own
-saturation [clamp_min, clamp_max] (a fused ReLU / ReLU6 is that clamp). |acc| <= 2^31 and
+Every rescaling is ``fixed_point.requantize`` with the model's rounding rule: ``requantize_double.c``
+(TFLite's double rounding, in int64 with C99's truncating division) or ``requantize.c`` (single: int64
+product acc * multiplier, + 2^(30 - shift), floor division by 2^(31 - shift), one rounding, half up),
+then the Requantize's own saturation [clamp_min, clamp_max] (a fused ReLU / ReLU6 is that clamp). |acc| <= 2^31 and
 multiplier < 2^31 keep the sum below 2^63. C99 leaves ``>>`` of a negative value
 implementation-defined, so the code never shifts one: ``ptq_floor_shift`` floors a negative
 x as ``~(~x >> n)``, exact because ``int64_t`` is two's complement by definition (C99 7.18.1.1).
@@ -284,7 +285,7 @@ def _conv_data(layer: IntConv, model: IntegerModel, name: str) -> str:
         out = model.tensors[layer.output]
         parts += [
             f"/* requantization to int{out.bits} at S_out = {scale_text(out.scale)}: M = S_in*S_w/S_out ~= "
-            "multiplier * 2^(shift - 31), multiplier Q0.31 in [2^30, 2^31) or 0 */\n",
+            "multiplier * 2^(shift - 31), multiplier Q0.31 in [0, 2^31) */\n",
             c_array("int32_t", f"{name}_multiplier", channel_values(layer.requantize.multiplier)),
             "/* shift: power-of-two exponent of M, in [-31, 30] */\n",
             c_array("int32_t", f"{name}_shift", channel_values(layer.requantize.shift)),
@@ -337,7 +338,8 @@ CONV = CEmitter(
 # Max pool takes the max over each window clipped to the map, which is PyTorch's -inf padding
 # (``check_deployable`` keeps padding <= kernel / 2, so every window holds a real value).
 # Average pool sums each window clipped to the map in int32 (zero padding adds 0 but counts
-# in the area, which is inside the multiplier S_in / (S_out * area)), then requantizes.
+# in the area, which is inside the multiplier S_in / (S_out * area)), lifts the sum by 2^left_shift,
+# then requantizes.
 
 
 def _pool_definitions(model: IntegerModel) -> tuple[str, ...]:
@@ -379,8 +381,8 @@ def _avgpool_kernel(node: IntAvgPool, model: IntegerModel) -> Kernel:
 
 def _check_avgpool(node: IntAvgPool, model: IntegerModel, where: str) -> None:
     area = node.kernel[0] * node.kernel[1]
-    if largest_magnitude(model.tensors[node.input].range) * area > INT32_MAX:
-        raise OverflowError(f"{where}: a window of {area} values can sum beyond int32")
+    if largest_magnitude(model.tensors[node.input].range) * area << node.left_shift > INT32_MAX:
+        raise OverflowError(f"{where}: a window of {area} values lifted by 2^{node.left_shift} can leave int32")
 
 
 AVGPOOL = CEmitter(
@@ -389,7 +391,8 @@ AVGPOOL = CEmitter(
     definitions=_pool_definitions,
     structs=lambda node, model, name: _pool_struct(node, model, name) + _rescale_struct(f"{name}_rq", node.requantize),
     calls=lambda node, site: [f"{_avgpool_kernel(node, site.model).name}(&{site.name}_op, &{site.name}_rq, "
-                              f"{site.place(node.input)}, {site.place(node.output)}); {site.comment(node)}"],
+                              f"{1 << node.left_shift}, {site.place(node.input)}, {site.place(node.output)}); "
+                              f"{site.comment(node)}"],
     saturations=lambda node: [_clamp(node.requantize)],
     check=_check_avgpool,
 )
@@ -404,9 +407,10 @@ AVGPOOL = CEmitter(
 
 
 def _requantized_range(low: int, high: int, rq: Requantize) -> tuple[int, int]:
-    """The least and largest requantize(v) for v in [low, high] (requantize is monotonic: the ends suffice)."""
+    """The least and largest requantize(v) for v in [low, high] (either rounding rule is monotonic: the ends
+    suffice)."""
     pairs = list(zip(channel_values(rq.multiplier).tolist(), channel_values(rq.shift).tolist(), strict=True))
-    ends = [requantize_reference(value, multiplier, shift, rq.clamp_min, rq.clamp_max)
+    ends = [requantize_reference(value, multiplier, shift, rq.clamp_min, rq.clamp_max, rq.rounding)
             for multiplier, shift in pairs for value in (low, high)]
     return min(ends), max(ends)
 

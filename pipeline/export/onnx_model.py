@@ -14,9 +14,11 @@ style is exact (the kernels named below are onnxruntime 1.32's). Two styles:
 - ``"integer"``: bit-exact with ``run_integer``, with integer ops only after
   the input. The input is quantized in float64 like ``quantize_input`` (Div,
   Round half to even, Clip to the input's range, Cast to int8). Every ``Requantize`` is
-  ``fixed_point.requantize`` in int64: Mul by the multiplier, Add 2^(30 - shift),
-  floor division by 2^(31 - shift) as (p - Mod(p, d)) / d (Div truncates toward
-  zero), Clip to the saturation, Cast to the output's type. On top of it, node by node:
+  ``fixed_point.requantize`` in int64 with the model's rounding rule: double (TFLite's)
+  as Mul by multiplier * 2^max(shift, 0), then each rounding on the magnitude (Abs; Div of a
+  non-negative integer) with the sign put back; single as Mul by the multiplier, Add
+  2^(30 - shift), floor division by 2^(31 - shift) as (p - Mod(p, d)) / d (Div truncates
+  toward zero). Then Clip to the saturation, Cast to the output's type. On top of it, node by node:
 
   - conv2d / linear: ConvInteger (``group`` for grouped and depthwise) + the
     int32 bias, then the requantize (per tensor or per channel), or the raw
@@ -332,22 +334,51 @@ def _requantize(graph: _Graph, x: str, rq: Requantize, hint: str, to: int | None
     def constant(name: str, values: Any) -> str:
         return graph.constant(f"{hint}_{name}", _per_channel(values, np.int64))
 
-    total_shift = 31 - channel_values(rq.shift)
+    shift = channel_values(rq.shift).astype(np.int64)
     product = x if is_int64 else graph.node("Cast", [x], f"{hint}_acc64", to=TensorProto.INT64)
-    product = graph.node("Mul", [product, constant("multiplier", rq.multiplier)], f"{hint}_product")
-    # + 2^(total_shift - 1), one half in units of the divisor: round half up
-    rounding = constant("rounding", np.left_shift(np.int64(1), total_shift - 1))
-    product = graph.node("Add", [product, rounding], f"{hint}_rounded")
-    divisor = constant("divisor", np.left_shift(np.int64(1), total_shift))  # 2^(31 - shift) <= 2^62: fits int64
-    # Mod with fmod=0 takes the divisor's sign, so p - Mod(p, d) is the multiple of d at or below p:
-    # the exact division is the floor, as the engine's arithmetic shift.
-    remainder = graph.node("Mod", [product, divisor], f"{hint}_remainder", fmod=0)
-    floored = graph.node("Sub", [product, remainder], f"{hint}_floored")
-    y = graph.node("Div", [floored, divisor], f"{hint}_scaled")
+    if rq.rounding == "double":
+        y = _double_rounding(graph, product, rq, hint, constant)
+    else:
+        total_shift = 31 - shift
+        product = graph.node("Mul", [product, constant("multiplier", rq.multiplier)], f"{hint}_product")
+        # + 2^(total_shift - 1), one half in units of the divisor: round half up
+        rounding = constant("rounding", np.left_shift(np.int64(1), total_shift - 1))
+        product = graph.node("Add", [product, rounding], f"{hint}_rounded")
+        divisor = constant("divisor", np.left_shift(np.int64(1), total_shift))  # 2^(31 - shift) <= 2^62: fits int64
+        # Mod with fmod=0 takes the divisor's sign, so p - Mod(p, d) is the multiple of d at or below p:
+        # the exact division is the floor, as the engine's arithmetic shift.
+        remainder = graph.node("Mod", [product, divisor], f"{hint}_remainder", fmod=0)
+        floored = graph.node("Sub", [product, remainder], f"{hint}_floored")
+        y = graph.node("Div", [floored, divisor], f"{hint}_scaled")
     bounds = [graph.shared("int64_bound", np.array(rq.clamp_min, np.int64)),
               graph.shared("int64_bound", np.array(rq.clamp_max, np.int64))]
     y = graph.node("Clip", [y, *bounds], f"{hint}_clip")
     return y if to is None else graph.node("Cast", [y], f"{hint}_out", to=to)
+
+
+def _double_rounding(graph: _Graph, x: str, rq: Requantize, hint: str, constant: Callable[[str, Any], str]) -> str:
+    """``fixed_point``'s double rounding of int64 ``x`` (before saturation), on magnitudes: every Div divides a
+    non-negative integer, where truncation and floor agree, and the sign of x is put back after each rounding."""
+    shift = channel_values(rq.shift).astype(np.int64)
+    # x * 2^max(shift, 0) * multiplier as one int64 factor (the engine checks that x * 2^shift fits int32)
+    factor = channel_values(rq.multiplier).astype(np.int64) << np.maximum(shift, 0)
+    product = graph.node("Mul", [x, constant("factor", factor)], f"{hint}_product")
+    negative = graph.node("Cast", [graph.node("Less", [product, graph.shared("int64_bound", np.array(0, np.int64))],
+                                              f"{hint}_is_negative")], f"{hint}_negative", to=TensorProto.INT64)
+    # SaturatingRoundingDoublingHighMul: |high| = (|p| + 2^30 - [p < 0]) / 2^31 (ties go up, toward +infinity)
+    nudged = graph.node("Sub", [graph.node("Add", [graph.node("Abs", [product], f"{hint}_magnitude"),
+                                                   constant("nudge", np.int64(1 << 30))], f"{hint}_nudged_up"),
+                                negative], f"{hint}_nudged")
+    high = graph.node("Div", [nudged, constant("high_divisor", np.int64(1 << 31))], f"{hint}_high")
+    # RoundingDivideByPOT: (|high| + 2^(e-1)) / 2^e, half away from zero
+    exponent = np.maximum(-shift, 0)
+    half = graph.node("Add", [high, constant("half", np.left_shift(np.int64(1), exponent) >> 1)], f"{hint}_halved")
+    magnitude = graph.node("Div", [half, constant("divisor", np.left_shift(np.int64(1), exponent))],
+                           f"{hint}_rounded")
+    # the sign: 1 - 2 [p < 0]
+    sign = graph.node("Sub", [constant("one", np.int64(1)),
+                              graph.node("Add", [negative, negative], f"{hint}_twice_negative")], f"{hint}_sign")
+    return graph.node("Mul", [magnitude, sign], f"{hint}_scaled")
 
 
 def _integer_layer(graph: _Graph, model: IntegerModel, node: IntConv, x: str) -> str:
@@ -427,7 +458,13 @@ def _integer_avgpool(graph: _Graph, model: IntegerModel, node: IntAvgPool, value
     ones = graph.constant(f"{node.name}_ones", np.ones((channels, 1, *node.kernel), np.int8))
     attributes = _window_attributes(node.kernel, node.stride, node.padding)
     sums = graph.node("ConvInteger", [values[node.input], ones], f"{node.name}_sums", group=channels, **attributes)
-    return _requantize(graph, sums, node.requantize, node.name, _onnx_type(model.tensors[node.output], graph.style))
+    output_type = _onnx_type(model.tensors[node.output], graph.style)
+    if not node.left_shift:
+        return _requantize(graph, sums, node.requantize, node.name, output_type)
+    lifted = graph.node("Mul", [graph.node("Cast", [sums], f"{node.name}_sums64", to=TensorProto.INT64),
+                                graph.constant(f"{node.name}_lift", np.array(1 << node.left_shift, np.int64))],
+                        f"{node.name}_lifted")
+    return _requantize(graph, lifted, node.requantize, node.name, output_type, is_int64=True)
 
 
 def _integer_concat(graph: _Graph, model: IntegerModel, node: IntConcat, values: dict[str, str]) -> str:

@@ -12,7 +12,11 @@ The scheme (r ~= S * q, symmetric, zero point 0):
 - accumulators: int32; every layer is checked at build time so that
   sum(|q_w|) * max|q_in| + |q_b| < 2^31 for each output channel, max|q_in| from the input's own range
   (128 for int8, 255 for uint8: ``ranges.accumulator_bound``);
-- every rescaling is a fixed-point multiplier and shift (``fixed_point``), with the
+- every scale is a float32 value (held in float64), as a ``.tflite`` file stores it, and every real
+  multiplier is computed from those in float64, in TFLite's order, so that TensorFlow Lite Micro derives
+  the same integers from the file;
+- every rescaling is a fixed-point multiplier and shift (``fixed_point``) with the model's rounding rule
+  (``rounding``: "double", TFLite's, by default, or "single"), with the
   integer semantics of each op's module (``pipeline.quant.ops``); a fused ReLU is the lower clamp 0, a fused ReLU6
   also the upper clamp round(6 / S_out);
 - the last layer gives int32 logits: its accumulators at scale S_in * S_w with per-tensor
@@ -32,8 +36,9 @@ from pipeline.quant.ranges import ActivationFormat, scale_from_range
 from pipeline.quant.scale_groups import scale_groups, tensor_signedness
 
 
-def _scalar(value: float) -> Tensor:
-    return torch.tensor(value, dtype=torch.float64)
+def float32_scale(scale: Tensor | float) -> Tensor:
+    """``scale`` rounded to the nearest float32 (what a ``.tflite`` stores), held in float64."""
+    return torch.as_tensor(scale, dtype=torch.float64).to(torch.float32).to(torch.float64)
 
 
 def build_integer_model(
@@ -43,13 +48,15 @@ def build_integer_model(
     input_mean: list[float] | None = None,
     input_std: list[float] | None = None,
     activation_format: ActivationFormat = ActivationFormat(),
+    rounding: str = "double",
 ) -> IntegerModel:
     """Quantize ``graph`` into an ``IntegerModel``.
 
     ``activation_ranges[root]`` is the calibrated range of each scale group (``scale_groups``), mapped
     onto the group's qmax in ``activation_format`` (``group_ranges``); ``quantized_weights`` is
-    ``quantize_model_weights``' result (the quantize-weights stage's output). Each node is built by its
-    op module (``pipeline.quant.ops``).
+    ``quantize_model_weights``' result (the quantize-weights stage's output); its weight scales are
+    rounded to float32 (the integer weights are kept: the change is below 2^-24 relative). Each node is
+    built by its op module (``pipeline.quant.ops``), its rescales with ``rounding`` (``fixed_point.ROUNDINGS``).
     """
     logits_layer = check_output_layer(graph)
     groups = scale_groups(graph)
@@ -65,10 +72,11 @@ def build_integer_model(
         value = float(activation_ranges[root])
         if not 0 <= value < float("inf"):
             raise ValueError(f"activation_ranges[{root!r}] must be finite and >= 0, got {activation_ranges[root]!r}")
-        scale = _scalar(scale_from_range(value, activation_format.range(signed[root])[1]))
+        scale = float32_scale(scale_from_range(value, activation_format.range(signed[root])[1]))
         for member in group.members:
             tensors[member] = TensorInfo(graph.shapes[member], activation_format.bits, scale, signed[root])
-    context = BuildContext(graph, tensors, logits_layer, quantized_weights)
+    weights = {name: (q_weight, float32_scale(scale)) for name, (q_weight, scale) in quantized_weights.items()}
+    context = BuildContext(graph, tensors, logits_layer, weights, rounding)
     nodes: list[IntNode] = []
     for node in graph.nodes:
         op = OP_FOR_FLOAT.get(type(node))
@@ -78,4 +86,4 @@ def build_integer_model(
     return IntegerModel(graph.input, graph.output, tensors, nodes, input_mean, input_std)
 
 
-__all__ = ["build_integer_model"]
+__all__ = ["build_integer_model", "float32_scale"]

@@ -49,6 +49,14 @@ class IntegerModel:
         """The int32 logits' scale (with per-channel weights, the largest accumulator scale: see ``ops.conv``)."""
         return self.tensors[self.output].scale
 
+    @property
+    def rounding(self) -> str:
+        """The requantization rule of every rescale (``fixed_point.ROUNDINGS``); ``ValueError`` if they mix."""
+        rules = {rq.rounding for node in self.nodes for rq in node.requantizations()}
+        if len(rules) > 1:
+            raise ValueError(f"the model mixes rounding rules {sorted(rules)}; one model has one rule")
+        return rules.pop() if rules else "double"
+
     def layers(self) -> list[IntConv]:
         return [node for node in self.nodes if isinstance(node, IntConv)]
 

@@ -92,6 +92,9 @@ GRANULARITY_NAMES = ("per_tensor", "per_channel")
 # The rounding methods by name, with their settings (pipeline.quant.rounding pairs each name with its function).
 ROUNDING_SETTINGS: dict[str, type] = {"nearest": NoSettings, "adaround": AdaRoundSettings}
 ROUNDING_NAMES = tuple(ROUNDING_SETTINGS)
+# How every rescale of the integer model rounds (pipeline.quant.fixed_point): "double", TFLite's and TensorFlow
+# Lite Micro's default (what CMSIS-NN follows), or "single" (one rounding, half up: the rule before "double").
+REQUANTIZE_ROUNDINGS = ("double", "single")
 
 
 def _check_named_settings(owner: str, kind: str, name: str, settings: Any, settings_by_name: dict[str, type]) -> None:

@@ -1,6 +1,7 @@
 /* The int32 sum of each window (zero padding adds 0; the area, padding included, is inside the
- * multiplier S_in / (S_out * area)), requantized. |sum| <= max|x| * area < 2^31 (checked). */
-static void ${name}(const ptq_pool *p, const ptq_rescale *r, const ${in_t} *in, ${out_t} *out)
+ * multiplier S_in / (S_out * area)), times left_factor = 2^left_shift, requantized.
+ * |sum| * left_factor <= 2^30 (checked). */
+static void ${name}(const ptq_pool *p, const ptq_rescale *r, int32_t left_factor, const ${in_t} *in, ${out_t} *out)
 {
     for (int32_t c = 0; c < p->channels; ++c) {
         for (int32_t oy = 0; oy < p->out_h; ++oy) {
@@ -17,7 +18,7 @@ static void ${name}(const ptq_pool *p, const ptq_rescale *r, const ${in_t} *in, 
                         sum += in[(c * p->in_h + y) * p->in_w + x];
                     }
                 }
-                *out++ = (${out_t})ptq_requantize(sum, r->multiplier, r->shift, r->out_min, r->out_max);
+                *out++ = (${out_t})ptq_requantize(sum * left_factor, r->multiplier, r->shift, r->out_min, r->out_max);
             }
         }
     }

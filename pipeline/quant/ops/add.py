@@ -13,15 +13,18 @@ import torch
 from torch import Tensor
 
 from pipeline.graph.nodes import ActivationKind, Add
-from pipeline.quant.fixed_point import requantize_reference
 from pipeline.quant.ops.base import (
     BuildContext,
     IntegerOp,
     Requantize,
     activation_clamp,
-    requantization,
 )
-from pipeline.quant.ops.rescale import ExactRescale, apply_requantize, check_requantize
+from pipeline.quant.ops.rescale import (
+    ExactRescale,
+    apply_requantize,
+    check_requantize,
+    requantize_one,
+)
 from pipeline.quant.ranges import INT32_MAX, INT32_MIN, fake_quantize, largest_magnitude
 
 ADD_LEFT_SHIFT = 20  # TFLite's for 8-bit inputs: |q| * 2^20 <= 2^27 leaves headroom in int32
@@ -45,10 +48,10 @@ def build(node: Add, context: BuildContext) -> IntAdd:
     scale_a, scale_b, scale_out = (context.scale(name) for name in (*node.inputs, node.output))
     twice_max = 2 * max(scale_a, scale_b)
     common = twice_max / 2**ADD_LEFT_SHIFT
-    input_rq = tuple(requantization(s / twice_max, (INT32_MIN, INT32_MAX)) for s in (scale_a, scale_b))
+    input_rq = tuple(context.requantization(s / twice_max, (INT32_MIN, INT32_MAX)) for s in (scale_a, scale_b))
     clamp = activation_clamp(node.activation, scale_out, *context.tensors[node.output].range)
     return IntAdd(node.name, node.inputs, node.output, ADD_LEFT_SHIFT, input_rq,
-                  requantization(common / scale_out, clamp), node.activation)
+                  context.requantization(common / scale_out, clamp), node.activation)
 
 
 def output_shape(node: IntAdd, shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
@@ -76,11 +79,10 @@ def add_reference(a: int, b: int, left_shift: int, input_rq: tuple[Requantize, R
                   output_rq: Requantize) -> int:
     """``add_integers`` for one pair of values, in Python integers."""
     total = sum(
-        requantize_reference(x << left_shift, int(rq.multiplier), int(rq.shift), rq.clamp_min, rq.clamp_max)
+        requantize_one(x << left_shift, rq)
         for x, rq in zip((a, b), input_rq, strict=True)
     )
-    return requantize_reference(total, int(output_rq.multiplier), int(output_rq.shift),
-                                output_rq.clamp_min, output_rq.clamp_max)
+    return requantize_one(total, output_rq)
 
 
 def prepare(node: IntAdd, model, device: torch.device) -> tuple[tuple[ExactRescale, ExactRescale], ExactRescale]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.graph.nodes import ActivationKind, FloatGraph
-from pipeline.quant.fixed_point import quantize_multipliers
+from pipeline.quant.fixed_point import ROUNDINGS, quantize_multipliers
 from pipeline.quant.ranges import int_range, quantize
 
 if TYPE_CHECKING:
@@ -49,18 +49,25 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Requantize:
-    """y = clamp(floor(acc * multiplier * 2^(shift - 31) + 1/2), clamp_min, clamp_max) (``fixed_point``)."""
+    """y = clamp(acc * multiplier * 2^(shift - 31) rounded by ``rounding``, clamp_min, clamp_max) (``fixed_point``)."""
 
     multiplier: Tensor  # int32, 0-D or (C,)
     shift: Tensor  # int32, like multiplier
     clamp_min: int
     clamp_max: int
+    rounding: str = "double"  # fixed_point.ROUNDINGS: "double" (TFLite's) or "single" (round half up once)
 
 
-def requantization(real_multiplier: Tensor | float, clamp: tuple[int, int]) -> Requantize:
-    """The ``Requantize`` of a real multiplier M (0-D or per channel) with saturation ``clamp``."""
+def requantization(real_multiplier: Tensor | float, clamp: tuple[int, int], rounding: str) -> Requantize:
+    """The ``Requantize`` of a real multiplier M (0-D or per channel) with saturation ``clamp``.
+
+    Compute M in float64 from float32 scales in TFLite's order (``input * weight / output``): a
+    ``.tflite`` stores the scales in float32 and TensorFlow Lite Micro derives the same multiplier from them.
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     multiplier, shift = quantize_multipliers(torch.as_tensor(real_multiplier, dtype=torch.float64))
-    return Requantize(multiplier.to(torch.int32), shift.to(torch.int32), *clamp)
+    return Requantize(multiplier.to(torch.int32), shift.to(torch.int32), *clamp, rounding)
 
 
 def activation_clamp(activation: ActivationKind, scale: float, qmin: int, qmax: int) -> tuple[int, int]:
@@ -80,12 +87,17 @@ def activation_clamp(activation: ActivationKind, scale: float, qmin: int, qmax: 
 @dataclass
 class BuildContext:
     """What building one node needs: the float graph, every tensor's info so far (a builder may add the
-    logits'), the node whose output is the logits, and the quantized weights by layer name."""
+    logits'), the node whose output is the logits, the quantized weights by layer name, and the rounding rule."""
 
     graph: FloatGraph
     tensors: dict[str, TensorInfo]
     logits_layer: Any
     quantized_weights: dict[str, tuple[Tensor, Tensor]]
+    rounding: str = "double"  # every Requantize's rule (fixed_point.ROUNDINGS)
+
+    def requantization(self, real_multiplier: Tensor | float, clamp: tuple[int, int]) -> Requantize:
+        """``requantization`` with this model's rounding rule."""
+        return requantization(real_multiplier, clamp, self.rounding)
 
     def scale(self, name: str) -> float:
         return float(self.tensors[name].scale)

@@ -12,9 +12,13 @@ import torch
 from torch import Tensor
 
 from pipeline.graph.nodes import Concat
-from pipeline.quant.fixed_point import requantize_reference
-from pipeline.quant.ops.base import BuildContext, IntegerOp, Requantize, requantization
-from pipeline.quant.ops.rescale import ExactRescale, apply_requantize, check_requantize
+from pipeline.quant.ops.base import BuildContext, IntegerOp, Requantize
+from pipeline.quant.ops.rescale import (
+    ExactRescale,
+    apply_requantize,
+    check_requantize,
+    requantize_one,
+)
 from pipeline.quant.ranges import fake_quantize, largest_magnitude
 
 
@@ -34,7 +38,7 @@ def build(node: Concat, context: BuildContext) -> IntConcat:
     output_scale = context.scale(node.output)
     input_rq = tuple(
         None if context.scale(name) == output_scale and context.tensors[name].range == output_range
-        else requantization(context.scale(name) / output_scale, output_range)
+        else context.requantization(context.scale(name) / output_scale, output_range)
         for name in node.inputs
     )
     return IntConcat(node.name, node.inputs, node.output, input_rq)
@@ -69,7 +73,7 @@ def concat_reference(value: int, rq: Requantize | None) -> int:
     """One value of one input of ``concat_integers``, in Python integers."""
     if rq is None:
         return value
-    return requantize_reference(value, int(rq.multiplier), int(rq.shift), rq.clamp_min, rq.clamp_max)
+    return requantize_one(value, rq)
 
 
 def prepare(node: IntConcat, model, device: torch.device) -> tuple[ExactRescale | None, ...]:

@@ -28,7 +28,6 @@ from pipeline.quant.ops.base import (
     Requantize,
     TensorInfo,
     activation_clamp,
-    requantization,
 )
 from pipeline.quant.ops.geometry import window_shape
 from pipeline.quant.ops.rescale import ExactRescale, check_requantize
@@ -118,11 +117,11 @@ def build(node: Conv | Linear, context: BuildContext) -> IntConv:
         logits_scale = accumulator_scale.max()
         tensors[node.output] = TensorInfo(logits_shape, 32, logits_scale)
         clamp = activation_clamp(node.activation, float(logits_scale), INT32_MIN, INT32_MAX)
-        requantize = requantization(accumulator_scale / logits_scale, clamp)
+        requantize = context.requantization(accumulator_scale / logits_scale, clamp)
     else:
         output_scale = context.scale(node.output)
         clamp = activation_clamp(node.activation, output_scale, *tensors[node.output].range)
-        requantize = requantization(accumulator_scale / output_scale, clamp)
+        requantize = context.requantization(accumulator_scale / output_scale, clamp)
     return IntConv(node.name, kind, node.input, node.output, q_weight, q_bias, weight_scale, *geometry,
                    node.activation, requantize)
 

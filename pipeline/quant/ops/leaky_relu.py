@@ -13,15 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.graph.nodes import LeakyReLU
-from pipeline.quant.fixed_point import requantize_reference
 from pipeline.quant.ops.base import (
     BuildContext,
     IntegerOp,
     Requantize,
-    requantization,
     same_shape,
 )
-from pipeline.quant.ops.rescale import ExactRescale, check_requantize
+from pipeline.quant.ops.rescale import ExactRescale, check_requantize, requantize_one
 from pipeline.quant.ranges import fake_quantize, largest_magnitude
 
 
@@ -42,7 +40,7 @@ def build(node: LeakyReLU, context: BuildContext) -> IntLeakyReLU:
     ratio = context.scale(node.input) / context.scale(node.output)
     clamp = context.tensors[node.output].range
     return IntLeakyReLU(node.name, node.input, node.output, node.negative_slope,
-                        requantization(ratio, clamp), requantization(node.negative_slope * ratio, clamp))
+                        context.requantization(ratio, clamp), context.requantization(node.negative_slope * ratio, clamp))
 
 
 def check(node: IntLeakyReLU, model, where: str) -> None:
@@ -53,7 +51,7 @@ def check(node: IntLeakyReLU, model, where: str) -> None:
 def leaky_relu_reference(q: int, positive: Requantize, negative: Requantize) -> int:
     """One output of the integer leaky ReLU, in Python integers."""
     rq = positive if q >= 0 else negative
-    return requantize_reference(q, int(rq.multiplier), int(rq.shift), rq.clamp_min, rq.clamp_max)
+    return requantize_one(q, rq)
 
 
 def prepare(node: IntLeakyReLU, model, device: torch.device) -> tuple[ExactRescale, ExactRescale]:

@@ -1,0 +1,259 @@
+"""The TFLite exporter: TensorFlow Lite Micro runs its files integer for integer as the engine does, and it refuses,
+naming the node, what TFLite would compute otherwise."""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import tflite
+import torch
+
+from pipeline.export import tflite_model as T
+from pipeline.export.tflite_run import (
+    arena_bound,
+    run_litert_reference,
+    run_tflm,
+    tflm_arena_bytes,
+)
+from pipeline.quant.engine import (
+    integer_tensor_outputs,
+    quantize_model_input,
+    run_integer,
+)
+from pipeline.quant.fixed_point import quantize_multiplier, requantize_reference
+from pipeline.quant.ir import IntegerModel
+from pipeline.quant.ops.add import IntAdd
+from pipeline.quant.ops.avgpool import IntAvgPool
+from pipeline.quant.ops.base import Requantize, TensorInfo
+from pipeline.quant.ops.concat import IntConcat
+from pipeline.quant.ops.conv import IntConv
+from pipeline.quant.ranges import ActivationFormat
+from pipeline.transforms import SEED_MEAN, SEED_STD
+from tests.integer_graphs import FORMATS, random_uint8_images, toy_model
+
+# ---------------------------------------------------------------- models TFLite can hold
+
+
+def _rescale(rq: Requantize, pairs: list[tuple[int, int]]) -> Requantize:
+    multiplier = torch.tensor([m for m, _ in pairs], dtype=torch.int32)
+    shift = torch.tensor([s for _, s in pairs], dtype=torch.int32)
+    return replace(rq, multiplier=multiplier[0] if len(pairs) == 1 else multiplier,
+                   shift=shift[0] if len(pairs) == 1 else shift)
+
+
+def with_tflite_multipliers(model: IntegerModel) -> IntegerModel:
+    """Every Requantize's (multiplier, shift) as TFLite derives it from the float32 scales (the clamps kept)."""
+    tensors = model.tensors
+
+    def scale(name: str) -> float:
+        return float(tensors[name].scale)
+
+    nodes = []
+    for node in model.nodes:
+        if isinstance(node, IntConv) and node.requantize is not None:
+            weight_scales = node.weight_scale.reshape(-1).tolist()
+            if node.kind == "linear" and len(weight_scales) == 1:
+                pairs = [T.fully_connected_multiplier(scale(node.input), weight_scales[0], scale(node.output))]
+            else:
+                pairs = T.conv_multipliers(scale(node.input), weight_scales, scale(node.output))
+            node = replace(node, requantize=_rescale(node.requantize, pairs))
+        elif isinstance(node, IntAdd):
+            a, b, out = T.add_multipliers(*(scale(name) for name in (*node.inputs, node.output)))
+            node = replace(node, input_requantize=(_rescale(node.input_requantize[0], [a]),
+                                                   _rescale(node.input_requantize[1], [b])),
+                           output_requantize=_rescale(node.output_requantize, [out]))
+        elif isinstance(node, IntAvgPool) and tuple(node.kernel) == tuple(tensors[node.input].shape[1:]):
+            count = node.kernel[0] * node.kernel[1]
+            pair = T.mean_multiplier(scale(node.input), scale(node.output), count)
+            node = replace(node, requantize=_rescale(node.requantize, [pair]))
+        elif isinstance(node, IntConcat):
+            node = replace(node, input_requantize=tuple(
+                None if rq is None else _rescale(rq, [T.requantize_multiplier(scale(name), scale(node.output))])
+                for name, rq in zip(node.inputs, node.input_requantize, strict=True)))
+        nodes.append(node)
+    return replace(model, nodes=nodes)
+
+
+def with_int8_logits(model: IntegerModel, x_int8: torch.Tensor, headroom: float = 1.0) -> IntegerModel:
+    """The last layer requantized to int8 logits at a scale that fits ``x_int8``'s logits (``headroom`` < 1 saturates
+    some), and every multiplier TFLite's."""
+    logits = run_integer(model, x_int8).to(torch.float64) * model.output_scale
+    scale = float(logits.abs().max()) / 127 * headroom
+    last = model.nodes[-1]
+    tensors = dict(model.tensors)
+    tensors[model.output] = TensorInfo(tensors[model.output].shape, 8, torch.tensor(scale, dtype=torch.float64))
+    zero = torch.tensor(0, dtype=torch.int32)
+    rq = Requantize(zero, zero, -128, 127)  # its multipliers come next
+    return with_tflite_multipliers(replace(model, tensors=tensors, nodes=[*model.nodes[:-1], replace(last, requantize=rq)]))
+
+
+def images(model: IntegerModel, count: int, seed: int) -> torch.Tensor:
+    """int8 engine inputs of random CIFAR-like images."""
+    x = random_uint8_images(count, seed).permute(0, 3, 1, 2).to(torch.float32) / 255
+    mean, std = torch.tensor(SEED_MEAN).view(1, 3, 1, 1), torch.tensor(SEED_STD).view(1, 3, 1, 1)
+    return quantize_model_input(model, (x - mean) / std)
+
+
+def tflite_toy(name: str, format_name: str | None = None, granularity: str = "per_channel",
+               headroom: float = 1.0) -> tuple[IntegerModel, torch.Tensor]:
+    """A toy model with int8 logits and TFLite's multipliers, and 8 images to run (not the calibration ones)."""
+    model = toy_model(name, granularity, activation_format=FORMATS[format_name] if format_name else ActivationFormat())
+    x = images(model, 8, seed=11)
+    return with_int8_logits(model, x, headroom), x
+
+
+def opcodes(blob: bytes) -> list[str]:
+    names = {value: key for key, value in vars(tflite.BuiltinOperator).items() if not key.startswith("_")}
+    model = tflite.Model.GetRootAsModel(blob, 0)
+    graph = model.Subgraphs(0)
+    return [names[model.OperatorCodes(graph.Operators(i).OpcodeIndex()).BuiltinCode()]
+            for i in range(graph.OperatorsLength())]
+
+
+def tensor_types(blob: bytes) -> dict[str, int]:
+    graph = tflite.Model.GetRootAsModel(blob, 0).Subgraphs(0)
+    return {graph.Tensors(i).Name().decode(): graph.Tensors(i).Type() for i in range(graph.TensorsLength())}
+
+
+# ---------------------------------------------------------------- TFLite's arithmetic, written from its C
+
+
+def multiply_by_quantized_multiplier_c(x: int, multiplier: int, shift: int) -> int:
+    """common.cc's double-rounding MultiplyByQuantizedMultiplier, one int32 at a time, as its C reads."""
+    x = x * (1 << max(shift, 0))
+    product = x * multiplier
+    nudge = (1 << 30) if product >= 0 else 1 - (1 << 30)
+    total = product + nudge
+    high = abs(total) >> 31 if total >= 0 else -(abs(total) >> 31)  # C's division truncates toward zero
+    exponent = max(-shift, 0)
+    mask = (1 << exponent) - 1
+    remainder, threshold = high & mask, (mask >> 1) + (1 if high < 0 else 0)
+    return (high >> exponent) + (1 if remainder > threshold else 0)
+
+
+def test_multipliers_round_ties_away_from_zero_and_mean_folds_in_the_count():
+    assert quantize_multiplier(0.5 + 2.0**-32) == (2**30 + 1, 0)  # std::round, not round-half-even
+    assert quantize_multiplier(0.75) == (3 << 29, 0) and quantize_multiplier(3.0) == (3 << 29, 2)
+    assert quantize_multiplier(2.0**-40) == (0, 0)
+    assert T.mean_multiplier(1.0, 1.0, 16) == (2**30, 1 - 4)  # a power of two: the multiplier unchanged
+    assert T.mean_multiplier(1.0, 1.0, 9) == ((2**30 << 3) // 9, 1 - 3)
+    # per-tensor FULLY_CONNECTED multiplies the scales in float32 first
+    s_in, s_w, s_out = 0.1, 0.3, 0.7
+    assert T.fully_connected_multiplier(s_in, s_w, s_out) == quantize_multiplier(
+        float(np.float32(s_in) * np.float32(s_w)) / float(np.float32(s_out)))
+
+
+def test_the_engines_double_rounding_is_tflite_multiply_by_quantized_multiplier():
+    rng = random.Random(0)
+    cases = [(rng.randint(-(2**20), 2**20), rng.randint(2**30, 2**31 - 1), rng.randint(-20, 3)) for _ in range(2000)]
+    cases += [(x, 2**30, -1) for x in range(-9, 10)]  # ties: half away from zero
+    for x, m, s in cases:
+        assert requantize_reference(x, m, s, -(2**31), 2**31 - 1, "double") == multiply_by_quantized_multiplier_c(
+            x, m, s), (x, m, s)
+
+
+def test_fused_clamp_rounds_six_over_the_float32_scale_half_away_from_zero():
+    info = TensorInfo((1,), 8, torch.tensor(6 / 20.5, dtype=torch.float64))  # 6 / scale = 20.5: std::round -> 21
+    assert T.fused_clamp(tflite.ActivationFunctionType.RELU6, info) == (0, 21)
+    unsigned = replace(info, signed=False)
+    assert T.fused_clamp(tflite.ActivationFunctionType.RELU, unsigned) == (0, 255)
+
+
+# ---------------------------------------------------------------- TFLM against the engine
+
+
+@pytest.mark.parametrize(("name", "format_name", "granularity"), [
+    ("depthwise", None, "per_channel"),  # PAD, depthwise, grouped, ReLU6, concat, PADV2 max pool, MEAN, FC
+    ("depthwise", "unsigned-a4", "per_tensor"),  # unsigned 4-bit: MINIMUM / MAXIMUM after every rescale
+    ("depthwise", "a4", "per_channel"),
+    ("shared-relu", None, "per_tensor"),  # standalone ReLU, add of two scales, flatten of a map into a linear layer
+    ("shared-relu", "unsigned", "per_channel"),
+    ("reused-modules", "unsigned-a6", "per_channel"),  # add with a fused ReLU, max pools
+])
+def test_tflm_gives_the_engine_logits(name, format_name, granularity):
+    model, x = tflite_toy(name, format_name, granularity)
+    assert torch.equal(run_tflm(T.build_tflite(model), x, progress=False), run_integer(model, x).to(torch.int64))
+
+
+@pytest.mark.parametrize(("name", "format_name"), [("depthwise", "unsigned-a4"), ("shared-relu", "unsigned")])
+def test_tflm_gives_every_intermediate_tensor_of_the_engine(name, format_name):
+    """Each node's output as the file's output (a flatten read by no linear layer is transposed to (C, H, W) order)."""
+    model, x = tflite_toy(name, format_name)
+    expected = integer_tensor_outputs(model, x)
+    for index, node in enumerate(model.nodes[:-1]):
+        truncated = replace(model, output=node.output, nodes=model.nodes[: index + 1])
+        got = run_tflm(T.build_tflite(truncated), x, progress=False)
+        assert torch.equal(got, expected[node.output]), node.name
+
+
+def test_the_file_pads_with_pad_where_same_differs_and_clamps_narrow_activations():
+    model, _ = tflite_toy("depthwise", "unsigned-a4")
+    ops = opcodes(T.build_tflite(model))
+    # stride-2 conv padded 1 (TFLite's SAME would pad 0 before, 1 after) and the 3x3/2 max pool padded 1
+    assert {"PAD", "PADV2", "DEPTHWISE_CONV_2D", "CONCATENATION", "QUANTIZE", "MEAN", "MINIMUM", "MAXIMUM"} <= set(ops)
+    plain, _ = tflite_toy("depthwise")
+    assert "MINIMUM" not in opcodes(T.build_tflite(replace(plain, nodes=plain.nodes[:2], output=plain.nodes[1].output)))
+
+
+def test_int4_weights_are_packed_where_tflm_reads_them():
+    model, x = tflite_toy("depthwise", granularity="per_tensor")
+    nodes = [replace(node, weight=(node.weight.float() / 18).round().clamp(-7, 7).to(torch.int8))
+             if isinstance(node, IntConv) else node for node in model.nodes]
+    model = replace(model, nodes=nodes)
+    blob = T.build_tflite(model)
+    types = tensor_types(blob)
+    assert types["stem/weight"] == types["depthwise/weight"] == types["fc/weight"] == tflite.TensorType.INT4
+    assert torch.equal(run_tflm(blob, x, progress=False), run_integer(model, x).to(torch.int64))
+
+
+def test_saturated_logits_match():
+    model, x = tflite_toy("shared-relu", headroom=0.25)
+    expected = run_integer(model, x).to(torch.int64)
+    assert int((expected.abs() >= 127).sum()) > 0
+    assert torch.equal(run_tflm(T.build_tflite(model), x, progress=False), expected)
+
+
+def test_litert_reference_kernels_agree_where_they_share_tflm_arithmetic():
+    pytest.importorskip("ai_edge_litert")
+    model, x = tflite_toy("reused-modules", "unsigned")
+    assert torch.equal(run_litert_reference(T.build_tflite(model), x, progress=False),
+                       run_integer(model, x).to(torch.int64))
+
+
+def test_save_writes_the_bytes_and_tflm_reports_its_arena(tmp_path):
+    model, _ = tflite_toy("shared-relu")
+    blob = T.save_tflite(model, tmp_path / "model.tflite")
+    assert (tmp_path / "model.tflite").read_bytes() == blob == T.build_tflite(model)
+    assert 0 < tflm_arena_bytes(blob) <= arena_bound(blob)
+
+
+# ---------------------------------------------------------------- what it refuses
+
+
+def test_refuses_int32_logits():
+    with pytest.raises(ValueError, match="TFLite's FULLY_CONNECTED outputs int8.*needs int8 logits"):
+        T.build_tflite(toy_model("shared-relu"))
+
+
+def test_refuses_leaky_relu_naming_the_node_and_what_is_supported():
+    with pytest.raises(ValueError, match=r"node 1 \('leaky', IntLeakyReLU\): TFLite has no exact form.*IntConv"):
+        T.build_tflite(toy_model("rescaling-activations"))
+
+
+def test_refuses_an_average_pool_that_rescales():
+    model = toy_model("residual")
+    with pytest.raises(ValueError, match=r"\('avg_pool2d', IntAvgPool\): TFLite's AVERAGE_POOL_2D does not rescale"):
+        T.build_tflite(with_int8_logits(model, images(model, 4, seed=1)))
+
+
+def test_refuses_single_rounding_and_multipliers_tflite_would_not_derive():
+    model, _ = tflite_toy("shared-relu")
+    fc = model.nodes[-1]
+    single = replace(fc, requantize=replace(fc.requantize, rounding="single"))
+    with pytest.raises(ValueError, match=r"\('fc', IntConv\) requantizes with 'single' rounding"):
+        T.build_tflite(replace(model, nodes=[*model.nodes[:-1], single]))
+    off = replace(fc, requantize=replace(fc.requantize, multiplier=fc.requantize.multiplier + 1))
+    with pytest.raises(ValueError, match=r"\('fc', IntConv\): TFLite derives the output \(multiplier, shift\)"):
+        T.build_tflite(replace(model, nodes=[*model.nodes[:-1], off]))
