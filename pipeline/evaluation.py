@@ -12,7 +12,8 @@ from torch import Tensor
 
 from pipeline.export.c_build import c_logits, find_compiler
 from pipeline.export.onnx_model import onnx_predictions
-from pipeline.export_layout import ONNX_FILES
+from pipeline.export.tflite_run import run_tflm
+from pipeline.export_layout import ONNX_FILES, TFLITE_FILE
 from pipeline.graph.nodes import FloatGraph, float_parameter_count
 from pipeline.graph.run import run_float
 from pipeline.quant.engine import (
@@ -145,9 +146,10 @@ def export_agreement(
     compiler: str = "gcc",
     engine_logits: Tensor | None = None,
 ) -> dict[str, Any]:
-    """How the exported C and ONNX models in ``directory`` agree with ``run_integer`` on normalized images.
+    """How the exported C, ONNX and ``.tflite`` models in ``directory`` agree with ``run_integer`` on normalized images.
 
-    Counts images whose logits (C, integer ONNX) or predictions differ from the
+    Counts images whose logits (C, integer ONNX, the ``.tflite`` in TensorFlow Lite Micro) or predictions differ
+    from the
     engine's, the QLinear ONNX model's prediction agreement in percent, and
     with ``labels`` each one's accuracy in percent. C figures are None when
     ``compiler`` is not installed. ``engine_logits``, the engine's int32 logits
@@ -177,6 +179,9 @@ def export_agreement(
         report["c_logit_mismatches"] = _mismatched_images(logits, engine_logits)
         report["c_prediction_mismatches"] = int((logits.argmax(dim=1) != engine_predictions).sum())
         runs["c"] = logits.argmax(dim=1)
+    tflite_logits = run_tflm((directory / TFLITE_FILE).read_bytes(), x_int8)
+    report["tflite_logit_mismatches"] = _mismatched_images(tflite_logits, engine_logits)
+    runs["tflite_int8"] = tflite_logits.argmax(dim=1)
     report["onnx_qlinear_agreement"] = percent_equal(runs["onnx_qlinear"], engine_predictions)
     if labels is not None:
         runs["engine"] = engine_predictions

@@ -3,3 +3,4 @@ stage's agreement check (``pipeline.evaluation.export_agreement``) reads them, a
 from __future__ import annotations
 
 ONNX_FILES = {"qlinear": "model.onnx", "integer": "model_integer.onnx"}  # style -> file name
+TFLITE_FILE = "model.tflite"  # the int8 TensorFlow Lite model (pipeline.export.tflite_model), run in TFLM

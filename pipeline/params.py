@@ -26,6 +26,7 @@ from pipeline.normalization import SEED_MEAN, SEED_STD
 from pipeline.quant.settings import (
     ACTIVATION_CALIBRATOR_SETTINGS,
     GRANULARITY_NAMES,
+    LOGITS_TYPES,
     REQUANTIZE_ROUNDINGS,
     ROUNDING_NAMES,
     ROUNDING_SETTINGS,
@@ -209,6 +210,9 @@ def weight_calibration(section: SensitivityParams | QuantizeWeightsParams) -> We
 class QuantizeBiasesParams:
     # How every rescale rounds (pipeline.quant.fixed_point): double (TFLite / TFLM / CMSIS-NN) or single.
     rounding: str = dataclasses.field(default="double", metadata=choice(*REQUANTIZE_ROUNDINGS))
+    # int8: the last layer requantized to int8 at the profiled logits range (TFLite's FULLY_CONNECTED writes int8);
+    # int32: its accumulators (the rule before int8 logits).
+    logits: str = dataclasses.field(default="int8", metadata=choice(*LOGITS_TYPES))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.graph.file import RecordedTrace
-from pipeline.graph.nodes import FloatGraph
+from pipeline.graph.nodes import FloatGraph, check_output_layer
 from pipeline.graph.run import run_float
 from pipeline.graph.trace import record_trace, replay_trace
 from pipeline.quant.calibrators import activation_range
@@ -42,8 +42,12 @@ def profile_activations(
     batch_size: int = 500,
     progress: bool | None = None,
     original: RecordedTrace | None = None,
+    with_logits: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Statistics of every scale group over uint8 images (N, 32, 32, 3), by group root, in graph order.
+
+    With ``with_logits``, also those of the float logits (the last layer's output, not a scale group),
+    last, under that tensor's name (``logits_tensor``): int8 logits are calibrated from them.
 
     The observed values are the trained model's own (BatchNorm not folded): ``original``, its recorded calls
     (the graph file's), or those of ``graph.traced`` for a graph captured here. An equalized graph has neither
@@ -54,8 +58,11 @@ def profile_activations(
     if original is None and graph.traced is not None:
         original = record_trace(graph.traced)
     groups = scale_groups(graph)
-    observers = {root: ActivationObserver() for root in groups}
-    group_of = {name: root for root, group in groups.items() for name in group.observed}
+    observed = {root: (group.observed, group.read_by) for root, group in groups.items()}
+    if with_logits:
+        observed[logits_tensor(graph)] = ((logits_tensor(graph),), ())
+    observers = {root: ActivationObserver() for root in observed}
+    group_of = {name: root for root, (names, _) in observed.items() for name in names}
 
     def observe(name: str, value: torch.Tensor) -> None:
         try:
@@ -73,9 +80,14 @@ def profile_activations(
         else:
             replay_trace(original, batch, group_of, observe)
     return {
-        root: observers[root].stats() | {"observed": list(group.observed), "read_by": list(group.read_by)}
-        for root, group in groups.items()
+        root: observers[root].stats() | {"observed": list(names), "read_by": list(read_by)}
+        for root, (names, read_by) in observed.items()
     }
+
+
+def logits_tensor(graph: FloatGraph) -> str:
+    """The float logits' tensor: the last layer's output (the graph's output may be a flatten of it)."""
+    return check_output_layer(graph).output
 
 
 def calibrate_ranges(

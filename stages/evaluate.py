@@ -85,15 +85,17 @@ def main() -> None:
             "onnx_qlinear": exported["accuracy"]["onnx_qlinear"],
             "onnx_integer": exported["accuracy"]["onnx_integer"],
             "c": exported["accuracy"].get("c"),
+            "tflite_int8": exported["accuracy"]["tflite_int8"],
         },
         "agreement": {
             "engine_vs_simulated": percent_equal(engine, simulated),
             "engine_vs_onnx": exported["onnx_qlinear_agreement"],
         },
-        "mismatches": {  # test images whose int32 logits differ from the Python engine's (None: no C compiler)
+        "mismatches": {  # test images whose logits differ from the Python engine's (None: no C compiler)
             "c_logits": exported["c_logit_mismatches"],
             "onnx_integer_logits": exported["onnx_integer_logit_mismatches"],
             "onnx_qlinear_logits": exported["onnx_qlinear_logit_mismatches"],
+            "tflite_logits": exported["tflite_logit_mismatches"],  # data/export/model.tflite in TensorFlow Lite Micro
         },
         "sqnr_db": {
             "weights": _decibels(weight_sqnr(graph, integer_model)),

@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.graph.capture import capture
 from pipeline.models import build_model
-from pipeline.profile import calibrate_ranges, profile_activations
+from pipeline.profile import calibrate_ranges, logits_tensor, profile_activations
 from pipeline.quant.build import build_integer_model
 from pipeline.quant.ir import IntegerModel
 from pipeline.quant.ranges import ActivationFormat
@@ -162,28 +162,36 @@ def random_uint8_images(count: int, seed: int) -> torch.Tensor:
 def integer_model_of(
     module: nn.Module, granularity: str = "per_channel", calibrator: str = "minmax", seed: int = 0,
     weight_calibrator: str = "minmax", activation_format: ActivationFormat = ActivationFormat(),
-    rounding: str = "double",
+    rounding: str = "double", logits: str = "int32",
 ) -> IntegerModel:
-    """Capture ``module`` (BatchNorm randomized), calibrate on random images, build its integer model."""
+    """Capture ``module`` (BatchNorm randomized), calibrate on random images, build its integer model (with
+    ``logits`` "int8": int8 logits at the calibrated range of the float logits, as the pipeline's default)."""
     torch.manual_seed(seed)
     randomize_batchnorm(module, seed)
     graph = capture(module.eval())
-    stats = profile_activations(graph, random_uint8_images(48, seed), SEED_MEAN, SEED_STD, 24, progress=False)
+    stats = profile_activations(graph, random_uint8_images(48, seed), SEED_MEAN, SEED_STD, 24, progress=False,
+                                with_logits=True)
+    logits_stats = {name: stats.pop(name) for name in [logits_tensor(graph)]}
     calibrated = calibrate_ranges(stats, calibrator, integer_ranges=group_ranges(graph, activation_format))
     ranges = {root: chosen["range"] for root, chosen in calibrated.items()}
+    logits_range = next(iter(calibrate_ranges(logits_stats, calibrator).values()))["range"]
     weights = quantize_model_weights(graph, 8, weight_calibrator, granularity)
-    return build_integer_model(graph, ranges, weights, list(SEED_MEAN), list(SEED_STD), activation_format, rounding)
+    return build_integer_model(graph, ranges, weights, list(SEED_MEAN), list(SEED_STD), activation_format, rounding,
+                               logits_range if logits == "int8" else None)
 
 
 def toy_model(name: str, granularity: str = "per_channel", seed: int = 0,
-              activation_format: ActivationFormat = ActivationFormat(), rounding: str = "double") -> IntegerModel:
+              activation_format: ActivationFormat = ActivationFormat(), rounding: str = "double",
+              logits: str = "int32") -> IntegerModel:
     torch.manual_seed(seed)
     return integer_model_of(TOYS[name](), granularity, seed=seed, activation_format=activation_format,
-                            rounding=rounding)
+                            rounding=rounding, logits=logits)
 
 
 def cifar_model(name: str, granularity: str = "per_tensor", seed: int = 0,
-                activation_format: ActivationFormat = ActivationFormat(), rounding: str = "double") -> IntegerModel:
+                activation_format: ActivationFormat = ActivationFormat(), rounding: str = "double",
+                logits: str = "int32") -> IntegerModel:
     """A built-in model (``pipeline.models``) with seeded random weights, quantized."""
     return integer_model_of(build_model(name, seed=seed), granularity, calibrator="seed", seed=seed,
-                            weight_calibrator="sigma", activation_format=activation_format, rounding=rounding)
+                            weight_calibrator="sigma", activation_format=activation_format, rounding=rounding,
+                            logits=logits)

@@ -24,69 +24,32 @@ from pipeline.quant.engine import (
 )
 from pipeline.quant.fixed_point import quantize_multiplier, requantize_reference
 from pipeline.quant.ir import IntegerModel
-from pipeline.quant.ops.add import IntAdd
-from pipeline.quant.ops.avgpool import IntAvgPool
-from pipeline.quant.ops.base import Requantize, TensorInfo
-from pipeline.quant.ops.concat import IntConcat
+from pipeline.quant.ops.base import TensorInfo
 from pipeline.quant.ops.conv import IntConv
 from pipeline.quant.ranges import ActivationFormat
 from pipeline.transforms import SEED_MEAN, SEED_STD
-from tests.integer_graphs import FORMATS, random_uint8_images, toy_model
+from tests.integer_graphs import FORMATS, cifar_model, random_uint8_images, toy_model
 
 # ---------------------------------------------------------------- models TFLite can hold
 
 
-def _rescale(rq: Requantize, pairs: list[tuple[int, int]]) -> Requantize:
-    multiplier = torch.tensor([m for m, _ in pairs], dtype=torch.int32)
-    shift = torch.tensor([s for _, s in pairs], dtype=torch.int32)
-    return replace(rq, multiplier=multiplier[0] if len(pairs) == 1 else multiplier,
-                   shift=shift[0] if len(pairs) == 1 else shift)
-
-
-def with_tflite_multipliers(model: IntegerModel) -> IntegerModel:
-    """Every Requantize's (multiplier, shift) as TFLite derives it from the float32 scales (the clamps kept)."""
-    tensors = model.tensors
-
-    def scale(name: str) -> float:
-        return float(tensors[name].scale)
-
-    nodes = []
-    for node in model.nodes:
-        if isinstance(node, IntConv) and node.requantize is not None:
-            weight_scales = node.weight_scale.reshape(-1).tolist()
-            if node.kind == "linear" and len(weight_scales) == 1:
-                pairs = [T.fully_connected_multiplier(scale(node.input), weight_scales[0], scale(node.output))]
-            else:
-                pairs = T.conv_multipliers(scale(node.input), weight_scales, scale(node.output))
-            node = replace(node, requantize=_rescale(node.requantize, pairs))
-        elif isinstance(node, IntAdd):
-            a, b, out = T.add_multipliers(*(scale(name) for name in (*node.inputs, node.output)))
-            node = replace(node, input_requantize=(_rescale(node.input_requantize[0], [a]),
-                                                   _rescale(node.input_requantize[1], [b])),
-                           output_requantize=_rescale(node.output_requantize, [out]))
-        elif isinstance(node, IntAvgPool) and tuple(node.kernel) == tuple(tensors[node.input].shape[1:]):
-            count = node.kernel[0] * node.kernel[1]
-            pair = T.mean_multiplier(scale(node.input), scale(node.output), count)
-            node = replace(node, requantize=_rescale(node.requantize, [pair]))
-        elif isinstance(node, IntConcat):
-            node = replace(node, input_requantize=tuple(
-                None if rq is None else _rescale(rq, [T.requantize_multiplier(scale(name), scale(node.output))])
-                for name, rq in zip(node.inputs, node.input_requantize, strict=True)))
-        nodes.append(node)
-    return replace(model, nodes=nodes)
-
-
-def with_int8_logits(model: IntegerModel, x_int8: torch.Tensor, headroom: float = 1.0) -> IntegerModel:
-    """The last layer requantized to int8 logits at a scale that fits ``x_int8``'s logits (``headroom`` < 1 saturates
-    some), and every multiplier TFLite's."""
-    logits = run_integer(model, x_int8).to(torch.float64) * model.output_scale
-    scale = float(logits.abs().max()) / 127 * headroom
+def with_narrower_logits(model: IntegerModel, factor: float) -> IntegerModel:
+    """The int8 logits' scale times ``factor`` (< 1 saturates some), the last layer's multiplier as TFLite derives it."""
     last = model.nodes[-1]
     tensors = dict(model.tensors)
-    tensors[model.output] = TensorInfo(tensors[model.output].shape, 8, torch.tensor(scale, dtype=torch.float64))
-    zero = torch.tensor(0, dtype=torch.int32)
-    rq = Requantize(zero, zero, -128, 127)  # its multipliers come next
-    return with_tflite_multipliers(replace(model, tensors=tensors, nodes=[*model.nodes[:-1], replace(last, requantize=rq)]))
+    scale = float(np.float32(float(model.output_scale) * factor))
+    tensors[model.output] = replace(tensors[model.output], scale=torch.tensor(scale, dtype=torch.float64))
+    s_in, weight_scales = float(tensors[last.input].scale), last.weight_scale.reshape(-1).tolist()
+    if last.kind == "linear" and len(weight_scales) == 1:
+        pairs = [T.fully_connected_multiplier(s_in, weight_scales[0], scale)]
+    else:
+        pairs = T.conv_multipliers(s_in, weight_scales, scale)
+    multiplier = torch.tensor([m for m, _ in pairs], dtype=torch.int32)
+    shift = torch.tensor([s for _, s in pairs], dtype=torch.int32)
+    if len(pairs) == 1:
+        multiplier, shift = multiplier[0], shift[0]
+    rq = replace(last.requantize, multiplier=multiplier, shift=shift)
+    return replace(model, tensors=tensors, nodes=[*model.nodes[:-1], replace(last, requantize=rq)])
 
 
 def images(model: IntegerModel, count: int, seed: int) -> torch.Tensor:
@@ -96,12 +59,12 @@ def images(model: IntegerModel, count: int, seed: int) -> torch.Tensor:
     return quantize_model_input(model, (x - mean) / std)
 
 
-def tflite_toy(name: str, format_name: str | None = None, granularity: str = "per_channel",
-               headroom: float = 1.0) -> tuple[IntegerModel, torch.Tensor]:
-    """A toy model with int8 logits and TFLite's multipliers, and 8 images to run (not the calibration ones)."""
-    model = toy_model(name, granularity, activation_format=FORMATS[format_name] if format_name else ActivationFormat())
-    x = images(model, 8, seed=11)
-    return with_int8_logits(model, x, headroom), x
+def tflite_toy(name: str, format_name: str | None = None, granularity: str = "per_channel"
+               ) -> tuple[IntegerModel, torch.Tensor]:
+    """A toy model built with int8 logits (the pipeline's default), and 8 images to run (not the calibration ones)."""
+    model = toy_model(name, granularity, activation_format=FORMATS[format_name] if format_name else ActivationFormat(),
+                      logits="int8")
+    return model, images(model, 8, seed=11)
 
 
 def opcodes(blob: bytes) -> list[str]:
@@ -209,7 +172,8 @@ def test_int4_weights_are_packed_where_tflm_reads_them():
 
 
 def test_saturated_logits_match():
-    model, x = tflite_toy("shared-relu", headroom=0.25)
+    model, x = tflite_toy("shared-relu")
+    model = with_narrower_logits(model, 0.25)
     expected = run_integer(model, x).to(torch.int64)
     assert int((expected.abs() >= 127).sum()) > 0
     assert torch.equal(run_tflm(T.build_tflite(model), x, progress=False), expected)
@@ -243,9 +207,8 @@ def test_refuses_leaky_relu_naming_the_node_and_what_is_supported():
 
 
 def test_refuses_an_average_pool_that_rescales():
-    model = toy_model("residual")
     with pytest.raises(ValueError, match=r"\('avg_pool2d', IntAvgPool\): TFLite's AVERAGE_POOL_2D does not rescale"):
-        T.build_tflite(with_int8_logits(model, images(model, 4, seed=1)))
+        T.build_tflite(toy_model("residual", logits="int8"))
 
 
 def test_refuses_single_rounding_and_multipliers_tflite_would_not_derive():
@@ -257,3 +220,15 @@ def test_refuses_single_rounding_and_multipliers_tflite_would_not_derive():
     off = replace(fc, requantize=replace(fc.requantize, multiplier=fc.requantize.multiplier + 1))
     with pytest.raises(ValueError, match=r"\('fc', IntConv\): TFLite derives the output \(multiplier, shift\)"):
         T.build_tflite(replace(model, nodes=[*model.nodes[:-1], off]))
+
+
+@pytest.mark.parametrize(("name", "granularity", "format_name"), [
+    ("net", "per_tensor", None), ("bnnet", "per_tensor", None), ("resnet20", "per_channel", None),
+    ("mobilenet", "per_channel", None), ("resnet20", "per_channel", "unsigned-a4"), ("net", "per_tensor", "a4"),
+])
+def test_the_built_in_models_run_in_tflm_as_in_the_engine(name, granularity, format_name):
+    """The pipeline's own models, built as the quantize-biases stage builds them (double rounding, int8 logits)."""
+    model = cifar_model(name, granularity, activation_format=FORMATS[format_name] if format_name else ActivationFormat(),
+                        logits="int8")
+    x = images(model, 6, seed=3)
+    assert torch.equal(run_tflm(T.build_tflite(model), x, progress=False), run_integer(model, x).to(torch.int64))

@@ -141,7 +141,10 @@ def test_integer_model_structure(net_and_data):
     assert [layer.requantize is None for layer in layers] == [False] * 4 + [True]
     assert model.input_scale == pytest.approx(4.0 / 127)
     for layer in layers[:-1]:
-        real = model.input_scale_of(layer) * float(layer.weight_scale) / float(model.tensors[layer.output].scale)
+        product = model.input_scale_of(layer) * float(layer.weight_scale)
+        if layer.kind == "linear":  # TFLite's per-tensor FULLY_CONNECTED takes S_in * S_w in float32
+            product = float(np.float32(product))
+        real = product / float(model.tensors[layer.output].scale)
         fixed = int(layer.requantize.multiplier) * 2.0 ** (int(layer.requantize.shift) - 31)
         assert fixed == pytest.approx(real, rel=2**-30)
         assert (layer.requantize.clamp_min, layer.requantize.clamp_max) == (0, 127)  # the fused ReLU

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.export.plan import as_array, channel_values
+from pipeline.export.plan import as_array, channel_values, logits_tensors
 from pipeline.graph.nodes import numel
 from pipeline.quant.fixed_point import requantize_reference
 from pipeline.quant.ir import IntegerModel, int_node_inputs
@@ -117,8 +117,14 @@ def type_tag(info: TensorInfo) -> str:
 
 
 def _tags(model: IntegerModel, node: Any) -> tuple[list[str], str]:
-    """The type tags of ``node``'s inputs and of its output."""
-    return [type_tag(model.tensors[name]) for name in int_node_inputs(node)], type_tag(model.tensors[node.output])
+    """The type tags of ``node``'s inputs and of its output; the logits are the caller's int32_t array (int8
+    logits widened into it)."""
+    logits = logits_tensors(model)
+
+    def tag(name: str) -> str:
+        return "s32" if name in logits else type_tag(model.tensors[name])
+
+    return [tag(name) for name in int_node_inputs(node)], tag(node.output)
 
 
 def _struct(c_type: str, name: str, lines: list[dict[str, Any]]) -> str:

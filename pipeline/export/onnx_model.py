@@ -205,7 +205,10 @@ def build_onnx_model(model: IntegerModel, style: str = "qlinear") -> onnx.ModelP
         if emit is None:
             raise TypeError(f"unknown integer node {node!r}; the {style} exporter has {sorted(e.__name__ for e in emitters)}")
         values[node.output] = emit(graph, model, node, values)
-    graph.node("Flatten", [values[model.output]], "logits", output=OUTPUT_NAME, axis=1)
+    logits = values[model.output]
+    if model.tensors[model.output].bits != 32:  # int8 logits: the output stays int32, as the C's, widened
+        logits = graph.node("Cast", [logits], "logits_int32", to=TensorProto.INT32)
+    graph.node("Flatten", [logits], "logits", output=OUTPUT_NAME, axis=1)
     graph.prune([OUTPUT_NAME])
     classes = numel(model.tensors[model.output].shape)
     onnx_graph = helper.make_graph(

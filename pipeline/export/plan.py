@@ -35,6 +35,16 @@ def _where(index: int, node: IntNode) -> str:
     return f"node {index} ({node.name!r}, {type(node).__name__})"
 
 
+def logits_tensors(model: IntegerModel) -> list[str]:
+    """The output and the tensors it flattens, back to the last layer's: the one logits buffer the exporters write
+    (int32, or int8 logits widened into it in C)."""
+    producer = {node.output: node for node in model.nodes}
+    logits = [model.output]
+    while isinstance(producer.get(logits[-1]), IntReshape):
+        logits.append(producer[logits[-1]].input)
+    return logits
+
+
 def check_deployable(model: IntegerModel) -> None:
     """Raise ``ValueError`` naming the node for anything the exporters do not implement.
 
@@ -75,13 +85,17 @@ def check_deployable(model: IntegerModel) -> None:
         if op.check is not None:
             op.check(node, model, where)
         known.add(node.output)
-    if model.tensors[model.output].bits != 32:
-        raise ValueError(f"the output {model.output!r} must be the int32 logits of the last layer")
+    output = model.tensors[model.output]
+    if output.bits != 32 and (output.bits != 8 or not output.signed):
+        raise ValueError(f"the output {model.output!r} must be the int32 or int8 logits of the last layer, "
+                         f"got {output.type_name}")
     int32_tensors = [name for name, info in model.tensors.items() if info.bits == 32]
     producer = {node.output: node for node in model.nodes}
-    logits = [model.output]  # the output and the tensors it flattens: the one int32 buffer the exporters write
-    while isinstance(producer.get(logits[-1]), IntReshape):
-        logits.append(producer[logits[-1]].input)
+    logits = logits_tensors(model)
+    last_layer = producer.get(logits[-1])
+    if not isinstance(last_layer, IntConv):
+        raise ValueError(f"the output {model.output!r} must be the logits of the last layer (a conv or linear layer, "
+                         f"through flattens), not of {type(last_layer).__name__ if last_layer else 'the input'}")
     for name in int32_tensors:
         node = producer.get(name)
         if not isinstance(node, (IntConv, IntReshape)):

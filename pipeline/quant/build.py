@@ -19,9 +19,11 @@ The scheme (r ~= S * q, symmetric, zero point 0):
   (``rounding``: "double", TFLite's, by default, or "single"), with the
   integer semantics of each op's module (``pipeline.quant.ops``); a fused ReLU is the lower clamp 0, a fused ReLU6
   also the upper clamp round(6 / S_out);
-- the last layer gives int32 logits: its accumulators at scale S_in * S_w with per-tensor
-  weights; with per-channel weights they are requantized (same rule, saturating to int32)
-  to one common scale, the largest S_in * S_w_c, so the class is the argmax of integers.
+- the last layer gives int8 logits at S = logits_range / 127 when a ``logits_range`` is given (the
+  profile calibrates it on the float logits: TFLite's FULLY_CONNECTED writes int8), else int32 logits:
+  its accumulators at scale S_in * S_w with per-tensor weights; with per-channel weights they are
+  requantized (same rule, saturating to int32) to one common scale, the largest S_in * S_w_c. Either
+  way the class is the argmax of integers (the first of equal ones).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from pipeline.quant.ops.base import BuildContext, TensorInfo
 from pipeline.quant.ops.registry import OP_FOR_FLOAT, IntNode
 from pipeline.quant.ranges import ActivationFormat, scale_from_range
 from pipeline.quant.scale_groups import scale_groups, tensor_signedness
+
+LOGITS_BITS, LOGITS_QMAX = 8, 127  # int8 logits: signed, [-128, 127]
 
 
 def float32_scale(scale: Tensor | float) -> Tensor:
@@ -49,6 +53,7 @@ def build_integer_model(
     input_std: list[float] | None = None,
     activation_format: ActivationFormat = ActivationFormat(),
     rounding: str = "double",
+    logits_range: float | None = None,
 ) -> IntegerModel:
     """Quantize ``graph`` into an ``IntegerModel``.
 
@@ -75,6 +80,11 @@ def build_integer_model(
         scale = float32_scale(scale_from_range(value, activation_format.range(signed[root])[1]))
         for member in group.members:
             tensors[member] = TensorInfo(graph.shapes[member], activation_format.bits, scale, signed[root])
+    if logits_range is not None:
+        if not 0 <= logits_range < float("inf"):
+            raise ValueError(f"logits_range must be finite and >= 0, got {logits_range!r}")
+        tensors[logits_layer.output] = TensorInfo(graph.shapes[logits_layer.output], LOGITS_BITS,
+                                                  float32_scale(scale_from_range(logits_range, LOGITS_QMAX)))
     weights = {name: (q_weight, float32_scale(scale)) for name, (q_weight, scale) in quantized_weights.items()}
     context = BuildContext(graph, tensors, logits_layer, weights, rounding)
     nodes: list[IntNode] = []
@@ -86,4 +96,4 @@ def build_integer_model(
     return IntegerModel(graph.input, graph.output, tensors, nodes, input_mean, input_std)
 
 
-__all__ = ["build_integer_model", "float32_scale"]
+__all__ = ["LOGITS_BITS", "build_integer_model", "float32_scale"]

@@ -95,6 +95,8 @@ ROUNDING_NAMES = tuple(ROUNDING_SETTINGS)
 # How every rescale of the integer model rounds (pipeline.quant.fixed_point): "double", TFLite's and TensorFlow
 # Lite Micro's default (what CMSIS-NN follows), or "single" (one rounding, half up: the rule before "double").
 REQUANTIZE_ROUNDINGS = ("double", "single")
+# What the last layer writes: int8 logits at the profiled range (TFLite's FULLY_CONNECTED output) or int32 accumulators.
+LOGITS_TYPES = ("int8", "int32")
 
 
 def _check_named_settings(owner: str, kind: str, name: str, settings: Any, settings_by_name: dict[str, type]) -> None:

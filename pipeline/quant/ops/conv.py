@@ -4,9 +4,11 @@ acc = bias + sum(w * x) in int32 (the worst case of every output channel is chec
 the model is built: ``ranges.check_accumulator``), then requantized by M = S_in * S_w / S_out with the
 output's saturation (a fused ReLU / ReLU6 is that clamp), or left as int32 logits.
 
-The last layer gives int32 logits: its accumulators at scale S_in * S_w with per-tensor weights; with
-per-channel weights they are requantized (same rule, saturating to int32) to one common scale, the
-largest S_in * S_w_c, so the class is the argmax of integers, with no float step.
+The last layer gives int8 logits when the model has a logits scale (``build_integer_model``'s
+``logits_range``: TFLite's FULLY_CONNECTED writes int8), requantized like any layer; otherwise int32
+logits: its accumulators at scale S_in * S_w with per-tensor weights; with per-channel weights they are
+requantized (same rule, saturating to int32) to one common scale, the largest S_in * S_w_c, so the class
+is the argmax of integers, with no float step.
 
 The engine runs a layer in float32 when its checked worst-case accumulator (bias included) is below
 2^24: every partial sum, in any order the kernel adds them, is an integer of magnitude at most that
@@ -100,28 +102,44 @@ def build(node: Conv | Linear, context: BuildContext) -> IntConv:
     is_conv = isinstance(node, Conv)
     kind = "conv2d" if is_conv else "linear"
     geometry = (node.stride, node.padding, node.groups) if is_conv else ((1, 1), (0, 0), 1)
-    if node is context.logits_layer:
-        logits_shape = context.graph.shapes[node.output]
-        if accumulator_scale.ndim == 0:  # raw accumulators are the logits
-            if node.activation == "relu6":
-                raise UnsupportedModelError(
-                    f"layer {node.name!r}: a ReLU6 on the logits needs a requantized output; remove it or set "
-                    "quantize_weights.granularity=per_channel"
-                )
-            tensors[node.output] = TensorInfo(logits_shape, 32, accumulator_scale.clone())
-            return IntConv(node.name, kind, node.input, node.output, q_weight, q_bias, weight_scale, *geometry,
-                           node.activation, None)
-        # Per-channel weights give every class its own accumulator scale. Rescale the logits to one
-        # common int32 scale (the largest, so every M <= 1 and nothing saturates) so that the class is
-        # the argmax of integers, with no float step.
-        logits_scale = accumulator_scale.max()
-        tensors[node.output] = TensorInfo(logits_shape, 32, logits_scale)
-        clamp = activation_clamp(node.activation, float(logits_scale), INT32_MIN, INT32_MAX)
-        requantize = context.requantization(accumulator_scale / logits_scale, clamp)
-    else:
-        output_scale = context.scale(node.output)
-        clamp = activation_clamp(node.activation, output_scale, *tensors[node.output].range)
-        requantize = context.requantization(accumulator_scale / output_scale, clamp)
+    if node is context.logits_layer and node.output not in tensors:  # int32 logits
+        return _int32_logits_layer(node, context, kind, geometry, q_weight, q_bias, weight_scale, accumulator_scale)
+    output_scale = context.scale(node.output)
+    clamp = activation_clamp(node.activation, output_scale, *tensors[node.output].range)
+    requantize = context.requantization(multiplier_scale(kind, accumulator_scale) / output_scale, clamp)
+    return IntConv(node.name, kind, node.input, node.output, q_weight, q_bias, weight_scale, *geometry,
+                   node.activation, requantize)
+
+
+def multiplier_scale(kind: str, accumulator_scale: Tensor) -> Tensor:
+    """The numerator S_in * S_w of a layer's multiplier as TensorFlow Lite Micro computes it from float32 scales: in
+    float64, except a per-tensor FULLY_CONNECTED's, whose product is a float32 multiplication
+    (``GetQuantizedConvolutionMultipler``), so that the ``.tflite`` of this model derives the same multiplier."""
+    if kind == "linear" and accumulator_scale.ndim == 0:
+        return accumulator_scale.to(torch.float32).to(torch.float64)
+    return accumulator_scale
+
+
+def _int32_logits_layer(node: Conv | Linear, context: BuildContext, kind: str, geometry: tuple,
+                        q_weight: Tensor, q_bias: Tensor, weight_scale: Tensor, accumulator_scale: Tensor) -> IntConv:
+    """The last layer giving int32 logits (the module docstring), its ``TensorInfo`` set."""
+    logits_shape = context.graph.shapes[node.output]
+    if accumulator_scale.ndim == 0:  # raw accumulators are the logits
+        if node.activation == "relu6":
+            raise UnsupportedModelError(
+                f"layer {node.name!r}: a ReLU6 on the logits needs a requantized output; remove it or set "
+                "quantize_weights.granularity=per_channel"
+            )
+        context.tensors[node.output] = TensorInfo(logits_shape, 32, accumulator_scale.clone())
+        return IntConv(node.name, kind, node.input, node.output, q_weight, q_bias, weight_scale, *geometry,
+                       node.activation, None)
+    # Per-channel weights give every class its own accumulator scale. Rescale the logits to one
+    # common int32 scale (the largest, so every M <= 1 and nothing saturates) so that the class is
+    # the argmax of integers, with no float step.
+    logits_scale = accumulator_scale.max()
+    context.tensors[node.output] = TensorInfo(logits_shape, 32, logits_scale)
+    clamp = activation_clamp(node.activation, float(logits_scale), INT32_MIN, INT32_MAX)
+    requantize = context.requantization(accumulator_scale / logits_scale, clamp)
     return IntConv(node.name, kind, node.input, node.output, q_weight, q_bias, weight_scale, *geometry,
                    node.activation, requantize)
 
@@ -253,6 +271,6 @@ def simulate(node: IntConv, model, values: dict[str, Tensor]) -> Tensor:
 OP = IntegerOp(IntConv, (Conv, Linear), build, output_shape, prepare, run, simulate, check=check)
 
 __all__ = [
-    "FLOAT32_EXACT", "OP", "IntConv", "PreparedLayer", "conv_accumulators", "conv_dtype", "layer_plan",
+    "FLOAT32_EXACT", "OP", "IntConv", "PreparedLayer", "conv_accumulators", "conv_dtype", "layer_plan", "multiplier_scale",
     "quantize_bias", "raw_accumulator_clamp",
 ]
