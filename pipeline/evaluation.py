@@ -221,9 +221,10 @@ def accuracy_table(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
     Accuracies in percent on the test split (the keys name what ran, not a width, so that runs of different
     bits line up in `dvc metrics diff`; the widths are in metrics.json's ``quantization``); ``drop`` is fp32
     minus integer in points (negative: the integer model scored higher); ``c_mismatches`` counts test images
-    whose C logits differ from the engine's (None without a C compiler); ``packed_bytes`` is the integer
+    whose C logits differ from the engine's (None without a C compiler); ``tflite_int8`` and ``tflite_mismatches`` the
+    same for data/export/model.tflite run in TensorFlow Lite Micro; ``packed_bytes`` is the integer
     model's parameter bytes with the weights packed at their bits (what the engine and the C store, a byte per
-    weight, is metrics.json's ``size_bytes.stored``). Flat, short keys keep the table within 120 columns.
+    weight, is metrics.json's ``size_bytes.stored``). Flat, short keys keep the table within 160 columns.
     """
     accuracy = metrics["accuracy"]
     return {
@@ -234,5 +235,7 @@ def accuracy_table(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
         "onnx_qlinear": accuracy["onnx_qlinear"],
         "drop": round(accuracy["fp32"] - accuracy["integer"], 2),
         "c_mismatches": metrics["mismatches"]["c_logits"],
+        "tflite_int8": accuracy["tflite_int8"],
+        "tflite_mismatches": metrics["mismatches"]["tflite_logits"],
         "packed_bytes": metrics["size_bytes"]["packed"],
     }

@@ -32,11 +32,13 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     first = run(["dvc", "repro"], project)
     assert ran_stages(first.stdout) == ALL_STAGES
     metrics = json.loads((project / "data/metrics.json").read_text())
-    assert set(metrics["accuracy"]) == {"fp32", "weights_only", "integer", "simulated", "onnx_qlinear", "onnx_integer", "c"}
+    assert set(metrics["accuracy"]) == {"fp32", "weights_only", "integer", "simulated", "onnx_qlinear", "onnx_integer", "c",
+                                        "tflite_int8"}
     assert all(0.0 <= value <= 100.0 for value in metrics["accuracy"].values())
     assert metrics["agreement"]["engine_vs_simulated"] >= 90.0
     # The exported C and integer ONNX models compute the engine's logits exactly.
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+    assert metrics["mismatches"]["tflite_logits"] == 0  # data/export/model.tflite in TensorFlow Lite Micro
     assert metrics["accuracy"]["c"] == metrics["accuracy"]["integer"]
     profile = json.loads((project / "data/profile.json").read_text())
     assert profile["split"] == "train" and len(profile["indices"]) == 40
@@ -72,6 +74,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     assert metrics["quantization"]["weight_rounding"] == "adaround" and metrics["quantization"]["weight_bits"] == mixed_bits
     assert metrics["quantization"]["bias_correction"] is True
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+    assert metrics["mismatches"]["tflite_logits"] == 0  # data/export/model.tflite in TensorFlow Lite Micro
 
     # Cross-layer equalization with 4-bit full-range activations, AdaRound learning from them: the graph stage
     # equalizes, and every stage after it reads the equalized graph, so they re-run too; the proofs hold.
@@ -83,6 +86,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     assert metrics["quantization"]["equalize"] is True
     assert (metrics["quantization"]["activation_bits"], metrics["quantization"]["unsigned_activations"]) == (4, True)
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+    assert metrics["mismatches"]["tflite_logits"] == 0  # data/export/model.tflite in TensorFlow Lite Micro
 
     # Mixed precision from the sensitivity stage at the uniform-W4 size: graph, profile and sensitivity come back
     # from the run-cache (their params and deps are those of a run before), quantize-weights and after re-run.
@@ -97,16 +101,17 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_touch
     sizes = json.loads((project / "data" / "sensitivity.json").read_text())["num_weights"]
     assert sum(math.ceil(sizes[layer] * bits / 8) for layer, bits in chosen.items()) <= sum(sizes.values()) // 2
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+    assert metrics["mismatches"]["tflite_logits"] == 0  # data/export/model.tflite in TensorFlow Lite Micro
 
     set_params(project, {"train": {"epochs": 2}})
     fourth = run(["dvc", "repro"], project)
     assert ran_stages(fourth.stdout) == ALL_STAGES - {"download"}
 
     shown = run(["dvc", "metrics", "show"], project).stdout
-    assert max(map(len, shown.splitlines())) <= 120, shown  # the accuracy table, readable in a terminal
+    assert max(map(len, shown.splitlines())) <= 160, shown  # the accuracy table, readable in a wide terminal
     header = shown.splitlines()[0].split()
     assert header == ["Path", "c", "c_mismatches", "drop", "fp32", "integer", "onnx_qlinear", "packed_bytes",
-                      "weights_only"]
+                      "tflite_int8", "tflite_mismatches", "weights_only"]
     accuracy = json.loads((project / "data/accuracy.json").read_text())
     assert accuracy["fp32"] == metrics_after(project)["accuracy"]["fp32"]
     # The details stay tracked, one command away.
@@ -211,6 +216,7 @@ def test_a_users_model_file_is_quantized_end_to_end_and_editing_it_retrains(tmp_
     assert ran_stages(first.stdout) == ALL_STAGES
     metrics = metrics_after(project)
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+    assert metrics["mismatches"]["tflite_logits"] == 0  # data/export/model.tflite in TensorFlow Lite Micro
     assert list(metrics["sqnr_db"]["outputs"]) == ["stem", "body.0", "fc"]  # the layers of the traced graph
 
     (project / "models" / "mine.py").write_text(USER_MODEL.replace("width=4", "width=6"))

@@ -97,14 +97,15 @@ def test_accuracy_table_is_the_short_flat_row_dvc_metrics_show_prints():
 
     metrics = {
         "accuracy": {"fp32": 53.23, "weights_only": 53.26, "integer": 53.34, "simulated": 53.34,
-                     "c": 53.34, "onnx_qlinear": 53.3, "onnx_integer": 53.34},
-        "mismatches": {"c_logits": 0, "onnx_integer_logits": 0, "onnx_qlinear_logits": 0},
+                     "c": 53.34, "onnx_qlinear": 53.3, "onnx_integer": 53.34, "tflite_int8": 53.34},
+        "mismatches": {"c_logits": 0, "onnx_integer_logits": 0, "onnx_qlinear_logits": 0, "tflite_logits": 0},
         "size_bytes": {"fp32": 248024, "stored": 62746, "packed": 31998},
         "sqnr_db": {"weights": {"conv1": 40.0}},
         "quantization": {"weight_bits": 4, "activation_bits": 8},
     }
     assert accuracy_table(metrics) == {"fp32": 53.23, "weights_only": 53.26, "integer": 53.34, "c": 53.34,
-                                       "onnx_qlinear": 53.3, "drop": -0.11, "c_mismatches": 0, "packed_bytes": 31998}
+                                       "onnx_qlinear": 53.3, "drop": -0.11, "c_mismatches": 0, "tflite_int8": 53.34,
+                                       "tflite_mismatches": 0, "packed_bytes": 31998}
 
 
 def test_model_size_counts_the_multipliers_of_adds_and_pools():

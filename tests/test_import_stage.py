@@ -359,6 +359,7 @@ def test_weights_trained_elsewhere_are_quantized_end_to_end_and_replacing_them_r
                                    "epochs": 0, "mean": CIFAR_MEAN, "std": CIFAR_STD}})
     assert repro(project) == ALL_STAGES - {"download"}
     assert mismatches(project)["c_logits"] == 0 and mismatches(project)["onnx_integer_logits"] == 0
+    assert mismatches(project)["tflite_logits"] == 0
     assert load_checkpoint(project / "data/model.pt")["imported"]["sha256"] == file_sha256(
         project / "models/small.safetensors")
     assert repro(project) == set()  # nothing changed, nothing runs
@@ -368,6 +369,7 @@ def test_weights_trained_elsewhere_are_quantized_end_to_end_and_replacing_them_r
     run([sys.executable, "train_elsewhere.py"], project)  # a replaced weights file
     assert {"train", "graph", "profile", "quantize-weights", "export", "evaluate"} <= repro(project)
     assert mismatches(project)["c_logits"] == 0 and mismatches(project)["onnx_integer_logits"] == 0
+    assert mismatches(project)["tflite_logits"] == 0
 
 
 @pytest.mark.slow
@@ -377,4 +379,5 @@ def test_an_onnx_model_is_quantized_end_to_end(tmp_path):
     set_params(project, {"train": {"model": "models/residual.onnx", "epochs": 0}})
     assert repro(project) == ALL_STAGES
     assert mismatches(project)["c_logits"] == 0 and mismatches(project)["onnx_integer_logits"] == 0
+    assert mismatches(project)["tflite_logits"] == 0
     assert repro(project) == set()

@@ -76,3 +76,4 @@ def test_a_users_model_with_reused_modules_runs_end_to_end_and_its_exports_are_e
     metrics = json.loads((project / "data/metrics.json").read_text())
     assert metrics["test_images"] == 30
     assert metrics["mismatches"]["c_logits"] == 0 and metrics["mismatches"]["onnx_integer_logits"] == 0
+    assert metrics["mismatches"]["tflite_logits"] == 0  # data/export/model.tflite in TensorFlow Lite Micro
