@@ -73,13 +73,14 @@ def main() -> None:
         rows.append((args.reference_name, torch.from_numpy(np.load(args.reference_correct))))
     n = len(labels)
     print(f"{n} test images; fp32 {100 * float(fp32_correct.double().mean()):.2f}%")
-    print(f"{'integer model':<34} {'accuracy':>8} {'drop from fp32':>16} {'vs the first row':>18}")
+    width = max(len(name) for name, _ in rows)
+    print(f"{'integer model':<{width}} {'accuracy':>8} {'drop from fp32':>16} {'vs the first row':>18}")
     default = rows[0][1]
     for name, correct in rows:
         accuracy = 100 * float(correct.double().mean())
         drop = 100 * float(fp32_correct.double().mean()) - accuracy
         versus = accuracy - 100 * float(default.double().mean())
-        print(f"{name:<34} {accuracy:>7.2f}% {drop:>7.2f} +- {paired_difference_error(fp32_correct, correct):.2f}"
+        print(f"{name:<{width}} {accuracy:>7.2f}% {drop:>7.2f} +- {paired_difference_error(fp32_correct, correct):.2f}"
               f" {versus:>+9.2f} +- {paired_difference_error(default, correct):.2f}")
 
 
