@@ -38,10 +38,10 @@ from pipeline.quant.engine import (
 from pipeline.quant.ir import IntegerModel
 from pipeline.quant.ops.add import IntAdd
 from pipeline.quant.ops.avgpool import IntAvgPool
-from pipeline.quant.ops.base import Requantize
+from pipeline.quant.ops.base import Requantize, requantization
 from pipeline.quant.ops.clamp import IntClamp
 from pipeline.quant.ops.concat import IntConcat
-from pipeline.quant.ops.conv import IntConv, conv_accumulators
+from pipeline.quant.ops.conv import IntConv, conv_accumulators, multiplier_scale
 from pipeline.transforms import SEED_MEAN, SEED_STD, normalize
 from tests.integer_graphs import (
     FORMATS,
@@ -589,3 +589,22 @@ def test_a_clamp_after_a_relu_is_one_clip(style, tmp_path):
     else:
         _, logits = onnx_logits(model, style, x, tmp_path)
         assert float((logits == engine_logits(model, x)).all(dim=1).double().mean()) >= 0.9
+
+
+def test_qlinear_accepts_a_per_tensor_linear_multiplier_from_the_float32_product():
+    """TFLite's per-tensor FULLY_CONNECTED takes S_in * S_w in float32 (ops.conv.multiplier_scale); the QLinear
+    check compares the multiplier with that product, not the float64 one, which may differ by 2^-24 relative."""
+    model = cifar("net", "per_tensor")
+    fc1 = next(layer for layer in model.layers() if layer.name == "fc1")
+    input_scale, output_scale = model.input_scale_of(fc1), float(model.tensors[fc1.output].scale)
+    for target in np.linspace(0.5, 0.99, 50):  # M near 1, where a 2^-24 difference shows beyond the 2^-30 check
+        weight_scale = torch.tensor(float(np.float32(target * output_scale / input_scale)), dtype=torch.float64)
+        product = input_scale * weight_scale
+        float32_product = multiplier_scale("linear", product)
+        if abs(float(float32_product) / float(product) - 1) > 2**-27:  # a product float32 does not hold
+            break
+    else:
+        pytest.fail("no weight scale whose product with S_in float32 rounds by more than 2^-27")
+    rq = requantization(float32_product / output_scale, (fc1.requantize.clamp_min, fc1.requantize.clamp_max),
+                        "double")
+    build_onnx_model(replace_node(model, "fc1", weight_scale=weight_scale, requantize=rq), "qlinear")

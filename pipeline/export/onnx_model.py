@@ -101,7 +101,7 @@ from pipeline.quant.ops.avgpool import IntAvgPool
 from pipeline.quant.ops.base import Requantize, TensorInfo
 from pipeline.quant.ops.clamp import IntClamp
 from pipeline.quant.ops.concat import IntConcat
-from pipeline.quant.ops.conv import IntConv, raw_accumulator_clamp
+from pipeline.quant.ops.conv import IntConv, multiplier_scale, raw_accumulator_clamp
 from pipeline.quant.ops.hardswish import IntHardSwish
 from pipeline.quant.ops.leaky_relu import IntLeakyReLU
 from pipeline.quant.ops.maxpool import IntMaxPool
@@ -502,8 +502,9 @@ def _check_scales_match_multipliers(model: IntegerModel, node: IntConv) -> None:
     """QLinearConv rescales by S_in * S_w / S_out; refuse a model whose fixed-point M says otherwise."""
     rq = node.requantize
     assert rq is not None  # a hidden layer (check_deployable)
-    real = (_scale(model, node.input) * as_array(node.weight_scale, np.float64).reshape(-1)
-            / _scale(model, node.output))
+    # S_in * S_w as the builder took it (a per-tensor linear layer's in float32, as TFLite's FULLY_CONNECTED)
+    product = multiplier_scale(node.kind, model.input_scale_of(node) * node.weight_scale.to(torch.float64))
+    real = as_array(product, np.float64).reshape(-1) / _scale(model, node.output)
     shift = channel_values(rq.shift)
     fixed = channel_values(rq.multiplier) * np.exp2(shift.astype(np.float64) - 31)
     # quantize_multiplier's error is at most 2^-31 relative, and M < 2^-32 is stored as 0
