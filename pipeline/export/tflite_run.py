@@ -65,8 +65,10 @@ def _engine_layout(stored: np.ndarray, zero_point: int) -> Tensor:
     return codes.permute(0, 3, 1, 2) if codes.ndim == 4 else codes
 
 
-def _run_each(blob: bytes, x_int8: Tensor, run_one: Callable[[np.ndarray], np.ndarray], desc: str,
-              progress: bool | None) -> Tensor:
+def run_each(blob: bytes, x_int8: Tensor, run_one: Callable[[np.ndarray], np.ndarray], desc: str,
+             progress: bool | None) -> Tensor:
+    """``run_one`` (one NHWC int8 image of the file's input in, its output out) on every image of ``x_int8``, the
+    outputs less their zero point in the engine's layout (module docstring), with a progress bar ``desc``."""
     if x_int8.dtype != torch.int8 or x_int8.ndim != 4:
         raise ValueError(f"x_int8 must be int8 (N, C, H, W), got {x_int8.dtype} {tuple(x_int8.shape)}")
     input_zero, output_zero = _io(blob)
@@ -85,7 +87,7 @@ def run_tflm(blob: bytes, x_int8: Tensor, progress: bool | None = None) -> Tenso
         interpreter.invoke()
         return interpreter.get_output(0).copy()
 
-    return _run_each(blob, x_int8, run_one, "TFLM", progress)
+    return run_each(blob, x_int8, run_one, "TFLM", progress)
 
 
 def run_litert_reference(blob: bytes, x_int8: Tensor, progress: bool | None = None) -> Tensor:
@@ -106,7 +108,7 @@ def run_litert_reference(blob: bytes, x_int8: Tensor, progress: bool | None = No
         interpreter.invoke()
         return interpreter.get_tensor(output_index).copy()
 
-    return _run_each(blob, x_int8, run_one, "LiteRT reference", progress)
+    return run_each(blob, x_int8, run_one, "LiteRT reference", progress)
 
 
 def tflm_arena_bytes(blob: bytes) -> int:
@@ -141,4 +143,4 @@ def _c_stderr(call: Callable[[], None]) -> str:
         return capture.read().decode(errors="replace")
 
 
-__all__ = ["arena_bound", "run_litert_reference", "run_tflm", "tflm_arena_bytes", "tflm_interpreter"]
+__all__ = ["arena_bound", "run_each", "run_litert_reference", "run_tflm", "tflm_arena_bytes", "tflm_interpreter"]
