@@ -140,7 +140,7 @@ def test_a_misspelled_section_fails_repro_and_exp_run_even_when_no_stage_would_r
     params = project / "params.yaml"
     original = params.read_text()
     message = ("trian: unknown section; allowed sections: download, train, graph, profile, sensitivity, quantize_weights, "
-               "evaluate")
+               "quantize_biases, evaluate")
     try:
         params.write_text(original + "trian:\n  epochs: 5\n")
         result = run(["dvc", "repro"], project, check=False)

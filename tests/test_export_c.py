@@ -33,7 +33,12 @@ from pipeline.quant.engine import (
 )
 from pipeline.quant.ir import IntegerModel, int_node_inputs, parameter_bytes
 from pipeline.quant.ops.add import IntAdd, add_integers
-from pipeline.quant.ops.avgpool import IntAvgPool, avgpool_integers, window_sums
+from pipeline.quant.ops.avgpool import (
+    IntAvgPool,
+    avgpool_integers,
+    window_means,
+    window_sums,
+)
 from pipeline.quant.ops.base import Requantize, TensorInfo, requantization
 from pipeline.quant.ops.clamp import IntClamp, clamp_integers
 from pipeline.quant.ops.concat import IntConcat, concat_integers
@@ -52,6 +57,7 @@ from pipeline.quant.ops.leaky_relu import IntLeakyReLU, leaky_relu_reference
 from pipeline.quant.ops.maxpool import IntMaxPool
 from pipeline.quant.ops.rescale import apply_requantize, channel_shape
 from pipeline.quant.ops.reshape import IntReshape
+from pipeline.quant.ranges import INT32_MAX, INT32_MIN
 from tests.integer_graphs import FORMATS, TOYS, cifar_model, toy_model
 from tests.test_export_plan import (
     IDENTITY_SHAPE,
@@ -149,8 +155,7 @@ def reference_values(model: IntegerModel, x_int8: torch.Tensor) -> dict[str, tor
             a, b = (values[name] for name in node.inputs)
             out = add_integers(a, b, node.left_shift, node.input_requantize, node.output_requantize)
         elif isinstance(node, IntAvgPool):
-            out = avgpool_integers(values[node.input], node.kernel, node.stride, node.padding, node.requantize,
-                                       node.left_shift)
+            out = avgpool_integers(values[node.input], node)
         elif isinstance(node, IntConcat):
             out = concat_integers([values[name] for name in node.inputs], node.input_requantize)
         elif isinstance(node, IntMaxPool):
@@ -185,7 +190,16 @@ def rescaled_values(model: IntegerModel, x_int8: torch.Tensor) -> list[tuple[typ
             found.append((IntAdd, total, node.output_requantize))
         elif isinstance(node, IntAvgPool):
             sums = window_sums(values[node.input], node.kernel, node.stride, node.padding)
-            found.append((IntAvgPool, sums << node.left_shift, node.requantize))
+            if node.mean_zero_point is None:
+                found.append((IntAvgPool, sums, node.requantize))
+                continue
+            count = node.kernel[0] * node.kernel[1]
+            # the rounded mean's own ties: the centred sum times 1 / count (a power of two here) ends in .5
+            mean_division = Requantize(torch.tensor(2**30, dtype=torch.int32),
+                                       torch.tensor(1 - count.bit_length() + 1, dtype=torch.int32), INT32_MIN,
+                                       INT32_MAX)
+            found.append((IntAvgPool, sums - node.mean_zero_point * count, mean_division))
+            found.append((IntAvgPool, window_means(sums, count, node.mean_zero_point), node.requantize))
         elif isinstance(node, IntConcat):
             found += [(IntConcat, values[name], rq) for name, rq in zip(node.inputs, node.input_requantize,
                                                                         strict=True) if rq is not None]
@@ -335,7 +349,8 @@ def test_unsigned_tensors_live_in_uint8_buffers_with_kernels_for_their_types():
     assert "ptq_conv_u8(&conv1_op, input, (uint8_t *)(ptq_arena + " in run  # int8 image in, uint8 ReLU output
     assert re.search(r"ptq_conv_u8_s32\(&fc_op, \(uint8_t \*\)ptq_arena\S*, logits\);", run)
     assert "static int8_t ptq_arena[" in source and "static void ptq_avgpool_u8_u8(const ptq_pool *p, const " \
-        "ptq_rescale *r, int32_t left_factor, const uint8_t *in, uint8_t *out)" in source
+        "ptq_rescale *r, int32_t mean_count, int32_t mean_zero_point,\n                    const uint8_t *in, uint8_t *out)" \
+        in source
     header = generate_c(built("residual", "per_channel", "a4")).header
     assert "q = clamp(round_half_to_even(x_normalized / S_in), -8, 7)" in header  # a 4-bit input
 

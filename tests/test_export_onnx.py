@@ -54,7 +54,7 @@ from tests.integer_graphs import (
 GRANULARITIES = ("per_tensor", "per_channel")
 INTEGER_OPS = {
     "Cast", "Div", "Round", "Clip", "ConvInteger", "Add", "Mul", "Mod", "Sub", "MaxPool", "Reshape", "Flatten",
-    "Max", "Relu", "Concat", "Abs", "Less",
+    "Max", "Relu", "Concat", "Abs", "Less", "Sign",
 }
 
 

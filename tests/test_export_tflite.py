@@ -24,8 +24,11 @@ from pipeline.quant.engine import (
 )
 from pipeline.quant.fixed_point import quantize_multiplier, requantize_reference
 from pipeline.quant.ir import IntegerModel
-from pipeline.quant.ops.base import TensorInfo
+from pipeline.quant.ops.avgpool import IntAvgPool
+from pipeline.quant.ops.base import TensorInfo, requantization
 from pipeline.quant.ops.conv import IntConv
+from pipeline.quant.ops.hardswish import IntHardSwish, int16_multiplier
+from pipeline.quant.ops.leaky_relu import IntLeakyReLU
 from pipeline.quant.ranges import ActivationFormat
 from pipeline.transforms import SEED_MEAN, SEED_STD
 from tests.integer_graphs import FORMATS, cifar_model, random_uint8_images, toy_model
@@ -151,6 +154,73 @@ def test_tflm_gives_every_intermediate_tensor_of_the_engine(name, format_name):
         assert torch.equal(got, expected[node.output]), node.name
 
 
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("format_name", [None, "unsigned", "a4", "unsigned-a4"])
+def test_tflm_gives_the_engine_leaky_relu_and_hard_swish(format_name, granularity):
+    """conv, LeakyReLU(0.1), conv, Hardswish, conv, ReLU, leaky_relu(0.25), add, max pool, hardswish, linear: the logits
+    and every intermediate tensor."""
+    model, x = tflite_toy("rescaling-activations", format_name, granularity)
+    blob = T.build_tflite(model)
+    assert {"HARD_SWISH", "MUL", "QUANTIZE", "MAXIMUM"} <= set(opcodes(blob))
+    assert torch.equal(run_tflm(blob, x, progress=False), run_integer(model, x).to(torch.int64))
+    expected = integer_tensor_outputs(model, x)
+    for index, node in enumerate(model.nodes[:-1]):
+        truncated = replace(model, output=node.output, nodes=model.nodes[: index + 1])
+        assert torch.equal(run_tflm(T.build_tflite(truncated), x, progress=False), expected[node.output]), node.name
+
+
+def one_node_model(node, s_in: float, s_out: float, bits: int = 8) -> IntegerModel:
+    """``node`` reading a signed int8 (1, 16, 16) input at ``s_in`` and writing a signed ``bits`` output at ``s_out``."""
+    tensors = {"x": TensorInfo((1, 16, 16), 8, torch.tensor(s_in, dtype=torch.float64)),
+               "y": TensorInfo((1, 16, 16), bits, torch.tensor(s_out, dtype=torch.float64))}
+    return IntegerModel("x", "y", tensors, [node])
+
+
+EVERY_CODE = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 1, 16, 16)
+
+
+def leaky_node(s_in: float, s_out: float, slope: float, bits: int = 8) -> IntegerModel:
+    s_in, s_out = float(np.float32(s_in)), float(np.float32(s_out))
+    clamp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    ratio = s_in / s_out
+    node = IntLeakyReLU("leaky", "x", "y", slope, requantization(ratio, clamp, "double"),
+                        requantization(slope * ratio, clamp, "double"))
+    return one_node_model(node, s_in, s_out, bits)
+
+
+def hardswish_node(s_in: float, s_out: float, bits: int = 8) -> IntegerModel:
+    s_in, s_out = float(np.float32(s_in)), float(np.float32(s_out))
+    hires = s_in / 128
+    output = int16_multiplier(hires / s_out)
+    reluish = int16_multiplier(hires / (3.0 / 2**15))
+    node = IntHardSwish("hardswish", "x", "y", *reluish, *output, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return one_node_model(node, s_in, s_out, bits)
+
+
+@pytest.mark.parametrize(("s_in", "s_out", "slope", "bits", "op"), [
+    (0.05, 0.031, 0.1, 8, "MAXIMUM"),  # MUL for the negative side, MAXIMUM of the two
+    (0.013, 0.0717, 0.01, 8, "MAXIMUM"),
+    (0.02, 0.0123, 1.7, 8, "MINIMUM"),  # a slope > 1: the negative side is the smaller
+    (0.05, 0.031, 0.0, 8, "MAXIMUM"),  # slope 0: a maximum with the zero point
+    (0.05, 0.1, 0.25, 8, "LEAKY_RELU"),  # power-of-two ratios: LEAKY_RELU's float32 multipliers are the engine's
+    (0.04, 0.27, 0.3, 4, "MAXIMUM"),  # 4-bit output: MINIMUM / MAXIMUM after
+])
+def test_tflm_gives_the_engine_leaky_relu_of_every_input_code(s_in, s_out, slope, bits, op):
+    model = leaky_node(s_in, s_out, slope, bits)
+    blob = T.build_tflite(model)
+    assert op in opcodes(blob)
+    assert torch.equal(run_tflm(blob, EVERY_CODE, progress=False), run_integer(model, EVERY_CODE).to(torch.int64))
+
+
+@pytest.mark.parametrize(("s_in", "s_out", "bits"), [
+    (0.05, 0.031, 8), (0.02, 0.01, 8), (0.1, 0.09, 8), (0.3, 0.25, 8), (0.004, 0.002, 8), (0.05, 0.2, 4),
+])
+def test_tflm_gives_the_engine_hard_swish_of_every_input_code(s_in, s_out, bits):
+    model = hardswish_node(s_in, s_out, bits)
+    assert torch.equal(run_tflm(T.build_tflite(model), EVERY_CODE, progress=False),
+                       run_integer(model, EVERY_CODE).to(torch.int64))
+
+
 def test_the_file_pads_with_pad_where_same_differs_and_clamps_narrow_activations():
     model, _ = tflite_toy("depthwise", "unsigned-a4")
     ops = opcodes(T.build_tflite(model))
@@ -201,14 +271,68 @@ def test_refuses_int32_logits():
         T.build_tflite(toy_model("shared-relu"))
 
 
-def test_refuses_leaky_relu_naming_the_node_and_what_is_supported():
-    with pytest.raises(ValueError, match=r"node 1 \('leaky', IntLeakyReLU\): TFLite has no exact form.*IntConv"):
-        T.build_tflite(toy_model("rescaling-activations"))
+def test_refuses_leaky_relu_and_hard_swish_multipliers_tflite_would_not_derive():
+    model, _ = tflite_toy("rescaling-activations")
+    leaky = model.nodes[1]
+    assert isinstance(leaky, IntLeakyReLU)
+
+    def with_node(index, node):
+        return replace(model, nodes=[*model.nodes[:index], node, *model.nodes[index + 1:]])
+
+    single = replace(leaky, positive=replace(leaky.positive, rounding="single"),
+                     negative=replace(leaky.negative, rounding="single"))
+    with pytest.raises(ValueError, match=r"node 1 \('leaky', IntLeakyReLU\) requantizes with 'single' rounding"):
+        T.build_tflite(with_node(1, single))
+    off = replace(leaky, positive=replace(leaky.positive, multiplier=leaky.positive.multiplier + 1))
+    with pytest.raises(ValueError, match=r"\('leaky', IntLeakyReLU\): TFLite derives the non-negative side's"):
+        T.build_tflite(with_node(1, off))
+    index, hardswish = next((i, n) for i, n in enumerate(model.nodes) if isinstance(n, IntHardSwish))
+    off = replace(hardswish, reluish_multiplier=hardswish.reluish_multiplier + 1)
+    with pytest.raises(ValueError, match=r"IntHardSwish\): TFLite's HARD_SWISH derives the reluish int16"):
+        T.build_tflite(with_node(index, off))
 
 
-def test_refuses_an_average_pool_that_rescales():
-    with pytest.raises(ValueError, match=r"\('avg_pool2d', IntAvgPool\): TFLite's AVERAGE_POOL_2D does not rescale"):
-        T.build_tflite(toy_model("residual", logits="int8"))
+def test_refuses_a_leaky_relu_slope_no_float32_scales_reach():
+    """slope 0.01 at s_out 0.07: M_neg / s_in is 1/7 to within 1e-8, and no C / Y with C, Y < 2^24 other than 1/7 is
+    as close, so neither LEAKY_RELU (float32 ratios) nor MUL (s_in * s_c / s_y) derives the engine's multiplier."""
+    with pytest.raises(ValueError, match=r"\('leaky', IntLeakyReLU\): TFLite derives neither LEAKY_RELU's"):
+        T.build_tflite(leaky_node(0.013, 0.07, 0.01))
+
+
+def test_refuses_a_hard_swish_whose_multiplier_tflite_derives_in_float32_otherwise():
+    """The engine rounds hires / s_out to 16 bits from its float64 ratio, TFLite from a float32 one: where they
+    differ, TFLite computes other integers."""
+    rng = random.Random(1)
+    for _ in range(20000):
+        s_in, s_out = float(np.float32(rng.uniform(0.01, 0.1))), float(np.float32(rng.uniform(0.01, 0.1)))
+        model = hardswish_node(s_in, s_out)
+        node = model.nodes[0]
+        if T.hard_swish_multipliers(s_in, s_out)[0] != (node.output_multiplier, node.output_exponent):
+            break
+    else:
+        pytest.fail("no scales found where float32 and float64 ratios round to different int16 multipliers")
+    with pytest.raises(ValueError, match=r"\('hardswish', IntHardSwish\): TFLite's HARD_SWISH derives the output"):
+        T.build_tflite(model)
+
+
+@pytest.mark.parametrize("name", ["residual", "mixed-sign"])
+@pytest.mark.parametrize("format_name", [None, "unsigned", "a4", "unsigned-a4"])
+def test_window_average_pools_run_as_average_pool_2d_then_quantize(name, format_name):
+    """The engine's window pool (double rounding, no padding): TFLite's rounded mean, taken on the stored values
+    (an unsigned tensor at zero point -128), then QUANTIZE to the output's scale."""
+    model, x = tflite_toy(name, format_name)
+    blob = T.build_tflite(model)
+    assert {"AVERAGE_POOL_2D", "QUANTIZE"} <= set(opcodes(blob))
+    assert torch.equal(run_tflm(blob, x, progress=False), run_integer(model, x).to(torch.int64))
+
+
+def test_refuses_a_window_pool_that_rescales_its_sum():
+    model = toy_model("residual", logits="int8")
+    pool = next(node for node in model.nodes if isinstance(node, IntAvgPool))
+    summed = replace(model, nodes=[replace(node, mean_zero_point=None) if node is pool else node
+                                   for node in model.nodes])
+    with pytest.raises(ValueError, match=rf"\('{pool.name}', IntAvgPool\) rescales its window sums in one rounding"):
+        T.build_tflite(summed)
 
 
 def test_refuses_single_rounding_and_multipliers_tflite_would_not_derive():

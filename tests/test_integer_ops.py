@@ -9,9 +9,11 @@ import torch
 from pipeline.quant.fixed_point import quantize_multiplier, quantize_multipliers
 from pipeline.quant.ops.add import ADD_LEFT_SHIFT, add_integers, add_reference
 from pipeline.quant.ops.avgpool import (
+    IntAvgPool,
     avgpool_integers,
     avgpool_reference,
     mean_requantization,
+    window_means,
 )
 from pipeline.quant.ops.base import Requantize, activation_clamp
 from pipeline.quant.ops.concat import concat_integers, concat_reference
@@ -66,31 +68,56 @@ def test_add_saturates_and_rounds_ties_by_its_rule(rounding, expected):
         expected
 
 
-@pytest.mark.parametrize(("kernel", "stride", "padding"), [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1)),
-                                                           ((4, 4), (4, 4), (0, 0)), ((2, 3), (1, 2), (1, 1))])
+def pool(kernel, stride, padding, rq: Requantize, mean_zero_point: int | None = None) -> IntAvgPool:
+    return IntAvgPool("pool", "x", "y", kernel, stride, padding, rq, mean_zero_point)
+
+
+WINDOWS = [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1)), ((4, 4), (4, 4), (0, 0)), ((2, 3), (1, 2), (1, 1))]
+
+
+# the mean forms are built for unpadded windows only
+@pytest.mark.parametrize(("kernel", "stride", "padding", "form"),
+                         [(*window, "sum") for window in WINDOWS]
+                         + [(*window, form) for window in WINDOWS if window[2] == (0, 0)
+                            for form in ("mean", "unsigned mean")])
 @pytest.mark.parametrize("ratio", [1.0, 0.37, 2.5])  # S_in / S_out: the output finer, coarser, equal
-def test_average_pool_equals_the_reference_window_by_window(kernel, stride, padding, ratio):
+def test_average_pool_equals_the_reference_window_by_window(kernel, stride, padding, form, ratio):
     generator = torch.Generator().manual_seed(kernel[0] * 10 + stride[1])
-    x = torch.randint(-128, 128, (2, 3, 6, 7), generator=generator)
-    x[0, 0] = 127  # saturating windows
-    x[1, 1] = -128
+    low, high = (0, 256) if form == "unsigned mean" else (-128, 128)
+    x = torch.randint(low, high, (2, 3, 6, 7), generator=generator)
+    x[0, 0] = high - 1  # saturating windows
+    x[1, 1] = low
     area = kernel[0] * kernel[1]
-    rq = requantization(ratio / area)
-    got = avgpool_integers(x, kernel, stride, padding, rq)
+    if form == "sum":
+        node = pool(kernel, stride, padding, requantization(ratio / area))
+    else:
+        node = pool(kernel, stride, padding, requantization(ratio), 0 if form == "mean" else 128)
+    got = avgpool_integers(x, node)
     padded = torch.nn.functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     for n, c, i, j in itertools.product(*(range(size) for size in got.shape)):
         window = padded[n, c, i * stride[0] : i * stride[0] + kernel[0], j * stride[1] : j * stride[1] + kernel[1]]
-        assert int(got[n, c, i, j]) == avgpool_reference(window.reshape(-1).tolist(), rq)
+        assert int(got[n, c, i, j]) == avgpool_reference(window.reshape(-1).tolist(), node)
 
 
 @pytest.mark.parametrize(("rounding", "expected"), [("single", [1, 0, 2, -1]), ("double", [1, -1, 2, -2])])
 def test_average_pool_rounds_ties_by_its_rule_including_negative_ones(rounding, expected):
-    rq = requantization(1 / 4, rounding=rounding)  # a 2x2 window with S_in == S_out: the mean, its ties rounded
     x = torch.tensor([[[[1, 1], [0, 0]], [[-1, -1], [0, 0]], [[3, 2], [1, 0]], [[-3, -2], [-1, 0]]]])
-    assert avgpool_integers(x, (2, 2), (2, 2), (0, 0), rq).reshape(-1).tolist() == expected
-    # the lift a window pool takes (ops.avgpool: M / 2^L on the sum times 2^L) keeps the same ties
-    lifted = requantization(1 / 4 / 2**20, rounding=rounding)
-    assert avgpool_integers(x, (2, 2), (2, 2), (0, 0), lifted, 20).reshape(-1).tolist() == expected
+    # the sum times M = 1/4 in one rescale: each rule's ties
+    node = pool((2, 2), (2, 2), (0, 0), requantization(1 / 4, rounding=rounding))
+    assert avgpool_integers(x, node).reshape(-1).tolist() == expected
+    # TFLite's AVERAGE_POOL_2D: the mean rounded half away from zero, then M = 1 (an identity)
+    mean = pool((2, 2), (2, 2), (0, 0), requantization(1.0, rounding=rounding), 0)
+    assert avgpool_integers(x, mean).reshape(-1).tolist() == [1, -1, 2, -2]
+
+
+def test_an_unsigned_mean_rounds_where_tflite_stores_it():
+    """An unsigned tensor is stored as q - 128 in a .tflite; AVERAGE_POOL_2D rounds that mean half away from zero:
+    a mean of 127.5 (stored -0.5) goes to 127, a mean of 128.5 (stored 0.5) to 129."""
+    x = torch.tensor([[[[127, 128], [127, 128]], [[128, 129], [128, 129]]]])
+    node = pool((2, 2), (2, 2), (0, 0), requantization(1.0, 0, 255), 128)
+    assert avgpool_integers(x, node).reshape(-1).tolist() == [127, 129]
+    assert window_means(torch.tensor([510, 514]), 4, 128).tolist() == [127, 129]
+    assert window_means(torch.tensor([510, 514]), 4, 0).tolist() == [128, 129]  # signed: 127.5 -> 128
 
 
 def test_a_global_average_pool_is_tflite_mean():

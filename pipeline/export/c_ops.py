@@ -344,8 +344,8 @@ CONV = CEmitter(
 # Max pool takes the max over each window clipped to the map, which is PyTorch's -inf padding
 # (``check_deployable`` keeps padding <= kernel / 2, so every window holds a real value).
 # Average pool sums each window clipped to the map in int32 (zero padding adds 0 but counts
-# in the area, which is inside the multiplier S_in / (S_out * area)), lifts the sum by 2^left_shift,
-# then requantizes.
+# in the area, which is inside the multiplier S_in / (S_out * area)), or takes TFLite's rounded window mean
+# (``ops.avgpool``), then requantizes.
 
 
 def _pool_definitions(model: IntegerModel) -> tuple[str, ...]:
@@ -385,10 +385,17 @@ def _avgpool_kernel(node: IntAvgPool, model: IntegerModel) -> Kernel:
     return _typed_kernel("ptq_avgpool", "avgpool", {"in_t": in_tag, "out_t": out}, ("s8", "s8"))
 
 
+def _mean_arguments(node: IntAvgPool) -> str:
+    """The kernel's ``mean_count, mean_zero_point``: 0, 0 to rescale the window sum, else TFLite's rounded mean."""
+    if node.mean_zero_point is None:
+        return "0, 0"
+    return f"{node.kernel[0] * node.kernel[1]}, {node.mean_zero_point}"
+
+
 def _check_avgpool(node: IntAvgPool, model: IntegerModel, where: str) -> None:
     area = node.kernel[0] * node.kernel[1]
-    if largest_magnitude(model.tensors[node.input].range) * area << node.left_shift > INT32_MAX:
-        raise OverflowError(f"{where}: a window of {area} values lifted by 2^{node.left_shift} can leave int32")
+    if largest_magnitude(model.tensors[node.input].range) * area > INT32_MAX:
+        raise OverflowError(f"{where}: a window of {area} values can sum beyond int32")
 
 
 AVGPOOL = CEmitter(
@@ -397,7 +404,7 @@ AVGPOOL = CEmitter(
     definitions=_pool_definitions,
     structs=lambda node, model, name: _pool_struct(node, model, name) + _rescale_struct(f"{name}_rq", node.requantize),
     calls=lambda node, site: [f"{_avgpool_kernel(node, site.model).name}(&{site.name}_op, &{site.name}_rq, "
-                              f"{1 << node.left_shift}, {site.place(node.input)}, {site.place(node.output)}); "
+                              f"{_mean_arguments(node)}, {site.place(node.input)}, {site.place(node.output)}); "
                               f"{site.comment(node)}"],
     saturations=lambda node: [_clamp(node.requantize)],
     check=_check_avgpool,

@@ -462,12 +462,26 @@ def _integer_avgpool(graph: _Graph, model: IntegerModel, node: IntAvgPool, value
     attributes = _window_attributes(node.kernel, node.stride, node.padding)
     sums = graph.node("ConvInteger", [values[node.input], ones], f"{node.name}_sums", group=channels, **attributes)
     output_type = _onnx_type(model.tensors[node.output], graph.style)
-    if not node.left_shift:
+    if node.mean_zero_point is None:
         return _requantize(graph, sums, node.requantize, node.name, output_type)
-    lifted = graph.node("Mul", [graph.node("Cast", [sums], f"{node.name}_sums64", to=TensorProto.INT64),
-                                graph.constant(f"{node.name}_lift", np.array(1 << node.left_shift, np.int64))],
-                        f"{node.name}_lifted")
-    return _requantize(graph, lifted, node.requantize, node.name, output_type, is_int64=True)
+    return _requantize(graph, _window_means(graph, node, sums), node.requantize, node.name, output_type,
+                       is_int64=True)
+
+
+def _window_means(graph: _Graph, node: IntAvgPool, sums: str) -> str:
+    """``ops.avgpool.window_means`` of int32 ``sums`` in int64 ops: every Div divides a non-negative value."""
+    count, zero_point = node.kernel[0] * node.kernel[1], node.mean_zero_point
+
+    def constant(name: str, value: int) -> str:
+        return graph.constant(f"{node.name}_{name}", np.array(value, np.int64))
+
+    sums64 = graph.node("Cast", [sums], f"{node.name}_sums64", to=TensorProto.INT64)
+    centered = graph.node("Sub", [sums64, constant("zero_sum", zero_point * count)], f"{node.name}_centered")
+    half_up = graph.node("Add", [graph.node("Abs", [centered], f"{node.name}_magnitude"),
+                                 constant("half_count", count // 2)], f"{node.name}_half_up")
+    magnitude = graph.node("Div", [half_up, constant("count", count)], f"{node.name}_mean_magnitude")
+    signed = graph.node("Mul", [magnitude, graph.node("Sign", [centered], f"{node.name}_sign")], f"{node.name}_mean0")
+    return graph.node("Add", [signed, constant("zero_point", zero_point)], f"{node.name}_mean")
 
 
 def _integer_concat(graph: _Graph, model: IntegerModel, node: IntConcat, values: dict[str, str]) -> str:

@@ -33,15 +33,30 @@ Node by node (the kernels are tflite-micro's ``tensorflow/lite/micro/kernels``):
   a real value, so the pad never wins);
 - global average pool: MEAN over H, W, keep_dims; M = s_in / s_out, then (multiplier << s) / n and
   shift - s with s = min(floor(log2 n), 32, 31 + shift) (``reference/reduce.h`` ``QuantizedMeanOrSum``);
-  another average pool: AVERAGE_POOL_2D only without padding, at one scale, and where TFLite's
-  round-half-away-from-zero mean equals the engine's rescale for every window sum (checked exhaustively);
+  a window pool: AVERAGE_POOL_2D (the stored values' mean rounded half away from zero, at the input's
+  scale and zero point: ``reference/integer_ops/pooling.h``) then QUANTIZE to the output's scale, which is
+  the engine's window pool with double rounding and no padding (``ops.avgpool``); others are refused;
 - concat: CONCATENATION on channels, which requires its inputs at the output's scale and zero point
   (``concatenation.cc``): an input the engine requantizes goes through QUANTIZE (int8 to int8, M = s_in /
   s_out, ``quantize_common.cc``) first;
 - standalone ReLU / ReLU6: MAXIMUM / MINIMUM with constants; flatten: RESHAPE (after TRANSPOSE to (C, H, W)
   order when something other than a linear layer reads it).
 
-Leaky ReLU and hard swish are refused, as are int32 logits (FULLY_CONNECTED's output type is its input's).
+- leaky ReLU: LEAKY_RELU where its multipliers are the engine's; it derives them from float32 ratios,
+  s_in / s_out and s_in * alpha / s_out, widened to double only after (``leaky_relu_common.cc``), so a 31-bit
+  multiplier matches only when its low 7 bits are 0 (power-of-two ratios; alpha is f32(slope) or a float32
+  neighbour). Otherwise the non-negative side is QUANTIZE (M_pos = (double)s_in / s_out, the engine's) and, where
+  the input has negative codes, the negative side is MUL by an int8 constant 1 (M = (double)s_in * s_c / s_y,
+  ``mul_common.cc``; s_c near the slope and the product's scale s_y near s_out are chosen so the multiplier is
+  M_neg exactly), combined by MAXIMUM (slope <= 1; MINIMUM for a slope > 1), which is checked to equal the engine's
+  choice by sign for every input code (neither reads scales). Refused where no float32 pair (s_c, s_y) reaches
+  M_neg (M_neg / s_in within 2^-31 of, but not, a fraction with small terms such as 1/7);
+- hard swish: HARD_SWISH, whose int16 arithmetic (``reference/hard_swish.h``) is the engine's; its int16
+  multipliers come from float32 ratios (``hard_swish_common.cc``) and must equal the node's, which the engine
+  rounds from float64 ratios (they differ for about 1 random scale pair in 1,300: refused).
+
+Every kernel clamps to the int8 storage range; a 4-bit output gets the MAXIMUM / MINIMUM above. int32 logits are
+refused (FULLY_CONNECTED's output type is its input's).
 """
 from __future__ import annotations
 
@@ -50,6 +65,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import flatbuffers
@@ -67,6 +83,8 @@ from pipeline.quant.ops.base import Requantize, TensorInfo
 from pipeline.quant.ops.clamp import IntClamp
 from pipeline.quant.ops.concat import IntConcat
 from pipeline.quant.ops.conv import IntConv
+from pipeline.quant.ops.hardswish import IntHardSwish, int16_multiplier
+from pipeline.quant.ops.leaky_relu import IntLeakyReLU
 from pipeline.quant.ops.maxpool import IntMaxPool
 from pipeline.quant.ops.registry import OP_OF
 from pipeline.quant.ops.reshape import IntReshape
@@ -121,6 +139,27 @@ def mean_multiplier(s_in: float, s_out: float, count: int) -> tuple[int, int]:
 def requantize_multiplier(s_in: float, s_out: float) -> tuple[int, int]:
     """QUANTIZE int8 -> int8 (quantize_common.cc): M = (double)s_in / (double)s_out."""
     return quantize_multiplier(f32(s_in) / f32(s_out))
+
+
+def leaky_relu_multipliers(s_in: float, alpha: float, s_out: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """CalculateOpDataLeakyRelu (leaky_relu_common.cc): (identity, alpha) multipliers, each ratio computed in
+    float32 (``s_in / s_out`` and ``s_in * alpha / s_out``, left to right) and only then widened to double."""
+    a, b, c = np.float32(s_in), np.float32(alpha), np.float32(s_out)
+    return quantize_multiplier(float(a / c)), quantize_multiplier(float(a * b / c))
+
+
+def mul_multiplier(s_a: float, s_b: float, s_out: float) -> tuple[int, int]:
+    """CalculateOpDataMul (mul_common.cc): M = (double)s_a * (double)s_b / (double)s_out."""
+    return quantize_multiplier(f32(s_a) * f32(s_b) / f32(s_out))
+
+
+def hard_swish_multipliers(s_in: float, s_out: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """HardSwishPrepare (hard_swish_common.cc): the int16 (multiplier, exponent) of the output and of the
+    "reluish" rescale, from float32 ratios: hires = (1.0f / 128) * s_in, hires / s_out and hires / (3.0f / 32768),
+    then QuantizeMultiplier and DownScaleInt32ToInt16Multiplier (``hardswish.int16_multiplier``)."""
+    hires = np.float32(1.0 / 128.0) * np.float32(s_in)
+    reluish_scale = np.float32(3.0) / np.float32(32768.0)
+    return int16_multiplier(float(hires / np.float32(s_out))), int16_multiplier(float(hires / reluish_scale))
 
 
 def zero_point(info: TensorInfo) -> int:
@@ -452,40 +491,23 @@ def _avgpool(graph: _Graph, node: IntAvgPool, where: str) -> int:
         y = graph.activation(node.output, "/mean")
         graph.op(_OP.MEAN, [graph.values[node.input], axes], [y], "ReducerOptions", KeepDims=True)
         return _clamp_ops(graph, y, node.output, storage_range(out_info), want, where)
-    _check_average_pool(graph, node, where)
-    y = graph.activation(node.output, "/avgpool")
-    graph.op(_OP.AVERAGE_POOL_2D, [graph.values[node.input]], [y], "Pool2DOptions", Padding=tflite.Padding.VALID,
+    if node.mean_zero_point is None or tuple(node.padding) != (0, 0):
+        raise ValueError(f"{where} rescales its window sums in one rounding (single rounding, or padding "
+                         f"{node.padding}); TFLite's AVERAGE_POOL_2D takes a rounded mean at the input's scale, which "
+                         "the engine computes for an unpadded window pool with double rounding (ops.avgpool)")
+    if node.mean_zero_point != -zero_point(in_info):
+        raise ValueError(f"{where} takes its mean less {node.mean_zero_point}, but the file stores its input at zero "
+                         f"point {zero_point(in_info)}")
+    # AVERAGE_POOL_2D (reference/integer_ops/pooling.h): the stored values' mean, rounded half away from zero, at
+    # the input's scale and zero point; then QUANTIZE to the output's scale, M = s_in / s_out.
+    _check_multipliers(where, "output", [requantize_multiplier(f32(in_info.scale), f32(out_info.scale))], rq)
+    mean = graph.like(graph.values[node.input], f"/{node.name}/mean", nhwc(out_info.shape))
+    graph.op(_OP.AVERAGE_POOL_2D, [graph.values[node.input]], [mean], "Pool2DOptions", Padding=tflite.Padding.VALID,
              StrideW=node.stride[1], StrideH=node.stride[0], FilterWidth=node.kernel[1],
              FilterHeight=node.kernel[0], FusedActivationFunction=_ACT.NONE)
+    y = graph.activation(node.output, "/avgpool")
+    graph.op(_OP.QUANTIZE, [mean], [y])
     return _clamp_ops(graph, y, node.output, storage_range(out_info), want, where)
-
-
-def _check_average_pool(graph: _Graph, node: IntAvgPool, where: str) -> None:
-    """AVERAGE_POOL_2D (reference/integer_ops/pooling.h) divides the window's stored sum by its count, rounding
-    half away from zero, with no rescale and padding left out of the count: refuse unless that is the
-    engine's rescale of every window sum its input's codes can make."""
-    if tuple(node.padding) != (0, 0):
-        raise ValueError(f"{where}: TFLite's AVERAGE_POOL_2D leaves padding out of the count, the engine counts it "
-                         f"(padding {node.padding}); only a global average pool or one without padding can be written")
-    if not _same_storage(graph, node.input, node.output):
-        raise ValueError(f"{where}: TFLite's AVERAGE_POOL_2D does not rescale, but the input and output scales or "
-                         "ranges differ; only a global average pool (MEAN) can rescale")
-    in_info = graph.model.tensors[node.input]
-    count, zp, rq = node.kernel[0] * node.kernel[1], zero_point(in_info), node.requantize
-    qmin, qmax = in_info.range
-    sums = np.arange(count * qmin, count * qmax + 1, dtype=np.int64)
-    stored = sums + count * zp
-    half = count // 2
-    tflite_mean = np.where(stored > 0, (stored + half) // count, -((-stored + half) // count)) - zp
-    tflite_mean = np.clip(tflite_mean, rq.clamp_min, rq.clamp_max)
-    engine = requantize(torch.from_numpy(np.asarray(sums, np.int64)), int(rq.multiplier), int(rq.shift), rq.clamp_min,
-                        rq.clamp_max, "double").numpy()
-    differ = np.flatnonzero(tflite_mean != engine)
-    if differ.size:
-        s = int(sums[differ[0]])
-        raise ValueError(f"{where}: TFLite's AVERAGE_POOL_2D rounds the mean of a window summing to {s} to "
-                         f"{int(tflite_mean[differ[0]])}, the engine to {int(engine[differ[0]])} ({differ.size} of "
-                         f"{sums.size} window sums differ); only a global average pool (MEAN) rescales like the engine")
 
 
 def _concat(graph: _Graph, node: IntConcat, where: str) -> int:
@@ -540,6 +562,140 @@ def _reshape(graph: _Graph, node: IntReshape, where: str) -> int:
     return y
 
 
+def _float32_neighbours(value: float, count: int) -> list[float]:
+    """``value`` as float32, then its float32 neighbours out to ``count`` steps, nearest first."""
+    centre = np.float32(value)
+    found = [float(centre)]
+    up = down = centre
+    for _ in range(count):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+        found += [float(up), float(down)]
+    return found[:1] + [v for v in found[1:] if v > 0]
+
+
+def _leaky_relu_alpha(s_in: float, s_out: float, slope: float, positive: tuple[int, int],
+                      negative: tuple[int, int] | None) -> float | None:
+    """A float32 alpha (``slope`` itself, else one of its nearest float32 neighbours) for which LEAKY_RELU derives
+    the engine's multipliers, or None: its identity multiplier is a float32 ratio, so only a multiplier with its
+    low 7 bits zero (24 significant bits) can match. ``negative`` None: the input has no negative codes."""
+    identity, _ = leaky_relu_multipliers(s_in, slope, s_out)
+    if identity != positive:
+        return None
+    if negative is None:
+        return f32(slope)
+    for alpha in _float32_neighbours(slope, 64):
+        if leaky_relu_multipliers(s_in, alpha, s_out)[1] == negative:
+            return alpha
+    return None
+
+
+def _simplest_fraction(lo: Fraction, hi: Fraction) -> Fraction:
+    """The fraction with the smallest denominator in [lo, hi] (0 < lo < hi), by continued fractions."""
+    whole = math.floor(lo)
+    if whole + 1 <= hi or whole == lo:
+        return Fraction(math.ceil(lo))
+    return whole + 1 / _simplest_fraction(1 / (hi - whole), 1 / (lo - whole))
+
+
+def _mul_scales(s_in: float, s_out: float, negative: tuple[int, int]) -> tuple[float, float] | None:
+    """Float32 scales (s_c, s_y) of a constant 1 and of the product for which MUL derives the engine's negative
+    multiplier (M = s_in * s_c / s_y in double), s_y near the output's scale (so s_c is near the slope), or None.
+
+    With s_in fixed, neighbouring float32 s_c and s_y reach only a lattice of multipliers, so the ratio s_c / s_y is
+    found as C / Y * 2^-j: the simplest fraction (smallest Y) in the interval of ratios that round to the multiplier,
+    for each j; C and Y are then scaled by one integer k (k C, k Y below 2^24: exact in float32) to bring s_y near
+    s_out. None where every such Y is 2^24 or more (the ratio lies too close to a simple fraction, e.g. a slope of
+    0.01 at s_out = 0.07 asks for 1/7 to within 2^-31 but not exactly): no float32 pair reaches it."""
+    multiplier, shift = negative
+    unit = Fraction(2) ** (shift - 31) / Fraction(s_in)
+    limit = 1 << 24
+    fractions = []
+    for j in range(-4, 5):
+        lo, hi = (multiplier - Fraction(49, 100)) * unit * 2**j, (multiplier + Fraction(49, 100)) * unit * 2**j
+        ratio = _simplest_fraction(lo, hi)
+        if max(ratio.numerator, ratio.denominator) < limit:
+            fractions.append((max(ratio.numerator, ratio.denominator), j, ratio.numerator, ratio.denominator))
+    for _, j, c, y in sorted(fractions):
+        exponent = math.floor(math.log2(s_out / y))  # y * 2^exponent <= s_out
+        ks = sorted(range(1, limit // max(c, y)), key=lambda k: abs(math.log2(k * y * 2.0**exponent / s_out)))
+        for k in ks[:16]:
+            s_y, s_c = math.ldexp(k * y, exponent), math.ldexp(k * c, exponent - j)
+            if f32(s_y) == s_y and f32(s_c) == s_c and mul_multiplier(s_in, s_c, s_y) == negative:
+                return s_c, s_y
+    return None
+
+
+def _leaky_relu(graph: _Graph, node: IntLeakyReLU, where: str) -> int:
+    """LEAKY_RELU where TFLite derives the engine's two multipliers from the float32 scales and alpha; else
+    QUANTIZE (M_pos, derived in double as the engine) combined by MAXIMUM (MINIMUM for a slope > 1) with MUL by a
+    constant 1 (M_neg = s_in * s_c / s_y in double, with s_c and s_y searched among float32 values near the slope
+    and the output's scale), which equals the engine's per-sign choice for every input code (checked)."""
+    in_info, out_info = graph.model.tensors[node.input], graph.model.tensors[node.output]
+    s_in, s_out = f32(in_info.scale), f32(out_info.scale)
+    pos, neg = node.positive, node.negative
+    _check_double(pos, where)
+    _check_double(neg, where)
+    if (pos.clamp_min, pos.clamp_max) != (neg.clamp_min, neg.clamp_max):
+        raise ValueError(f"{where} clamps its two signs differently; TFLite's LEAKY_RELU clamps the output once")
+    want, have = (pos.clamp_min, pos.clamp_max), storage_range(out_info)
+    positive = (int(pos.multiplier), int(pos.shift))
+    negative = (int(neg.multiplier), int(neg.shift)) if in_info.range[0] < 0 else None
+    x = graph.values[node.input]
+    alpha = _leaky_relu_alpha(s_in, s_out, node.negative_slope, positive, negative)
+    if alpha is not None:
+        y = graph.activation(node.output, "/leaky_relu")
+        graph.op(_OP.LEAKY_RELU, [x], [y], "LeakyReluOptions", Alpha=alpha)
+        return _clamp_ops(graph, y, node.output, have, want, where)
+    _check_multipliers(where, "non-negative side's", [requantize_multiplier(s_in, s_out)], pos)
+    scaled = graph.activation(node.output, "/identity")
+    graph.op(_OP.QUANTIZE, [x], [scaled])
+    if negative is None:  # no negative codes: the identity side is all of it
+        return _clamp_ops(graph, scaled, node.output, have, want, where)
+    codes = torch.arange(in_info.range[0], in_info.range[1] + 1, dtype=torch.int64)
+    try:
+        engine = torch.where(codes >= 0, requantize(codes, *positive, *want), requantize(codes, *negative, *want))
+        sides = [requantize(codes, *pair, *have) for pair in (positive, negative)]
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+    combine = next((code for code, pick in ((_OP.MAXIMUM, torch.maximum), (_OP.MINIMUM, torch.minimum))
+                    if torch.equal(pick(*sides).clamp(*want), engine)), None)
+    if combine is None:
+        raise ValueError(f"{where}: neither the larger nor the smaller of the two signs' rescales is the engine's "
+                         "choice by sign for every input code, so TFLite has no exact form of it")
+    zp = zero_point(out_info)
+    if negative == (0, 0):  # slope 0: the negative side is 0
+        other = graph.constant(f"{node.name}/zero", np.array([zp], np.int8), _TYPE.INT8, [s_out], [zp])
+    else:
+        scales = _mul_scales(s_in, s_out, negative)
+        if scales is None:
+            raise ValueError(f"{where}: TFLite derives neither LEAKY_RELU's float32 multipliers nor a MUL multiplier "
+                             f"equal to the engine's negative (multiplier, shift) {negative}")
+        s_c, s_y = scales
+        one = graph.constant(f"{node.name}/slope", np.array([1], np.int8), _TYPE.INT8, [s_c], [0])
+        other = graph.add_tensor(_Tensor(f"{node.output}/negative", nhwc(out_info.shape), _TYPE.INT8, 0, [s_y], [zp]))
+        graph.op(_OP.MUL, [x, one], [other], "MulOptions", FusedActivationFunction=_ACT.NONE)
+    y = graph.activation(node.output, "/leaky_relu")
+    graph.op(combine, [scaled, other], [y])
+    return _clamp_ops(graph, y, node.output, have, want, where)
+
+
+def _hardswish(graph: _Graph, node: IntHardSwish, where: str) -> int:
+    """HARD_SWISH, whose int16 arithmetic (reference/hard_swish.h) is the engine's; its multipliers come from float32
+    ratios (``hard_swish_multipliers``), which must equal the node's (the engine derives them in double)."""
+    in_info, out_info = graph.model.tensors[node.input], graph.model.tensors[node.output]
+    derived = hard_swish_multipliers(f32(in_info.scale), f32(out_info.scale))
+    fields = ((node.output_multiplier, node.output_exponent), (node.reluish_multiplier, node.reluish_exponent))
+    for what, want, got in zip(("output", "reluish"), derived, fields, strict=True):
+        if tuple(want) != tuple(got):
+            raise ValueError(f"{where}: TFLite's HARD_SWISH derives the {what} int16 (multiplier, exponent) {want} "
+                             f"from the float32 scales written to the file, but the node has {got}")
+    if derived[0][1] > 0:  # HardSwishPrepare: TF_LITE_ENSURE(output_multiplier_exponent <= 0)
+        raise ValueError(f"{where}: TFLite's HARD_SWISH needs an output exponent <= 0, got {derived[0][1]}")
+    y = graph.activation(node.output, "/hard_swish")
+    graph.op(_OP.HARD_SWISH, [graph.values[node.input]], [y], "HardSwishOptions")
+    return _clamp_ops(graph, y, node.output, storage_range(out_info), (node.clamp_min, node.clamp_max), where)
+
+
 Emitter = Callable[[_Graph, Any, str], int]
 
 EMITTERS: dict[type, Emitter] = {
@@ -550,6 +706,8 @@ EMITTERS: dict[type, Emitter] = {
     IntMaxPool: _maxpool,
     IntClamp: _clamp,
     IntReshape: _reshape,
+    IntLeakyReLU: _leaky_relu,
+    IntHardSwish: _hardswish,
 }
 
 
@@ -730,6 +888,6 @@ def _serialize(graph: _Graph, inputs: list[int], outputs: list[int], description
 
 __all__ = [
     "EMITTERS", "add_multipliers", "build_tflite", "conv_multipliers", "fully_connected_multiplier", "fused_clamp",
-    "mean_multiplier", "requantize_multiplier",
+    "hard_swish_multipliers", "leaky_relu_multipliers", "mean_multiplier", "mul_multiplier", "requantize_multiplier",
     "save_tflite", "storage_range", "tflite_round", "zero_point",
 ]

@@ -1,7 +1,9 @@
-/* The int32 sum of each window (zero padding adds 0; the area, padding included, is inside the
- * multiplier S_in / (S_out * area)), times left_factor = 2^left_shift, requantized.
- * |sum| * left_factor <= 2^30 (checked). */
-static void ${name}(const ptq_pool *p, const ptq_rescale *r, int32_t left_factor, const ${in_t} *in, ${out_t} *out)
+/* The int32 sum of each window (zero padding adds 0), requantized: the sum itself (the area, padding
+ * included, inside the multiplier S_in / (S_out * area)), or, with mean_count > 0, TFLite's AVERAGE_POOL_2D
+ * mean of the values less mean_zero_point, rounded half away from zero, then the zero point added back.
+ * |sum| <= max|x| * area < 2^31 (checked). */
+static void ${name}(const ptq_pool *p, const ptq_rescale *r, int32_t mean_count, int32_t mean_zero_point,
+                    const ${in_t} *in, ${out_t} *out)
 {
     for (int32_t c = 0; c < p->channels; ++c) {
         for (int32_t oy = 0; oy < p->out_h; ++oy) {
@@ -12,13 +14,18 @@ static void ${name}(const ptq_pool *p, const ptq_rescale *r, int32_t left_factor
                 const int32_t x0 = ox * p->stride_w - p->pad_w;
                 const int32_t x_begin = x0 < 0 ? 0 : x0;
                 const int32_t x_end = x0 + p->kernel_w < p->in_w ? x0 + p->kernel_w : p->in_w;
-                int32_t sum = 0;
+                int32_t value = 0;
                 for (int32_t y = y_begin; y < y_end; ++y) {
                     for (int32_t x = x_begin; x < x_end; ++x) {
-                        sum += in[(c * p->in_h + y) * p->in_w + x];
+                        value += in[(c * p->in_h + y) * p->in_w + x];
                     }
                 }
-                *out++ = (${out_t})ptq_requantize(sum * left_factor, r->multiplier, r->shift, r->out_min, r->out_max);
+                if (mean_count > 0) {
+                    const int32_t centered = value - mean_zero_point * mean_count;
+                    const int32_t magnitude = ((centered >= 0 ? centered : -centered) + mean_count / 2) / mean_count;
+                    value = (centered >= 0 ? magnitude : -magnitude) + mean_zero_point;
+                }
+                *out++ = (${out_t})ptq_requantize(value, r->multiplier, r->shift, r->out_min, r->out_max);
             }
         }
     }
