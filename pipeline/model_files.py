@@ -31,7 +31,8 @@ SCHEME = (
     "channel); " + SIGNED_INT8_ACTIVATIONS + "; bias int32 round_half_even(b/(S_in*S_w)); "
     "acc int32; every rescale M ~= multiplier*2^(shift-31), " + "{rounding}" + ", then saturation; add: "
     "inputs << left_shift, each rescaled to the common grid, summed, rescaled; average pool: window sum "
-    "rescaled by S_in/(S_out*area), a global one as TFLite's MEAN (1/n folded into the multiplier); concat: "
+    "rescaled by S_in/(S_out*area), or with mean_zero_point TFLite's AVERAGE_POOL_2D mean (half away from zero) "
+    "rescaled by S_in/S_out, a global one as TFLite's MEAN (1/n folded into the multiplier); concat: "
     "inputs rescaled to S_out; the logits are int32"
 )
 ROUNDING_TEXT = {
