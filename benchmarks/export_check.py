@@ -35,8 +35,11 @@ from pipeline.quant.engine import quantize_model_input, run_integer
 from pipeline.transforms import normalize, sample_indices
 from stages.common import ARRAYS, INTEGER_MODEL
 
-MIN_QLINEAR_AGREEMENT = 99.5  # percent of test images
-MAX_ACCURACY_GAP = 0.1  # percentage points between the QLinear ONNX model and the engine
+# The QLinear file rescales in float32: with single rounding it agreed with the engine on 100% of the default Net's
+# test images, with double rounding and int8 logits (the default since 2026-12-07) on 99.52% of them (99.4% of a
+# 1000-image subset), its accuracy within 0.13 points.
+MIN_QLINEAR_AGREEMENT = 99.0  # percent of test images
+MAX_ACCURACY_GAP = 0.25  # percentage points between the QLinear ONNX model and the engine
 
 
 def failures(report: dict) -> list[str]:
