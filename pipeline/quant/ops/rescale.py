@@ -93,9 +93,10 @@ class ExactRescale:
         return cls(rq, lift, real)
 
     def _per_channel(self, values: Tensor, vector: Tensor) -> Tensor:
-        """``vector`` (0-D or per channel) on ``values``' device, shaped to broadcast along dim 1."""
-        return vector.to(values.device).reshape((1, -1) + (1,) * (values.ndim - 2) if vector.ndim
-                                                else (1,) * values.ndim)
+        """``vector`` (0-D or per channel) on ``values``' device, shaped to broadcast along dim 1 (``channel_shape``);
+        a 0-D one gets ``values``' number of dimensions, so a float64 factor makes the product float64."""
+        vector = vector.to(values.device)
+        return channel_shape(vector, values.ndim) if vector.ndim else vector.reshape((1,) * values.ndim)
 
     def _double_rounding(self, values: Tensor) -> Tensor:
         """``fixed_point``'s double rounding in exact float64 steps (module docstring), before saturation."""
